@@ -1,0 +1,1 @@
+"""posttrain.operator: the kopf operator that turns a PostTrainJob into a JobSet."""

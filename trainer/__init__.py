@@ -1,0 +1,1 @@
+"""posttrain.trainer: the trainer image's code (models, sampling, algorithms, loop, entrypoint)."""
