@@ -38,6 +38,15 @@ ALGORITHM_BLOCK: dict[str, str] = {
 # Blocks with required fields: the job is meaningless without them.
 REQUIRED_BLOCKS = ("ppo", "grpo", "distill")
 
+
+class FieldValueError(ValueError):
+    """A cross-field check's failure, pinned to the field (YAML name) the user should change."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
 # Bounds keep CEL cost estimates finite and stop absurd inputs early.
 MAX_STR = 4096
 MAX_LIST = 64
@@ -76,8 +85,18 @@ class Spec(BaseModel):
 class LoraSpec(Spec):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; adapters are scaled by alpha / rank.")
-    targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    targets: list[
+        Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         min_length=1,
         max_length=7,
         description="Projections that get adapters (default: every attention and MLP projection).",
@@ -86,9 +105,12 @@ class LoraSpec(Spec):
 
 class QuantizationSpec(Spec):
     type: Literal["int8", "nf4"] = Field(
-        "nf4", description="How the frozen base weights are stored: int8 or 4-bit NormalFloat (QLoRA)."
+        "nf4",
+        description="How the frozen base weights are stored: int8 or 4-bit NormalFloat (QLoRA).",
     )
-    block_size: int = Field(64, ge=16, le=4096, description="Quantization block size along the input axis.")
+    block_size: int = Field(
+        64, ge=16, le=4096, description="Quantization block size along the input axis."
+    )
 
 
 class ModelSpec(Spec):
@@ -97,9 +119,12 @@ class ModelSpec(Spec):
         None, description="Where tokenizer.json lives, when not beside the weights in `base`."
     )
     dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="Parameter and compute dtype. float32 for CPU runs and parity checks."
+        "bfloat16",
+        description="Parameter and compute dtype. float32 for CPU runs and parity checks.",
     )
-    lora: LoraSpec | None = Field(None, description="Train low-rank adapters instead of all weights.")
+    lora: LoraSpec | None = Field(
+        None, description="Train low-rank adapters instead of all weights."
+    )
     quantization: QuantizationSpec | None = Field(
         None, description="Quantize the frozen base (QLoRA). Requires `lora`."
     )
@@ -107,9 +132,10 @@ class ModelSpec(Spec):
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> ModelSpec:
         if self.quantization is not None and self.lora is None:
-            raise ValueError(
+            raise FieldValueError(
+                "quantization",
                 "quantization needs lora: a quantized base is frozen, so only adapters can train "
-                "(add spec.model.lora, e.g. {rank: 16, alpha: 32})"
+                "(add spec.model.lora, e.g. {rank: 16, alpha: 32})",
             )
         return self
 
@@ -124,29 +150,44 @@ class DataSpec(Spec):
     format: Literal["auto", "jsonl", "parquet"] = Field(
         "auto", description="File format; auto picks by extension (.jsonl/.json, .parquet)."
     )
-    prompt_field: Str = Field("prompt", description="Column holding the prompt (prompt-only data for RL).")
+    prompt_field: Str = Field(
+        "prompt", description="Column holding the prompt (prompt-only data for RL)."
+    )
     completion_field: Str = Field("completion", description="Column holding the completion (SFT).")
-    messages_field: Str = Field("messages", description="Column holding chat messages (SFT, chat template).")
-    chosen_field: Str = Field("chosen", description="Column holding the preferred response (DPO, ORPO).")
-    rejected_field: Str = Field("rejected", description="Column holding the dispreferred response (DPO, ORPO).")
+    messages_field: Str = Field(
+        "messages", description="Column holding chat messages (SFT, chat template)."
+    )
+    chosen_field: Str = Field(
+        "chosen", description="Column holding the preferred response (DPO, ORPO)."
+    )
+    rejected_field: Str = Field(
+        "rejected", description="Column holding the dispreferred response (DPO, ORPO)."
+    )
     max_length: int = Field(
         1024, ge=8, le=1_048_576, description="Tokens per training sequence (prompt + completion)."
     )
     max_prompt_length: int = Field(
-        512, ge=1, le=1_048_576, description="Prompt tokens kept; longer prompts are cut from the left."
+        512,
+        ge=1,
+        le=1_048_576,
+        description="Prompt tokens kept; longer prompts are cut from the left.",
     )
     packing: bool = Field(False, description="Pack several short examples into one sequence (SFT).")
     skip_bad_rows: bool = Field(
-        False, description="Skip malformed rows (counted and logged) instead of failing on the first."
+        False,
+        description="Skip malformed rows (counted and logged) instead of failing on the first.",
     )
-    shuffle: bool = Field(True, description="Shuffle the training data each epoch (seeded by training.seed).")
+    shuffle: bool = Field(
+        True, description="Shuffle the training data each epoch (seeded by training.seed)."
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataSpec:
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(
+            raise FieldValueError(
+                "maxPromptLength",
                 f"maxPromptLength ({self.max_prompt_length}) must be less than maxLength "
-                f"({self.max_length}): the completion needs room"
+                f"({self.max_length}): the completion needs room",
             )
         return self
 
@@ -161,7 +202,9 @@ class RewardSpec(Spec):
     """One reward term: a built-in by name, or the user's function, with a weight."""
 
     builtin: BuiltinReward | None = Field(None, description="A built-in reward.")
-    function: Annotated[str, Field(max_length=MAX_STR, pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")] | None = Field(
+    function: (
+        Annotated[str, Field(max_length=MAX_STR, pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")] | None
+    ) = Field(
         None,
         description=(
             'The user\'s reward: "module.path:name" or "/path/file.py:name", called as '
@@ -174,10 +217,13 @@ class RewardSpec(Spec):
     weight: float = Field(1.0, description="Weight of this term in the summed reward.")
     answer_field: Str = Field("answer", description="math-answer: column with the expected answer.")
     pattern: Annotated[str, Field(max_length=MAX_STR)] | None = Field(
-        None, description="regex-format: the regular expression a completion must match (re.search)."
+        None,
+        description="regex-format: the regular expression a completion must match (re.search).",
     )
     target_length: int = Field(
-        128, ge=1, description="length-penalty: completions longer than this many characters lose reward."
+        128,
+        ge=1,
+        description="length-penalty: completions longer than this many characters lose reward.",
     )
 
     @model_validator(mode="after")
@@ -186,11 +232,13 @@ class RewardSpec(Spec):
             raise ValueError("give exactly one of builtin or function")
         if self.builtin == "regex-format":
             if self.pattern is None:
-                raise ValueError("builtin regex-format needs pattern")
+                raise FieldValueError("pattern", "builtin regex-format needs pattern")
             try:
                 re.compile(self.pattern)
             except re.error as err:
-                raise ValueError(f"pattern is not a valid regular expression: {err}") from err
+                raise FieldValueError(
+                    "pattern", f"pattern is not a valid regular expression: {err}"
+                ) from err
         return self
 
     @property
@@ -212,7 +260,8 @@ Rewards = Annotated[list[RewardSpec], Field(min_length=1, max_length=MAX_LIST)]
 
 class SftSpec(Spec):
     completion_only_loss: bool = Field(
-        True, description="Loss on completion (assistant) tokens only; false trains on prompt tokens too."
+        True,
+        description="Loss on completion (assistant) tokens only; false trains on prompt tokens too.",
     )
 
 
@@ -220,16 +269,24 @@ class GrpoSpec(Spec):
     """GRPO (DeepSeekMath) and, with algorithm gspo-token, GSPO-token. Symbols follow the papers."""
 
     num_generations: int = Field(8, ge=2, le=1024, description="G: completions sampled per prompt.")
-    beta: float = Field(0.04, ge=0, description="KL weight to the reference policy; 0 skips the reference.")
-    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the importance ratio (lower side).")
+    beta: float = Field(
+        0.04, ge=0, description="KL weight to the reference policy; 0 skips the reference."
+    )
+    epsilon: float = Field(
+        0.2, gt=0, lt=1, description="Clip range of the importance ratio (lower side)."
+    )
     epsilon_high: float | None = Field(
         None, gt=0, lt=10, description="Upper clip range (DAPO's clip-higher); default: epsilon."
     )
-    num_iterations: int = Field(1, ge=1, le=64, description="mu: optimisation passes over each batch of rollouts.")
+    num_iterations: int = Field(
+        1, ge=1, le=64, description="mu: optimisation passes over each batch of rollouts."
+    )
     max_new_tokens: int = Field(256, ge=1, le=1_048_576, description="Longest completion.")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=1, description="Keep only the k most likely tokens when sampling.")
+    top_k: int | None = Field(
+        None, ge=1, description="Keep only the k most likely tokens when sampling."
+    )
     advantage: Literal["group-std", "group-mean"] = Field(
         "group-std",
         description="group-std: (r - mean) / (std + 1e-4) within each prompt's group; group-mean: r - mean.",
@@ -242,7 +299,8 @@ class GrpoSpec(Spec):
         ),
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k3", description="KL estimator (Schulman): k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, >= 0."
+        "k3",
+        description="KL estimator (Schulman): k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, >= 0.",
     )
     rewards: Rewards
 
@@ -252,23 +310,33 @@ class PpoSpec(Spec):
     max_new_tokens: int = Field(256, ge=1, le=1_048_576, description="Longest completion.")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    num_iterations: int = Field(4, ge=1, le=64, description="PPO epochs over each batch of rollouts.")
+    num_iterations: int = Field(
+        4, ge=1, le=64, description="PPO epochs over each batch of rollouts."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     clip_range: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip.")
     value_clip_range: float = Field(0.2, gt=0, description="Value function clip.")
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty to the reference, folded into rewards.")
+    kl_coef: float = Field(
+        0.05, ge=0, description="Per-token KL penalty to the reference, folded into rewards."
+    )
 
 
 class DpoSpec(Spec):
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO label smoothing.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO loss variant."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO label smoothing."
+    )
 
 
 class OrpoSpec(Spec):
-    lambda_: float = Field(0.1, alias="lambda", ge=0, description="Weight of the odds-ratio term (lambda).")
+    lambda_: float = Field(
+        0.1, alias="lambda", ge=0, description="Weight of the odds-ratio term (lambda)."
+    )
 
 
 class DistillSpec(Spec):
@@ -278,9 +346,14 @@ class DistillSpec(Spec):
         description="logit: KL to the teacher's token distribution; attention: match attention maps; "
         "feature: match projected hidden states.",
     )
-    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature for logit distillation.")
+    temperature: float = Field(
+        2.0, gt=0, le=100, description="Softmax temperature for logit distillation."
+    )
     alpha: float = Field(
-        0.5, ge=0, le=1, description="Weight of the distillation loss; 1 - alpha weights the task (SFT) loss."
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of the distillation loss; 1 - alpha weights the task (SFT) loss.",
     )
 
 
@@ -298,22 +371,32 @@ class OptimizerSpec(Spec):
 
 class ScheduleSpec(Spec):
     name: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay after warm-up: cosine to minRatio, linear to minRatio, or constant."
+        "cosine",
+        description="Decay after warm-up: cosine to minRatio, linear to minRatio, or constant.",
     )
     warmup_steps: int | None = Field(
         None, ge=0, description="Linear warm-up steps; default: warmupRatio of training.steps."
     )
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warm-up as a fraction of steps, when warmupSteps is unset.")
-    min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, le=1, description="Warm-up as a fraction of steps, when warmupSteps is unset."
+    )
+    min_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak."
+    )
 
 
 class CheckpointSpec(Spec):
     dir: Str | None = Field(
-        None, description="Where checkpoints go (local/PVC path or gs://). Default: OUTPUT/checkpoints."
+        None,
+        description="Where checkpoints go (local/PVC path or gs://). Default: OUTPUT/checkpoints.",
     )
-    every_steps: int = Field(100, ge=1, description="Save every this many steps (and always at the end).")
+    every_steps: int = Field(
+        100, ge=1, description="Save every this many steps (and always at the end)."
+    )
     keep: int = Field(3, ge=1, le=1000, description="How many recent checkpoints to keep.")
-    async_save: bool = Field(True, alias="async", description="Write checkpoints in the background.")
+    async_save: bool = Field(
+        True, alias="async", description="Write checkpoints in the background."
+    )
 
 
 class MeshSpec(Spec):
@@ -335,15 +418,23 @@ class MeshSpec(Spec):
 
 class TrainingSpec(Spec):
     steps: int = Field(ge=1, le=10_000_000, description="Optimizer steps to train.")
-    batch_size: int = Field(32, ge=1, description="Global batch size (sequences, or prompts for RL) per step.")
+    batch_size: int = Field(
+        32, ge=1, description="Global batch size (sequences, or prompts for RL) per step."
+    )
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per forward/backward pass; batchSize / microBatchSize steps are accumulated."
+        None,
+        ge=1,
+        description="Sequences per forward/backward pass; batchSize / microBatchSize steps are accumulated.",
     )
     learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)  # type: ignore[arg-type]
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[arg-type]
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm; null disables.")
-    eval_every_steps: int | None = Field(None, ge=1, description="Evaluate on data.eval every this many steps.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip gradients to this global norm; null disables."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate on data.eval every this many steps."
+    )
     log_every_steps: int = Field(1, ge=1, description="Write metrics every this many steps.")
     seed: int = Field(0, ge=0, description="Seed for initialisation, data order and sampling.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # type: ignore[arg-type]
@@ -353,7 +444,10 @@ class TrainingSpec(Spec):
     def _accumulation_divides(self) -> TrainingSpec:
         mb = self.micro_batch_size
         if mb is not None and self.batch_size % mb:
-            raise ValueError(f"batchSize ({self.batch_size}) must be a multiple of microBatchSize ({mb})")
+            raise FieldValueError(
+                "microBatchSize",
+                f"batchSize ({self.batch_size}) must be a multiple of microBatchSize ({mb})",
+            )
         return self
 
 
@@ -364,11 +458,14 @@ class TrainingSpec(Spec):
 class ResourcesSpec(Spec):
     accelerator: acc.Accelerator = Field(description="Where the job runs.")
     topology: Annotated[str, Field(max_length=32, pattern=r"^\d+x\d+(x\d+)?$")] | None = Field(
-        None, description="TPU slice topology, e.g. 2x4 (v5e/v6e) or 2x2x2 (v4/v5p). TPUs only; required there."
+        None,
+        description="TPU slice topology, e.g. 2x4 (v5e/v6e) or 2x2x2 (v4/v5p). TPUs only; required there.",
     )
     slices: int = Field(1, ge=1, le=64, description="TPU slices (multislice over DCN). TPUs only.")
     nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods) for GPU and CPU jobs.")
-    gpus_per_node: int | None = Field(None, ge=1, le=16, description="GPUs per node (default: 8). GPUs only.")
+    gpus_per_node: int | None = Field(
+        None, ge=1, le=16, description="GPUs per node (default: 8). GPUs only."
+    )
     cpu: Annotated[str, Field(max_length=32, pattern=r"^[0-9.]+m?$")] | None = Field(
         None, description="CPU request per pod (Kubernetes quantity)."
     )
@@ -382,23 +479,36 @@ class ResourcesSpec(Spec):
         if acc.is_tpu(a):
             if self.topology is None:
                 gen = acc.TPU_GENERATIONS[a]
-                raise ValueError(f"topology is required for {a}; valid: {', '.join(gen.topologies)}")
-            acc.tpu_slice_shape(a, self.topology)  # raises, listing valid topologies
+                raise FieldValueError(
+                    "topology", f"topology is required for {a}; valid: {', '.join(gen.topologies)}"
+                )
+            try:
+                acc.tpu_slice_shape(a, self.topology)
+            except ValueError as err:
+                raise FieldValueError("topology", str(err)) from None
             if self.nodes != 1:
-                raise ValueError("nodes is for GPU and CPU jobs; a TPU job's hosts follow from topology")
+                raise FieldValueError(
+                    "nodes", "nodes is for GPU and CPU jobs; a TPU job's hosts follow from topology"
+                )
             if self.gpus_per_node is not None:
-                raise ValueError(f"gpusPerNode is for GPUs, not {a}")
+                raise FieldValueError("gpusPerNode", f"gpusPerNode is for GPUs, not {a}")
         else:
             if self.topology is not None:
-                raise ValueError(f"topology is for TPUs, not {a}; use nodes (and gpusPerNode for GPUs)")
+                raise FieldValueError(
+                    "topology",
+                    f"topology is for TPUs, not {a}; use nodes (and gpusPerNode for GPUs)",
+                )
             if self.slices != 1:
-                raise ValueError(f"slices is for TPUs, not {a}; use nodes")
+                raise FieldValueError("slices", f"slices is for TPUs, not {a}; use nodes")
             if acc.is_gpu(a):
                 limit = acc.GPU_TYPES[a][1]
                 if self.gpus_per_node is not None and self.gpus_per_node > limit:
-                    raise ValueError(f"gpusPerNode {self.gpus_per_node} exceeds {limit}, the most a {a} node has")
+                    raise FieldValueError(
+                        "gpusPerNode",
+                        f"gpusPerNode {self.gpus_per_node} exceeds {limit}, the most a {a} node has",
+                    )
             elif self.gpus_per_node is not None:
-                raise ValueError("gpusPerNode is for GPUs, not cpu")
+                raise FieldValueError("gpusPerNode", "gpusPerNode is for GPUs, not cpu")
         return self
 
     @property
@@ -418,9 +528,13 @@ class SchedulingSpec(Spec):
     queue_name: Annotated[str, Field(max_length=253)] | None = Field(
         None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."
     )
-    priority_class_name: Annotated[str, Field(max_length=253)] | None = Field(None, description="Pod priority class.")
+    priority_class_name: Annotated[str, Field(max_length=253)] | None = Field(
+        None, description="Pod priority class."
+    )
     node_selector: dict[str, Annotated[str, Field(max_length=MAX_STR)]] = Field(
-        default_factory=dict, max_length=MAX_LIST, description="Extra node selector, merged with the accelerator's."
+        default_factory=dict,
+        max_length=MAX_LIST,
+        description="Extra node selector, merged with the accelerator's.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=MAX_LIST, description="Extra tolerations."
@@ -437,14 +551,16 @@ class EnvValueFrom(Spec):
 
 
 class EnvVar(Spec):
-    name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+    name: Annotated[
+        str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    ]
     value: Annotated[str, Field(max_length=MAX_STR)] | None = None
     value_from: EnvValueFrom | None = None
 
     @model_validator(mode="after")
     def _one_value(self) -> EnvVar:
         if self.value is not None and self.value_from is not None:
-            raise ValueError("give value or valueFrom, not both")
+            raise FieldValueError("valueFrom", "give value or valueFrom, not both")
         return self
 
 
@@ -454,7 +570,10 @@ class OutputSpec(Spec):
         description="Where metrics and the exported model go (local/PVC path or gs://). "
         "`posttrain run --output` overrides it.",
     )
-    export: bool = Field(True, description="Export the trained model (LoRA merged) to DIR/final in Hugging Face format.")
+    export: bool = Field(
+        True,
+        description="Export the trained model (LoRA merged) to DIR/final in Hugging Face format.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,13 +596,20 @@ class PostTrainJobSpec(Spec):
     image: Annotated[str, Field(max_length=MAX_STR)] | None = Field(
         None, description="Trainer image; default: the operator's image for this accelerator."
     )
-    suspend: bool = Field(False, description="Suspend the job (pods are removed; resuming continues from the last checkpoint).")
-    max_restarts: int = Field(3, ge=0, le=1000, description="Whole-job restarts after a pod fails (JobSet failurePolicy).")
+    suspend: bool = Field(
+        False,
+        description="Suspend the job (pods are removed; resuming continues from the last checkpoint).",
+    )
+    max_restarts: int = Field(
+        3, ge=0, le=1000, description="Whole-job restarts after a pod fails (JobSet failurePolicy)."
+    )
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)  # type: ignore[arg-type]
     service_account_name: Annotated[str, Field(max_length=253)] | None = Field(
         None, description="Service account for the trainer pods (default: posttrain-trainer)."
     )
-    env: list[EnvVar] = Field(default_factory=list, max_length=MAX_LIST, description="Extra environment for the trainer.")
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=MAX_LIST, description="Extra environment for the trainer."
+    )
 
     @model_validator(mode="after")
     def _blocks_match_algorithm(self) -> PostTrainJobSpec:
@@ -491,12 +617,13 @@ class PostTrainJobSpec(Spec):
         given = [b for b in set(ALGORITHM_BLOCK.values()) if getattr(self, b) is not None]
         stray = sorted(b for b in given if b != wanted)
         if stray:
-            raise ValueError(
+            raise FieldValueError(
+                stray[0],
                 f"{', '.join(stray)} given but algorithm is {self.algorithm}, which reads only "
-                f"spec.{wanted}"
+                f"spec.{wanted}",
             )
         if wanted in REQUIRED_BLOCKS and getattr(self, wanted) is None:
-            raise ValueError(f"algorithm {self.algorithm} needs spec.{wanted}")
+            raise FieldValueError(wanted, f"algorithm {self.algorithm} needs spec.{wanted}")
         return self
 
     @property
@@ -513,7 +640,12 @@ class ObjectMeta(BaseModel):
     """The part of Kubernetes metadata we read; the rest passes through untouched."""
 
     model_config = ConfigDict(extra="allow")
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] | None = None
+    name: (
+        Annotated[
+            str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        ]
+        | None
+    ) = None
     namespace: str | None = None
 
 
