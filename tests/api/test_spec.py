@@ -1,0 +1,213 @@
+"""The PostTrainJob model: examples valid, defaults, invalid jobs named by field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posttrain.api import JobInvalid, load_documents, parse_job
+from posttrain.api import v1alpha1 as api
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(ROOT.glob("examples/**/*.yaml"))
+
+MINIMAL: dict[str, Any] = {
+    "apiVersion": "posttrain.dev/v1alpha1",
+    "kind": "PostTrainJob",
+    "metadata": {"name": "t"},
+    "spec": {
+        "algorithm": "grpo",
+        "model": {"base": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+        "data": {"train": "gs://b/train.jsonl", "promptField": "question"},
+        "grpo": {"rewards": [{"builtin": "math-answer"}]},
+        "training": {"steps": 10},
+        "resources": {"accelerator": "tpu-v5e", "topology": "2x4"},
+    },
+}
+
+
+def job(**patches: Any) -> dict[str, Any]:
+    """MINIMAL with dotted-path patches: job(**{"spec.training.steps": 0}); None deletes."""
+    doc = copy.deepcopy(MINIMAL)
+    for dotted, value in patches.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return doc
+
+
+def errors_of(doc: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(JobInvalid) as info:
+        parse_job(doc)
+    return {e.path: e.message for e in info.value.errors}
+
+
+def test_there_is_an_example_per_algorithm() -> None:
+    algorithms = {parse_job(d).spec.algorithm for p in EXAMPLES for d in load_documents(p)}
+    assert algorithms == set(api.ALGORITHMS)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_example_is_valid(path: Path) -> None:
+    docs = load_documents(path)
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        parse_job(doc)
+
+
+def test_defaults() -> None:
+    spec = parse_job(MINIMAL).spec
+    assert spec.training.batch_size == 32
+    assert spec.training.optimizer.name == "adamw"
+    assert spec.training.schedule.name == "cosine" and spec.training.schedule.warmup_ratio == 0.03
+    assert spec.training.max_grad_norm == 1.0
+    assert spec.training.checkpoint.every_steps == 100 and spec.training.checkpoint.keep == 3
+    assert spec.data.max_length == 1024 and spec.data.max_prompt_length == 512
+    assert spec.resources.slices == 1
+    assert spec.max_restarts == 3 and spec.suspend is False
+    grpo = spec.grpo
+    assert grpo is not None
+    assert (grpo.num_generations, grpo.beta, grpo.epsilon, grpo.kl_estimator) == (
+        8,
+        0.04,
+        0.2,
+        "k3",
+    )
+    assert grpo.rewards[0].weight == 1.0
+
+
+def test_optional_blocks_default_and_gspo_reads_grpo() -> None:
+    sft = parse_job(job(**{"spec.algorithm": "sft", "spec.grpo": None})).spec
+    assert sft.block == api.SftSpec()
+    gspo = parse_job(job(**{"spec.algorithm": "gspo-token"})).spec
+    assert gspo.block is gspo.grpo
+
+
+def test_round_trip_through_manifest() -> None:
+    parsed = parse_job(MINIMAL)
+    again = parse_job(parsed.to_manifest())
+    assert again == parsed
+    assert parsed.to_manifest()["spec"]["training"]["batchSize"] == 32  # camelCase out
+
+
+INVALID = [
+    # (patches, field path, a fragment of the message)
+    ({"spec.training.steps": 0}, "spec.training.steps", "greater than or equal to 1"),
+    ({"spec.training.batchSize": "many"}, "spec.training.batchSize", "valid integer"),
+    ({"spec.trainig": {"steps": 1}}, "spec.trainig", "did you mean 'training'"),
+    (
+        {"spec.training.learningrate": 1e-4},
+        "spec.training.learningrate",
+        "did you mean 'learningRate'",
+    ),
+    (
+        {"spec.algorithm": "rlhf"},
+        "spec.algorithm",
+        "'sft', 'ppo', 'grpo', 'gspo-token', 'dpo', 'orpo' or 'distill'",
+    ),
+    ({"spec.grpo": None}, "spec.grpo", "algorithm grpo needs spec.grpo"),
+    ({"spec.dpo": {"beta": 0.1}}, "spec.dpo", "algorithm is grpo"),
+    ({"spec.grpo.rewards": []}, "spec.grpo.rewards", "at least 1 item"),
+    (
+        {"spec.grpo.rewards": [{"builtin": "math-answer", "function": "m:f"}]},
+        "spec.grpo.rewards[0]",
+        "exactly one",
+    ),
+    (
+        {"spec.grpo.rewards": [{"builtin": "vibes"}]},
+        "spec.grpo.rewards[0].builtin",
+        "'math-answer'",
+    ),
+    (
+        {"spec.grpo.rewards": [{"builtin": "regex-format"}]},
+        "spec.grpo.rewards[0].pattern",
+        "needs pattern",
+    ),
+    ({"spec.grpo.rewards": [{"function": "no_colon"}]}, "spec.grpo.rewards[0].function", "pattern"),
+    ({"spec.grpo.numGenerations": 1}, "spec.grpo.numGenerations", "greater than or equal to 2"),
+    ({"spec.resources.topology": "2x3"}, "spec.resources.topology", "valid: 1x1, 2x2, 2x4, 4x4"),
+    ({"spec.resources.topology": None}, "spec.resources.topology", "required for tpu-v5e"),
+    (
+        {"spec.resources.accelerator": "nvidia-h100"},
+        "spec.resources.topology",
+        "topology is for TPUs",
+    ),
+    (
+        {"spec.resources": {"accelerator": "nvidia-l4", "gpusPerNode": 12}},
+        "spec.resources.gpusPerNode",
+        "exceeds 8",
+    ),
+    (
+        {"spec.resources": {"accelerator": "cpu", "slices": 2}},
+        "spec.resources.slices",
+        "slices is for TPUs",
+    ),
+    (
+        {"spec.resources": {"accelerator": "tpu-v4", "topology": "2x4"}},
+        "spec.resources.topology",
+        "2x2x1",
+    ),
+    ({"spec.resources.accelerator": "tpu-v7"}, "spec.resources.accelerator", "'tpu-v5e'"),
+    ({"spec.model.quantization": {"type": "nf4"}}, "spec.model.quantization", "needs lora"),
+    ({"spec.model.lora": {"rank": 0}}, "spec.model.lora.rank", "greater than or equal to 1"),
+    (
+        {"spec.training.microBatchSize": 5},
+        "spec.training.microBatchSize",
+        "multiple of microBatchSize",
+    ),
+    ({"spec.data.maxPromptLength": 2048}, "spec.data.maxPromptLength", "less than maxLength"),
+    ({"spec.data.train": None}, "spec.data.train", "required"),
+    (
+        {"spec.training.mesh": {"data": -1, "fsdp": -1}},
+        "spec.training.mesh",
+        "at most one mesh axis",
+    ),
+    ({"metadata.name": "Bad_Name"}, "metadata.name", "pattern"),
+    ({"apiVersion": "posttrain.dev/v1"}, "apiVersion", "posttrain.dev/v1alpha1"),
+    (
+        {
+            "spec.env": [
+                {
+                    "name": "A",
+                    "value": "1",
+                    "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}},
+                }
+            ]
+        },
+        "spec.env[0].valueFrom",
+        "not both",
+    ),
+]
+
+
+@pytest.mark.parametrize(("patches", "path", "fragment"), INVALID, ids=[p for _, p, _ in INVALID])
+def test_invalid_job_names_the_field(patches: dict[str, Any], path: str, fragment: str) -> None:
+    errors = errors_of(job(**patches))
+    assert path in errors, f"expected an error at {path}, got {errors}"
+    assert fragment in errors[path]
+
+
+def test_all_field_errors_reported_at_once() -> None:
+    errors = errors_of(
+        job(**{"spec.training.steps": -1, "spec.data.format": "csv", "spec.bogus": 1})
+    )
+    assert {"spec.training.steps", "spec.data.format", "spec.bogus"} <= set(errors)
+
+
+def test_display_helpers() -> None:
+    spec = parse_job(MINIMAL).spec
+    assert api.display_model(spec.model.base) == "Qwen2.5-0.5B-Instruct"
+    assert api.display_accelerator(spec.resources) == "tpu-v5e-8"
+    multi = api.ResourcesSpec(accelerator="tpu-v5p", topology="2x2x2", slices=2)
+    assert api.display_accelerator(multi) == "2xtpu-v5p-8"
+    gpu = api.ResourcesSpec(accelerator="nvidia-h100", nodes=2)
+    assert api.display_accelerator(gpu) == "nvidia-h100x16"
+    assert api.display_progress(120, 1000) == "120/1000"
