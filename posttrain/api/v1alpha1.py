@@ -427,8 +427,12 @@ class TrainingSpec(Spec):
         description="Sequences per forward/backward pass; batchSize / microBatchSize steps are accumulated.",
     )
     learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate.")
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)  # type: ignore[arg-type]
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[arg-type]
+    optimizer: OptimizerSpec = Field(
+        default_factory=OptimizerSpec, description="Optimizer settings."
+    )  # type: ignore[arg-type]
+    schedule: ScheduleSpec = Field(
+        default_factory=ScheduleSpec, description="Learning-rate schedule."
+    )  # type: ignore[arg-type]
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip gradients to this global norm; null disables."
     )
@@ -437,8 +441,13 @@ class TrainingSpec(Spec):
     )
     log_every_steps: int = Field(1, ge=1, description="Write metrics every this many steps.")
     seed: int = Field(0, ge=0, description="Seed for initialisation, data order and sampling.")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # type: ignore[arg-type]
-    mesh: MeshSpec = Field(default_factory=MeshSpec)  # type: ignore[arg-type]
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpointing (orbax)."
+    )  # type: ignore[arg-type]
+    mesh: MeshSpec = Field(
+        default_factory=MeshSpec,
+        description="Device mesh; defaults shard parameters over all devices (FSDP).",
+    )  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSpec:
@@ -582,17 +591,23 @@ class OutputSpec(Spec):
 
 class PostTrainJobSpec(Spec):
     algorithm: Algorithm = Field(description="Which post-training algorithm runs.")
-    model: ModelSpec
-    data: DataSpec
-    sft: SftSpec | None = None
-    ppo: PpoSpec | None = None
+    model: ModelSpec = Field(
+        description="The model to train: base weights, tokenizer, dtype, LoRA, QLoRA."
+    )
+    data: DataSpec = Field(description="Training and evaluation data and how it becomes sequences.")
+    sft: SftSpec | None = Field(None, description="SFT settings (optional; defaults apply).")
+    ppo: PpoSpec | None = Field(None, description="PPO settings; required by algorithm ppo.")
     grpo: GrpoSpec | None = Field(None, description="GRPO settings; also read by gspo-token.")
-    dpo: DpoSpec | None = None
-    orpo: OrpoSpec | None = None
-    distill: DistillSpec | None = None
-    training: TrainingSpec
-    resources: ResourcesSpec
-    output: OutputSpec = Field(default_factory=OutputSpec)  # type: ignore[arg-type]
+    dpo: DpoSpec | None = Field(None, description="DPO settings (optional; defaults apply).")
+    orpo: OrpoSpec | None = Field(None, description="ORPO settings (optional; defaults apply).")
+    distill: DistillSpec | None = Field(
+        None, description="Distillation settings; required by algorithm distill."
+    )
+    training: TrainingSpec = Field(
+        description="Steps, batch, optimizer, schedule, checkpoints, mesh."
+    )
+    resources: ResourcesSpec = Field(description="Accelerator type and shape.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")  # type: ignore[arg-type]
     image: Annotated[str, Field(max_length=MAX_STR)] | None = Field(
         None, description="Trainer image; default: the operator's image for this accelerator."
     )
@@ -603,7 +618,9 @@ class PostTrainJobSpec(Spec):
     max_restarts: int = Field(
         3, ge=0, le=1000, description="Whole-job restarts after a pod fails (JobSet failurePolicy)."
     )
-    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)  # type: ignore[arg-type]
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec, description="Queueing, priority and placement."
+    )  # type: ignore[arg-type]
     service_account_name: Annotated[str, Field(max_length=253)] | None = Field(
         None, description="Service account for the trainer pods (default: posttrain-trainer)."
     )

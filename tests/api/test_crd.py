@@ -119,3 +119,11 @@ def test_cel_rules_in_crd() -> None:
     assert "!has(self.dpo) || self.algorithm in ['dpo']" in spec_rules
     (immutable,) = schema["x-kubernetes-validations"]
     assert "oldSelf.status.phase" in immutable["rule"] and "suspend" not in immutable["rule"]
+
+
+def test_field_reference_doc_matches_the_model() -> None:
+    from posttrain.api.reference import reference
+
+    assert (ROOT / "docs" / "api-reference.md").read_text() == reference(), (
+        "docs/api-reference.md is stale: run `python -m posttrain.api.reference > docs/api-reference.md`"
+    )
