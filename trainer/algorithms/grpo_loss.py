@@ -1,0 +1,219 @@
+"""GRPO and GSPO-token as pure functions on arrays: advantages, KL estimators, clipped losses.
+
+Symbols follow the papers and map to `spec.grpo`:
+  G = numGenerations, beta = beta, eps = epsilon, eps_high = epsilonHigh, mu = numIterations.
+
+- GRPO, DeepSeekMath (Shao et al. 2024, eq. 3), with r_it = pi(o_it) / pi_old(o_it):
+    J = 1/G sum_i 1/|o_i| sum_t [ min(r_it A_it, clip(r_it, 1-eps, 1+eps_high) A_it) - beta KL_it ]
+- GSPO-token, Group Sequence Policy Optimization (Zheng et al. 2025, eqs. 7-14):
+    s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|) = exp(1/|y_i| sum_t log r_it)     (sequence ratio)
+    s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)]                                   (same value, token grads)
+  and the same clipped objective with s_it in place of r_it. When A_it = A_i its gradient equals
+  sequence-level GSPO's; every token of a sequence is clipped (or not) together.
+
+The losses return -J (to minimise) and a dict of scalar metrics. They never run a model: log-probs
+come from one shared function called before them. Shapes: B completions (prompts x G), T tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Advantage = Literal["group-std", "group-mean"]
+Aggregation = Literal["token-mean", "sequence-mean"]
+KlEstimator = Literal["k1", "k2", "k3"]
+
+# DeepSeekMath and TRL divide by std + 1e-4: a group whose rewards are all equal gets
+# advantages of exactly zero (its numerator is zero), never a NaN.
+STD_EPS = 1e-4
+
+
+def group_advantages(rewards_b: Array, group_size: int, mode: Advantage = "group-std") -> Array:
+    """Outcome advantages, normalised within each prompt's group of `group_size` completions.
+
+    rewards_b is [B] with B = prompts x G, each prompt's G completions adjacent.
+    group-std: (r - mean) / (std + 1e-4) (DeepSeekMath); group-mean: r - mean (Dr. GRPO).
+    The std is the population std (ddof 0), as in DeepSeekMath's formula.
+    """
+    if rewards_b.ndim != 1 or rewards_b.shape[0] % group_size:
+        raise ValueError(
+            f"rewards must be [prompts x G] with G={group_size}, got shape {rewards_b.shape}"
+        )
+    r_pg = rewards_b.reshape(-1, group_size).astype(jnp.float32)
+    centred_pg = r_pg - r_pg.mean(axis=1, keepdims=True)
+    if mode == "group-std":
+        centred_pg = centred_pg / (r_pg.std(axis=1, keepdims=True) + STD_EPS)
+    elif mode != "group-mean":
+        raise ValueError(f"advantage must be group-std or group-mean, got {mode!r}")
+    return centred_pg.reshape(-1)
+
+
+def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: KlEstimator = "k3") -> Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL").
+
+    With x = log pi_ref - log pi:  k1 = -x,  k2 = x^2 / 2,  k3 = exp(x) - x - 1 (unbiased, >= 0;
+    DeepSeekMath's choice).
+    """
+    x = ref_logp_bt - logp_bt
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "k3":
+        return jnp.expm1(x) - x  # expm1 keeps precision for small x
+    raise ValueError(f"kl estimator must be k1, k2 or k3, got {estimator!r}")
+
+
+def aggregate(values_bt: Array, mask_bt: Array, mode: Aggregation) -> Array:
+    """Mean of per-token values over completion tokens.
+
+    sequence-mean: mean over each completion's tokens, then over completions (the papers' 1/G sum
+    1/|o_i| sum_t); token-mean: one mean over every token of the batch (DAPO), so long completions
+    weigh more. Fully masked rows (padding) contribute nothing and are not counted.
+    """
+    mask_bt = mask_bt.astype(values_bt.dtype)
+    summed_b = (values_bt * mask_bt).sum(axis=1)
+    lengths_b = mask_bt.sum(axis=1)
+    if mode == "token-mean":
+        return summed_b.sum() / jnp.maximum(lengths_b.sum(), 1.0)
+    if mode == "sequence-mean":
+        rows = (lengths_b > 0).astype(values_bt.dtype)
+        per_seq_b = summed_b / jnp.maximum(lengths_b, 1.0)
+        return (per_seq_b * rows).sum() / jnp.maximum(rows.sum(), 1.0)
+    raise ValueError(f"loss aggregation must be token-mean or sequence-mean, got {mode!r}")
+
+
+def sequence_log_ratio(logp_bt: Array, old_logp_bt: Array, mask_bt: Array) -> Array:
+    """GSPO's length-normalised log importance ratio: log s_i = 1/|y_i| sum_t (logp - old_logp)."""
+    mask_bt = mask_bt.astype(logp_bt.dtype)
+    lengths_b = jnp.maximum(mask_bt.sum(axis=1), 1.0)
+    return ((logp_bt - old_logp_bt) * mask_bt).sum(axis=1) / lengths_b
+
+
+def gspo_token_ratio(logp_bt: Array, old_logp_bt: Array, mask_bt: Array) -> Array:
+    """s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)]: value s_i, gradient s_i * grad log pi(y_it)."""
+    log_s_b = sequence_log_ratio(logp_bt, old_logp_bt, mask_bt)
+    return jnp.exp(
+        jax.lax.stop_gradient(log_s_b)[:, None] + logp_bt - jax.lax.stop_gradient(logp_bt)
+    )
+
+
+def _clipped_loss(
+    ratio_bt: Array,
+    logp_bt: Array,
+    ref_logp_bt: Array | None,
+    adv: Array,
+    mask_bt: Array,
+    *,
+    eps: float,
+    eps_high: float | None,
+    beta: float,
+    kl_estimator: KlEstimator,
+    aggregation: Aggregation,
+) -> tuple[Array, dict[str, Array]]:
+    """-J for a given importance ratio: the part GRPO and GSPO-token share."""
+    eps_high = eps if eps_high is None else eps_high
+    adv_bt = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, ratio_bt.shape)
+    unclipped_bt = ratio_bt * adv_bt
+    clipped_bt = jnp.clip(ratio_bt, 1.0 - eps, 1.0 + eps_high) * adv_bt
+    surrogate_bt = jnp.minimum(unclipped_bt, clipped_bt)
+    per_token_bt = -surrogate_bt
+    mask_f = mask_bt.astype(ratio_bt.dtype)
+    n_tokens = jnp.maximum(mask_f.sum(), 1.0)
+
+    def token_mean(x_bt: Array) -> Array:
+        return jax.lax.stop_gradient((x_bt * mask_f).sum() / n_tokens)
+
+    metrics: dict[str, Array] = {}
+    if beta != 0.0:
+        if ref_logp_bt is None:
+            raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+        kl_bt = kl_penalty(logp_bt, ref_logp_bt, kl_estimator)
+        per_token_bt = per_token_bt + beta * kl_bt
+        metrics["kl"] = token_mean(kl_bt)
+    # A token is clipped when the clipped branch wins the min, i.e. its gradient is zero.
+    clipped = (clipped_bt < unclipped_bt).astype(ratio_bt.dtype)
+    metrics["clip_fraction"] = token_mean(clipped)
+    metrics["clip_fraction_low"] = token_mean(clipped * (ratio_bt < 1.0 - eps))
+    metrics["clip_fraction_high"] = token_mean(clipped * (ratio_bt > 1.0 + eps_high))
+    metrics["ratio_mean"] = token_mean(ratio_bt)
+    loss = aggregate(per_token_bt, mask_bt, aggregation)
+    metrics["policy_loss"] = jax.lax.stop_gradient(aggregate(-surrogate_bt, mask_bt, aggregation))
+    return loss, metrics
+
+
+def grpo_loss(
+    logp: Array,
+    old_logp: Array,
+    ref_logp: Array | None,
+    adv: Array,
+    mask: Array,
+    *,
+    eps: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.04,
+    kl_estimator: KlEstimator = "k3",
+    aggregation: Aggregation = "sequence-mean",
+) -> tuple[Array, dict[str, Array]]:
+    """GRPO's loss -J (DeepSeekMath eq. 3) with a per-token ratio r_it = exp(logp - old_logp).
+
+    logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled tokens; mask 1 on completion
+    tokens). adv: [B] (one per completion) or [B, T]. ref_logp may be None when beta == 0.
+    """
+    ratio_bt = jnp.exp(logp - old_logp)
+    return _clipped_loss(
+        ratio_bt,
+        logp,
+        ref_logp,
+        adv,
+        mask,
+        eps=eps,
+        eps_high=eps_high,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        aggregation=aggregation,
+    )
+
+
+def gspo_token_loss(
+    logp: Array,
+    old_logp: Array,
+    ref_logp: Array | None,
+    adv: Array,
+    mask: Array,
+    *,
+    eps: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: KlEstimator = "k3",
+    aggregation: Aggregation = "sequence-mean",
+) -> tuple[Array, dict[str, Array]]:
+    """GSPO-token's loss (GSPO paper eq. 13): GRPO's objective with s_it in place of r_it.
+
+    Same arguments as `grpo_loss`. The paper's clip ranges are far smaller than GRPO's
+    (3e-4 / 4e-4) because s_i is a per-token geometric mean; set `epsilon` accordingly.
+    """
+    ratio_bt = gspo_token_ratio(logp, old_logp, mask)
+    return _clipped_loss(
+        ratio_bt,
+        logp,
+        ref_logp,
+        adv,
+        mask,
+        eps=eps,
+        eps_high=eps_high,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        aggregation=aggregation,
+    )
+
+
+def entropy_from_logits(logits_btv: Array) -> Array:
+    """Per-token entropy of the softmax over the vocabulary, [B, T] (a metric, never differentiated)."""
+    logits_btv = jax.lax.stop_gradient(logits_btv.astype(jnp.float32))
+    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    return -(jnp.exp(logp_btv) * logp_btv).sum(axis=-1)
