@@ -43,10 +43,10 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         if len(options) != 1:
             raise ValueError(f"cannot express union {node} in a structural schema")
-        out = _convert({**options[0], **rest}, defs)
+        converted = _convert({**options[0], **rest}, defs)
         if nullable:
-            out["nullable"] = True
-        return out
+            converted["nullable"] = True
+        return converted
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:

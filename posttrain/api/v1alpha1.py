@@ -82,21 +82,15 @@ class Spec(BaseModel):
 # spec.model
 
 
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS: tuple[LoraTarget, ...] = LoraTarget.__args__  # type: ignore[attr-defined]
+
+
 class LoraSpec(Spec):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; adapters are scaled by alpha / rank.")
-    targets: list[
-        Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
         min_length=1,
         max_length=7,
         description="Projections that get adapters (default: every attention and MLP projection).",
@@ -429,10 +423,10 @@ class TrainingSpec(Spec):
     learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate.")
     optimizer: OptimizerSpec = Field(
         default_factory=OptimizerSpec, description="Optimizer settings."
-    )  # type: ignore[arg-type]
+    )
     schedule: ScheduleSpec = Field(
         default_factory=ScheduleSpec, description="Learning-rate schedule."
-    )  # type: ignore[arg-type]
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip gradients to this global norm; null disables."
     )
@@ -443,11 +437,11 @@ class TrainingSpec(Spec):
     seed: int = Field(0, ge=0, description="Seed for initialisation, data order and sampling.")
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="Checkpointing (orbax)."
-    )  # type: ignore[arg-type]
+    )
     mesh: MeshSpec = Field(
         default_factory=MeshSpec,
         description="Device mesh; defaults shard parameters over all devices (FSDP).",
-    )  # type: ignore[arg-type]
+    )
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSpec:
@@ -607,7 +601,7 @@ class PostTrainJobSpec(Spec):
         description="Steps, batch, optimizer, schedule, checkpoints, mesh."
     )
     resources: ResourcesSpec = Field(description="Accelerator type and shape.")
-    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")  # type: ignore[arg-type]
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     image: Annotated[str, Field(max_length=MAX_STR)] | None = Field(
         None, description="Trainer image; default: the operator's image for this accelerator."
     )
@@ -620,7 +614,7 @@ class PostTrainJobSpec(Spec):
     )
     scheduling: SchedulingSpec = Field(
         default_factory=SchedulingSpec, description="Queueing, priority and placement."
-    )  # type: ignore[arg-type]
+    )
     service_account_name: Annotated[str, Field(max_length=253)] | None = Field(
         None, description="Service account for the trainer pods (default: posttrain-trainer)."
     )
@@ -707,8 +701,10 @@ class PostTrainJobStatus(Spec):
 
 
 class PostTrainJob(Spec):
-    api_version: Literal["posttrain.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["PostTrainJob"] = KIND
+    api_version: Literal["posttrain.dev/v1alpha1"] = Field(
+        "posttrain.dev/v1alpha1", alias="apiVersion"
+    )
+    kind: Literal["PostTrainJob"] = "PostTrainJob"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: PostTrainJobSpec
     status: PostTrainJobStatus | None = None

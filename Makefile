@@ -1,0 +1,58 @@
+# Developer entry points. `make` or `make help` lists them.
+# Add a target with a `## description` comment and it shows up in help.
+
+SHELL := /bin/bash
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+export PYTHON
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# ---- Python: set-up, lint, tests (README's quickstart; .ci/run calls these) ----
+
+VENV ?= .venv
+
+.PHONY: setup
+setup: ## create .venv and install posttrain with every extra (editable)
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[trainer,operator,gcs,dev]'
+
+.PHONY: lint
+lint: ## ruff (lint + format check) and mypy
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
+.PHONY: test
+test: lint ## lint, then the whole test suite (brings the local cluster up for the cluster tests)
+	$(PYTHON) -m pytest
+
+# ---- local Kubernetes (hack/, docs/development.md) ----
+
+.PHONY: tools
+tools: ## build the pinned etcd, kube-*, jobset, kwok and helm binaries (cached in ~/.cache/posttrain)
+	hack/tools.sh build
+
+.PHONY: tool-versions
+tool-versions: ## print the --version of every built binary
+	hack/tools.sh versions
+
+.PHONY: cluster-up
+cluster-up: ## start the local control plane; KUBECONFIG=.cluster/kubeconfig
+	hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## stop the local control plane and remove its state
+	hack/cluster.sh down
+
+.PHONY: cluster-status
+cluster-status: ## show whether each local control-plane process is running
+	hack/cluster.sh status
+
+.PHONY: test-cluster
+test-cluster: ## run the tests that need the local cluster (starts one if none is up)
+	$(PYTHON) -m pytest -m cluster tests/cluster
