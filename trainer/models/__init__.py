@@ -1,0 +1,38 @@
+"""Decoder-only LMs in Flax NNX (Llama 3, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text) with HF checkpoint I/O."""
+
+from posttrain.trainer.models.checkpoint_io import hf_name, load_pretrained, load_weights, save_pretrained
+from posttrain.trainer.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    RopeConfig,
+    builtin_config,
+)
+from posttrain.trainer.models.sharding import (
+    LOGICAL_AXIS_RULES,
+    MESH_AXES,
+    logical_to_spec,
+    make_mesh,
+    param_shardings,
+    shard_model,
+)
+from posttrain.trainer.models.transformer import CausalLM, KVCache, create_model
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "MESH_AXES",
+    "SUPPORTED_MODEL_TYPES",
+    "CausalLM",
+    "KVCache",
+    "ModelConfig",
+    "RopeConfig",
+    "builtin_config",
+    "create_model",
+    "hf_name",
+    "load_pretrained",
+    "load_weights",
+    "logical_to_spec",
+    "make_mesh",
+    "param_shardings",
+    "save_pretrained",
+    "shard_model",
+]

@@ -1,0 +1,182 @@
+"""Load and save Hugging Face checkpoints: config.json + model.safetensors (or a sharded index).
+
+Loading streams: the model is first built abstract (``nnx.eval_shape``, no memory), then each
+tensor is read from the memory-mapped safetensors file, transposed/cast and placed on its
+device(s) one at a time, so the host never holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from posttrain.trainer import storage
+from posttrain.trainer.models.config import ModelConfig
+from posttrain.trainer.models.sharding import LOGICAL_AXIS_RULES, logical_to_spec
+from posttrain.trainer.models.transformer import CausalLM
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some checkpoints carry that we derive instead.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
+    """HF tensor name of an NNX param path, and whether HF stores it transposed.
+
+    ('model', 'layers', 0, 'self_attn', 'q_proj', 'kernel') -> ('model.layers.0.self_attn.q_proj.weight', True)
+    """
+    *prefix, leaf = (str(p) for p in path)
+    if leaf == "kernel":  # nnx.Linear [in, out]; torch Linear weight [out, in]
+        return ".".join([*prefix, "weight"]), True
+    if leaf in ("embedding", "weight"):
+        return ".".join([*prefix, "weight"]), False
+    if leaf == "bias":
+        return ".".join([*prefix, "bias"]), False
+    raise ValueError(
+        f"parameter {'.'.join(str(p) for p in path)} has no Hugging Face name "
+        "(LoRA adapters must be merged into the base weights before save_pretrained)"
+    )
+
+
+def _base_params(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Variable]]:
+    """(path, Param) for the model's own weights; LoRA params are not part of the HF format."""
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam):
+            yield path, var
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    mesh: Mesh | None = None,
+    rules=LOGICAL_AXIS_RULES,
+) -> CausalLM:
+    """Load a HF causal LM from a local folder, ``gs://bucket/dir`` or ``hf://org/name``.
+
+    Weights are cast to ``dtype``. With ``mesh``, each parameter is placed sharded per ``rules``.
+    ``rngs`` is accepted for symmetry with ``create_model``; loading draws no random numbers.
+    """
+    del rngs
+    local = storage.local_path(str(path), allow_patterns=("*.json", "*.safetensors"))
+    config_path = os.path.join(local, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
+    config = ModelConfig.from_json_file(config_path)
+    model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    load_weights(model, local, mesh=mesh, rules=rules, source=str(path))
+    return model
+
+
+def _weight_files(folder: str) -> dict[str, str]:
+    """HF tensor name -> the file holding it."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    with safe_open(single, framework="numpy") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def load_weights(
+    model: CausalLM, folder: str, *, mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES, source: str | None = None
+) -> None:
+    """Fill every Param of ``model`` (abstract or concrete) from the safetensors in ``folder``."""
+    source = source or folder
+    files = _weight_files(folder)
+    wanted = {}  # HF name -> (param, transpose)
+    for p, var in _base_params(model):
+        name, transpose = hf_name(p)
+        wanted[name] = (var, transpose)
+    missing = sorted(set(wanted) - set(files))
+    if missing:
+        shapes = ", ".join(f"{n} {tuple(_hf_shape(*wanted[n]))}" for n in missing[:10])
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise KeyError(f"{source}: checkpoint lacks tensors the config needs: {shapes}{more}")
+    unexpected = sorted(
+        n
+        for n in set(files) - set(wanted)
+        if not n.endswith(_IGNORED_SUFFIXES) and not (n == "lm_head.weight" and model.config.tie_word_embeddings)
+    )
+    if unexpected:
+        log.warning("%s: ignoring %d tensors the model does not use: %s", source, len(unexpected), unexpected[:10])
+
+    by_file: dict[str, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(files[name], []).append(name)
+    cpu = jax.local_devices(backend="cpu")[0]
+    for file, names in by_file.items():
+        # framework="flax" reads every dtype (numpy has no bfloat16); pin those reads to host memory.
+        with jax.default_device(cpu), safe_open(file, framework="flax") as f:
+            for name in names:
+                var, transpose = wanted[name]
+                expected = _hf_shape(var, transpose)
+                got = tuple(f.get_slice(name).get_shape())
+                if got != expected:
+                    raise ValueError(f"{source}: tensor {name} has shape {got}, the config needs {expected}")
+                host = np.asarray(f.get_tensor(name))
+                if transpose:
+                    host = host.T
+                host = host.astype(var.dtype)
+                var.set_value(_place(host, var, mesh, rules))
+                del host
+
+
+def _hf_shape(var: nnx.Variable, transpose: bool) -> tuple[int, ...]:
+    shape = tuple(var.shape)
+    return shape[::-1] if transpose else shape
+
+
+def _place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules) -> jax.Array:
+    if mesh is None:
+        return jax.device_put(host)
+    axes = var.get_metadata().get("logical_axes")
+    spec = logical_to_spec(axes, host.shape, mesh, rules) if axes else jax.sharding.PartitionSpec()
+    sharding = NamedSharding(mesh, spec)
+    # Each device (on every host) copies just its slice of the host array.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
+    """Write config.json + model.safetensors (HF layout, the params' dtype) to a folder or ``gs://``.
+
+    Every process must call it (parameters sharded across hosts are gathered); process 0 writes.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    for p, var in _base_params(model):
+        name, transpose = hf_name(p)
+        value = var.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        host = np.asarray(jax.device_get(value))
+        tensors[name] = np.ascontiguousarray(host.T if transpose else host)
+    if jax.process_index() != 0:
+        return
+    config_json = json.dumps(model.config.to_hf(), indent=2, sort_keys=True) + "\n"
+    with storage.writable_dir(str(path)) as local:
+        # metadata format=pt: transformers refuses files without it.
+        save_file(tensors, os.path.join(local, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(local, CONFIG_FILE), "w") as f:
+            f.write(config_json)

@@ -1,0 +1,333 @@
+"""Decoder-only transformer in Flax NNX covering Llama 3, Qwen2/2.5, Qwen3, Gemma 2 and Gemma 3 (text).
+
+Module and attribute names mirror Hugging Face's (``model.layers.0.self_attn.q_proj``), so a
+parameter's path is its HF tensor name with ``kernel``/``embedding`` for ``weight``. Projections are
+plain ``nnx.Linear`` (kernel ``[in, out]``, HF's weight transposed), so LoRA wrappers attach to them.
+
+Shapes: B batch, T query tokens, S key slots, H query heads, K kv heads, G = H // K, D head_dim,
+E hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from posttrain.trainer.models.config import ModelConfig
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool) -> jax.Array:
+    """RMSNorm as transformers computes it: statistics in float32; Gemma applies (1 + w) in float32."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight * y.astype(x.dtype)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, rotate-half layout (HF's, not interleaved pairs)."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(emb).astype(x_bthd.dtype), jnp.sin(emb).astype(x_bthd.dtype)
+    x1, x2 = jnp.split(x_bthd, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_bthd * cos + rotated * sin
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_pytorch_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"activation {name!r} not supported")
+
+
+def attention_masks(
+    q_slots_t: jax.Array, key_mask_bs: jax.Array, sliding_window: int | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Boolean [B, T, S] masks (True = may attend) for full and sliding-window layers.
+
+    Slots are cache indices (or sequence indices without a cache). With left padding, slot
+    distance equals token distance among real tokens, so the window is measured in slots.
+    """
+    k_slots_s = jnp.arange(key_mask_bs.shape[1])
+    causal_ts = k_slots_s[None, :] <= q_slots_t[:, None]
+    full = causal_ts[None] & key_mask_bs[:, None, :].astype(bool)
+    if sliding_window is None:
+        return full, None
+    # transformers keeps key k for query q when q - k < window (the window counts the query itself).
+    in_window_ts = (q_slots_t[:, None] - k_slots_s[None, :]) < sliding_window
+    return full, full & in_window_ts[None]
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Functional KV cache: passed into the model and returned updated.
+
+    ``keys``/``values``: one [B, S, K, D] array per layer. ``key_mask`` [B, S]: slot holds a real
+    token (False for padding and for slots not yet written). ``index``: next slot to write (int32).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    key_mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(
+            keys=zeros,
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            key_mask=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _linear(d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": axes[1:]},
+    )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, offset: bool, dtype: Any, axis: str = "norm"):
+        # Gemma stores the offset from 1, so its identity weight is 0.
+        init = jnp.zeros if offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype), logical_axes=(axis,))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps, self.offset)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: Any, rngs: nnx.Rngs):
+        c = config
+        E, H, K, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = _linear(E, H * D, ("embed", "heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = _linear(E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = _linear(E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = _linear(H * D, E, ("heads", "embed"), bias=c.o_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, axis="head_dim")
+            self.q_norm = RMSNorm(D, **norm)
+            self.k_norm = RMSNorm(D, **norm)
+        self.layer_type = c.layer_types[layer_idx]
+        self.num_heads, self.num_kv_heads, self.head_dim = H, K, D
+        self.qk_norm = c.qk_norm
+        self.scale = c.attention_scale
+        self.logit_cap = c.attn_logit_softcapping
+        self.inv_freq = tuple(float(f) for f in c.rope_for(self.layer_type).inv_freq(D))  # static, hashable
+
+    def __call__(
+        self,
+        x_bte: jax.Array,
+        positions_bt: jax.Array,
+        mask_bts: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        write_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        B, T, _ = x_bte.shape
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x_bte).reshape(B, T, H, D)
+        k = self.k_proj(x_bte).reshape(B, T, K, D)
+        v = self.v_proj(x_bte).reshape(B, T, K, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = np.asarray(self.inv_freq, np.float32)
+        q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
+        if kv is not None:  # write this step's keys/values at their slots, attend over the whole cache
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
+            new_kv = (k, v)
+        else:
+            new_kv = None
+        q = q.reshape(B, T, K, H // K, D)  # query head h uses kv head h // G (grouped, not tiled)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        scores = softcap(scores, self.logit_cap)
+        # Most negative finite float, not -inf: a query whose window holds only padding then gets
+        # uniform (ignored) weights instead of NaN, which would leak into valid positions via 0 * NaN.
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+        return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        E, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = _linear(E, F, ("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = _linear(E, F, ("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = _linear(F, E, ("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        self.act = config.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: Any, rngs: nnx.Rngs):
+        c = config
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
+        self.self_attn = Attention(c, layer_idx, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(c.hidden_size, **norm)
+        # Llama/Qwen: post_attention_layernorm is the pre-MLP norm. Gemma: it normalises the
+        # attention output, and the MLP has its own pre/post norms ("sandwich").
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, **norm)
+        if c.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+        self.sandwich = c.sandwich_norm
+        self.sliding = c.layer_types[layer_idx] == "sliding_attention"
+
+    def __call__(self, x, positions, full_mask, sliding_mask, kv=None, write_index=None):
+        mask = sliding_mask if self.sliding else full_mask
+        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, write_index)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+class Transformer(nnx.Module):
+    """The HF ``model.`` part: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        c = config
+        self.embed_tokens = nnx.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+            embedding_metadata={"logical_axes": ("vocab", "embed")},
+        )
+        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
+
+
+class CausalLM(nnx.Module):
+    """A causal LM: ``model(input_ids, attention_mask)`` gives float32 logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.model = Transformer(config, dtype=dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
+
+    @property
+    def dtype(self) -> Any:
+        return self.model.embed_tokens.embedding.dtype
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.create(self.config, batch, max_len, self.dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        """Forward pass.
+
+        input_ids [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all 1).
+        positions [B, T]: RoPE positions; default: count of real tokens before each one (in the
+        cache too), so left- and right-padded rows get 0, 1, 2, ... on their real tokens.
+        cache: a KVCache; the T tokens are written at slots [cache.index, cache.index + T).
+
+        Returns logits [B, T, V] float32; with ``return_hidden`` also the final-norm output
+        [B, T, E] (the lm_head input); with ``cache`` also the updated cache, in that order:
+        ``logits``, ``(logits, hidden)``, ``(logits, cache)`` or ``(logits, hidden, cache)``.
+        """
+        c = self.config
+        B, T = input_ids.shape
+        new_mask_bt = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is not None:
+            start = cache.index
+            prior_bt = jnp.sum(cache.key_mask, axis=-1, keepdims=True)
+            key_mask_bs = jax.lax.dynamic_update_slice(cache.key_mask, new_mask_bt, (0, start))
+        else:
+            start = jnp.zeros((), jnp.int32)
+            prior_bt = jnp.zeros((B, 1), jnp.int32)
+            key_mask_bs = new_mask_bt
+        if positions is None:
+            positions = jnp.maximum(prior_bt + jnp.cumsum(new_mask_bt, axis=-1) - 1, 0)
+        q_slots_t = start + jnp.arange(T)
+        sliding = c.sliding_window if "sliding_attention" in c.layer_types else None
+        full_mask, sliding_mask = attention_masks(q_slots_t, key_mask_bs, sliding)
+
+        x = self.model.embed_tokens(input_ids)
+        if c.scale_embeddings:  # HF rounds the normaliser to the activation dtype
+            x = x * jnp.asarray(c.hidden_size**0.5, dtype=x.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.model.layers):
+            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x, new_kv = layer(x, positions, full_mask, sliding_mask, kv, start)
+            if new_kv is not None:
+                new_keys.append(new_kv[0])
+                new_values.append(new_kv[1])
+        hidden = self.model.norm(x)
+        logits = self.logits(hidden)
+
+        outputs: list[Any] = [logits]
+        if return_hidden:
+            outputs.append(hidden)
+        if cache is not None:
+            outputs.append(KVCache(tuple(new_keys), tuple(new_values), key_mask_bs, (start + T).astype(jnp.int32)))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def logits(self, hidden_bte: jax.Array) -> jax.Array:
+        """LM head (tied or not) and final soft-capping on final-norm outputs; float32."""
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden_bte)
+        else:
+            logits = self.lm_head(hidden_bte)
+        return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
+
+
+def create_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32) -> CausalLM:
+    """A randomly initialised model (normal(0.02) weights, identity norms)."""
+    return CausalLM(config, dtype=dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
