@@ -286,3 +286,20 @@ def test_entropy_from_logits():
     np.testing.assert_allclose(gl.entropy_from_logits(uniform), np.log(8), rtol=1e-6)
     peaked = jnp.array([[[100.0, 0, 0, 0]]])
     assert float(gl.entropy_from_logits(peaked)[0, 0]) < 1e-6
+
+
+@pytest.mark.parametrize("loss_fn", [gl.grpo_loss, gl.gspo_token_loss])
+@pytest.mark.parametrize("agg", ["token-mean", "sequence-mean"])
+def test_mean_of_micro_batch_losses_equals_the_whole_batch(loss_fn, agg):
+    # The loop averages micro-batch losses; token-mean needs the whole batch's token count.
+    logp, old, ref, adv, mask = batch(seed=10, B=8)
+    whole, _ = loss_fn(logp, old, ref, adv, mask, aggregation=agg)
+    halves = []
+    for rows in (slice(0, 4), slice(4, 8)):
+        num_tokens = jnp.asarray(mask.sum() * 4 / 8) if agg == "token-mean" else None
+        part, _ = loss_fn(
+            logp[rows], old[rows], ref[rows], adv[rows], mask[rows],
+            aggregation=agg, num_tokens=num_tokens,
+        )  # fmt: skip
+        halves.append(float(part))
+    np.testing.assert_allclose(np.mean(halves), whole, rtol=1e-5)

@@ -68,18 +68,23 @@ def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: KlEstimator = "k3"
     raise ValueError(f"kl estimator must be k1, k2 or k3, got {estimator!r}")
 
 
-def aggregate(values_bt: Array, mask_bt: Array, mode: Aggregation) -> Array:
+def aggregate(
+    values_bt: Array, mask_bt: Array, mode: Aggregation, num_tokens: Array | None = None
+) -> Array:
     """Mean of per-token values over completion tokens.
 
     sequence-mean: mean over each completion's tokens, then over completions (the papers' 1/G sum
     1/|o_i| sum_t); token-mean: one mean over every token of the batch (DAPO), so long completions
     weigh more. Fully masked rows (padding) contribute nothing and are not counted.
+    num_tokens: token-mean's denominator when this is one micro-batch of a larger batch (the
+    batch's completion tokens x this micro-batch's share of rows); default: the mask's own count.
     """
     mask_bt = mask_bt.astype(values_bt.dtype)
     summed_b = (values_bt * mask_bt).sum(axis=1)
     lengths_b = mask_bt.sum(axis=1)
     if mode == "token-mean":
-        return summed_b.sum() / jnp.maximum(lengths_b.sum(), 1.0)
+        denominator = lengths_b.sum() if num_tokens is None else num_tokens
+        return summed_b.sum() / jnp.maximum(denominator, 1.0)
     if mode == "sequence-mean":
         rows = (lengths_b > 0).astype(values_bt.dtype)
         per_seq_b = summed_b / jnp.maximum(lengths_b, 1.0)
@@ -114,6 +119,7 @@ def _clipped_loss(
     beta: float,
     kl_estimator: KlEstimator,
     aggregation: Aggregation,
+    num_tokens: Array | None,
 ) -> tuple[Array, dict[str, Array]]:
     """-J for a given importance ratio: the part GRPO and GSPO-token share."""
     eps_high = eps if eps_high is None else eps_high
@@ -141,8 +147,10 @@ def _clipped_loss(
     metrics["clip_fraction_low"] = token_mean(clipped * (ratio_bt < 1.0 - eps))
     metrics["clip_fraction_high"] = token_mean(clipped * (ratio_bt > 1.0 + eps_high))
     metrics["ratio_mean"] = token_mean(ratio_bt)
-    loss = aggregate(per_token_bt, mask_bt, aggregation)
-    metrics["policy_loss"] = jax.lax.stop_gradient(aggregate(-surrogate_bt, mask_bt, aggregation))
+    loss = aggregate(per_token_bt, mask_bt, aggregation, num_tokens)
+    metrics["policy_loss"] = jax.lax.stop_gradient(
+        aggregate(-surrogate_bt, mask_bt, aggregation, num_tokens)
+    )
     return loss, metrics
 
 
@@ -158,11 +166,13 @@ def grpo_loss(
     beta: float = 0.04,
     kl_estimator: KlEstimator = "k3",
     aggregation: Aggregation = "sequence-mean",
+    num_tokens: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """GRPO's loss -J (DeepSeekMath eq. 3) with a per-token ratio r_it = exp(logp - old_logp).
 
     logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled tokens; mask 1 on completion
     tokens). adv: [B] (one per completion) or [B, T]. ref_logp may be None when beta == 0.
+    num_tokens: see `aggregate` (token-mean over micro-batches).
     """
     ratio_bt = jnp.exp(logp - old_logp)
     return _clipped_loss(
@@ -176,6 +186,7 @@ def grpo_loss(
         beta=beta,
         kl_estimator=kl_estimator,
         aggregation=aggregation,
+        num_tokens=num_tokens,
     )
 
 
@@ -191,6 +202,7 @@ def gspo_token_loss(
     beta: float = 0.0,
     kl_estimator: KlEstimator = "k3",
     aggregation: Aggregation = "sequence-mean",
+    num_tokens: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """GSPO-token's loss (GSPO paper eq. 13): GRPO's objective with s_it in place of r_it.
 
@@ -209,6 +221,7 @@ def gspo_token_loss(
         beta=beta,
         kl_estimator=kl_estimator,
         aggregation=aggregation,
+        num_tokens=num_tokens,
     )
 
 
