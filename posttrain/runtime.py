@@ -31,6 +31,12 @@ RECIPE = "POSTTRAIN_RECIPE"
 JOB_NAME = "POSTTRAIN_JOB_NAME"
 NAMESPACE = "POSTTRAIN_NAMESPACE"
 
+# libtpu's multislice (DCN) variables, set on every pod of a multislice TPU job.
+MEGASCALE_COORDINATOR_ADDRESS = "MEGASCALE_COORDINATOR_ADDRESS"  # host of slice 0, host 0
+MEGASCALE_NUM_SLICES = "MEGASCALE_NUM_SLICES"
+MEGASCALE_SLICE_ID = "MEGASCALE_SLICE_ID"
+MEGASCALE_PORT_ENV = "MEGASCALE_PORT"
+
 COORDINATOR_PORT = 8476  # jax.distributed's coordinator (the port MaxText and GKE docs use)
 MEGASCALE_PORT = 8080  # libtpu's DCN coordination port on multislice
 RECIPE_PATH = "/etc/posttrain/recipe.yaml"

@@ -1,0 +1,91 @@
+"""The kopf handlers: thin. Each reads an object's name and hands it to reconcile.Operator.
+
+    PostTrainJob created, resumed (operator start), spec changed  -> Operator.reconcile
+    JobSet event (label posttrain.dev/job)                         -> Operator.sync_status
+    pod event (label posttrain.dev/job), while the job starts      -> Operator.sync_status
+
+No timers or daemons (kopf would put a finalizer on every PostTrainJob for them, and deletion
+would hang while the operator is down) and no deletion handler: children go with their owner
+through ownerReferences and the garbage collector. kopf keeps its bookkeeping in annotations
+under operator.posttrain.dev/ (the status schema is strict), and handlers return None, so
+nothing of kopf's lands in status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from posttrain.operator import render as r
+from posttrain.operator import status as st
+from posttrain.operator.reconcile import JOBSET_GROUP, JOBSET_PLURAL, JOBSET_VERSION, Operator
+
+from posttrain.api import GROUP, PLURAL, VERSION
+
+ANNOTATION_PREFIX = r.OPERATOR_ANNOTATION_PREFIX.rstrip("/")
+# Set by `posttrain operator` before kopf starts (image defaults from its flags).
+IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
+
+_operator: Operator | None = None
+
+
+def api_client() -> client.ApiClient:
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _emit(body: Any, event: st.Event) -> None:
+    kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
+
+
+def operator() -> Operator:
+    assert _operator is not None, "the startup handler has not run"
+    return _operator
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _operator
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.peering.standalone = True  # one replica; no KopfPeering objects needed
+    settings.posting.level = logging.WARNING  # our own Events, not "Handler ... succeeded"
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    _operator = Operator(api_client(), images=IMAGE_DEFAULTS, emit=_emit)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile(namespace: str, name: str, **_: Any) -> None:
+    operator().reconcile(namespace, name)
+
+
+@kopf.on.event(JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL, labels={r.JOB_LABEL: kopf.PRESENT})
+def jobset_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    if type is not None:  # None: the initial listing, which on.resume covers
+        operator().sync_status(namespace, labels[r.JOB_LABEL])
+
+
+@kopf.on.event("v1", "pods", labels={r.JOB_LABEL: kopf.PRESENT})
+def pod_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    job = labels[r.JOB_LABEL]
+    # Pod events matter for Provisioning and Running; later changes reach the JobSet's status.
+    if type is not None and operator().phases.get((namespace, job)) in (
+        None,
+        "Pending",
+        "Provisioning",
+    ):
+        operator().sync_status(namespace, job)

@@ -1,0 +1,293 @@
+"""What the handlers do, against the API server: read, render, apply, map status.
+
+No kopf here (the handlers in handlers.py are one line each); events go through `emit`, which
+the handlers bind to kopf's event poster. Everything the operator does to the cluster is in
+this file, so docs/operator.md's RBAC list can be checked against it:
+
+    posttrainjobs          get                      (fresh state before computing status)
+    posttrainjobs/status   patch                    (phase, conditions, ...)
+    configmaps             create, get              (the recipe)
+    jobsets                create, get, patch       (patch: spec.suspend only)
+    pods                   list                     (Provisioning: which pods wait for nodes)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from posttrain.operator import render as r
+from posttrain.operator import status as st
+
+from posttrain.api import GROUP, PLURAL, VERSION, JobInvalid, parse_job
+from posttrain.api.load import FieldError
+from posttrain.api.v1alpha1 import PostTrainJob, display_accelerator, display_model
+
+log = logging.getLogger("posttrain.operator")
+
+JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+
+Emit = Callable[[Mapping[str, Any], st.Event], None]
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Operator:
+    """The operator's state: an API client, image defaults, an event poster, per-job locks."""
+
+    api: client.ApiClient
+    images: r.ImageDefaults = field(default_factory=r.ImageDefaults)
+    emit: Emit = lambda obj, event: None  # noqa: E731
+    now: Callable[[], str] = utc_now
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    # Last phase seen per job: pod events only matter while a job is not yet Running.
+    phases: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.custom = client.CustomObjectsApi(self.api)
+        self.core = client.CoreV1Api(self.api)
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _absent_is_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        )
+
+    def get_jobset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _absent_is_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name
+            )
+        )
+
+    def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(
+            namespace, label_selector=f"{r.JOB_LABEL}={name}", _preload_content=False
+        )
+        return list(json.loads(pods.data).get("items") or [])
+
+    # ---- create / resume / update ---------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        """Validate, render and apply the job's children (idempotent), then sync its status."""
+        with self._lock(namespace, name):
+            body = self.get_job(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            prev = body.get("status") or {}
+            if prev.get("phase") in st.TERMINAL and _reason(prev) != st.INVALID:
+                if prev.get("observedGeneration") != body["metadata"].get("generation"):
+                    self._patch_status(body, {"observedGeneration": body["metadata"]["generation"]})
+                    self.emit(
+                        body,
+                        st.Event(
+                            "Warning",
+                            "SpecChangeIgnored",
+                            f"the job has {prev['phase'].lower()}; delete the PostTrainJob and "
+                            "create it again to run a changed spec",
+                        ),
+                    )
+                return
+            try:
+                job = parse_job(job_manifest(body))
+                manifests = r.render(job, image_defaults=self.images)
+            except JobInvalid as err:
+                self._sync(body, job=None, errors=err.errors)
+                return
+            configmap, jobset = manifests
+            existing = self.get_jobset(namespace, name)
+            if existing is None:
+                # Pending first: from now on the CRD's CEL rule freezes the spec.
+                self._sync(body, job=job, children=(None, []))
+                self._create_or_get_configmap(namespace, configmap)
+                existing = self._create_or_get_jobset(namespace, jobset)
+                log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
+            self._ensure_suspend(job, existing)
+            self._sync(body, job=job)
+
+    def _create_or_get_configmap(self, namespace: str, manifest: dict[str, Any]) -> None:
+        try:
+            self.core.create_namespaced_config_map(namespace, manifest)
+        except ApiException as err:
+            if err.status != 409:  # AlreadyExists: a previous run of the operator made it
+                raise
+
+    def _create_or_get_jobset(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        name = manifest["metadata"]["name"]
+        try:
+            return self.custom.create_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
+            )
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        found = self.get_jobset(namespace, name)
+        if found is None:
+            raise RuntimeError(f"JobSet {namespace}/{name} exists and vanished; will retry")
+        return found
+
+    def _ensure_suspend(self, job: PostTrainJob, jobset: dict[str, Any]) -> None:
+        """spec.suspend -> JobSet spec.suspend. With a Kueue queue only suspending is ours:
+        resuming is Kueue's (it admits the workload by unsuspending it)."""
+        want = job.spec.suspend
+        have = bool((jobset.get("spec") or {}).get("suspend"))
+        if want == have or (not want and job.spec.scheduling.queue_name):
+            return
+        if _condition_true(jobset, "Completed") or _condition_true(jobset, "Failed"):
+            return
+        meta = jobset["metadata"]
+        self.custom.patch_namespaced_custom_object(
+            JOBSET_GROUP,
+            JOBSET_VERSION,
+            meta["namespace"],
+            JOBSET_PLURAL,
+            meta["name"],
+            {"spec": {"suspend": want}},
+        )
+        jobset.setdefault("spec", {})["suspend"] = want
+        log.info(
+            "%s/%s: JobSet %s", meta["namespace"], meta["name"], "suspended" if want else "resumed"
+        )
+
+    # ---- status ---------------------------------------------------------------------------
+
+    def sync_status(self, namespace: str, name: str) -> None:
+        """Recompute the job's status from its JobSet and pods (JobSet and pod events)."""
+        with self._lock(namespace, name):
+            body = self.get_job(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                self.phases.pop((namespace, name), None)
+                return
+            prev = body.get("status") or {}
+            if prev.get("phase") in st.TERMINAL:
+                return  # final; an invalid job changes only through reconcile()
+            if not prev.get("phase"):
+                return  # reconcile() has not seen it yet
+            try:
+                job = parse_job(job_manifest(body))
+            except JobInvalid:
+                return
+            self._sync(body, job=job)
+
+    def _sync(
+        self,
+        body: dict[str, Any],
+        *,
+        job: PostTrainJob | None,
+        errors: list[FieldError] | None = None,
+        children: tuple[dict[str, Any] | None, list[dict[str, Any]]] | None = None,
+    ) -> None:
+        """Compute and patch the status; `children` = (JobSet, pods) when already known."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        prev = body.get("status") or {}
+        summary: dict[str, str] = {}
+        total = None
+        jobset: dict[str, Any] | None = None
+        if job is None:
+            outcome = st.invalid_outcome(errors or [])
+        else:
+            if children is None:
+                jobset = self.get_jobset(namespace, name)
+                pods = self.list_pods(namespace, name) if jobset else []
+            else:
+                jobset, pods = children
+            outcome = st.phase_of(
+                suspend=job.spec.suspend,
+                queue_name=job.spec.scheduling.queue_name,
+                jobset=jobset,
+                pods=pods,
+            )
+            summary = {
+                "model": display_model(job.spec.model.base),
+                "accelerator": display_accelerator(job.spec.resources),
+            }
+            total = job.spec.training.steps
+        new = st.next_status(
+            prev,
+            outcome,
+            generation=meta.get("generation"),
+            now=self.now(),
+            jobset=jobset,
+            summary=summary,
+            total_steps=total,
+        )
+        self.phases[(namespace, name)] = outcome.phase
+        if not st.changed(prev, new):
+            return
+        self._patch_status(body, new)
+        for event in st.transitions(prev, new, outcome):
+            self.emit(body, event)
+        if outcome.phase != prev.get("phase"):
+            log.info(
+                "%s/%s: %s (%s: %s)",
+                namespace,
+                name,
+                outcome.phase,
+                outcome.reason,
+                outcome.message,
+            )
+
+    def _patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status}
+        )
+
+
+def job_manifest(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the object the model validates: no status (the operator's own output),
+    metadata cut to what the renderer reads."""
+    meta = body.get("metadata") or {}
+    keep = {k: meta[k] for k in ("name", "namespace", "uid", "annotations") if meta.get(k)}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": keep,
+        "spec": body.get("spec"),
+    }
+
+
+def _reason(status: Mapping[str, Any]) -> str | None:
+    return next(
+        (
+            c.get("reason")
+            for c in status.get("conditions") or []
+            if c.get("type") == "Valid" and c.get("status") == "False"
+        ),
+        None,
+    )
+
+
+def _condition_true(obj: Mapping[str, Any], type_: str) -> bool:
+    return any(
+        c.get("type") == type_ and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or []
+    )
+
+
+def _absent_is_none(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise

@@ -1,0 +1,438 @@
+"""PostTrainJob -> Kubernetes manifests: a ConfigMap holding the recipe and one JobSet.
+
+`render(job)` is the whole of the operator's knowledge of TPU and GPU node pools, and a pure
+function: no I/O, no clock, no globals, no environment. `posttrain render FILE` prints it (a
+dry run, like `helm template`); the operator applies it.
+
+Shape of the JobSet (replicated job `slice` on TPU, `node` on GPU and CPU):
+
+    TPU   replicas = slices; each child Job is one slice: parallelism = completions = hosts,
+          completionMode Indexed; one pod per TPU VM asking for `google.com/tpu` = chips per
+          host, on nodes labelled with the GKE TPU accelerator and topology. Multislice adds
+          JobSet's exclusive-topology annotation (one slice per node pool) and MEGASCALE_*.
+    GPU   replicas = 1, parallelism = completions = nodes; `nvidia.com/gpu` per pod.
+    cpu   replicas = 1, parallelism = completions = nodes; plain pods.
+
+Every pod gets the environment of `posttrain.runtime` (the contract with the trainer's
+distributed init). The slice id and the host id come from the downward API: JobSet puts the
+job index on each pod (`jobset.sigs.k8s.io/job-index`), the Job controller the completion
+index (`batch.kubernetes.io/job-completion-index`). The coordinator is pod 0 of slice 0,
+reached through the headless Service JobSet creates for `network.enableDNSHostnames`:
+`<jobset>-<replicatedJob>-0-0.<subdomain>`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import yaml
+
+from posttrain import __version__, runtime
+from posttrain.api import accelerators as acc
+from posttrain.api.load import FieldError, JobInvalid
+from posttrain.api.v1alpha1 import API_VERSION, KIND, PostTrainJob
+
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+
+# Labels on everything the operator makes; JOB_LABEL finds a PostTrainJob's children.
+JOB_LABEL = "posttrain.dev/job"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "posttrain-operator"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+# Set by the JobSet controller / Job controller on every pod; read through the downward API.
+JOBSET_JOB_INDEX = "jobset.sigs.k8s.io/job-index"
+JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+EXCLUSIVE_TOPOLOGY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
+NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
+
+GKE_TPU_ACCELERATOR = "cloud.google.com/gke-tpu-accelerator"
+GKE_TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
+GKE_ACCELERATOR = "cloud.google.com/gke-accelerator"
+TPU_RESOURCE = "google.com/tpu"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# PostTrainJob annotations copied to the trainer pods, except these prefixes: kubectl's
+# bookkeeping and the operator's own (kopf's progress and diff-base).
+OPERATOR_ANNOTATION_PREFIX = "operator.posttrain.dev/"
+NOT_COPIED_ANNOTATION_PREFIXES = ("kubectl.kubernetes.io/", OPERATOR_ANNOTATION_PREFIX)
+
+CONTAINER = "trainer"
+RECIPE_KEY = "recipe.yaml"
+RECIPE_DIR = os.path.dirname(runtime.RECIPE_PATH)
+DEFAULT_SERVICE_ACCOUNT = "posttrain-trainer"
+# What every trainer pod runs: the trainer's entrypoint reads the recipe and the env contract.
+TRAINER_COMMAND = ("posttrain", "run", runtime.RECIPE_PATH)
+
+# Pod names are <jobset>-<rjob>-<jobIndex>-<podIndex>-<5 random>, at most 63 characters
+# (JobSet's webhook refuses longer ones).
+MAX_POD_NAME = 63
+POD_NAME_SUFFIX = 6  # "-abcde"
+
+
+@dataclass(frozen=True)
+class ImageDefaults:
+    """The trainer image per accelerator family when `spec.image` is unset.
+
+    The operator takes these from flags or environment (`--trainer-image-tpu`,
+    POSTTRAIN_TRAINER_IMAGE_TPU, ...), which the Helm chart sets.
+    """
+
+    tpu: str = f"posttrain/trainer:{__version__}-tpu"
+    gpu: str = f"posttrain/trainer:{__version__}-gpu"
+    cpu: str = f"posttrain/trainer:{__version__}-cpu"
+
+    ENV_PREFIX: ClassVar[str] = "POSTTRAIN_TRAINER_IMAGE_"
+
+    def for_accelerator(self, accelerator: str) -> str:
+        if acc.is_tpu(accelerator):
+            return self.tpu
+        if acc.is_gpu(accelerator):
+            return self.gpu
+        return self.cpu
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ImageDefaults:
+        found = {k: env.get(cls.ENV_PREFIX + k.upper()) for k in ("tpu", "gpu", "cpu")}
+        return replace(cls(), **{k: v for k, v in found.items() if v})
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a job maps onto pods: `replicas` child Jobs of `pods` pods each."""
+
+    replicated_job: str
+    replicas: int  # JobSet replicas = slices (TPU), 1 otherwise
+    pods: int  # parallelism = completions per child Job
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    accelerator_resources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def multislice(self) -> bool:
+        return self.replicated_job == "slice" and self.replicas > 1
+
+
+def shape_of(job: PostTrainJob) -> Shape:
+    r = job.spec.resources
+    if acc.is_tpu(r.accelerator):
+        assert r.topology is not None  # the model requires it for TPUs
+        s = acc.tpu_slice_shape(r.accelerator, r.topology)
+        gen = acc.TPU_GENERATIONS[r.accelerator]
+        return Shape(
+            "slice",
+            replicas=r.slices,
+            pods=s.hosts,
+            node_selector={GKE_TPU_ACCELERATOR: gen.gke_accelerator, GKE_TPU_TOPOLOGY: r.topology},
+            tolerations=[{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            accelerator_resources={TPU_RESOURCE: str(s.chips_per_host)},
+        )
+    if acc.is_gpu(r.accelerator):
+        return Shape(
+            "node",
+            replicas=1,
+            pods=r.nodes,
+            node_selector={GKE_ACCELERATOR: acc.GPU_TYPES[r.accelerator][0]},
+            tolerations=[{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            accelerator_resources={GPU_RESOURCE: str(r.gpus)},
+        )
+    return Shape("node", replicas=1, pods=r.nodes)
+
+
+def jobset_name(job: PostTrainJob) -> str:
+    return _name(job)
+
+
+def configmap_name(job: PostTrainJob) -> str:
+    return f"{_name(job)}-recipe"
+
+
+def coordinator_host(job: PostTrainJob) -> str:
+    """DNS name of pod 0 of slice 0 (JobSet's headless service has the JobSet's name)."""
+    name = jobset_name(job)
+    return f"{name}-{shape_of(job).replicated_job}-0-0.{name}"
+
+
+def render(job: PostTrainJob, *, image_defaults: ImageDefaults | None = None) -> list[dict]:
+    """The manifests for `job`: [ConfigMap (recipe), JobSet]. Raises JobInvalid naming the field
+    when the job cannot be rendered (a name too long for its pods, a reserved env name, ...)."""
+    images = image_defaults or ImageDefaults()
+    _check_renderable(job)
+    return [_configmap(job), _jobset(job, images)]
+
+
+def recipe(job: PostTrainJob) -> dict[str, Any]:
+    """The validated manifest the trainer reads: defaults filled in, no status, metadata cut to
+    name and namespace (so the recipe does not change with the object's bookkeeping)."""
+    meta = {k: v for k, v in (("name", job.metadata.name), ("namespace", job.metadata.namespace))}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {k: v for k, v in meta.items() if v},
+        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the recipe) as literal blocks, so they read like the file they are."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(manifests: list[dict]) -> str:
+    """Multi-document YAML, keys in the order rendered (like `helm template`)."""
+    return yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _name(job: PostTrainJob) -> str:
+    if not job.metadata.name:
+        raise JobInvalid([FieldError("metadata.name", "required field is missing")])
+    return job.metadata.name
+
+
+def _check_renderable(job: PostTrainJob) -> None:
+    errors: list[FieldError] = []
+    name = _name(job)
+    shape = shape_of(job)
+    longest = len(f"{name}-{shape.replicated_job}-{shape.replicas - 1}-{shape.pods - 1}")
+    if longest + POD_NAME_SUFFIX > MAX_POD_NAME:
+        fixed = longest - len(name) + POD_NAME_SUFFIX
+        errors.append(
+            FieldError(
+                "metadata.name",
+                f"{name!r} is too long for this job's pod names ({name}-{shape.replicated_job}-"
+                f"<slice>-<host>-xxxxx must fit in {MAX_POD_NAME} characters): use at most "
+                f"{MAX_POD_NAME - fixed} characters",
+            )
+        )
+    for key in sorted(set(job.spec.scheduling.node_selector) & set(shape.node_selector)):
+        errors.append(
+            FieldError(
+                f"spec.scheduling.nodeSelector.{key}",
+                f"set from spec.resources ({shape.node_selector[key]!r}); remove it here",
+            )
+        )
+    reserved = {e["name"] for e in _contract_env(job, shape)}
+    for i, var in enumerate(job.spec.env):
+        if var.name in reserved:
+            errors.append(
+                FieldError(
+                    f"spec.env[{i}].name",
+                    f"{var.name} is set by the operator (the trainer's distributed-init contract)",
+                )
+            )
+    if errors:
+        raise JobInvalid(errors)
+
+
+def _labels(job: PostTrainJob) -> dict[str, str]:
+    return {JOB_LABEL: _name(job), MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def _metadata(job: PostTrainJob, name: str, **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    meta["labels"] = _labels(job)
+    meta.update({k: v for k, v in extra.items() if v})
+    uid = (job.metadata.model_extra or {}).get("uid")
+    if uid:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": _name(job),
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def _configmap(job: PostTrainJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, configmap_name(job)),
+        "data": {RECIPE_KEY: yaml.safe_dump(recipe(job), sort_keys=False, width=100)},
+    }
+
+
+def _field_ref(path: str) -> dict[str, Any]:
+    return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _contract_env(job: PostTrainJob, shape: Shape) -> list[dict[str, Any]]:
+    """The env of runtime.py's contract, in a fixed order."""
+    env: list[dict[str, Any]] = [
+        {"name": runtime.JOB_NAME, "value": _name(job)},
+        {"name": runtime.NAMESPACE, **_field_ref("metadata.namespace")},
+        {"name": runtime.RECIPE, "value": runtime.RECIPE_PATH},
+        {
+            "name": runtime.COORDINATOR_ADDRESS,
+            "value": f"{coordinator_host(job)}:{runtime.COORDINATOR_PORT}",
+        },
+        {"name": runtime.NUM_SLICES, "value": str(shape.replicas)},
+        {"name": runtime.HOSTS_PER_SLICE, "value": str(shape.pods)},
+        {"name": runtime.SLICE_ID, **_field_ref(f"metadata.annotations['{JOBSET_JOB_INDEX}']")},
+        {"name": runtime.HOST_ID, **_field_ref(f"metadata.annotations['{JOB_COMPLETION_INDEX}']")},
+    ]
+    if shape.multislice:
+        env += [
+            {"name": runtime.MEGASCALE_COORDINATOR_ADDRESS, "value": coordinator_host(job)},
+            {"name": runtime.MEGASCALE_NUM_SLICES, "value": str(shape.replicas)},
+            {
+                "name": runtime.MEGASCALE_SLICE_ID,
+                **_field_ref(f"metadata.annotations['{JOBSET_JOB_INDEX}']"),
+            },
+            {"name": runtime.MEGASCALE_PORT_ENV, "value": str(runtime.MEGASCALE_PORT)},
+        ]
+    return env
+
+
+def _user_env(job: PostTrainJob) -> list[dict[str, Any]]:
+    out = []
+    for var in job.spec.env:
+        if var.value_from is not None:
+            ref = var.value_from.secret_key_ref
+            out.append(
+                {
+                    "name": var.name,
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                }
+            )
+        else:
+            out.append({"name": var.name, "value": var.value or ""})
+    return out
+
+
+def _resources(job: PostTrainJob, shape: Shape) -> dict[str, Any]:
+    r = job.spec.resources
+    requests: dict[str, str] = {}
+    if r.cpu:
+        requests["cpu"] = r.cpu
+    if r.memory:
+        requests["memory"] = r.memory
+    requests.update(shape.accelerator_resources)
+    limits = dict(shape.accelerator_resources)
+    if r.memory:
+        limits["memory"] = r.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_annotations(job: PostTrainJob) -> dict[str, str]:
+    annotations = (job.metadata.model_extra or {}).get("annotations") or {}
+    return {
+        k: str(v)
+        for k, v in sorted(annotations.items())
+        if not k.startswith(NOT_COPIED_ANNOTATION_PREFIXES)
+    }
+
+
+def _pod_template(job: PostTrainJob, shape: Shape, images: ImageDefaults) -> dict[str, Any]:
+    spec = job.spec
+    ports = [{"name": "coordinator", "containerPort": runtime.COORDINATOR_PORT}]
+    if shape.multislice:
+        ports.append({"name": "megascale", "containerPort": runtime.MEGASCALE_PORT})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or images.for_accelerator(spec.resources.accelerator),
+        "command": list(TRAINER_COMMAND),
+        "env": _contract_env(job, shape) + _user_env(job),
+        "ports": ports,
+        "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}],
+    }
+    resources = _resources(job, shape)
+    if resources:
+        container["resources"] = resources
+    volumes: list[dict[str, Any]] = [
+        {"name": "recipe", "configMap": {"name": configmap_name(job)}},
+    ]
+    if acc.is_gpu(spec.resources.accelerator):
+        # NCCL needs more shared memory than the container runtime's 64 MiB default.
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": spec.service_account_name or DEFAULT_SERVICE_ACCOUNT,
+    }
+    if spec.scheduling.priority_class_name:
+        pod["priorityClassName"] = spec.scheduling.priority_class_name
+    selector = {**shape.node_selector, **spec.scheduling.node_selector}
+    if selector:
+        pod["nodeSelector"] = selector
+    tolerations = shape.tolerations + [
+        t.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for t in spec.scheduling.tolerations
+    ]
+    if tolerations:
+        pod["tolerations"] = tolerations
+    pod["containers"] = [container]
+    pod["volumes"] = volumes
+
+    meta: dict[str, Any] = {"labels": _labels(job)}
+    annotations = _pod_annotations(job)
+    if annotations:
+        meta["annotations"] = annotations
+    return {"metadata": meta, "spec": pod}
+
+
+def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
+    spec = job.spec
+    shape = shape_of(job)
+    name = jobset_name(job)
+    labels = _labels(job)
+    annotations = {EXCLUSIVE_TOPOLOGY: NODEPOOL_LABEL} if shape.multislice else None
+    meta = _metadata(job, name, annotations=annotations)
+    if spec.scheduling.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.scheduling.queue_name
+    child_job = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "parallelism": shape.pods,
+            "completions": shape.pods,
+            "completionMode": "Indexed",
+            # One failed pod fails its Job at once; JobSet's failurePolicy restarts the whole
+            # set (every host must rejoin the same distributed job).
+            "backoffLimit": 0,
+            "template": _pod_template(job, shape, images),
+        },
+    }
+    return {
+        "apiVersion": JOBSET_API_VERSION,
+        "kind": "JobSet",
+        "metadata": meta,
+        "spec": {
+            # With a Kueue queue the JobSet starts suspended and Kueue admits (unsuspends) it.
+            "suspend": spec.suspend or bool(spec.scheduling.queue_name),
+            "failurePolicy": {"maxRestarts": spec.max_restarts},
+            "network": {
+                "enableDNSHostnames": True,
+                "subdomain": name,
+                "publishNotReadyAddresses": True,
+            },
+            "coordinator": {"replicatedJob": shape.replicated_job, "jobIndex": 0, "podIndex": 0},
+            "replicatedJobs": [
+                {"name": shape.replicated_job, "replicas": shape.replicas, "template": child_job}
+            ],
+        },
+    }

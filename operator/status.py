@@ -1,0 +1,276 @@
+"""JobSet and pods -> PostTrainJob status. Pure functions; the handlers feed them what they read.
+
+    phase_of(...)        what the job is doing now: a phase, a reason and a message
+    next_status(...)     the status to write: phase, conditions (reasons, observedGeneration,
+                         transition times kept while unchanged), restarts, times, summary
+    transitions(...)     the Events a change of status deserves
+
+| JobSet / pods                                                  | phase        | reason           |
+|----------------------------------------------------------------|--------------|------------------|
+| spec invalid (or cannot be rendered)                           | Failed       | InvalidSpec      |
+| no JobSet yet                                                  | Pending      | Creating         |
+| JobSet condition Completed=True                                | Succeeded    | AllJobsCompleted |
+| JobSet condition Failed=True                                   | Failed       | JobSet's reason  |
+| spec.suspend (JobSet suspended, or being suspended)            | Suspended    | Suspended        |
+| JobSet suspended with a Kueue queue, spec.suspend false        | Pending      | Queued           |
+| JobSet suspended, spec.suspend false, no queue                 | Suspended    | Resuming         |
+| no pods of the current attempt yet                             | Pending      | CreatingPods     |
+| a pod not scheduled (no node fits yet; node pools provisioning)| Provisioning | WaitingForNodes  |
+| every pod scheduled, some not running yet                      | Provisioning | StartingPods     |
+| every pod running (or done)                                    | Running      | Running          |
+
+"Pods of the current attempt" are those whose `jobset.sigs.k8s.io/restart-attempt` label equals
+the JobSet's `status.restarts`: a restart replaces every pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.api.load import FieldError
+
+RESTART_ATTEMPT = "jobset.sigs.k8s.io/restart-attempt"
+TERMINAL = ("Succeeded", "Failed")
+# Condition types, in the order they are listed.
+CONDITION_TYPES = ("Valid", "Suspended", "Running", "Succeeded", "Failed")
+INVALID = "InvalidSpec"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    phase: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def _condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def _pod_scheduled(pod: Mapping[str, Any]) -> bool:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled":
+            return c.get("status") == "True"
+    return bool((pod.get("spec") or {}).get("nodeName"))
+
+
+def _unschedulable_message(pod: Mapping[str, Any]) -> str:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") != "True":
+            return str(c.get("message") or c.get("reason") or "")
+    return ""
+
+
+def current_pods(jobset: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> list[Mapping]:
+    """Pods of the JobSet's current restart attempt, not being deleted."""
+    attempt = str(((jobset.get("status") or {}).get("restarts")) or 0)
+    return [
+        p
+        for p in pods
+        if not (p.get("metadata") or {}).get("deletionTimestamp")
+        and ((p.get("metadata") or {}).get("labels") or {}).get(RESTART_ATTEMPT, "0") == attempt
+    ]
+
+
+def expected_pods(jobset: Mapping[str, Any]) -> int:
+    total = 0
+    for rjob in (jobset.get("spec") or {}).get("replicatedJobs") or []:
+        per_job = ((rjob.get("template") or {}).get("spec") or {}).get("parallelism", 1)
+        total += int(rjob.get("replicas", 1)) * int(per_job)
+    return total
+
+
+def pod_failure(pods: Sequence[Mapping[str, Any]]) -> str:
+    """`pod P: exit code 3 (OOMKilled): message` for the first failed pod, else ''."""
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        status = pod.get("status") or {}
+        if status.get("phase") != "Failed":
+            continue
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for cs in status.get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                text = f"pod {name}: container {cs.get('name')} exited with code {term.get('exitCode')}"
+                if term.get("reason"):
+                    text += f" ({term['reason']})"
+                if term.get("message"):
+                    text += f": {term['message']}"
+                return text
+        return f"pod {name} failed" + (f": {status['reason']}" if status.get("reason") else "")
+    return ""
+
+
+def phase_of(
+    *,
+    suspend: bool,
+    queue_name: str | None,
+    jobset: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+) -> Outcome:
+    """What the job is doing, from its JobSet and the JobSet's pods (see the module's table)."""
+    if jobset is None:
+        if suspend:
+            return Outcome("Suspended", "Suspended", "suspended (spec.suspend) before starting")
+        return Outcome("Pending", "Creating", "creating the JobSet")
+    name = (jobset.get("metadata") or {}).get("name", "")
+    done = _condition(jobset, "Completed")
+    if done:
+        return Outcome(
+            "Succeeded", done.get("reason") or "Completed", done.get("message") or "completed"
+        )
+    failed = _condition(jobset, "Failed")
+    if failed:
+        message = failed.get("message") or "failed"
+        cause = pod_failure([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
+        return Outcome(
+            "Failed", failed.get("reason") or "Failed", f"{message}; {cause}" if cause else message
+        )
+    jobset_suspended = bool((jobset.get("spec") or {}).get("suspend"))
+    if suspend:
+        if jobset_suspended:
+            return Outcome("Suspended", "Suspended", f"JobSet {name} suspended (spec.suspend)")
+        return Outcome("Suspended", "Suspending", f"suspending JobSet {name}")
+    if jobset_suspended:
+        if queue_name:
+            return Outcome(
+                "Pending", "Queued", f"waiting for Kueue to admit it (queue {queue_name})"
+            )
+        return Outcome("Suspended", "Resuming", f"resuming JobSet {name}")
+
+    live = current_pods(jobset, pods)
+    want = expected_pods(jobset)
+    if not live:
+        return Outcome("Pending", "CreatingPods", f"waiting for the {want} pods to be created")
+    waiting = [p for p in live if not _pod_scheduled(p)]
+    if waiting:
+        why = _unschedulable_message(waiting[0])
+        message = f"{len(waiting)} of {want} pods wait for nodes"
+        return Outcome("Provisioning", "WaitingForNodes", f"{message}: {why}" if why else message)
+    running = [p for p in live if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")]
+    if len(running) >= want:
+        return Outcome("Running", "Running", f"all {want} pods running")
+    return Outcome("Provisioning", "StartingPods", f"{len(running)} of {want} pods running")
+
+
+def invalid_outcome(errors: Sequence[FieldError]) -> Outcome:
+    return Outcome("Failed", INVALID, "; ".join(str(e) for e in errors))
+
+
+def _wanted_conditions(outcome: Outcome, had: set[str]) -> dict[str, tuple[str, str, str]]:
+    """type -> (status, reason, message) for this outcome. Suspended, Succeeded and Failed are
+    listed once they have been true; Valid and Running always."""
+    p, r, m = outcome.phase, outcome.reason, outcome.message
+    out: dict[str, tuple[str, str, str]] = {}
+    if r == INVALID:
+        out["Valid"] = ("False", INVALID, m)
+    else:
+        out["Valid"] = ("True", "SpecValid", "the spec is valid")
+    if p == "Suspended" or "Suspended" in had:
+        out["Suspended"] = ("True", r, m) if p == "Suspended" else ("False", "NotSuspended", m)
+    out["Running"] = ("True", r, m) if p == "Running" else ("False", r, m)
+    for terminal in TERMINAL:
+        if p == terminal or terminal in had:
+            out[terminal] = ("True", r, m) if p == terminal else ("False", r, m)
+    return out
+
+
+def next_status(
+    previous: Mapping[str, Any] | None,
+    outcome: Outcome,
+    *,
+    generation: int | None,
+    now: str,
+    jobset: Mapping[str, Any] | None = None,
+    summary: Mapping[str, str] | None = None,
+    total_steps: int | None = None,
+) -> dict[str, Any]:
+    """The status to merge-patch. `progress` is the trainer's and is never written here;
+    `summary.progress` is set to 0/total only while nobody has reported progress."""
+    prev = dict(previous or {})
+    old = {c.get("type"): c for c in prev.get("conditions") or []}
+    conditions = []
+    for type_, (status, reason, message) in _wanted_conditions(outcome, set(old)).items():
+        before = old.get(type_) or {}
+        unchanged = before.get("status") == status
+        cond: dict[str, Any] = {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message[:32768],
+            "lastTransitionTime": before.get("lastTransitionTime") if unchanged else now,
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        conditions.append(cond)
+    conditions.sort(key=lambda c: CONDITION_TYPES.index(c["type"]))
+
+    status: dict[str, Any] = {"phase": outcome.phase, "conditions": conditions}
+    if generation is not None:
+        status["observedGeneration"] = generation
+    if jobset is not None:
+        status["jobSetName"] = (jobset.get("metadata") or {}).get("name")
+        status["restarts"] = int((jobset.get("status") or {}).get("restarts") or 0)
+    started = prev.get("startTime")
+    if not started and jobset is not None and outcome.phase in ("Running", *TERMINAL):
+        started = now
+    if started:
+        status["startTime"] = started
+    completed = prev.get("completionTime")
+    if not completed and outcome.phase in TERMINAL:
+        terminal = _condition(jobset, "Completed") or _condition(jobset, "Failed") or {}
+        completed = terminal.get("lastTransitionTime") or now
+    if completed and outcome.phase in TERMINAL:
+        status["completionTime"] = completed
+    elif completed:
+        status["completionTime"] = None  # a fixed invalid job starts again
+    new_summary = dict(summary or {})
+    reported = (prev.get("summary") or {}).get("progress") or prev.get("progress")
+    if not reported and total_steps is not None:
+        new_summary["progress"] = f"0/{total_steps}"
+    if new_summary:
+        status["summary"] = new_summary
+    return status
+
+
+def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether patching `new` over `previous` changes anything."""
+    prev = previous or {}
+    for key, value in new.items():
+        if isinstance(value, dict):
+            if any((prev.get(key) or {}).get(k) != v for k, v in value.items()):
+                return True
+        elif prev.get(key) != value:
+            return True
+    return False
+
+
+def transitions(
+    previous: Mapping[str, Any] | None, new: Mapping[str, Any], outcome: Outcome
+) -> list[Event]:
+    """One Event per change of phase (or of reason within a phase), one per JobSet restart."""
+    prev = previous or {}
+    events = []
+    restarts, before = new.get("restarts", 0), prev.get("restarts", 0) or 0
+    if restarts > before:
+        events.append(
+            Event("Warning", "Restarted", f"JobSet restarted every pod (restart {restarts})")
+        )
+    old_reason = next(
+        (c.get("reason") for c in prev.get("conditions") or [] if c.get("type") == "Running"), None
+    )
+    if prev.get("phase") != outcome.phase or old_reason != outcome.reason:
+        kind = "Warning" if outcome.phase == "Failed" else "Normal"
+        events.append(Event(kind, outcome.phase, f"{outcome.reason}: {outcome.message}"))
+    return events

@@ -1,0 +1,72 @@
+"""`posttrain operator`: run the kopf operator (in a pod, or from a laptop with a kubeconfig)."""
+
+from __future__ import annotations
+
+import argparse
+
+from posttrain.commands.render import add_image_flags, image_defaults
+
+LOG_FORMATS = ("plain", "full", "json")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "operator",
+        help="run the operator: PostTrainJob -> JobSet, status from the JobSet (needs the operator extra)",
+        description="Watch PostTrainJobs and turn each into a ConfigMap (recipe) and a JobSet; "
+        "map the JobSet's state back into the PostTrainJob's status. See docs/operator.md.",
+    )
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; kopf globs like 'team-*' work); all when absent",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig to use (default: in-cluster service account, else $KUBECONFIG or ~/.kube/config)",
+    )
+    p.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve a liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz",
+    )
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="plain", help="log line format")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    add_image_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import kopf
+    except ImportError:
+        raise SystemExit(
+            "posttrain operator needs kopf and kubernetes: pip install 'posttrain[operator]'"
+        ) from None
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # read by both kopf's login and our client
+
+    from posttrain.operator import handlers
+
+    handlers.IMAGE_DEFAULTS = image_defaults(args)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format={
+            "plain": kopf.LogFormat.PLAIN,
+            "full": kopf.LogFormat.FULL,
+            "json": kopf.LogFormat.JSON,
+        }[args.log_format],
+    )
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+        standalone=True,
+    )
+    return 0

@@ -1,0 +1,124 @@
+"""The env contract on both sides: what render puts on each pod, resolved as the kubelet would
+against the metadata JobSet and the Job controller give each pod, read back by the trainer's
+`ProcessTopology.from_env`: distinct process ids 0..N-1, one coordinator, the right slice."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from posttrain.operator import render as r
+
+from posttrain import runtime
+from posttrain.api import parse_job
+
+from .podenv import resolve_env
+from .test_render import BASE
+
+
+def simulated_pods(jobset: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    """Pods as JobSet v0.10's constructJob + the Job controller make them (metadata, hostname)."""
+    pods = []
+    js_name = jobset["metadata"]["name"]
+    subdomain = jobset["spec"]["network"]["subdomain"]
+    for rjob in jobset["spec"]["replicatedJobs"]:
+        for job_idx in range(rjob["replicas"]):
+            job_name = f"{js_name}-{rjob['name']}-{job_idx}"
+            template = rjob["template"]["spec"]["template"]
+            for pod_idx in range(rjob["template"]["spec"]["completions"]):
+                keys = {
+                    "jobset.sigs.k8s.io/jobset-name": js_name,
+                    "jobset.sigs.k8s.io/replicatedjob-name": rjob["name"],
+                    "jobset.sigs.k8s.io/replicatedjob-replicas": str(rjob["replicas"]),
+                    "jobset.sigs.k8s.io/job-index": str(job_idx),
+                    "jobset.sigs.k8s.io/restart-attempt": "0",
+                }
+                meta = copy.deepcopy(template["metadata"])
+                meta["name"] = f"{job_name}-{pod_idx}-abcde"
+                meta["namespace"] = namespace
+                meta["labels"] = {**meta.get("labels", {}), **keys}
+                meta["annotations"] = {
+                    **meta.get("annotations", {}),
+                    **keys,
+                    "batch.kubernetes.io/job-completion-index": str(pod_idx),
+                }
+                pods.append(
+                    {
+                        "metadata": meta,
+                        "spec": {
+                            **template["spec"],
+                            "hostname": f"{job_name}-{pod_idx}",
+                            "subdomain": subdomain,
+                        },
+                    }
+                )
+    return pods
+
+
+def check_contract(jobset: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+    """Every pod's env, resolved, gives a distinct process id; all agree on the coordinator,
+    which is the DNS name of pod 0 of slice 0; MEGASCALE_* agree with the slice id."""
+    topologies = []
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        env = resolve_env(container["env"], pod["metadata"])
+        topo = runtime.ProcessTopology.from_env(env)
+        topologies.append((pod, env, topo))
+        assert env[runtime.JOB_NAME] == jobset["metadata"]["name"]
+        assert env[runtime.NAMESPACE] == pod["metadata"]["namespace"]
+        assert env[runtime.RECIPE] == runtime.RECIPE_PATH
+        if topo.num_slices > 1:
+            assert env[runtime.MEGASCALE_SLICE_ID] == str(topo.slice_id)
+            assert env[runtime.MEGASCALE_NUM_SLICES] == str(topo.num_slices)
+            assert env[runtime.MEGASCALE_PORT_ENV] == str(runtime.MEGASCALE_PORT)
+    n = len(pods)
+    assert sorted(t.process_id for _, _, t in topologies) == list(range(n))
+    assert {t.num_processes for _, _, t in topologies} == {n}
+    (rank0,) = [p for p, _, t in topologies if t.process_id == 0]
+    host0 = f"{rank0['spec']['hostname']}.{rank0['spec']['subdomain']}"
+    assert {t.coordinator_address for _, _, t in topologies} == {
+        f"{host0}:{runtime.COORDINATOR_PORT}"
+    }
+    megascale = {e.get(runtime.MEGASCALE_COORDINATOR_ADDRESS) for _, e, _ in topologies}
+    assert megascale == ({host0} if topologies[0][2].num_slices > 1 else {None})
+    # The slice id is the JobSet job index: all hosts of a slice are in the same child Job.
+    for pod, _, topo in topologies:
+        assert pod["metadata"]["labels"]["jobset.sigs.k8s.io/job-index"] == str(topo.slice_id)
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"accelerator": "tpu-v5p", "topology": "4x4x4", "slices": 4},  # 4 x 16 hosts
+        {"accelerator": "tpu-v5e", "topology": "4x8", "slices": 2},  # 2 x 8 hosts
+        {"accelerator": "tpu-v6e", "topology": "2x4", "slices": 3},  # 3 x 1 host
+        {"accelerator": "tpu-v4", "topology": "2x2x2"},  # 1 x 2 hosts
+        {"accelerator": "tpu-v5e", "topology": "1x1"},
+        {"accelerator": "nvidia-h100", "nodes": 4},
+        {"accelerator": "cpu", "nodes": 3},
+    ],
+    ids=lambda res: "-".join(str(v) for v in res.values()),
+)
+def test_rendered_env_forms_one_job(resources: dict[str, Any]) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["resources"] = resources
+    jobset = r.render(parse_job(doc))[1]
+    check_contract(jobset, simulated_pods(jobset, "ml"))
+
+
+def test_the_fields_read_are_the_ones_jobset_and_job_set() -> None:
+    """Spelled out: a rename on either side breaks this, not a cluster run."""
+    jobset = r.render(parse_job(BASE))[1]
+    env = {
+        e["name"]: e
+        for e in jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+    }
+    assert env[runtime.SLICE_ID]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+    )
+    assert env[runtime.HOST_ID]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )

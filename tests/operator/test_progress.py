@@ -1,0 +1,126 @@
+"""posttrain.progress against a local HTTP server standing in for the API server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+
+from posttrain.progress import ProgressReporter, status_path
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.fail = False
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PATCH(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": body}
+                )
+                code = 500 if api.fail else 200
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def api():
+    fake = FakeApi()
+    yield fake
+    fake.server.shutdown()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def reporter(api: FakeApi, clock: Clock, **env: str) -> ProgressReporter:
+    return ProgressReporter(
+        "job", "ml", api_server=api.url, token="tok", min_interval=10, env=env, clock=clock
+    )
+
+
+def test_patches_status_with_token_and_rate_limits(api: FakeApi) -> None:
+    clock = Clock()
+    rep = reporter(api, clock)
+    assert rep.enabled
+    assert rep.report(1, 100, {"loss": 2.5, "reward_mean": 0.1})
+    clock.t = 5
+    assert not rep.report(2, 100, {"loss": 2.4})  # held back
+    clock.t = 10
+    assert rep.report(3, 100, {"loss": 2.3})
+    assert rep.report(100, 100, {"loss": 1.0})  # the last step is always sent
+    assert not rep.flush()  # nothing held back
+    assert len(api.requests) == 3
+    first = api.requests[0]
+    assert first["path"] == status_path("ml", "job")
+    assert first["path"] == "/apis/posttrain.dev/v1alpha1/namespaces/ml/posttrainjobs/job/status"
+    assert first["headers"]["Authorization"] == "Bearer tok"
+    assert first["headers"]["Content-Type"] == "application/merge-patch+json"
+    status = first["body"]["status"]
+    assert status["progress"]["step"] == 1 and status["progress"]["totalSteps"] == 100
+    assert status["progress"]["metrics"] == {"loss": 2.5, "reward_mean": 0.1}
+    assert status["progress"]["updatedAt"].endswith("Z")
+    assert status["summary"] == {"progress": "1/100"}
+    # a metric that disappeared is removed (merge-patch null)
+    assert api.requests[1]["body"]["status"]["progress"]["metrics"] == {
+        "loss": 2.3,
+        "reward_mean": None,
+    }
+
+
+def test_flush_sends_the_latest_held_back(api: FakeApi) -> None:
+    clock = Clock()
+    rep = reporter(api, clock)
+    rep.report(1, 10)
+    rep.report(2, 10)
+    rep.report(3, 10)
+    assert rep.flush()
+    assert [r["body"]["status"]["progress"]["step"] for r in api.requests] == [1, 3]
+
+
+def test_failures_are_logged_not_raised(api: FakeApi, caplog: pytest.LogCaptureFixture) -> None:
+    api.fail = True
+    rep = reporter(api, Clock())
+    assert not rep.report(1, 10, {"loss": float("nan"), "ok": 1})
+    assert "progress report" in caplog.text and "HTTP 500" in caplog.text
+    assert api.requests[0]["body"]["status"]["progress"]["metrics"] == {"ok": 1.0}  # NaN dropped
+    down = ProgressReporter("job", "ml", api_server="http://127.0.0.1:9", token="t", env={})
+    assert not down.report(1, 10)
+
+
+def test_no_op_outside_a_cluster_and_off_rank0(api: FakeApi) -> None:
+    assert not ProgressReporter(env={}).enabled  # no job, no API server, no token
+    assert not ProgressReporter(env={}).report(1, 2)
+    env = {
+        "POSTTRAIN_JOB_NAME": "job",
+        "POSTTRAIN_NAMESPACE": "ml",
+        "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "443",
+    }
+    rep = ProgressReporter(token="t", env=env)
+    assert rep.enabled and rep.api_server == "https://10.0.0.1:443" and rep.name == "job"
+    rank3 = {**env, "POSTTRAIN_HOSTS_PER_SLICE": "4", "POSTTRAIN_HOST_ID": "3"}
+    assert not ProgressReporter(token="t", env=rank3).enabled
+    assert not reporter(api, Clock(), POSTTRAIN_HOSTS_PER_SLICE="2", POSTTRAIN_HOST_ID="1").report(
+        1, 1
+    )
+    assert api.requests == []

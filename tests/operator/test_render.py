@@ -1,0 +1,377 @@
+"""The renderer: golden files for a few jobs, table tests over the whole accelerator catalogue."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from posttrain.operator import render as r
+
+from posttrain.api import JobInvalid, parse_job
+from posttrain.api import accelerators as acc
+from posttrain.api import v1alpha1 as api
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "golden"
+ROOT = HERE.parents[1]
+
+BASE: dict[str, Any] = {
+    "apiVersion": "posttrain.dev/v1alpha1",
+    "kind": "PostTrainJob",
+    "metadata": {"name": "t", "namespace": "ml", "uid": "0b1c2d3e-0000-4000-8000-000000000001"},
+    "spec": {
+        "algorithm": "sft",
+        "model": {"base": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+        "data": {"train": "gs://b/train.jsonl"},
+        "training": {"steps": 10},
+        "resources": {"accelerator": "cpu"},
+    },
+}
+
+
+def make(resources: dict[str, Any] | None = None, **spec: Any) -> api.PostTrainJob:
+    doc = copy.deepcopy(BASE)
+    if resources is not None:
+        doc["spec"]["resources"] = resources
+    doc["spec"].update(spec)
+    return parse_job(doc)
+
+
+def jobset_of(job: api.PostTrainJob) -> dict[str, Any]:
+    manifests = r.render(job)
+    assert [m["kind"] for m in manifests] == ["ConfigMap", "JobSet"]
+    return manifests[1]
+
+
+def pod_spec(jobset: dict[str, Any]) -> dict[str, Any]:
+    return jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+
+
+# ---- golden files ------------------------------------------------------------------------------
+
+GOLDEN_JOBS: dict[str, dict[str, Any]] = {
+    "tpu-v5e-2x4": {"resources": {"accelerator": "tpu-v5e", "topology": "2x4"}},
+    "tpu-v5p-multislice": {
+        "resources": {"accelerator": "tpu-v5p", "topology": "2x2x4", "slices": 2},
+        "scheduling": {
+            "queueName": "team-a",
+            "priorityClassName": "high",
+            "nodeSelector": {"example.com/pool": "reserved"},
+            "tolerations": [{"key": "example.com/reserved", "operator": "Exists"}],
+        },
+        "maxRestarts": 5,
+        "env": [
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "XLA_FLAGS", "value": "--xla_dump_to=/tmp"},
+        ],
+    },
+    "nvidia-h100-2-nodes": {
+        "resources": {"accelerator": "nvidia-h100", "nodes": 2, "gpusPerNode": 8},
+        "image": "example.com/trainer:dev",
+        "serviceAccountName": "trainer",
+        "suspend": True,
+    },
+    "cpu": {"resources": {"accelerator": "cpu", "cpu": "2", "memory": "4Gi"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_JOBS))
+def test_golden(name: str, update_golden: bool) -> None:
+    """Rendered YAML equals golden/NAME.yaml; `pytest --update-golden` rewrites them."""
+    job = make(**GOLDEN_JOBS[name])
+    got = r.to_yaml(r.render(job))
+    path = GOLDEN / f"{name}.yaml"
+    if update_golden:
+        path.write_text(got)
+    want = path.read_text()
+    if got != want:
+        diff = "".join(
+            difflib.unified_diff(want.splitlines(True), got.splitlines(True), str(path), "rendered")
+        )
+        pytest.fail(f"render differs from {path.name} (pytest --update-golden):\n{diff}")
+
+
+def test_render_is_deterministic_and_yaml_round_trips() -> None:
+    job = make(**GOLDEN_JOBS["tpu-v5p-multislice"])
+    first, second = r.render(job), r.render(job)
+    assert first == second
+    assert list(yaml.safe_load_all(r.to_yaml(first))) == first
+
+
+# ---- the whole catalogue -------------------------------------------------------------------------
+
+TPU_CASES = [(g, t) for g in acc.TPU_GENERATIONS for t in acc.TPU_GENERATIONS[g].topologies]
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+@pytest.mark.parametrize("accelerator, topology", TPU_CASES)
+def test_every_tpu_topology(accelerator: str, topology: str, slices: int) -> None:
+    job = make({"accelerator": accelerator, "topology": topology, "slices": slices})
+    js = jobset_of(job)
+    chips = acc.topology_chips(topology)
+    single_host = topology in acc.TPU_GENERATIONS[accelerator].single_host
+    per_host = chips if single_host else 4
+    hosts = chips // per_host
+
+    (rjob,) = js["spec"]["replicatedJobs"]
+    assert rjob["name"] == "slice" and rjob["replicas"] == slices
+    child = rjob["template"]["spec"]
+    assert child["parallelism"] == child["completions"] == hosts
+    assert child["completionMode"] == "Indexed"
+    pod = pod_spec(js)
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": acc.TPU_GENERATIONS[accelerator].gke_accelerator,
+        "cloud.google.com/gke-tpu-topology": topology,
+    }
+    res = pod["containers"][0]["resources"]
+    assert res["requests"]["google.com/tpu"] == res["limits"]["google.com/tpu"] == str(per_host)
+    assert {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["POSTTRAIN_HOSTS_PER_SLICE"]["value"] == str(hosts)
+    assert env["POSTTRAIN_NUM_SLICES"]["value"] == str(slices)
+    exclusive = js["metadata"].get("annotations", {}).get(r.EXCLUSIVE_TOPOLOGY)
+    if slices > 1:
+        assert exclusive == "cloud.google.com/gke-nodepool"
+        assert env["MEGASCALE_NUM_SLICES"]["value"] == str(slices)
+        assert "MEGASCALE_COORDINATOR_ADDRESS" in env and "MEGASCALE_SLICE_ID" in env
+    else:
+        assert exclusive is None
+        assert not any(n.startswith("MEGASCALE_") for n in env)
+
+
+def test_gke_accelerator_values() -> None:
+    """The issue's GKE values, spelled out once so a catalogue typo shows up here."""
+    assert {g: t.gke_accelerator for g, t in acc.TPU_GENERATIONS.items()} == {
+        "tpu-v4": "tpu-v4-podslice",
+        "tpu-v5e": "tpu-v5-lite-podslice",
+        "tpu-v5p": "tpu-v5p-slice",
+        "tpu-v6e": "tpu-v6e-slice",
+    }
+    assert {g: label for g, (label, _) in acc.GPU_TYPES.items()} == {
+        "nvidia-h100": "nvidia-h100-80gb",
+        "nvidia-h200": "nvidia-h200-141gb",
+        "nvidia-a100": "nvidia-tesla-a100",
+        "nvidia-l4": "nvidia-l4",
+    }
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 16])
+@pytest.mark.parametrize("accelerator", sorted(acc.GPU_TYPES))
+def test_every_gpu_type(accelerator: str, nodes: int) -> None:
+    gpus = min(4, acc.GPU_TYPES[accelerator][1])
+    js = jobset_of(make({"accelerator": accelerator, "nodes": nodes, "gpusPerNode": gpus}))
+    (rjob,) = js["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node" and rjob["replicas"] == 1
+    assert (
+        rjob["template"]["spec"]["parallelism"] == rjob["template"]["spec"]["completions"] == nodes
+    )
+    pod = pod_spec(js)
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": acc.GPU_TYPES[accelerator][0]
+    }
+    res = pod["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == str(gpus)
+    assert "google.com/tpu" not in res["requests"]
+    assert r.EXCLUSIVE_TOPOLOGY not in js["metadata"].get("annotations", {})
+
+
+def test_gpu_default_is_8_per_node() -> None:
+    pod = pod_spec(jobset_of(make({"accelerator": "nvidia-h200", "nodes": 3})))
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+
+
+def test_cpu_is_plain_pods() -> None:
+    js = jobset_of(make({"accelerator": "cpu", "nodes": 3}))
+    pod = pod_spec(js)
+    assert js["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 3
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert "resources" not in pod["containers"][0]
+    assert pod["containers"][0]["image"] == r.ImageDefaults().cpu
+
+
+@pytest.mark.parametrize(
+    "resources, field, listed",
+    [
+        ({"accelerator": "tpu-v5e", "topology": "2x2x2"}, "topology", "1x1, 2x2, 2x4, 4x4"),
+        ({"accelerator": "tpu-v4", "topology": "2x4"}, "topology", "2x2x1, 2x2x2"),
+        ({"accelerator": "tpu-v6e", "topology": "3x3"}, "topology", "8x16, 16x16"),
+        ({"accelerator": "tpu-v5p"}, "topology", "2x2x1"),
+        ({"accelerator": "tpu-v5e", "topology": "2x4", "nodes": 2}, "nodes", "topology"),
+        ({"accelerator": "nvidia-l4", "topology": "2x4"}, "topology", "nodes"),
+        ({"accelerator": "nvidia-h100", "gpusPerNode": 16}, "gpusPerNode", "8"),
+        ({"accelerator": "nvidia-a100", "slices": 2}, "slices", "nodes"),
+        ({"accelerator": "cpu", "gpusPerNode": 1}, "gpusPerNode", "GPUs"),
+        ({"accelerator": "tpu-v7"}, "accelerator", "tpu-v5e"),
+    ],
+)
+def test_invalid_combinations_list_valid_choices(
+    resources: dict[str, Any], field: str, listed: str
+) -> None:
+    with pytest.raises(JobInvalid) as info:
+        make(resources)
+    errors = {e.path: e.message for e in info.value.errors}
+    assert f"spec.resources.{field}" in errors, errors
+    assert listed in errors[f"spec.resources.{field}"]
+
+
+# ---- the rest of the spec ------------------------------------------------------------------------
+
+
+def test_owner_reference_only_with_uid() -> None:
+    job = make()
+    for m in r.render(job):
+        (ref,) = m["metadata"]["ownerReferences"]
+        assert ref == {
+            "apiVersion": "posttrain.dev/v1alpha1",
+            "kind": "PostTrainJob",
+            "name": "t",
+            "uid": BASE["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    doc = copy.deepcopy(BASE)
+    del doc["metadata"]["uid"]
+    assert all("ownerReferences" not in m["metadata"] for m in r.render(parse_job(doc)))
+
+
+def test_names_labels_and_recipe() -> None:
+    cm, js = r.render(make())
+    assert cm["metadata"]["name"] == "t-recipe" and js["metadata"]["name"] == "t"
+    assert js["metadata"]["namespace"] == cm["metadata"]["namespace"] == "ml"
+    for m in (cm, js):
+        assert m["metadata"]["labels"][r.JOB_LABEL] == "t"
+    recipe = yaml.safe_load(cm["data"]["recipe.yaml"])
+    # The trainer parses the recipe with the same model and gets the same job back.
+    assert parse_job(recipe).spec == make().spec
+    assert recipe["metadata"] == {"name": "t", "namespace": "ml"}
+    pod = pod_spec(js)
+    assert pod["volumes"][0] == {"name": "recipe", "configMap": {"name": "t-recipe"}}
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/posttrain"
+
+
+def test_scheduling_and_service_account() -> None:
+    js = jobset_of(make(**GOLDEN_JOBS["tpu-v5p-multislice"]))
+    pod = pod_spec(js)
+    assert js["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
+    assert js["spec"]["suspend"] is True  # Kueue admits it by unsuspending
+    assert js["spec"]["failurePolicy"] == {"maxRestarts": 5}
+    assert pod["priorityClassName"] == "high"
+    assert pod["nodeSelector"]["example.com/pool"] == "reserved"
+    assert {"key": "example.com/reserved", "operator": "Exists"} in pod["tolerations"]
+    assert pod["serviceAccountName"] == "posttrain-trainer"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["XLA_FLAGS"]["value"] == "--xla_dump_to=/tmp"
+    plain = jobset_of(make())
+    assert plain["spec"]["suspend"] is False and r.QUEUE_LABEL not in plain["metadata"]["labels"]
+    assert plain["spec"]["failurePolicy"] == {"maxRestarts": 3}
+
+
+def test_suspend() -> None:
+    assert jobset_of(make(suspend=True))["spec"]["suspend"] is True
+
+
+def test_images() -> None:
+    images = r.ImageDefaults(tpu="t:1", gpu="g:1", cpu="c:1")
+    for resources, want in (
+        ({"accelerator": "tpu-v6e", "topology": "1x1"}, "t:1"),
+        ({"accelerator": "nvidia-l4"}, "g:1"),
+        ({"accelerator": "cpu"}, "c:1"),
+    ):
+        js = r.render(make(resources), image_defaults=images)[1]
+        assert pod_spec(js)["containers"][0]["image"] == want
+    js = r.render(make(image="mine:2"), image_defaults=images)[1]
+    assert pod_spec(js)["containers"][0]["image"] == "mine:2"
+    env = {"POSTTRAIN_TRAINER_IMAGE_GPU": "g:env"}
+    assert r.ImageDefaults.from_env(env) == r.ImageDefaults(gpu="g:env")
+
+
+def test_pod_annotations_copied_except_bookkeeping() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["metadata"]["annotations"] = {
+        "gke-gcsfuse/volumes": "true",
+        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+        "operator.posttrain.dev/last-handled-configuration": "{}",
+    }
+    meta = jobset_of(parse_job(doc))["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
+        "metadata"
+    ]
+    assert meta["annotations"] == {"gke-gcsfuse/volumes": "true"}
+
+
+def test_unrenderable_jobs_name_the_field() -> None:
+    long = copy.deepcopy(BASE)
+    long["metadata"]["name"] = "a" * 50
+    with pytest.raises(JobInvalid) as info:
+        r.render(parse_job(long))
+    (err,) = info.value.errors
+    assert err.path == "metadata.name" and "at most 48 characters" in err.message
+
+    with pytest.raises(JobInvalid) as info:
+        r.render(
+            make(
+                {"accelerator": "tpu-v5e", "topology": "2x4"},
+                scheduling={"nodeSelector": {"cloud.google.com/gke-tpu-topology": "4x4"}},
+                env=[{"name": "POSTTRAIN_HOST_ID", "value": "3"}],
+            )
+        )
+    paths = {e.path for e in info.value.errors}
+    assert paths == {
+        "spec.scheduling.nodeSelector.cloud.google.com/gke-tpu-topology",
+        "spec.env[0].name",
+    }
+
+
+def test_longest_allowed_name_renders() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["metadata"]["name"] = "a" * 48  # a-...-node-0-0-xxxxx is 63
+    r.render(parse_job(doc))
+
+
+# ---- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from posttrain.cli import main
+
+    path = tmp_path / "job.yaml"
+    doc = copy.deepcopy(BASE)
+    del doc["metadata"]["uid"], doc["metadata"]["namespace"]
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["render", str(path), "-n", "dev", "--trainer-image-cpu", "c:9"]) == 0
+    cm, js = yaml.safe_load_all(capsys.readouterr().out)
+    assert cm["kind"] == "ConfigMap" and js["kind"] == "JobSet"
+    assert js["metadata"]["namespace"] == "dev"
+    assert pod_spec(js)["containers"][0]["image"] == "c:9"
+
+    doc["spec"]["resources"] = {"accelerator": "tpu-v5e", "topology": "3x3"}
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["render", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.resources.topology" in err and "valid: 1x1, 2x2" in err
+
+
+def test_every_example_renders() -> None:
+    from posttrain.api import load_documents
+
+    for path in sorted(ROOT.glob("examples/**/*.yaml")):
+        for doc in load_documents(path):
+            assert [m["kind"] for m in r.render(parse_job(doc))] == ["ConfigMap", "JobSet"]
+
+
+def test_render_imports_neither_kopf_nor_kubernetes() -> None:
+    code = (
+        "import sys, posttrain.cli, posttrain.operator.render, posttrain.commands.render,"
+        " posttrain.progress;"
+        "bad = [m for m in ('kopf', 'kubernetes', 'jax') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

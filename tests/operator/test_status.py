@@ -1,0 +1,263 @@
+"""JobSet + pods -> PostTrainJob status: the mapping table, conditions, times, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from posttrain.operator import status as st
+
+from posttrain.api.load import FieldError
+
+NOW = "2026-01-01T00:00:00Z"
+LATER = "2026-01-01T00:05:00Z"
+
+
+def jobset(
+    *,
+    suspend: bool = False,
+    restarts: int = 0,
+    conditions: list[dict] | None = None,
+    replicas: int = 2,
+    parallelism: int = 2,
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "j", "namespace": "ml"},
+        "spec": {
+            "suspend": suspend,
+            "replicatedJobs": [
+                {
+                    "name": "slice",
+                    "replicas": replicas,
+                    "template": {"spec": {"parallelism": parallelism}},
+                }
+            ],
+        },
+        "status": {"restarts": restarts, "conditions": conditions or []},
+    }
+
+
+def pod(
+    phase: str = "Running",
+    *,
+    scheduled: bool = True,
+    attempt: int = 0,
+    name: str = "p",
+    message: str = "",
+    terminated: dict | None = None,
+) -> dict[str, Any]:
+    conditions = [
+        {
+            "type": "PodScheduled",
+            "status": "True" if scheduled else "False",
+            "reason": "" if scheduled else "Unschedulable",
+            "message": message,
+        }
+    ]
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions}
+    if terminated:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    return {
+        "metadata": {"name": name, "labels": {st.RESTART_ATTEMPT: str(attempt)}},
+        "spec": {"nodeName": "n1"} if scheduled else {},
+        "status": status,
+    }
+
+
+def cond(type_: str, reason: str = "R", message: str = "m") -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": LATER,
+    }
+
+
+def phase(**kwargs: Any) -> tuple[str, str]:
+    args = {"suspend": False, "queue_name": None, "jobset": None, "pods": []} | kwargs
+    outcome = st.phase_of(**args)
+    return outcome.phase, outcome.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, want",
+    [
+        ({}, ("Pending", "Creating")),
+        ({"suspend": True}, ("Suspended", "Suspended")),
+        ({"jobset": jobset()}, ("Pending", "CreatingPods")),
+        (
+            {"jobset": jobset(), "pods": [pod("Pending", scheduled=False)] + [pod()] * 3},
+            ("Provisioning", "WaitingForNodes"),
+        ),
+        (
+            {"jobset": jobset(), "pods": [pod("Pending")] + [pod()] * 3},
+            ("Provisioning", "StartingPods"),
+        ),
+        ({"jobset": jobset(), "pods": [pod()] * 4}, ("Running", "Running")),
+        (
+            {"jobset": jobset(), "pods": [pod()] * 2 + [pod("Succeeded")] * 2},
+            ("Running", "Running"),
+        ),
+        (
+            {"jobset": jobset(conditions=[cond("Completed", "AllJobsCompleted")]), "pods": []},
+            ("Succeeded", "AllJobsCompleted"),
+        ),
+        (
+            {"jobset": jobset(conditions=[cond("Failed", "ReachedMaxRestarts")])},
+            ("Failed", "ReachedMaxRestarts"),
+        ),
+        ({"jobset": jobset(suspend=True), "suspend": True}, ("Suspended", "Suspended")),
+        ({"jobset": jobset(), "suspend": True, "pods": [pod()] * 4}, ("Suspended", "Suspending")),
+        ({"jobset": jobset(suspend=True)}, ("Suspended", "Resuming")),
+        ({"jobset": jobset(suspend=True), "queue_name": "q"}, ("Pending", "Queued")),
+        # after a restart the old attempt's pods do not count
+        ({"jobset": jobset(restarts=1), "pods": [pod(attempt=0)] * 4}, ("Pending", "CreatingPods")),
+        ({"jobset": jobset(restarts=1), "pods": [pod(attempt=1)] * 4}, ("Running", "Running")),
+        # a Suspended condition left on a resumed JobSet does not matter
+        (
+            {
+                "jobset": jobset(conditions=[{"type": "Suspended", "status": "False"}]),
+                "pods": [pod()] * 4,
+            },
+            ("Running", "Running"),
+        ),
+    ],
+)
+def test_phase_table(kwargs: dict[str, Any], want: tuple[str, str]) -> None:
+    assert phase(**kwargs) == want
+
+
+def test_provisioning_message_quotes_the_scheduler() -> None:
+    out = st.phase_of(
+        suspend=False,
+        queue_name=None,
+        jobset=jobset(),
+        pods=[pod("Pending", scheduled=False, message="0/4 nodes are available")] * 2,
+    )
+    assert out.message == "2 of 4 pods wait for nodes: 0/4 nodes are available"
+
+
+def test_failure_message_names_the_pod_and_exit() -> None:
+    js = jobset(
+        conditions=[
+            cond(
+                "Failed",
+                "ReachedMaxRestarts",
+                "jobset failed due to reaching max number of restarts",
+            )
+        ]
+    )
+    pods = [
+        pod(
+            "Failed",
+            name="j-slice-0-1-x",
+            terminated={"exitCode": 3, "reason": "OOMKilled", "message": "out of memory"},
+        )
+    ]
+    out = st.phase_of(suspend=False, queue_name=None, jobset=js, pods=pods)
+    assert out.message == (
+        "jobset failed due to reaching max number of restarts; pod j-slice-0-1-x: container "
+        "trainer exited with code 3 (OOMKilled): out of memory"
+    )
+
+
+def status_for(previous: dict | None, outcome: st.Outcome, now: str = NOW, **kw: Any) -> dict:
+    return st.next_status(previous, outcome, generation=3, now=now, **kw)
+
+
+def test_conditions_carry_reason_generation_and_keep_transition_times() -> None:
+    running = st.Outcome("Running", "Running", "all 4 pods running")
+    first = status_for(
+        None,
+        running,
+        jobset=jobset(restarts=1),
+        summary={"model": "m", "accelerator": "a"},
+        total_steps=10,
+    )
+    assert first["phase"] == "Running" and first["observedGeneration"] == 3
+    assert first["restarts"] == 1 and first["jobSetName"] == "j"
+    assert first["startTime"] == NOW and "completionTime" not in first
+    assert first["summary"] == {"model": "m", "accelerator": "a", "progress": "0/10"}
+    by_type = {c["type"]: c for c in first["conditions"]}
+    assert set(by_type) == {"Valid", "Running"}
+    assert by_type["Running"] == {
+        "type": "Running",
+        "status": "True",
+        "reason": "Running",
+        "message": "all 4 pods running",
+        "lastTransitionTime": NOW,
+        "observedGeneration": 3,
+    }
+    # same outcome later: transition times and start time stay
+    again = status_for(first, running, now=LATER, jobset=jobset(restarts=1))
+    assert again["conditions"] == first["conditions"] and again["startTime"] == NOW
+    assert not st.changed(first, again)
+
+    done = st.Outcome("Succeeded", "AllJobsCompleted", "jobset completed successfully")
+    js = jobset(conditions=[cond("Completed", "AllJobsCompleted")])
+    final = status_for(again, done, now=LATER, jobset=js)
+    by_type = {c["type"]: c for c in final["conditions"]}
+    assert by_type["Running"]["status"] == "False"
+    assert by_type["Running"]["lastTransitionTime"] == LATER
+    assert by_type["Succeeded"]["status"] == "True"
+    assert final["completionTime"] == LATER  # the JobSet's condition time
+    assert final["startTime"] == NOW
+
+
+def test_progress_is_never_overwritten() -> None:
+    prev = {
+        "phase": "Running",
+        "summary": {"progress": "5/10"},
+        "progress": {"step": 5, "totalSteps": 10},
+    }
+    new = status_for(
+        prev, st.Outcome("Running", "Running", "x"), summary={"model": "m"}, total_steps=10
+    )
+    assert "progress" not in new and new["summary"] == {"model": "m"}
+
+
+def test_suspended_condition_stays_listed_after_resume() -> None:
+    s1 = status_for(None, st.Outcome("Suspended", "Suspended", "s"))
+    assert {c["type"]: c["status"] for c in s1["conditions"]}["Suspended"] == "True"
+    s2 = status_for(s1, st.Outcome("Running", "Running", "r"), now=LATER)
+    assert {c["type"]: c["status"] for c in s2["conditions"]}["Suspended"] == "False"
+
+
+def test_invalid_spec() -> None:
+    out = st.invalid_outcome(
+        [
+            FieldError("spec.resources.topology", "'3x3' is not valid"),
+            FieldError("spec.training.steps", "must be >= 1"),
+        ]
+    )
+    assert (out.phase, out.reason) == ("Failed", "InvalidSpec")
+    status = status_for(None, out)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert by_type["Valid"]["status"] == "False"
+    assert "spec.resources.topology: '3x3' is not valid" in by_type["Valid"]["message"]
+    assert by_type["Failed"]["status"] == "True" and status["phase"] == "Failed"
+    # fixed: Pending again, completion time cleared
+    fixed = status_for(status, st.Outcome("Pending", "Creating", "c"), now=LATER)
+    assert fixed["completionTime"] is None and fixed["phase"] == "Pending"
+    assert {c["type"]: c["status"] for c in fixed["conditions"]}["Valid"] == "True"
+
+
+def test_events_on_transitions_and_restarts() -> None:
+    pending = st.Outcome("Pending", "Creating", "creating")
+    s1 = status_for(None, pending)
+    assert st.transitions(None, s1, pending) == [
+        st.Event("Normal", "Pending", "Creating: creating")
+    ]
+    assert st.transitions(s1, s1, pending) == []
+    prov = st.Outcome("Provisioning", "WaitingForNodes", "1 of 4 pods wait")
+    s2 = status_for(s1, prov, jobset=jobset(restarts=1))
+    assert st.transitions(s1, s2, prov) == [
+        st.Event("Warning", "Restarted", "JobSet restarted every pod (restart 1)"),
+        st.Event("Normal", "Provisioning", "WaitingForNodes: 1 of 4 pods wait"),
+    ]
+    failed = st.Outcome("Failed", "ReachedMaxRestarts", "max")
+    s3 = status_for(s2, failed, jobset=jobset(restarts=1))
+    assert st.transitions(s2, s3, failed) == [
+        st.Event("Warning", "Failed", "ReachedMaxRestarts: max")
+    ]
