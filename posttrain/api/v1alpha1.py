@@ -296,7 +296,27 @@ class GrpoSpec(Spec):
         "k3",
         description="KL estimator (Schulman): k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, >= 0.",
     )
+    sft_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Steps of supervised fine-tuning on data.completionField before RL starts (a cold "
+            "start, counted in training.steps); 0 = none. Needs beta 0: the reference policy is "
+            "the model before the warm-up."
+        ),
+    )
     rewards: Rewards
+
+    @model_validator(mode="after")
+    def _warmup_without_reference(self) -> GrpoSpec:
+        if self.sft_warmup_steps and self.beta:
+            raise FieldValueError(
+                "beta",
+                f"beta ({self.beta}) must be 0 with sftWarmupSteps ({self.sft_warmup_steps}): the "
+                "reference policy is the model before the warm-up, so the KL term would pull RL "
+                "back towards it; or run SFT as its own job and start GRPO from its export",
+            )
+        return self
 
 
 class PpoSpec(Spec):
