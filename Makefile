@@ -56,3 +56,11 @@ cluster-status: ## show whether each local control-plane process is running
 .PHONY: test-cluster
 test-cluster: ## run the tests that need the local cluster (starts one if none is up)
 	$(PYTHON) -m pytest -m cluster tests/cluster
+
+# ---- install: chart and images (docs/install.md) ----
+
+.PHONY: crds
+crds: ## regenerate the CRD from the API model, and the Helm chart's copy of it
+	@# -P: keep the repository root off sys.path, where operator/ would shadow the stdlib module
+	$(PYTHON) -P -m posttrain.cli crd > crds/posttrain.dev_posttrainjobs.yaml
+	cp crds/posttrain.dev_posttrainjobs.yaml charts/posttrain/crds/

@@ -1,0 +1,58 @@
+{{/*
+The permissions, in one place. Each rule is one that the operator or trainer code uses;
+docs/operator.md gives the reason for each. tests/install checks that the two lists agree, that
+the operator completes a job's lifecycle with exactly these, and that it can do nothing else.
+No wildcards.
+*/}}
+
+{{/* The operator, in every namespace it watches. */}}
+{{- define "posttrain.operatorRules" -}}
+# Watch PostTrainJobs; kopf patches its bookkeeping annotations; the operator reads the object.
+- apiGroups: [posttrain.dev]
+  resources: [posttrainjobs]
+  verbs: [get, list, watch, patch]
+# Phase, conditions, restarts, times, summary.
+- apiGroups: [posttrain.dev]
+  resources: [posttrainjobs/status]
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
+- apiGroups: [posttrain.dev]
+  resources: [posttrainjobs/finalizers]
+  verbs: [update]
+# Create the JobSet, read it, watch it for status, patch spec.suspend.
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [get, list, watch, create, patch]
+# The recipe (create-or-get: "already exists" is success).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
+# Which pods wait for nodes (Provisioning).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# Events on PostTrainJobs.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{/* The operator, cluster-scoped: kopf notices CRDs appearing, and, when it watches named
+namespaces, their creation and deletion (it never reads namespaces when watching all). */}}
+{{- define "posttrain.operatorClusterRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if .Values.watchNamespaces }}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end -}}
+
+{{/* The trainer (rank 0), in each job's namespace: progress reports to its PostTrainJob. */}}
+{{- define "posttrain.trainerRules" -}}
+- apiGroups: [posttrain.dev]
+  resources: [posttrainjobs/status]
+  verbs: [get, patch]
+{{- end -}}
