@@ -60,7 +60,12 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-            out[key] = True
+            # The API server checks a whole-number value against int64(bound): with a
+            # fractional exclusive bound (lt=0.5) it would refuse 0 (0 < int64(0.5) = 0 fails)
+            # and the CRD's own default. Such a bound is inclusive here; the model, which the
+            # operator validates with, keeps it exclusive.
+            if float(value).is_integer():
+                out[key] = True
             continue
         if key == "maxLength" and node.get("type") == "object":
             out["maxProperties"] = value  # pydantic's dict max_length
