@@ -1,0 +1,89 @@
+"""`posttrain run FILE --output DIR [--processes N]`: the job on this machine, no cluster.
+
+With ``--processes N`` it starts N local trainer processes joined by jax.distributed on loopback
+(CPU collectives), with the same environment variables the operator sets on pods
+(``posttrain.runtime``), which is how multi-host training is exercised without a cluster. Each
+process sees its own local devices (one CPU device by default), so the mesh spans N devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from posttrain import runtime
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a PostTrainJob on this machine (no cluster)",
+        description="Train locally: metrics, checkpoints and the exported model go to --output. "
+        "Running again with the same --output continues from the latest checkpoint.",
+    )
+    p.add_argument("file", metavar="FILE", help="the PostTrainJob YAML")
+    p.add_argument(
+        "--output", "-o", required=True, metavar="DIR", help="output folder (local or gs://)"
+    )
+    p.add_argument(
+        "--processes",
+        "-n",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local processes joined by jax.distributed (default 1)",
+    )
+    p.set_defaults(func=run)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.processes < 1:
+        print("posttrain run: --processes must be at least 1", file=sys.stderr)
+        return 2
+    entry = [
+        sys.executable,
+        "-m",
+        "posttrain.trainer",
+        "--recipe",
+        args.file,
+        "--output",
+        args.output,
+    ]
+    if args.processes == 1:
+        from posttrain.trainer.__main__ import main
+
+        return main(entry[3:])
+    address = f"127.0.0.1:{free_port()}"
+    children = []
+    for i in range(args.processes):
+        topology = runtime.ProcessTopology(
+            address, num_slices=1, hosts_per_slice=args.processes, host_id=i
+        )
+        env = {**os.environ, **topology.to_env(), runtime.RECIPE: args.file}
+        children.append(subprocess.Popen(entry, env=env))
+
+    def forward(signum, frame):  # noqa: ARG001  preemption reaches every process, as on a cluster
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        codes = [child.wait() for child in children]
+    except KeyboardInterrupt:
+        forward(signal.SIGINT, None)
+        codes = [child.wait() for child in children]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [c for c in codes if c != 0]
+    return failed[0] if failed else 0

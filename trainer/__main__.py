@@ -1,0 +1,66 @@
+"""``python -m posttrain.trainer``: the trainer image's entrypoint.
+
+Reads the recipe (a PostTrainJob manifest) from ``--recipe``, $POSTTRAIN_RECIPE or
+/etc/posttrain/recipe.yaml, refuses an algorithm this trainer has not built before touching JAX,
+joins the other hosts (``distributed.initialize``), then runs the shared loop. Exit codes: 0 done
+(or preempted with a checkpoint saved), 2 bad recipe or unbuilt algorithm, 1 training failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posttrain.trainer import algorithms
+
+from posttrain import runtime
+from posttrain.api import JobInvalid, load_documents, parse_job
+from posttrain.api.v1alpha1 import PostTrainJob
+
+
+def read_recipe(path: str) -> PostTrainJob:
+    docs = load_documents(path)
+    jobs = [d for d in docs if d.get("kind") == "PostTrainJob"]
+    if len(jobs) != 1:
+        raise JobInvalid([], f"{path}: expected one PostTrainJob document, found {len(jobs)}")
+    return parse_job(jobs[0], source=path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m posttrain.trainer", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--recipe", default=os.environ.get(runtime.RECIPE) or runtime.RECIPE_PATH)
+    parser.add_argument("--output", help="output folder (default: spec.output.dir)")
+    args = parser.parse_args(argv)
+    try:
+        job = read_recipe(args.recipe)
+        algorithms.check(job.spec.algorithm)
+    except (OSError, JobInvalid, algorithms.AlgorithmNotBuilt) as err:
+        print(f"posttrain trainer: {err}", file=sys.stderr)
+        if isinstance(err, JobInvalid):
+            for e in err.errors:
+                print(f"  {e}", file=sys.stderr)
+        return 2
+    output = args.output or job.spec.output.dir
+    if not output:
+        print(
+            "posttrain trainer: spec.output.dir is not set and no --output was given",
+            file=sys.stderr,
+        )
+        return 2
+
+    from posttrain.trainer import distributed
+
+    distributed.initialize()
+    from posttrain.trainer.loop import train
+
+    from posttrain.progress import ProgressReporter
+
+    train(job, output, reporter=ProgressReporter())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

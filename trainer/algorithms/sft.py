@@ -1,0 +1,142 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion tokens.
+
+``sft_loss`` is the maths on arrays; ``build`` wires the data (``trainer/data/sft.py``) and, when
+``spec.data.eval`` has prompt/completion rows, a final exact-match accuracy by greedy generation
+on those prompts (for the shipped arithmetic task this is the task accuracy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, token_logprobs
+from posttrain.trainer.data import sft as data
+from posttrain.trainer.data.readers import BadRow, read_rows
+
+MAX_ACCURACY_PROMPTS = 256
+
+
+def sft_loss(logp_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, Metrics]:
+    """Mean over rows of sum_t(-logp * weight); with the source's weights, the batch's mean NLL per
+    trained token. Returns (loss, {"loss_tokens": trained tokens / row})."""
+    loss = -jnp.mean(jnp.sum(logp_bt * weights_bt, axis=-1))
+    return loss, {
+        "trained_tokens_per_row": jnp.mean(jnp.sum(weights_bt > 0, axis=-1).astype(jnp.float32))
+    }
+
+
+def loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    return sft_loss(logp, batch["loss_weights"])
+
+
+def greedy_complete(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int,
+) -> list[list[int]]:
+    """Greedy continuations (without the prompt), cut at EOS. Left-padded prompts; the whole
+    sequence is re-run for each new token (no KV cache): fine for the short evaluation prompts here."""
+    P = max(len(p) for p in prompts)
+    T = P + max_new_tokens
+    ids = np.full((len(prompts), T), pad_id, np.int32)
+    mask = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) : P] = p
+        mask[i, P - len(p) : P] = 1
+
+    @jax.jit
+    def next_token(state, ids, mask, t):  # t traced: one compilation for every position
+        logits = nnx.merge(*state)(ids, mask)
+        last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
+        return jnp.argmax(last, axis=-1).astype(jnp.int32)
+
+    state = nnx.split(model)
+    ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
+    for t in range(P, T):
+        tok = next_token(state, ids_j, mask_j, jnp.int32(t))
+        ids_j = ids_j.at[:, t].set(tok)
+        mask_j = mask_j.at[:, t].set(1)
+    out = []
+    for row in np.asarray(ids_j)[:, P:].tolist():
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return out
+
+
+def build(ctx: Context) -> Algorithm:
+    spec = ctx.spec
+    d, t = spec.data, spec.training
+    completion_only = spec.block.completion_only_loss  # type: ignore[union-attr]
+    tok = ctx.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = data.load_examples(d.train, tok, d, completion_only=completion_only)
+    if train.skipped:
+        ctx.log(
+            f"sft: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
+        )
+    source = data.SftSource(
+        train.examples,
+        batch_size=t.batch_size,
+        seq_len=d.max_length,
+        pad_id=pad_id,
+        seed=t.seed,
+        shuffle=d.shuffle,
+        packing=d.packing,
+    )
+    ctx.log(
+        f"sft: {len(train.examples)} examples from {d.train}, sequences of {d.max_length} tokens"
+    )
+
+    eval_batches = finish = None
+    if d.eval is not None:
+        held_out = data.load_examples(d.eval, tok, d, completion_only=completion_only).examples
+        micro = t.micro_batch_size or t.batch_size
+
+        def eval_batches():
+            return data.fixed_batches(
+                held_out, batch_size=micro, seq_len=d.max_length, pad_id=pad_id
+            )
+
+        pairs = _prompt_answers(d.eval, d)
+        if pairs:
+
+            def finish(model: nnx.Module) -> dict[str, Any]:
+                bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+                prompts = [bos + tok.encode(p) for p, _ in pairs]
+                longest = max(len(tok.encode(a)) for _, a in pairs) + 1
+                outs = greedy_complete(
+                    model, prompts, max_new_tokens=longest, pad_id=pad_id, eos_id=tok.eos_token_id
+                )
+                texts = [tok.decode(o) for o in outs]
+                hits = [txt.strip() == a.strip() for txt, (_, a) in zip(texts, pairs, strict=True)]
+                for (p, a), txt in list(zip(pairs, texts, strict=True))[:3]:
+                    ctx.log(f"  {p!r} -> {txt!r} (expected {a!r})")
+                return {
+                    "eval_exact_match": float(np.mean(hits)),
+                    "eval_exact_match_count": float(len(hits)),
+                }
+
+    return Algorithm(name="sft", loss=loss, source=source, eval_batches=eval_batches, finish=finish)
+
+
+def _prompt_answers(path: str, d: Any) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of the eval file's prompt/completion rows (up to a cap)."""
+    pairs = []
+    for row in read_rows(path, d.format):
+        value = row.value
+        if isinstance(value, BadRow):
+            continue
+        p, c = value.get(d.prompt_field), value.get(d.completion_field)
+        if isinstance(p, str) and isinstance(c, str):
+            pairs.append((p, c))
+        if len(pairs) >= MAX_ACCURACY_PROMPTS:
+            break
+    return pairs

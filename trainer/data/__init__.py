@@ -1,0 +1,1 @@
+"""Training data: reading rows (JSONL/Parquet, local or gs://) and turning them into fixed-shape batches."""

@@ -1,0 +1,288 @@
+"""SFT data: rows -> token sequences with a loss mask -> fixed-shape batches in a seeded order.
+
+Rows are ``{"prompt": ..., "completion": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
+(field names from ``spec.data``). Every sequence is ``spec.data.maxLength`` tokens:
+
+- prompt/completion: ``[bos] prompt completion eos``. The prompt keeps its last
+  ``maxPromptLength`` tokens (cut from the left); then the completion is cut from the right to fit.
+- messages: the chat template rendered turn by turn; assistant turns are the completion. The
+  whole conversation is cut from the right at ``maxLength`` (later turns are lost first).
+- loss: on completion tokens only (``spec.sft.completionOnlyLoss``, default) or on every token.
+- packing (``spec.data.packing``): examples are concatenated, in data order, into rows of
+  ``maxLength`` tokens; an example never straddles two rows. Attention is not reset between packed
+  examples (the model has no segment mask), as in most packed SFT; positions continue too.
+
+Order: epoch ``e`` visits the examples in a permutation seeded by ``(training.seed, e)`` (or file
+order without ``shuffle``); the position ``(epoch, index)`` is the source's checkpointed state.
+Every process builds the same global batches (the data is tokenised once per process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from posttrain.trainer.data.readers import BadRow, Row, read_rows
+
+from posttrain.api.v1alpha1 import DataSpec
+
+
+class TokenizerLike(Protocol):
+    eos_token_id: int
+    pad_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: tuple[int, ...]
+    loss: tuple[bool, ...]  # per token: is it trained on (as a target)?
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _string(row: Mapping[str, Any], name: str, where: str) -> str:
+    if name not in row:
+        raise BadRow(where, f"missing field {name!r} (has: {', '.join(sorted(row)) or 'nothing'})")
+    value = row[name]
+    if not isinstance(value, str):
+        raise BadRow(where, f"field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _bos(tokenizer: TokenizerLike) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None else []
+
+
+def prompt_completion_example(
+    row: Mapping[str, Any],
+    where: str,
+    tokenizer: TokenizerLike,
+    data: DataSpec,
+    completion_only: bool,
+) -> Example:
+    prompt = _string(row, data.prompt_field, where)
+    completion = _string(row, data.completion_field, where)
+    if not completion:
+        raise BadRow(where, f"field {data.completion_field!r} is empty")
+    prompt_ids = (_bos(tokenizer) + tokenizer.encode(prompt))[-data.max_prompt_length :]
+    completion_ids = (tokenizer.encode(completion) + [tokenizer.eos_token_id])[
+        : data.max_length - len(prompt_ids)
+    ]
+    tokens = prompt_ids + completion_ids
+    loss = [not completion_only] * len(prompt_ids) + [True] * len(completion_ids)
+    return Example(tuple(tokens), tuple(loss))
+
+
+def messages_example(
+    row: Mapping[str, Any],
+    where: str,
+    tokenizer: TokenizerLike,
+    data: DataSpec,
+    completion_only: bool,
+) -> Example:
+    messages = row.get(data.messages_field)
+    if not isinstance(messages, list) or not messages:
+        raise BadRow(where, f"field {data.messages_field!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in ROLES
+        ):
+            raise BadRow(
+                where,
+                f"{data.messages_field}[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}, got {m!r}",
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(where, f"{data.messages_field} has no assistant message to train on")
+    # Render prefixes so each message's text is the difference of two renders (the template's own
+    # markup included); assistant spans are what the model learns to write.
+    tokens: list[int] = []
+    loss: list[bool] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+            span_ids = tokenizer.encode(before[len(done) :])
+            tokens += span_ids
+            loss += [not completion_only] * len(span_ids)
+            done = before
+        after = tokenizer.apply_chat_template(messages[: i + 1])
+        span_ids = tokenizer.encode(after[len(done) :])
+        if m["role"] == "assistant" and i == len(messages) - 1:
+            span_ids.append(tokenizer.eos_token_id)
+        tokens += span_ids
+        loss += [m["role"] == "assistant" or not completion_only] * len(span_ids)
+        done = after
+    tokens = _bos(tokenizer) + tokens
+    loss = [not completion_only] * (len(tokens) - len(loss)) + loss
+    return Example(tuple(tokens[: data.max_length]), tuple(loss[: data.max_length]))
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    examples: list[Example]
+    skipped: list[BadRow]
+
+
+def load_examples(
+    path: str, tokenizer: TokenizerLike, data: DataSpec, *, completion_only: bool = True
+) -> LoadReport:
+    """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
+    examples: list[Example] = []
+    skipped: list[BadRow] = []
+    for row in read_rows(path, data.format):
+        try:
+            example = _example(row, tokenizer, data, completion_only)
+        except BadRow as bad:
+            if not data.skip_bad_rows:
+                raise BadRow(
+                    bad.where, f"{bad.reason} (set spec.data.skipBadRows to skip such rows)"
+                ) from None
+            skipped.append(bad)
+            continue
+        if any(
+            example.loss[1:]
+        ):  # a row whose trained tokens were all truncated away teaches nothing
+            examples.append(example)
+        else:
+            skipped.append(
+                BadRow(row.where, f"no completion tokens left within maxLength {data.max_length}")
+            )
+    if not examples:
+        raise ValueError(f"spec.data: {path}: no usable rows ({len(skipped)} skipped)")
+    return LoadReport(examples, skipped)
+
+
+def _example(row: Row, tokenizer: TokenizerLike, data: DataSpec, completion_only: bool) -> Example:
+    if isinstance(row.value, BadRow):
+        raise row.value
+    if data.messages_field in row.value:
+        return messages_example(row.value, row.where, tokenizer, data, completion_only)
+    if data.prompt_field in row.value or data.completion_field in row.value:
+        return prompt_completion_example(row.value, row.where, tokenizer, data, completion_only)
+    raise BadRow(
+        row.where,
+        f"row has neither {data.messages_field!r} nor {data.prompt_field!r}/{data.completion_field!r} "
+        f"(has: {', '.join(sorted(row.value)) or 'nothing'})",
+    )
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Greedy packing in order: start a new row when the next example does not fit."""
+    rows: list[Example] = []
+    tokens: list[int] = []
+    loss: list[bool] = []
+    for ex in examples:
+        if tokens and len(tokens) + len(ex.tokens) > max_length:
+            rows.append(Example(tuple(tokens), tuple(loss)))
+            tokens, loss = [], []
+        tokens += ex.tokens
+        loss += ex.loss
+    if tokens:
+        rows.append(Example(tuple(tokens), tuple(loss)))
+    return rows
+
+
+def collate(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows -> {input_ids, attention_mask, targets, loss_weights}, each [B, seq_len].
+
+    ``targets[t] = tokens[t + 1]``; ``loss_weights`` = mask * B / (masked tokens in the batch), so
+    the loss written as "mean over rows of sum(weights * nll)" is the mean over the batch's trained
+    tokens, whatever the micro-batching.
+    """
+    B = len(examples)
+    input_ids = np.full((B, seq_len), pad_id, np.int32)
+    attention_mask = np.zeros((B, seq_len), np.int32)
+    targets = np.full((B, seq_len), pad_id, np.int32)
+    mask = np.zeros((B, seq_len), np.float32)
+    for b, ex in enumerate(examples):
+        n = len(ex.tokens)
+        input_ids[b, :n] = ex.tokens
+        attention_mask[b, :n] = 1
+        targets[b, : n - 1] = ex.tokens[1:]
+        mask[b, : n - 1] = ex.loss[1:]
+    weights = mask * (B / max(mask.sum(), 1.0))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
+        "loss_weights": weights,
+    }
+
+
+class SftSource:
+    """Global batches of ``batch_size`` rows in a seeded, resumable order (see module docstring)."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        *,
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        seed: int,
+        shuffle: bool = True,
+        packing: bool = False,
+    ):
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.seed = seed
+        self.shuffle = shuffle
+        self.packing = packing
+        self.epoch = 0
+        self.index = 0
+        self._rows = self._rows_for(0)
+
+    def _rows_for(self, epoch: int) -> list[Example]:
+        order = np.arange(len(self.examples))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        rows = [self.examples[i] for i in order]
+        return pack(rows, self.seq_len) if self.packing else rows
+
+    def _next_row(self) -> Example:
+        if self.index >= len(self._rows):
+            self.epoch += 1
+            self.index = 0
+            self._rows = self._rows_for(self.epoch)
+        row = self._rows[self.index]
+        self.index += 1
+        return row
+
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        del step  # the order is positional; the loop restores the position on resume
+        return collate(
+            [self._next_row() for _ in range(self.batch_size)], self.seq_len, self.pad_id
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
+        self._rows = self._rows_for(self.epoch)
+
+
+def fixed_batches(
+    examples: Sequence[Example], *, batch_size: int, seq_len: int, pad_id: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Evaluation batches in file order; the last is filled with empty (zero-weight) rows."""
+    empty = Example((pad_id,), (False,))
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start : start + batch_size])
+        chunk += [empty] * (batch_size - len(chunk))
+        yield collate(chunk, seq_len, pad_id)

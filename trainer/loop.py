@@ -1,0 +1,370 @@
+"""The one training loop every algorithm shares (read top to bottom, like nanoGPT's train.py).
+
+    setup: mesh -> tokenizer -> model (+ LoRA/QLoRA) -> split trainable/frozen -> optimizer
+           -> algorithm (loss + batch source) -> restore the latest checkpoint, if any
+    loop:  eval (every evalEverySteps) -> batch -> jitted step -> log -> checkpoint -> preempted?
+    end:   final checkpoint -> export DIR/final (LoRA merged) -> the algorithm's finish report
+
+``rank0`` gates side effects that must happen once (metrics, progress, logs); checkpoints and the
+export are collective (every process calls them, orbax and save_pretrained decide who writes).
+Steps count finished optimizer updates: the checkpoint and metrics record at step N are taken
+after N updates, and a resumed run starts with update N + 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from posttrain.trainer import algorithms, peft, storage
+from posttrain.trainer.algorithms.base import Algorithm, Context, token_logprobs
+from posttrain.trainer.checkpoint import Checkpointer, checkpoint_dir
+from posttrain.trainer.loop_optim import optimizer, schedule
+from posttrain.trainer.loop_step import device_batch, make_eval_step, make_train_step
+from posttrain.trainer.metrics import MetricsWriter
+
+from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin:"
+
+
+@dataclass
+class RunResult:
+    step: int  # optimizer steps finished
+    preempted: bool = False
+    final: dict[str, float] = field(default_factory=dict)
+    export_dir: str | None = None
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def make_mesh(job: PostTrainJob) -> Mesh:
+    from posttrain.trainer.models import make_mesh as models_make_mesh
+
+    m = job.spec.training.mesh
+    try:
+        return models_make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as err:
+        raise ValueError(f"spec.training.mesh: {err} ({jax.device_count()} devices)") from None
+
+
+def load_tokenizer(model: ModelSpec) -> Any:
+    if model.base.startswith(BUILTIN) and model.tokenizer is None:
+        from posttrain.trainer.tasks.chars import CharTokenizer
+
+        return CharTokenizer()
+    from posttrain.trainer.tokenizer import Tokenizer  # the models helper's HF tokenizer
+
+    return Tokenizer.from_pretrained(model.tokenizer or model.base)
+
+
+def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> nnx.Module:
+    """The base model (built-in or loaded), with LoRA/QLoRA applied, every array on ``mesh``."""
+    from posttrain.trainer import models
+
+    dtype = jnp.dtype(model.dtype)
+    if model.base.startswith(BUILTIN):
+        name = model.base[len(BUILTIN) :]
+        config = models.builtin_config(
+            name,
+            vocab_size=tokenizer.vocab_size,
+            bos_token_id=getattr(tokenizer, "bos_token_id", None),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        net = models.create_model(config, rngs=nnx.Rngs(seed), dtype=dtype)
+    else:
+        net = models.load_pretrained(model.base, dtype=dtype, mesh=mesh)
+    peft.apply_peft(net, model.lora, model.quantization, rngs=nnx.Rngs(seed + 1))
+    place_on_mesh(net, mesh)
+    return net
+
+
+def place_on_mesh(model: nnx.Module, mesh: Mesh) -> None:
+    """Put every variable on the mesh: by its ``logical_axes`` where it has them, else replicated."""
+    from posttrain.trainer.models import logical_to_spec
+
+    state = nnx.state(model)
+
+    def put(var: nnx.Variable) -> nnx.Variable:
+        axes = var.get_metadata().get("logical_axes")
+        spec = logical_to_spec(axes, var.shape, mesh) if axes else PartitionSpec()
+        sharding = NamedSharding(mesh, spec)
+        value = var.get_value()
+        if value.sharding == sharding:
+            return var
+        source = value
+        value = jax.make_array_from_callback(
+            var.shape, sharding, lambda i, s=source: np.asarray(s[i])
+        )
+        return var.replace(value)
+
+    nnx.update(model, jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _tokens_in(batch: dict[str, np.ndarray]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else 0
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    job: PostTrainJob,
+    output_dir: str,
+    *,
+    say: Callable[[str], None] = print,
+    progress_bar: bool | None = None,
+    reporter: Any = None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run ``job`` to the end (or until preempted) with outputs under ``output_dir``.
+
+    ``stop_after`` (tests) ends the run after that many steps as a preemption would: checkpoint,
+    then return with ``preempted`` set.
+    """
+    spec = job.spec
+    training = spec.training
+    algorithm_module = algorithms.load(spec.algorithm)
+    rank0 = jax.process_index() == 0
+    say = say if rank0 else (lambda _msg: None)
+
+    # -- setup --------------------------------------------------------------------------------
+    mesh = make_mesh(job)
+    rows_axis = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = training.micro_batch_size or training.batch_size
+    num_micro = training.batch_size // micro
+    tokenizer = load_tokenizer(spec.model)
+    model = build_model(spec.model, tokenizer, mesh, training.seed)
+    wrt = peft.trainable_filter(spec.model.lora)
+    graphdef, params, frozen = nnx.split(model, wrt, ...)
+    del model  # from here on the arrays live in params / frozen
+    tx = optimizer(training)
+    lr = schedule(training)
+    opt_state = jax.jit(tx.init)(params)
+    say(
+        f"{spec.algorithm}: mesh {dict(mesh.shape)}, {_count(params):,} trainable / "
+        f"{_count(params) + _count(frozen):,} parameters, batch {training.batch_size} "
+        f"({num_micro} x {micro}), {training.steps} steps"
+    )
+
+    policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731  (reads the live params)
+    logprobs_fn = jax.jit(
+        lambda p, f, b: token_logprobs(
+            nnx.merge(graphdef, p, f), b["input_ids"], b["attention_mask"], b["targets"]
+        )
+    )
+
+    def host_logprobs(p: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+        keys = ("input_ids", "attention_mask", "targets")
+        placed = device_batch({k: batch[k] for k in keys}, mesh)
+        return np.asarray(_gather(logprobs_fn(p, frozen, placed)))
+
+    # The frozen reference: with LoRA the base (adapters zeroed); otherwise the initial weights.
+    if spec.model.lora is not None:
+        reference = jax.tree.map(jnp.zeros_like, params)
+    elif spec.algorithm != "sft":
+        reference = jax.tree.map(jnp.copy, params)
+    else:
+        reference = None
+    out_dir = output_dir
+    ctx = Context(
+        job=job,
+        tokenizer=tokenizer,
+        output_dir=out_dir,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        model=policy,
+        policy_logprobs=lambda b: host_logprobs(params, b),
+        reference_logprobs=(lambda b: host_logprobs(reference, b))
+        if reference is not None
+        else None,
+        log=say,
+    )
+    algo: Algorithm = algorithm_module.build(ctx)
+
+    ckpt = Checkpointer(checkpoint_dir(training.checkpoint, out_dir), training.checkpoint)
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, {"params": params, "opt_state": opt_state})
+        params, opt_state = state["params"], state["opt_state"]
+        algo.source.restore(meta["data"])
+        start = int(meta["step"])
+        say(f"resumed from checkpoint step {start} in {ckpt.directory}")
+
+    metrics = MetricsWriter(
+        out_dir,
+        total_steps=training.steps,
+        start_step=start,
+        enabled=rank0,
+        progress_bar=progress_bar,
+        reporter=reporter,
+    )
+    train_step = jax.jit(
+        make_train_step(graphdef, algo.loss, tx, lr, num_micro=num_micro), donate_argnums=(0, 2)
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, algo.loss))
+
+    def save(step: int) -> None:
+        ckpt.save(
+            step,
+            {"params": params, "opt_state": opt_state},
+            {"step": step, "data": algo.source.state()},
+        )
+
+    def evaluate() -> dict[str, float]:
+        if algo.eval_batches is None:
+            return {}
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in algo.eval_batches():
+            out = jax.device_get(eval_step(params, frozen, device_batch(batch, mesh)))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
+
+    preempted = _PreemptionFlag()
+    step = start
+    last = time.perf_counter()
+    tokens_since = 0
+    try:
+        # -- the loop ------------------------------------------------------------------------
+        while step < training.steps:
+            host = algo.source.next_batch(step)
+            _check_rows(host, training.batch_size, num_micro, rows_axis)
+            tokens_since += _tokens_in(host)
+            batch = device_batch(host, mesh)
+            params, opt_state, out = train_step(params, frozen, opt_state, batch, jnp.int32(step))
+            step += 1
+            eval_metrics = {}
+            if (
+                training.eval_every_steps
+                and step % training.eval_every_steps == 0
+                and step < training.steps
+            ):
+                eval_metrics = evaluate()  # the final evaluation comes after the loop
+            if step % training.log_every_steps == 0 or step == training.steps or eval_metrics:
+                values = {k: float(v) for k, v in jax.device_get(out).items()}
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
+                now = time.perf_counter()
+                values["tokens_per_second"] = tokens_since / max(now - last, 1e-9)
+                last, tokens_since = now, 0
+                record = metrics.log(step, {**values, **eval_metrics})
+                metrics.advance(step, f"loss {record['loss']:.4f}")
+            stopping = (stop_after is not None and step - start >= stop_after) or preempted.reached(
+                step
+            )
+            if step % training.checkpoint.every_steps == 0 or step == training.steps or stopping:
+                save(step)
+            if stopping and step < training.steps:
+                ckpt.wait()
+                say(
+                    f"stopping at step {step}: checkpoint saved; run again with the same output to continue"
+                )
+                return RunResult(step=step, preempted=True)
+        # -- the end -----------------------------------------------------------------------------
+        ckpt.wait()
+        final = evaluate() if algo.eval_batches is not None else {}
+        model = nnx.merge(graphdef, params, frozen)
+        export_dir = None
+        if spec.output.export:
+            export_dir = storage.join(out_dir, "final")
+            export(model, tokenizer, export_dir)
+            say(f"exported the model to {export_dir}")
+        if algo.finish is not None:
+            final.update(algo.finish(nnx.merge(graphdef, params, frozen)))
+        if final:
+            metrics.log(step, final)
+            say("final: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+        return RunResult(step=step, final=final, export_dir=export_dir)
+    finally:
+        preempted.restore()
+        metrics.close()
+        if reporter is not None:
+            reporter.flush()
+        ckpt.close()
+
+
+def export(model: nnx.Module, tokenizer: Any, path: str) -> None:
+    """DIR/final in Hugging Face format: adapters merged, quantized bases dequantized."""
+    from posttrain.trainer.models import save_pretrained
+
+    peft.merge_peft(model)
+    save_pretrained(model, path)
+    if jax.process_index() == 0 and hasattr(tokenizer, "save_pretrained"):
+        with storage.writable_dir(path) as local:
+            tokenizer.save_pretrained(local)
+
+
+def _check_rows(
+    batch: dict[str, np.ndarray], batch_size: int, num_micro: int, rows_axis: int
+) -> None:
+    rows = next(iter(batch.values())).shape[0]
+    if rows % num_micro or (rows // num_micro) % rows_axis:
+        raise ValueError(
+            f"spec.training.microBatchSize: a batch of {rows} rows (batchSize {batch_size}) in "
+            f"{num_micro} micro-batches does not divide over the {rows_axis} data-parallel devices "
+            "(mesh data x fsdp); make each micro-batch a multiple of that"
+        )
+
+
+def _count(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class _PreemptionFlag:
+    """SIGTERM -> save at the end of the current step and exit 0.
+
+    Single process: our own signal handler. Several processes: JAX's coordination service
+    (which watches SIGTERM once jax.distributed is up) tells every process to stop at the same
+    step, so all of them join the same final checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._distributed = jax.process_count() > 1
+        self._previous = None
+        if not self._distributed:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                self._previous = None
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        if self._distributed:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.signalled
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,96 @@
+"""The jitted optimizer step: gradient accumulation over micro-batches, one update, metrics.
+
+Pure JAX on pytrees: ``params`` (what trains: every Param, or only LoRA adapters), ``frozen``
+(everything else, e.g. a quantized base), ``opt_state`` and a global ``batch`` of [B, ...] arrays
+sharded over rows. Micro-batch m takes rows m, m + M, m + 2M, ... so every micro-batch spreads over
+all devices (a plain reshape would put each micro-batch on a few devices). Gradients, loss and
+metrics are averaged over micro-batches, so accumulation equals one big batch when the loss is a
+mean over rows (see algorithms/base.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from posttrain.trainer.algorithms.base import LossFn
+
+BATCH_AXES = ("data", "fsdp")  # the batch's rows shard over both data-parallel axes
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def device_batch(host: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a host global batch on the mesh; each process copies only the rows its devices own."""
+    out = {}
+    for name, array in host.items():
+        sharding = batch_sharding(mesh, array.ndim)
+        out[name] = jax.make_array_from_callback(
+            array.shape, sharding, lambda index, a=array: a[index]
+        )
+    return out
+
+
+def split_micro(batch: Mapping[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [M, B / M, ...], micro-batch m = rows m, m + M, ... (strided)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        B = x.shape[0]
+        return x.reshape(B // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss: LossFn,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    *,
+    num_micro: int,
+) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+    """step(params, frozen, opt_state, batch, step) -> (params, opt_state, metrics); jit it once.
+
+    ``step`` (an int32 scalar, 0 for the first update) only labels the learning rate in the metrics;
+    the optimizer counts its own updates in ``opt_state``.
+    """
+
+    def loss_of(params, frozen, micro):
+        return loss(nnx.merge(graphdef, params, frozen), micro)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def train_step(params, frozen, opt_state, batch, step):
+        micro = split_micro(batch, num_micro)
+
+        def accumulate(grads_sum, mb):
+            (value, metrics), grads = grad_fn(params, frozen, mb)
+            return jax.tree.map(jnp.add, grads_sum, grads), (value, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (values, metrics) = jax.lax.scan(accumulate, zeros, micro)
+        grads = jax.tree.map(lambda g: g / num_micro, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        out = {k: jnp.mean(v) for k, v in metrics.items()}
+        out["loss"] = jnp.mean(values)
+        out["grad_norm"] = optax.tree.norm(grads)
+        out["learning_rate"] = jnp.asarray(lr_schedule(step), jnp.float32)
+        return params, opt_state, out
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss: LossFn) -> Callable[..., dict[str, jax.Array]]:
+    def evaluate(params, frozen, batch):
+        value, metrics = loss(nnx.merge(graphdef, params, frozen), batch)
+        return {**metrics, "loss": value}
+
+    return evaluate

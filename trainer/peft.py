@@ -1,0 +1,170 @@
+"""LoRA and QLoRA on the NNX model: adapters from flax (``nnx.LoRA``/``nnx.LoRAParam``), the frozen
+quantized base from qwix's quantize/dequantize (int8, or 4-bit NormalFloat ``nf4``).
+
+``apply_peft(model, lora, quantization)`` swaps, in place, each target projection (an
+``nnx.Linear`` named ``q_proj`` ... ``down_proj``) for an ``Adapted`` module: ``base(x) + (alpha /
+rank) * x @ A @ B``. B starts at zero, so a fresh adapter leaves the model's outputs unchanged.
+With quantization every projection's base becomes a ``QuantizedLinear`` whose weights stay
+quantized (``QuantizedWeight`` variables, not Params: never trained, never in the optimizer);
+it dequantizes blockwise on the fly inside the jitted step. The optimizer's ``wrt`` is then
+``nnx.LoRAParam`` only.
+
+Why a small wrapper instead of qwix's ``LoraProvider``: qwix intercepts the model's calls
+and needs a traced example input to create its params, which would also wrap our sampling
+and attention einsums; a named module keeps the parameter tree readable (``q_proj.lora.lora_a``),
+lets ``merge_peft`` rebuild plain ``nnx.Linear`` layers for ``save_pretrained``, and still uses
+qwix's nf4/int8 numerics for the quantized base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+
+from posttrain.api.v1alpha1 import LoraSpec, QuantizationSpec
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QTYPES = {"int8": jnp.int8, "nf4": "nf4"}
+
+
+class QuantizedWeight(nnx.Variable):
+    """A frozen quantized tensor (codes or scales): a Variable, not a Param, so never trained."""
+
+
+class QuantizedLinear(nnx.Module):
+    """y = x @ dequantize(W) + b, W stored as qwix codes [in, out] plus per-block scales."""
+
+    def __init__(self, linear: nnx.Linear, quantization: QuantizationSpec):
+        kernel = linear.kernel[...]
+        d_in = kernel.shape[0]
+        block = quantization.block_size if d_in % quantization.block_size == 0 else d_in
+        q = qwix.quantize(
+            kernel, QTYPES[quantization.type], channelwise_axes=(1,), tiled_axes={0: block}
+        )
+        axes = linear.kernel.get_metadata().get("logical_axes")
+        self.codes = QuantizedWeight(q.qvalue, logical_axes=axes)
+        self.scales = QuantizedWeight(q.scale)
+        self.qtype = QTYPES[quantization.type]
+        self.bias = linear.bias  # frozen with the rest of the base (not a LoRAParam)
+        self.compute_dtype = kernel.dtype
+        self.features = tuple(kernel.shape)
+        self.axes = axes
+
+    def dequantized_kernel(self) -> jax.Array:
+        q = qwix.QArray(self.codes[...], self.scales[...], None, self.qtype)
+        return qwix.dequantize(q).astype(self.compute_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.dequantized_kernel()
+        return y + self.bias[...] if self.bias is not None else y
+
+    def to_linear(self) -> nnx.Linear:
+        d_in, d_out = self.features
+        linear = nnx.eval_shape(
+            lambda: nnx.Linear(
+                d_in,
+                d_out,
+                use_bias=self.bias is not None,
+                dtype=self.compute_dtype,
+                param_dtype=self.compute_dtype,
+                rngs=nnx.Rngs(0),
+                kernel_metadata={"logical_axes": self.axes} if self.axes else {},
+                bias_metadata={"logical_axes": self.axes[1:]} if self.axes else {},
+            )
+        )
+        linear.kernel[...] = self.dequantized_kernel()
+        if self.bias is not None:
+            linear.bias[...] = self.bias[...]
+        return linear
+
+
+class Adapted(nnx.Module):
+    """base(x) + (alpha / rank) * lora(x); base is an nnx.Linear or a QuantizedLinear."""
+
+    def __init__(
+        self, base: nnx.Module, d_in: int, d_out: int, lora: LoraSpec, *, dtype: Any, rngs: nnx.Rngs
+    ):
+        self.base = base
+        self.lora = nnx.LoRA(d_in, lora.rank, d_out, param_dtype=dtype, rngs=rngs)
+        self.scale = lora.alpha / lora.rank
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.base(x) + self.scale * self.lora(x).astype(x.dtype)
+
+    def merged_linear(self) -> nnx.Linear:
+        linear = self.base.to_linear() if isinstance(self.base, QuantizedLinear) else self.base
+        delta = self.scale * (self.lora.lora_a[...] @ self.lora.lora_b[...])
+        linear.kernel[...] = (linear.kernel[...] + delta).astype(linear.kernel.dtype)
+        return linear
+
+
+def _projection_slots(model: nnx.Module) -> list[tuple[nnx.Module, str, nnx.Module]]:
+    """(parent, attribute, child) for every projection layer, collected before any change."""
+    slots = []
+    for _, module in nnx.iter_modules(model):
+        for name in PROJECTIONS:
+            child = getattr(module, name, None)
+            if isinstance(child, (nnx.Linear, QuantizedLinear, Adapted)):
+                slots.append((module, name, child))
+    return slots
+
+
+def apply_peft(
+    model: nnx.Module,
+    lora: LoraSpec | None,
+    quantization: QuantizationSpec | None = None,
+    *,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """Wrap the model's projections (in place) for LoRA or QLoRA; returns the model."""
+    if lora is None:
+        if quantization is not None:
+            raise ValueError(
+                "spec.model.quantization needs spec.model.lora (a quantized base is frozen)"
+            )
+        return model
+    slots = _projection_slots(model)
+    if not slots:
+        raise ValueError(f"the model has none of the projections {PROJECTIONS} to adapt")
+    for parent, name, linear in slots:
+        d_in, d_out = linear.kernel.shape
+        dtype = linear.kernel.dtype
+        base: nnx.Module = QuantizedLinear(linear, quantization) if quantization else linear
+        if name in lora.targets:
+            base = Adapted(base, d_in, d_out, lora, dtype=dtype, rngs=rngs)
+        setattr(parent, name, base)
+    return model
+
+
+def merge_peft(model: nnx.Module) -> nnx.Module:
+    """Fold adapters (and dequantize bases) back into plain nnx.Linear layers, in place."""
+    for parent, name, child in _projection_slots(model):
+        if isinstance(child, Adapted):
+            setattr(parent, name, child.merged_linear())
+        elif isinstance(child, QuantizedLinear):
+            setattr(parent, name, child.to_linear())
+    return model
+
+
+def trainable_filter(lora: LoraSpec | None) -> Any:
+    """What the optimizer updates: adapters only with LoRA, every Param otherwise."""
+    return nnx.LoRAParam if lora is not None else nnx.Param
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes of a pytree of arrays, counting sub-byte types (int4, nf4 codes) at their bit width."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if not hasattr(leaf, "dtype"):
+            continue
+        bits = (
+            jnp.iinfo(leaf.dtype).bits
+            if jnp.issubdtype(leaf.dtype, jnp.integer)
+            else leaf.dtype.itemsize * 8
+        )
+        total += leaf.size * bits // 8
+    return total

@@ -1,0 +1,1 @@
+"""Tasks the project ships: generated data, a tokenizer to match, and a way to score answers."""
