@@ -152,6 +152,9 @@ def test_restricted_security_context(chart) -> None:
     assert "add" not in sc["capabilities"]
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert not pod.get("hostNetwork") and not pod.get("hostPID") and not sc.get("privileged")
+    # Writable: only an emptyDir at /tmp; no hostPath or other volume.
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert operator_container(docs)["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
 
 
 # ---- RBAC --------------------------------------------------------------------------------

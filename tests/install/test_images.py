@@ -261,4 +261,13 @@ def test_trainer_image_install_runs_its_entrypoint(tmp_path: Path) -> None:
     venv = install_like_the_dockerfile("trainer", tmp_path, [jax])
     proc = run_in(venv, *ENTRYPOINTS["trainer"], "--help")
     assert proc.returncode == 0, proc.stderr
+    assert "--recipe" in proc.stdout
+    # --help stops before the training stack loads: import it, and run JAX once.
+    stack = (
+        "import jax, jax.numpy as jnp, posttrain.trainer.loop, posttrain.trainer.models;"
+        "print(jax.default_backend(), int(jnp.arange(4).sum()))"
+    )
+    proc = run_in(venv, "python", "-c", stack)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["cpu", "6"]
     assert run_in(venv, "python", "-c", "import kopf").returncode != 0, "kopf in the trainer"
