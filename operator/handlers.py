@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -37,7 +38,8 @@ def api_client() -> client.ApiClient:
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
         config.load_incluster_config()
     else:
-        config.load_kube_config()
+        # explicit: the client's default path was read from the environment at import time
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     return client.ApiClient()
 
 
@@ -69,23 +71,29 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile(namespace: str, name: str, **_: Any) -> None:
+def reconcile(namespace: str | None, name: str, **_: Any) -> None:
+    assert namespace is not None  # PostTrainJobs are namespaced
     operator().reconcile(namespace, name)
 
 
 @kopf.on.event(JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL, labels={r.JOB_LABEL: kopf.PRESENT})
-def jobset_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:  # None: the initial listing, which on.resume covers
+def jobset_event(namespace: str | None, labels: Mapping[str, str], type: str, **_: Any) -> None:
+    if type is not None and namespace:  # None: the initial listing, which on.resume covers
         operator().sync_status(namespace, labels[r.JOB_LABEL])
 
 
 @kopf.on.event("v1", "pods", labels={r.JOB_LABEL: kopf.PRESENT})
-def pod_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+def pod_event(namespace: str | None, labels: Mapping[str, str], type: str, **_: Any) -> None:
     job = labels[r.JOB_LABEL]
     # Pod events matter for Provisioning and Running; later changes reach the JobSet's status.
-    if type is not None and operator().phases.get((namespace, job)) in (
-        None,
-        "Pending",
-        "Provisioning",
+    if (
+        type is not None
+        and namespace
+        and operator().phases.get((namespace, job))
+        in (
+            None,
+            "Pending",
+            "Provisioning",
+        )
     ):
         operator().sync_status(namespace, job)

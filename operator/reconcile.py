@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -82,7 +82,7 @@ class Operator:
         pods = self.core.list_namespaced_pod(
             namespace, label_selector=f"{r.JOB_LABEL}={name}", _preload_content=False
         )
-        return list(json.loads(pods.data).get("items") or [])
+        return list(json.loads(cast(Any, pods).data).get("items") or [])
 
     # ---- create / resume / update ---------------------------------------------------------
 
@@ -117,15 +117,23 @@ class Operator:
             if existing is None:
                 # Pending first: from now on the CRD's CEL rule freezes the spec.
                 self._sync(body, job=job, children=(None, []))
-                self._create_or_get_configmap(namespace, configmap)
-                existing = self._create_or_get_jobset(namespace, jobset)
+                try:
+                    self._create_or_get_configmap(namespace, configmap)
+                    existing = self._create_or_get_jobset(namespace, jobset)
+                except ApiException as err:
+                    if err.status not in (400, 422):  # others: kopf retries with backoff
+                        raise
+                    # Refused (e.g. by JobSet's webhook): retrying cannot help.
+                    why = FieldError("", f"the API server refused the children: {_message(err)}")
+                    self._sync(body, job=None, errors=[why])
+                    return
                 log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
             self._ensure_suspend(job, existing)
             self._sync(body, job=job)
 
     def _create_or_get_configmap(self, namespace: str, manifest: dict[str, Any]) -> None:
         try:
-            self.core.create_namespaced_config_map(namespace, manifest)
+            self.core.create_namespaced_config_map(namespace, cast(Any, manifest))
         except ApiException as err:
             if err.status != 409:  # AlreadyExists: a previous run of the operator made it
                 raise
@@ -133,8 +141,11 @@ class Operator:
     def _create_or_get_jobset(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
         name = manifest["metadata"]["name"]
         try:
-            return self.custom.create_namespaced_custom_object(
-                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
+            return cast(
+                dict[str, Any],
+                self.custom.create_namespaced_custom_object(
+                    JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
+                ),
             )
         except ApiException as err:
             if err.status != 409:
@@ -282,6 +293,13 @@ def _condition_true(obj: Mapping[str, Any], type_: str) -> bool:
         c.get("type") == type_ and c.get("status") == "True"
         for c in (obj.get("status") or {}).get("conditions") or []
     )
+
+
+def _message(err: ApiException) -> str:
+    try:
+        return str(json.loads(err.body or "{}").get("message") or err.reason)
+    except (TypeError, ValueError):
+        return str(err.reason)
 
 
 def _absent_is_none(call: Callable[[], Any]) -> Any:

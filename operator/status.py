@@ -201,12 +201,12 @@ def next_status(
     prev = dict(previous or {})
     old = {c.get("type"): c for c in prev.get("conditions") or []}
     conditions = []
-    for type_, (status, reason, message) in _wanted_conditions(outcome, set(old)).items():
+    for type_, (value, reason, message) in _wanted_conditions(outcome, set(old)).items():
         before = old.get(type_) or {}
-        unchanged = before.get("status") == status
+        unchanged = before.get("status") == value
         cond: dict[str, Any] = {
             "type": type_,
-            "status": status,
+            "status": value,
             "reason": reason,
             "message": message[:32768],
             "lastTransitionTime": before.get("lastTransitionTime") if unchanged else now,

@@ -43,14 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    if args.kubeconfig:
+        # Before importing kopf: the kubernetes client reads $KUBECONFIG when first imported,
+        # and kopf's login goes through it.
+        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
     try:
         import kopf
     except ImportError:
         raise SystemExit(
             "posttrain operator needs kopf and kubernetes: pip install 'posttrain[operator]'"
         ) from None
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # read by both kopf's login and our client
 
     from posttrain.operator import handlers
 

@@ -1,0 +1,435 @@
+"""The operator on the real control plane (kube-apiserver, controller-manager, scheduler, JobSet,
+kwok fake nodes with GKE-like node pools provisioned for pending pods; docs/development.md).
+
+The operator runs as a subprocess, `posttrain operator --namespace NS`, with a service account
+bound to the ClusterRole in docs/operator.md and nothing else, so these tests also check that
+the documented RBAC is enough. Fake pods run for `posttrain.dev/fake-run-seconds` and fail with
+`posttrain.dev/fake-exit-code` (annotations on the PostTrainJob are copied to its pods).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from posttrain.operator import render as r
+from posttrain.operator.reconcile import job_manifest
+
+from posttrain import runtime
+from posttrain.api import parse_job
+from posttrain.progress import ProgressReporter
+
+from .podenv import resolve_env
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+OPERATOR_NS = "posttrain-system"
+
+
+def docs_yaml(kind: str) -> list[dict[str, Any]]:
+    """The YAML block of docs/operator.md holding a `kind`: the docs are what the test applies."""
+    text = (REPO / "docs/operator.md").read_text()
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        docs = [d for d in yaml.safe_load_all(block) if d]
+        if any(d.get("kind") == kind for d in docs):
+            return docs
+    raise AssertionError(f"docs/operator.md has no YAML block with a {kind}")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(cluster, tmp_path_factory) -> Path:
+    """CRD installed; a kubeconfig for service account posttrain-system/posttrain-operator
+    bound to docs/operator.md's ClusterRole."""
+    kubectl = cluster.kubectl
+    kubectl("apply", "--server-side", "-f", str(REPO / "crds/posttrain.dev_posttrainjobs.yaml"))
+    kubectl("wait", "--for=condition=Established", "crd/posttrainjobs.posttrain.dev")
+    kubectl("create", "namespace", OPERATOR_NS, check=False)
+    role = docs_yaml("ClusterRole")
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "posttrain-operator"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "posttrain-operator",
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": "posttrain-operator", "namespace": OPERATOR_NS}
+        ],
+    }
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "posttrain-operator"}}
+    kubectl("-n", OPERATOR_NS, "apply", "-f", "-", input=yaml.safe_dump_all([sa]))
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([*role, binding]))
+    token = kubectl(
+        "-n", OPERATOR_NS, "create", "token", "posttrain-operator", "--duration", "3h"
+    ).stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin["users"] = [{"name": "posttrain-operator", "user": {"token": token}}]
+    for ctx in admin["contexts"]:
+        ctx["context"]["user"] = "posttrain-operator"
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
+class OperatorProcess:
+    """`posttrain operator --namespace NS` as a subprocess; kill() is a SIGKILL, mid-flight."""
+
+    def __init__(self, namespace: str, kubeconfig: Path, log: Path) -> None:
+        self.namespace, self.kubeconfig, self.log = namespace, kubeconfig, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "posttrain.cli", "operator", "--namespace", self.namespace]
+        cmd += ["--kubeconfig", str(self.kubeconfig), "--trainer-image-cpu", "trainer:test"]
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        with self.log.open("a") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-n:]) if self.log.exists() else ""
+
+
+@pytest.fixture
+def trainer_rbac(kubectl) -> None:
+    """The trainer's ServiceAccount, Role and RoleBinding from docs/operator.md."""
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs_yaml("Role")))
+
+
+@pytest.fixture
+def operator(namespace, operator_kubeconfig, trainer_rbac, tmp_path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(namespace, operator_kubeconfig, tmp_path / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def manifest(name: str, resources: dict, *, annotations: dict | None = None, **spec: Any) -> dict:
+    doc = {
+        "apiVersion": "posttrain.dev/v1alpha1",
+        "kind": "PostTrainJob",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {
+            "algorithm": "sft",
+            "model": {"base": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+            "data": {"train": "gs://b/train.jsonl"},
+            "training": {"steps": 10},
+            "resources": resources,
+            **spec,
+        },
+    }
+    parse_job(doc)  # the test's own input must be valid where it means to be
+    return doc
+
+
+class Api:
+    def __init__(self, kubectl) -> None:
+        self.kubectl = kubectl
+
+    def apply(self, doc: dict) -> subprocess.CompletedProcess:
+        return self.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+
+    def get(self, *what: str) -> dict | None:
+        proc = self.kubectl("get", *what, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def items(self, *what: str) -> list[dict]:
+        return (self.get(*what) or {}).get("items") or []
+
+    def status(self, name: str) -> dict:
+        return (self.get("posttrainjob", name) or {}).get("status") or {}
+
+    def wait_phase(self, name: str, phase: str, op: OperatorProcess, timeout: float = 60) -> dict:
+        try:
+            return wait_for(
+                f"{name} to be {phase}",
+                lambda: (s := self.status(name)).get("phase") == phase and s,
+                timeout,
+            )
+        except AssertionError as err:
+            raise AssertionError(
+                f"{err}; status: {json.dumps(self.status(name), indent=1)}\n"
+                f"operator log:\n{op.tail()}"
+            ) from None
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        found = self.items("events", "--field-selector", f"involvedObject.name={name}")
+        return [
+            (e["reason"], e.get("message", ""))
+            for e in found
+            if e["involvedObject"].get("kind") == "PostTrainJob"
+        ]
+
+    def columns(self, name: str) -> dict[str, str]:
+        """`kubectl get posttrainjobs NAME` as {COLUMN: value}."""
+        out = self.kubectl("get", "posttrainjobs", name).stdout.splitlines()
+        header, row = out[0], out[1]
+        starts = [m.start() for m in re.finditer(r"\S+", header)]
+        ends = starts[1:] + [None]
+        return {header[s:e].strip(): row[s:e].strip() for s, e in zip(starts, ends, strict=True)}
+
+
+def trainer_reporter(kubectl, cluster, namespace: str, name: str) -> ProgressReporter:
+    """A reporter as the trainer's rank 0 makes it, with the trainer service account's token."""
+    token = kubectl("create", "token", "posttrain-trainer").stdout.strip()
+    kc = yaml.safe_load(cluster.kubeconfig.read_text())
+    server = kc["clusters"][0]["cluster"]["server"]
+    ca = cluster.dir / "pki" / "ca.crt"
+    return ProgressReporter(
+        name, namespace, api_server=server, token=token, ca_file=ca, min_interval=0, env={}
+    )
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+
+def test_multislice_tpu_job_runs_to_success(cluster, namespace, kubectl, operator) -> None:
+    """tpu-v4 2x2x2 x 2 slices: JobSet -> 4 pods on 2 auto-provisioned TPU pools -> Succeeded,
+    with PHASE and PROGRESS in `kubectl get posttrainjobs`."""
+    api = Api(kubectl)
+    resources = {"accelerator": "tpu-v4", "topology": "2x2x2", "slices": 2}
+    api.apply(
+        manifest(
+            "ms", resources, annotations={"posttrain.dev/fake-run-seconds": "6"}, maxRestarts=0
+        )
+    )
+    jobset = wait_for("the JobSet", lambda: api.get("jobset", "ms"), 30)
+    ptj = api.get("posttrainjob", "ms")
+    assert jobset["metadata"]["ownerReferences"][0]["uid"] == ptj["metadata"]["uid"]
+    assert jobset["metadata"]["annotations"][r.EXCLUSIVE_TOPOLOGY] == r.NODEPOOL_LABEL
+    recipe = api.get("configmap", "ms-recipe")
+    assert parse_job(yaml.safe_load(recipe["data"]["recipe.yaml"])).spec.resources.slices == 2
+
+    api.wait_phase("ms", "Running", operator, timeout=90)
+    reporter = trainer_reporter(kubectl, cluster, namespace, "ms")
+    assert reporter.report(5, 10, {"loss": 1.5})
+    columns = api.columns("ms")
+    assert columns["PHASE"] == "Running" and columns["PROGRESS"] == "5/10", columns
+    assert columns["ACCELERATOR"] == "2xtpu-v4-8" and columns["MODEL"] == "Qwen2.5-0.5B-Instruct"
+
+    # the pods: on TPU nodes of the right shape, one node pool per slice, one distributed job
+    pods = api.items("pods", "-l", f"{r.JOB_LABEL}=ms")
+    assert len(pods) == 4
+    pools: dict[str, set[str]] = {}
+    for pod in pods:
+        node = api.get("node", pod["spec"]["nodeName"])
+        labels = node["metadata"]["labels"]
+        assert labels[r.GKE_TPU_ACCELERATOR] == "tpu-v4-podslice"
+        assert labels[r.GKE_TPU_TOPOLOGY] == "2x2x2"
+        slice_id = pod["metadata"]["annotations"]["jobset.sigs.k8s.io/job-index"]
+        pools.setdefault(slice_id, set()).add(labels[r.NODEPOOL_LABEL])
+    assert all(len(p) == 1 for p in pools.values()) and len(set.union(*pools.values())) == 2
+    topologies = []
+    for pod in pods:
+        env = resolve_env(pod["spec"]["containers"][0]["env"], pod["metadata"])
+        topologies.append((pod, runtime.ProcessTopology.from_env(env)))
+    assert sorted(t.process_id for _, t in topologies) == [0, 1, 2, 3]
+    (rank0,) = [p for p, t in topologies if t.process_id == 0]
+    host0 = f"{rank0['spec']['hostname']}.{rank0['spec']['subdomain']}"
+    assert {t.coordinator_address for _, t in topologies} == {f"{host0}:8476"}
+    assert rank0["metadata"]["labels"]["jobset.sigs.k8s.io/coordinator"] == host0
+
+    status = api.wait_phase("ms", "Succeeded", operator, timeout=90)
+    assert reporter.report(10, 10, {"loss": 1.0})
+    assert api.columns("ms")["PROGRESS"] == "10/10"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["Succeeded"]["observedGeneration"] == ptj["metadata"]["generation"]
+    assert status["startTime"] and status["completionTime"] and status["restarts"] == 0
+    reasons = [reason for reason, _ in api.events("ms")]
+    assert "Provisioning" in reasons and "Running" in reasons and "Succeeded" in reasons
+    progress = api.status("ms")["progress"]
+    assert progress["step"] == 10 and progress["metrics"] == {"loss": 1.0}
+    # kopf kept its bookkeeping out of the (strict) status
+    assert set(api.status("ms")) <= {
+        "phase", "conditions", "progress", "summary", "jobSetName", "restarts",
+        "startTime", "completionTime", "observedGeneration",
+    }  # fmt: skip
+
+
+def test_failing_pod_restarts_then_fails(namespace, kubectl, operator) -> None:
+    api = Api(kubectl)
+    annotations = {
+        "posttrain.dev/fake-exit-code": "3",
+        "posttrain.dev/fake-reason": "OOMKilled",
+        "posttrain.dev/fake-message": "out of memory",
+    }
+    api.apply(
+        manifest(
+            "crash", {"accelerator": "cpu", "nodes": 2}, annotations=annotations, maxRestarts=1
+        )
+    )
+    status = api.wait_phase("crash", "Failed", operator, timeout=90)
+    assert status["restarts"] == 1
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ReachedMaxRestarts"
+    assert "exited with code 3 (OOMKilled): out of memory" in failed["message"]
+    assert api.columns("crash")["PHASE"] == "Failed"
+    events = api.events("crash")
+    assert ("Restarted", "JobSet restarted every pod (restart 1)") in events
+    assert any(reason == "Failed" and "ReachedMaxRestarts" in msg for reason, msg in events)
+
+
+def test_suspend_and_resume(namespace, kubectl, operator) -> None:
+    api = Api(kubectl)
+    annotations = {"posttrain.dev/fake-run-seconds": "600"}
+    api.apply(manifest("sus", {"accelerator": "cpu", "nodes": 2}, annotations=annotations))
+    api.wait_phase("sus", "Running", operator)
+    kubectl("patch", "posttrainjob", "sus", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    status = api.wait_phase("sus", "Suspended", operator)
+    assert api.get("jobset", "sus")["spec"]["suspend"] is True
+    wait_for(
+        "the pods to go",
+        lambda: (
+            not [
+                p
+                for p in api.items("pods", "-l", f"{r.JOB_LABEL}=sus")
+                if not p["metadata"].get("deletionTimestamp")
+            ]
+        ),
+        30,
+    )
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "True"
+    kubectl("patch", "posttrainjob", "sus", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = api.wait_phase("sus", "Running", operator)
+    assert api.get("jobset", "sus")["spec"]["suspend"] is False
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "False"
+    reasons = [reason for reason, _ in api.events("sus")]
+    assert reasons.count("Running") >= 2 and "Suspended" in reasons
+
+
+def test_spec_is_immutable_while_active_except_suspend(namespace, kubectl, operator) -> None:
+    api = Api(kubectl)
+    annotations = {"posttrain.dev/fake-run-seconds": "600"}
+    api.apply(manifest("frozen", {"accelerator": "cpu"}, annotations=annotations))
+    api.wait_phase("frozen", "Running", operator)
+    refused = kubectl(
+        "patch", "posttrainjob", "frozen", "--type=merge",
+        "-p", '{"spec":{"training":{"steps":20}}}', check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "spec is immutable while the job is active" in refused.stderr
+    assert api.get("posttrainjob", "frozen")["spec"]["training"]["steps"] == 10
+
+
+def test_delete_cascades_even_with_the_operator_down(namespace, kubectl, operator) -> None:
+    api = Api(kubectl)
+    annotations = {"posttrain.dev/fake-run-seconds": "600"}
+    api.apply(manifest("gone", {"accelerator": "cpu", "nodes": 2}, annotations=annotations))
+    api.wait_phase("gone", "Running", operator)
+    assert not api.get("posttrainjob", "gone")["metadata"].get("finalizers")
+    operator.kill()
+    kubectl("delete", "posttrainjob", "gone", "--wait=true", "--timeout=20s")
+    wait_for("the JobSet to go", lambda: api.get("jobset", "gone") is None, 30)
+    wait_for("the ConfigMap to go", lambda: api.get("configmap", "gone-recipe") is None, 30)
+    wait_for("the Jobs to go", lambda: not api.items("jobs", "-l", f"{r.JOB_LABEL}=gone"), 30)
+    wait_for("the pods to go", lambda: not api.items("pods", "-l", f"{r.JOB_LABEL}=gone"), 30)
+
+
+def test_operator_killed_mid_flight_makes_no_duplicates(namespace, kubectl, operator) -> None:
+    api = Api(kubectl)
+    # 1. killed between the ConfigMap and the JobSet: the ConfigMap is there, the JobSet not.
+    operator.kill()
+    doc = manifest("again", {"accelerator": "cpu", "nodes": 2}, annotations={
+        "posttrain.dev/fake-run-seconds": "8"})  # fmt: skip
+    api.apply(doc)
+    ptj = api.get("posttrainjob", "again")
+    configmap = r.render(parse_job(job_manifest(ptj)))[0]
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(configmap))
+    operator.start()
+    jobset = wait_for("the JobSet", lambda: api.get("jobset", "again"), 30)
+    api.wait_phase("again", "Running", operator)
+    # 2. killed while running, started again
+    operator.kill()
+    operator.start()
+    api.wait_phase("again", "Succeeded", operator, timeout=60)
+    assert [j["metadata"]["uid"] for j in api.items("jobsets")] == [jobset["metadata"]["uid"]]
+    assert [c["metadata"]["name"] for c in api.items("configmaps", "-l", r.JOB_LABEL)] == [
+        "again-recipe"
+    ]
+    assert len(api.items("jobs", "-l", f"{r.JOB_LABEL}=again")) == 1
+    assert api.status("again")["restarts"] == 0
+
+
+def test_invalid_jobs(namespace, kubectl, operator) -> None:
+    api = Api(kubectl)
+    # refused by the API server: CEL (a block the algorithm needs) and the schema (pattern)
+    grpo = manifest("cel", {"accelerator": "cpu"})
+    grpo["spec"]["algorithm"] = "grpo"
+    refused = kubectl("apply", "-f", "-", input=yaml.safe_dump(grpo), check=False)
+    assert (
+        refused.returncode != 0 and "algorithm grpo / gspo-token needs spec.grpo" in refused.stderr
+    )
+    bad = manifest("pattern", {"accelerator": "tpu-v5e", "topology": "2x4"})
+    bad["spec"]["resources"]["topology"] = "two-by-four"
+    refused = kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert refused.returncode != 0 and "spec.resources.topology" in refused.stderr
+
+    # accepted by the API server, refused by the model: Failed, the field named, an Event
+    doc = manifest("topo", {"accelerator": "tpu-v5e", "topology": "2x4"})
+    doc["spec"]["resources"]["topology"] = "3x3"
+    api.apply(doc)
+    status = api.wait_phase("topo", "Failed", operator)
+    valid = next(c for c in status["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+    assert valid["message"].startswith("spec.resources.topology: '3x3' is not a tpu-v5e topology")
+    assert "valid: 1x1, 2x2, 2x4" in valid["message"]
+    assert any(
+        reason == "Failed" and "spec.resources.topology" in m for reason, m in api.events("topo")
+    )
+    assert api.get("jobset", "topo") is None
+
+    # a failed job's spec may change; fixed, it starts
+    kubectl(
+        "patch", "posttrainjob", "topo", "--type=merge",
+        "-p", '{"spec":{"resources":{"topology":"2x4"}}}',
+    )  # fmt: skip
+    wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "topo"), 30)
+    status = api.status("topo")
+    assert status["phase"] in ("Pending", "Provisioning", "Running", "Succeeded")
