@@ -36,6 +36,16 @@ MODEL_FIXTURES = (
 TOL = dict(atol=1e-4, rtol=1e-4)  # 15x the float32 noise measured in the fixtures' README
 
 
+@nnx.jit(static_argnames="return_hidden")
+def _forward(model, ids, mask=None, return_hidden=False):
+    return model(ids, mask, return_hidden=return_hidden)
+
+
+@nnx.jit
+def _forward_cached(model, ids, cache):
+    return model(ids, cache=cache)
+
+
 def _with_config(tmp_path: Path, name: str, config_file: str) -> Path:
     """The fixture folder with ``config_file`` as its config.json (weights symlinked, not copied)."""
     src = HF_REFERENCE / name
@@ -54,14 +64,14 @@ def test_logits_match_hugging_face(tmp_path, name, config_file):
     ref = np.load(HF_REFERENCE / name / "reference.npz")
     model = load_pretrained(_with_config(tmp_path, name, config_file))
 
-    logits, hidden = model(jnp.asarray(ref["input_ids"]), return_hidden=True)
+    logits, hidden = _forward(model, jnp.asarray(ref["input_ids"]), return_hidden=True)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], **TOL)
     np.testing.assert_allclose(np.asarray(hidden), ref["hidden_last"], **TOL)
 
     # Right-padded row: 9 pads outnumber the Gemma sliding window of 8 (the -inf NaN trap).
     mask = ref["padded_attention_mask"]
-    padded = np.asarray(model(jnp.asarray(ref["padded_input_ids"]), jnp.asarray(mask)))
+    padded = np.asarray(_forward(model, jnp.asarray(ref["padded_input_ids"]), jnp.asarray(mask)))
     assert np.isfinite(padded).all()
     valid = mask.astype(bool)
     np.testing.assert_allclose(padded[valid], ref["padded_logits"][valid], **TOL)
@@ -149,7 +159,7 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     reloaded = load_pretrained(tmp_path / "out")
     assert reloaded.config == model.config
     ids = jnp.arange(10)[None] % model.config.vocab_size
-    np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(_forward(reloaded, ids)), np.asarray(_forward(model, ids)))
 
 
 def test_builtin_model_runs_and_round_trips(tmp_path):
@@ -157,7 +167,7 @@ def test_builtin_model_runs_and_round_trips(tmp_path):
     model = create_model(config, rngs=nnx.Rngs(3))
     assert isinstance(model, CausalLM) and model.config is config
     ids = jnp.array([[1, 2, 3, 4], [0, 0, 5, 6]])
-    logits = model(ids, jnp.array([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    logits = _forward(model, ids, jnp.array([[1, 1, 1, 1], [0, 0, 1, 1]]))
     assert logits.shape == (2, 4, 100) and logits.dtype == jnp.float32
     save_pretrained(model, tmp_path / "tiny")
     reloaded = load_pretrained(tmp_path / "tiny")
@@ -171,10 +181,10 @@ def test_left_padded_rows_match_unpadded_rows():
     """Default positions count real tokens, so a left-padded row equals the same row unpadded."""
     model = load_pretrained(HF_REFERENCE / "gemma3-text")
     ids = np.asarray(np.load(HF_REFERENCE / "gemma3-text" / "reference.npz")["input_ids"][:1, :14])
-    alone = np.asarray(model(jnp.asarray(ids)))
+    alone = np.asarray(_forward(model, jnp.asarray(ids)))
     padded = np.concatenate([np.zeros((1, 10), ids.dtype), ids], axis=1)  # 10 pads > window 8
     mask = np.concatenate([np.zeros((1, 10)), np.ones((1, 14))], axis=1).astype(np.int32)
-    out = np.asarray(model(jnp.asarray(padded), jnp.asarray(mask)))
+    out = np.asarray(_forward(model, jnp.asarray(padded), jnp.asarray(mask)))
     np.testing.assert_allclose(out[:, 10:], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -183,12 +193,12 @@ def test_kv_cache_steps_match_full_forward(name):
     """Prefill with a cache, then one token at a time: same logits as one full forward."""
     model = load_pretrained(HF_REFERENCE / name)
     ids = jnp.asarray(np.load(HF_REFERENCE / name / "reference.npz")["input_ids"][:, :20])
-    full = np.asarray(model(ids))
+    full = np.asarray(_forward(model, ids))
     cache = model.init_cache(batch=2, max_len=32)
-    logits, cache = model(ids[:, :5], cache=cache)
+    logits, cache = _forward_cached(model, ids[:, :5], cache)
     steps = [np.asarray(logits)]
     for t in range(5, 20):
-        logits, cache = model(ids[:, t : t + 1], cache=cache)
+        logits, cache = _forward_cached(model, ids[:, t : t + 1], cache)
         steps.append(np.asarray(logits))
     assert int(cache.index) == 20
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
@@ -198,6 +208,6 @@ def test_bfloat16_load_keeps_dtype_and_stays_close():
     ref = np.load(HF_REFERENCE / "llama3-gqa" / "reference.npz")
     model = load_pretrained(HF_REFERENCE / "llama3-gqa", dtype=jnp.bfloat16)
     assert model.model.layers[0].self_attn.q_proj.kernel.get_value().dtype == jnp.bfloat16
-    logits = model(jnp.asarray(ref["input_ids"]))
+    logits = _forward(model, jnp.asarray(ref["input_ids"]))
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=0.1)

@@ -282,6 +282,26 @@ class CausalLM(nnx.Module):
         [B, T, E] (the lm_head input); with ``cache`` also the updated cache, in that order:
         ``logits``, ``(logits, hidden)``, ``(logits, cache)`` or ``(logits, hidden, cache)``.
         """
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions, cache=cache)
+        outputs: list[Any] = [self.logits(hidden)]
+        if return_hidden:
+            outputs.append(hidden)
+        if cache is not None:
+            outputs.append(new_cache)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm outputs [B, T, E] (apply ``logits`` to get logits) and the updated cache (or None).
+
+        Use it to compute logits for a few positions only (generation's prefill) or in chunks.
+        """
         c = self.config
         B, T = input_ids.shape
         new_mask_bt = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -310,14 +330,10 @@ class CausalLM(nnx.Module):
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])
         hidden = self.model.norm(x)
-        logits = self.logits(hidden)
-
-        outputs: list[Any] = [logits]
-        if return_hidden:
-            outputs.append(hidden)
-        if cache is not None:
-            outputs.append(KVCache(tuple(new_keys), tuple(new_values), key_mask_bs, (start + T).astype(jnp.int32)))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if cache is None:
+            return hidden, None
+        index = (start + T).astype(jnp.int32)
+        return hidden, KVCache(tuple(new_keys), tuple(new_values), key_mask_bs, index)
 
     def logits(self, hidden_bte: jax.Array) -> jax.Array:
         """LM head (tied or not) and final soft-capping on final-norm outputs; float32."""

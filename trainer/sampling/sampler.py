@@ -1,0 +1,210 @@
+"""Batched generation with a KV cache: greedy, temperature, top-k, top-p; jitted with bucketed shapes.
+
+Prompts are left-padded (real tokens flush right), so every row's next token is written at the
+same cache slot. Prompt length and the number of new tokens are rounded up to buckets (powers of
+two), so prompts of different lengths reuse one compiled program; the decode loop is a
+``lax.while_loop`` that stops early once every row has produced an EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What ``generate`` returns.
+
+    tokens [B, N] int32: the new tokens; ``pad_id`` after a row has finished.
+    logprobs [B, N] float32: log-probability of each sampled token under the model's raw logits,
+        i.e. ``log_softmax(logits)[token]`` at temperature 1 with no top-k/top-p filtering (what a
+        training forward pass computes for the same token); 0 where ``mask`` is False.
+    mask [B, N] bool: True for generated tokens up to and including the first EOS.
+    lengths [B] int32: number of True entries of ``mask`` per row.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits per row (ties with the k-th kept), others -inf."""
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def filter_top_p(logits: jax.Array, p: jax.Array | float) -> jax.Array:
+    """Nucleus filter: keep the smallest set of top tokens whose probability reaches p (at least one)."""
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < p
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_token(
+    logits_bv: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array | float,
+    top_p: jax.Array | float,
+    *,
+    greedy: bool,
+    top_k: int | None,
+    use_top_p: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """(token [B] int32, log_softmax(logits)[token] [B]) for one step."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    if greedy:
+        token = jnp.argmax(logits_bv, axis=-1)
+    else:
+        scaled = logits_bv / temperature
+        if top_k is not None:
+            scaled = filter_top_k(scaled, top_k)
+        if use_top_p:
+            scaled = filter_top_p(scaled, top_p)
+        token = jax.random.categorical(key, scaled, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logp
+
+
+def _left_pad(
+    prompt_ids: Any, prompt_mask: Any, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as [B, P] ids and mask; ragged lists are left-padded here."""
+    if isinstance(prompt_ids, (list, tuple)) and prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask is only for a [batch, len] array; a list of lists needs none")
+        width = max(len(p) for p in prompt_ids)
+        ids = np.full((len(prompt_ids), width), pad_id, np.int32)
+        mask = np.zeros((len(prompt_ids), width), np.int32)
+        for row, p in enumerate(prompt_ids):
+            if len(p):
+                ids[row, width - len(p) :] = p
+                mask[row, width - len(p) :] = 1
+        return ids, mask
+    ids = np.asarray(prompt_ids, np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"prompt_ids must be [batch, len], got shape {ids.shape}")
+    mask = np.ones_like(ids) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"prompt_mask shape {mask.shape} differs from prompt_ids shape {ids.shape}")
+    return ids, mask
+
+
+def generate(
+    model: nnx.Module,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    seed: int | jax.Array = 0,
+    prompt_mask: Any = None,
+    *,
+    pad_id: int = 0,
+) -> Generation:
+    """Generate up to ``max_new_tokens`` tokens for a batch of prompts.
+
+    prompt_ids: [B, P] left-padded ids with ``prompt_mask`` (1 = real; default all real), or a
+    list of token lists of different lengths. temperature 0 is greedy (argmax); otherwise sample
+    from softmax(logits / temperature) after top-k then top-p filtering. A row stops after its
+    first token in ``eos_id`` (an id or several). ``seed``: an int or a JAX PRNG key.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    ids, mask = _left_pad(prompt_ids, prompt_mask, pad_id)
+    if not mask[:, -1].all():
+        raise ValueError("prompts must be left-padded: the last column of prompt_mask has padding")
+    batch, length = ids.shape
+    prompt_len = bucket(length, MIN_PROMPT_BUCKET)
+    new_len = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    ids = np.pad(ids, ((0, 0), (prompt_len - length, 0)), constant_values=pad_id)
+    mask = np.pad(mask, ((0, 0), (prompt_len - length, 0)))
+    eos = np.asarray([-1] if eos_id is None else np.atleast_1d(eos_id), np.int32)
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    vocab = model.config.vocab_size
+    graphdef, state = nnx.split(model)
+    out = _generate_jit(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.asarray(max_new_tokens, jnp.int32),
+        key,
+        jnp.asarray(max(temperature, 1e-6), jnp.float32),
+        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        jnp.asarray(eos),
+        jnp.asarray(pad_id, jnp.int32),
+        new_len=new_len,
+        greedy=temperature == 0.0,
+        top_k=None if top_k is None or top_k >= vocab else int(top_k),
+        use_top_p=top_p is not None and top_p < 1.0,
+    )
+    n = max_new_tokens
+    return Generation(out.tokens[:, :n], out.logprobs[:, :n], out.mask[:, :n], out.lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_len", "greedy", "top_k", "use_top_p"))
+def _generate_jit(graphdef, state, ids, mask, max_new, key, temperature, top_p, eos, pad_id, *, new_len, greedy, top_k, use_top_p):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, prompt_len + new_len)
+    hidden, cache = model.hidden_states(ids, mask, cache=cache)
+    logits = model.logits(hidden[:, -1:])[:, 0]  # only the last position: vocab x prompt would be large
+
+    def cond(carry):
+        i, _, _, _, _, _, done = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, logits, tokens, logps, valid, done = carry
+        token, logp = sample_token(
+            logits, jax.random.fold_in(key, i), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
+        )
+        live = ~done
+        token = jnp.where(live, token, pad_id)
+        tokens = tokens.at[:, i].set(token)
+        logps = logps.at[:, i].set(jnp.where(live, logp, 0.0))
+        valid = valid.at[:, i].set(live)
+        done = done | jnp.isin(token, eos)
+        hidden, cache = model.hidden_states(token[:, None], cache=cache)
+        return i + 1, cache, model.logits(hidden)[:, 0], tokens, logps, valid, done
+
+    carry = (
+        jnp.zeros((), jnp.int32),
+        cache,
+        logits,
+        jnp.full((batch, new_len), pad_id, jnp.int32),
+        jnp.zeros((batch, new_len), jnp.float32),
+        jnp.zeros((batch, new_len), bool),
+        jnp.zeros((batch,), bool),
+    )
+    _, _, _, tokens, logps, valid, _ = jax.lax.while_loop(cond, body, carry)
+    return Generation(tokens, logps, valid, jnp.sum(valid, axis=-1, dtype=jnp.int32))
