@@ -22,7 +22,13 @@ import kopf
 from kubernetes import client, config
 from posttrain.operator import render as r
 from posttrain.operator import status as st
-from posttrain.operator.reconcile import JOBSET_GROUP, JOBSET_PLURAL, JOBSET_VERSION, Operator
+from posttrain.operator.reconcile import (
+    JOBSET_GROUP,
+    JOBSET_PLURAL,
+    JOBSET_VERSION,
+    Operator,
+    Retry,
+)
 
 from posttrain.api import GROUP, PLURAL, VERSION
 
@@ -73,7 +79,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def reconcile(namespace: str | None, name: str, **_: Any) -> None:
     assert namespace is not None  # PostTrainJobs are namespaced
-    operator().reconcile(namespace, name)
+    try:
+        operator().reconcile(namespace, name)
+    except Retry as err:
+        raise kopf.TemporaryError(str(err), delay=5) from None
 
 
 @kopf.on.event(JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL, labels={r.JOB_LABEL: kopf.PRESENT})

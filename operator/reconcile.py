@@ -128,6 +128,8 @@ class Operator:
                     self._sync(body, job=None, errors=[why])
                     return
                 log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
+            if not owned_by(existing, body):
+                raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
             self._ensure_suspend(job, existing)
             self._sync(body, job=job)
 
@@ -218,6 +220,8 @@ class Operator:
         else:
             if children is None:
                 jobset = self.get_jobset(namespace, name)
+                if jobset is not None and not owned_by(jobset, body):
+                    jobset = None  # an earlier job's, on its way out (garbage collector)
                 pods = self.list_pods(namespace, name) if jobset else []
             else:
                 jobset, pods = children
@@ -262,6 +266,16 @@ class Operator:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status}
         )
+
+
+class Retry(Exception):
+    """Not yet: try again in a few seconds (the handlers turn it into kopf's TemporaryError)."""
+
+
+def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
+    uid = (owner.get("metadata") or {}).get("uid")
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
 
 
 def job_manifest(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""The small pure parts of reconcile.py (the rest runs against the real API server in
+test_cluster.py)."""
+
+from __future__ import annotations
+
+from posttrain.operator.reconcile import job_manifest, owned_by
+
+from posttrain.api import parse_job
+
+from .test_render import BASE
+
+
+def test_job_manifest_drops_status_and_bookkeeping() -> None:
+    body = {
+        **BASE,
+        "metadata": {
+            **BASE["metadata"],
+            "resourceVersion": "7",
+            "managedFields": [{"manager": "kubectl"}],
+            "annotations": {"a": "b"},
+        },
+        "status": {"phase": "Running", "somethingKopfWrote": {}},
+    }
+    manifest = job_manifest(body)
+    assert "status" not in manifest
+    assert set(manifest["metadata"]) == {"name", "namespace", "uid", "annotations"}
+    assert parse_job(manifest).metadata.name == "t"
+
+
+def test_owned_by_needs_the_controller_reference_with_the_uid() -> None:
+    owner = {"metadata": {"uid": "u1"}}
+    mine = {"metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}}
+    other = {"metadata": {"ownerReferences": [{"uid": "u0", "controller": True}]}}
+    assert owned_by(mine, owner) and not owned_by(other, owner) and not owned_by({}, owner)
