@@ -211,3 +211,31 @@ def test_bfloat16_load_keeps_dtype_and_stays_close():
     logits = _forward(model, jnp.asarray(ref["input_ids"]))
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=0.1)
+
+
+def test_lora_attaches_to_the_projections(tmp_path):
+    """nnx.LoRA and qwix's LoRA wrap the nnx.Linear projections; fresh adapters leave the logits unchanged."""
+    import qwix
+
+    config = builtin_config("tiny", vocab_size=64)
+    ids = jnp.arange(12)[None] % 64
+    model = create_model(config, rngs=nnx.Rngs(0))
+    base = np.asarray(_forward(model, ids))
+
+    rngs = nnx.Rngs(1)
+    for layer in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            proj = getattr(layer.self_attn, name)
+            lora = nnx.LoRA(proj.in_features, 4, proj.out_features, base_module=proj, rngs=rngs)
+            setattr(layer.self_attn, name, lora)
+    np.testing.assert_allclose(np.asarray(_forward(model, ids)), base, atol=1e-6)
+    assert len(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))) == 2 * 2 * config.num_layers
+    with pytest.raises(ValueError, match="LoRA parameters"):
+        save_pretrained(model, tmp_path / "x")
+
+    model = create_model(config, rngs=nnx.Rngs(0))
+    provider = qwix.LoraProvider(module_path=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", rank=4, alpha=8.0)
+    lora_model = qwix.apply_lora_to_model(model, provider, ids, rngs=nnx.Rngs(2))
+    np.testing.assert_allclose(np.asarray(_forward(lora_model, ids)), base, atol=1e-6)
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(lora_model, nnx.LoRAParam))}
+    assert "model.layers.1.mlp.down_proj.kernel_lora_b" in paths and len(paths) == 2 * 7 * config.num_layers

@@ -162,6 +162,12 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
 
     Every process must call it (parameters sharded across hosts are gathered); process 0 writes.
     """
+    adapters = [".".join(map(str, p)) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.LoRAParam)]
+    if adapters:
+        raise ValueError(
+            f"save_pretrained writes base weights only, but the model has LoRA parameters ({adapters[0]}, ...); "
+            "merge the adapters into the kernels first, or save the adapters with the training checkpoint"
+        )
     tensors: dict[str, np.ndarray] = {}
     for p, var in _base_params(model):
         name, transpose = hf_name(p)
