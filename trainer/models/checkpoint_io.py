@@ -135,9 +135,8 @@ def load_weights(
                 if got != expected:
                     raise ValueError(f"{source}: tensor {name} has shape {got}, the config needs {expected}")
                 host = np.asarray(f.get_tensor(name))
-                if transpose:
-                    host = host.T
-                host = host.astype(var.dtype)
+                # A transposed view, copied only when the dtype changes; device_put makes the one copy.
+                host = np.asarray(host.T if transpose else host, dtype=var.dtype)
                 var.set_value(_place(host, var, mesh, rules))
                 del host
 
