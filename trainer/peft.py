@@ -76,9 +76,9 @@ class QuantizedLinear(nnx.Module):
                 bias_metadata={"logical_axes": self.axes[1:]} if self.axes else {},
             )
         )
-        linear.kernel[...] = self.dequantized_kernel()
+        linear.kernel.set_value(self.dequantized_kernel())
         if self.bias is not None:
-            linear.bias[...] = self.bias[...]
+            linear.bias.set_value(self.bias[...])
         return linear
 
 

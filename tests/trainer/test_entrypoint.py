@@ -1,0 +1,95 @@
+"""`python -m posttrain.trainer` and `posttrain run` as a user starts them: real processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "loop_jobs", os.path.join(os.path.dirname(__file__), "loop_jobs.py")
+)
+jobs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(jobs)
+
+POSTTRAIN = [sys.executable, "-m", "posttrain.cli"]
+
+
+def test_unbuilt_algorithm_fails_fast_before_jax(tmp_path):
+    recipe = jobs.write_recipe(tmp_path, algorithm="dpo")
+    code = (
+        "import sys\n"
+        "from posttrain.trainer.__main__ import main\n"
+        f"rc = main(['--recipe', {recipe!r}, '--output', {str(tmp_path / 'out')!r}])\n"
+        "assert 'jax' not in sys.modules, 'jax was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "spec.algorithm: 'dpo' is not built" in proc.stderr
+    assert "built: sft" in proc.stderr
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    recipe = jobs.write_recipe(tmp_path, training={"steps": 4}, data={"eval": None})
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, n in ((one, 1), (two, 2)):
+        proc = subprocess.run(
+            [*POSTTRAIN, "run", recipe, "--output", str(out), "--processes", str(n)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "'fsdp': 2" in proc.stdout  # the two processes formed one 2-device mesh
+    a, b = jobs.losses(one), jobs.losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=2e-5)
+    assert (two / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_the_rerun_continues(tmp_path):
+    steps = 3000
+    recipe = jobs.write_recipe(
+        tmp_path,
+        data={"eval": None},
+        training={
+            "steps": steps,
+            "logEverySteps": 10,
+            "checkpoint": {"everySteps": 100000, "keep": 2},
+        },
+    )
+    out = tmp_path / "out"
+    cmd = [*POSTTRAIN, "run", recipe, "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert time.time() - sent < 60
+    saved = sorted(int(p) for p in os.listdir(out / "checkpoints") if p.isdigit())
+    assert len(saved) == 1 and 0 < saved[0] < steps, output
+    assert "checkpoint saved" in output
+    assert not (out / "final").exists()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed from checkpoint step {saved[0]}" in rerun.stdout
+    logged = [r["step"] for r in jobs.metrics(out) if "loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == steps  # continued, nothing repeated
+    assert (out / "final" / "model.safetensors").exists()
