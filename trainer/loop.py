@@ -62,13 +62,15 @@ def make_mesh(job: PostTrainJob) -> Mesh:
 
 
 def load_tokenizer(model: ModelSpec) -> Any:
+    """The built-in character tokenizer for ``builtin:`` models, else the HF tokenizer beside the
+    weights (or at ``spec.model.tokenizer``), both seen through ``data/text.py``'s interface."""
     if model.base.startswith(BUILTIN) and model.tokenizer is None:
         from posttrain.trainer.tasks.chars import CharTokenizer
 
         return CharTokenizer()
-    from posttrain.trainer.tokenizer import Tokenizer  # the models helper's HF tokenizer
+    from posttrain.trainer.data.text import HfTokenizer
 
-    return Tokenizer.from_pretrained(model.tokenizer or model.base)
+    return HfTokenizer(model.tokenizer or model.base)
 
 
 def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> nnx.Module:

@@ -123,3 +123,24 @@ def test_source_order_is_seeded_and_resumable():
     # an epoch visits every example once
     seen = np.concatenate(first + later[:1])[:, 1][:10]
     assert sorted(seen.tolist()) == list(range(3, 13))
+
+
+def test_messages_with_a_hugging_face_chat_template(tmp_path):
+    from posttrain.trainer.data.text import HfTokenizer
+
+    tok = HfTokenizer("tests/fixtures/tokenizer")
+    row = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    (ex,) = sft.load_examples(path, tok, data_spec(path, max_length=64, max_prompt_length=32)).examples
+    trained = [t for t, m in zip(ex.tokens, ex.loss, strict=True) if m]
+    # both assistant turns with the template's own end of turn (<|eos|>), nothing of the user's
+    assert tok.decode(trained, skip_special_tokens=False).replace(" ", "") == "hello<|eos|>\nciao<|eos|>\n"
+    assert ex.tokens.count(tok.eos_token_id) == 4  # no extra EOS appended: the template ends turns
+    assert ex.tokens[0] == tok.bos_token_id

@@ -2,12 +2,12 @@
 
 ``sft_loss`` is the maths on arrays; ``build`` wires the data (``trainer/data/sft.py``) and, when
 ``spec.data.eval`` has prompt/completion rows, a final exact-match accuracy by greedy generation
-on those prompts (for the shipped arithmetic task this is the task accuracy).
+on those prompts with the shared sampler (for the shipped arithmetic task: the task accuracy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ from flax import nnx
 from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, token_logprobs
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.data.readers import BadRow, read_rows
+from posttrain.trainer.sampling import generate
 
 MAX_ACCURACY_PROMPTS = 256
 
@@ -33,42 +34,6 @@ def sft_loss(logp_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, Metr
 def loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
     logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
     return sft_loss(logp, batch["loss_weights"])
-
-
-def greedy_complete(
-    model: nnx.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    pad_id: int,
-    eos_id: int,
-) -> list[list[int]]:
-    """Greedy continuations (without the prompt), cut at EOS. Left-padded prompts; the whole
-    sequence is re-run for each new token (no KV cache): fine for the short evaluation prompts here."""
-    P = max(len(p) for p in prompts)
-    T = P + max_new_tokens
-    ids = np.full((len(prompts), T), pad_id, np.int32)
-    mask = np.zeros((len(prompts), T), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) : P] = p
-        mask[i, P - len(p) : P] = 1
-
-    @jax.jit
-    def next_token(state, ids, mask, t):  # t traced: one compilation for every position
-        logits = nnx.merge(*state)(ids, mask)
-        last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
-        return jnp.argmax(last, axis=-1).astype(jnp.int32)
-
-    state = nnx.split(model)
-    ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
-    for t in range(P, T):
-        tok = next_token(state, ids_j, mask_j, jnp.int32(t))
-        ids_j = ids_j.at[:, t].set(tok)
-        mask_j = mask_j.at[:, t].set(1)
-    out = []
-    for row in np.asarray(ids_j)[:, P:].tolist():
-        out.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return out
 
 
 def build(ctx: Context) -> Algorithm:
@@ -112,10 +77,12 @@ def build(ctx: Context) -> Algorithm:
                 bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
                 prompts = [bos + tok.encode(p) for p, _ in pairs]
                 longest = max(len(tok.encode(a)) for _, a in pairs) + 1
-                outs = greedy_complete(
-                    model, prompts, max_new_tokens=longest, pad_id=pad_id, eos_id=tok.eos_token_id
+                gen = generate(
+                    model, prompts, longest, temperature=0.0, eos_id=tok.eos_token_id, pad_id=pad_id
                 )
-                texts = [tok.decode(o) for o in outs]
+                tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+                # decode skips special tokens, so the EOS that ends an answer is not part of it
+                texts = [tok.decode(tokens[i][mask[i]].tolist()) for i in range(len(prompts))]
                 hits = [txt.strip() == a.strip() for txt, (_, a) in zip(texts, pairs, strict=True)]
                 for (p, a), txt in list(zip(pairs, texts, strict=True))[:3]:
                     ctx.log(f"  {p!r} -> {txt!r} (expected {a!r})")
