@@ -130,7 +130,9 @@ def list_dir(path: str, *, recursive: bool = False) -> list[str]:
 
 
 def cache_root() -> str:
-    return os.environ.get("POSTTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "posttrain"))
+    return os.environ.get(
+        "POSTTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "posttrain")
+    )
 
 
 def download_dir(
@@ -179,7 +181,9 @@ def local_path(path: str, *, allow_patterns: Sequence[str] | None = None) -> str
         from huggingface_hub import snapshot_download
 
         repo, _, revision = path[len(HF_PREFIX) :].partition("@")
-        return snapshot_download(repo, revision=revision or None, allow_patterns=list(allow_patterns or []) or None)
+        return snapshot_download(
+            repo, revision=revision or None, allow_patterns=list(allow_patterns or []) or None
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     return path

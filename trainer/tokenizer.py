@@ -19,13 +19,22 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
-
 from posttrain.trainer import storage
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.43 may save the template beside the config
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+CHAT_TEMPLATE_FILE = (
+    "chat_template.jinja"  # transformers >= 4.43 may save the template beside the config
+)
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 def _token_str(value: Any) -> str | None:
@@ -50,8 +59,16 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators=None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -70,8 +87,18 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' ``clean_up_tokenization`` (applied on decode when the config asks for it)."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
@@ -99,7 +126,9 @@ class Tokenizer:
         local = storage.local_path(str(path), allow_patterns=("*.json", "*.jinja"))
         tok_file = os.path.join(local, TOKENIZER_FILE)
         if not os.path.exists(tok_file):
-            raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} (only fast tokenizers are supported)")
+            raise FileNotFoundError(
+                f"{path}: no {TOKENIZER_FILE} (only fast tokenizers are supported)"
+            )
         config: dict[str, Any] = {}
         if os.path.exists(os.path.join(local, TOKENIZER_CONFIG_FILE)):
             with open(os.path.join(local, TOKENIZER_CONFIG_FILE)) as f:
@@ -154,15 +183,26 @@ class Tokenizer:
         """Token ids of ``text``; ``add_special_tokens`` applies tokenizer.json's post-processor (e.g. BOS)."""
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = False
+    ) -> list[list[int]]:
+        return [
+            e.ids
+            for e in self._tokenizer.encode_batch(
+                list(texts), add_special_tokens=add_special_tokens
+            )
+        ]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; like transformers, special tokens are kept unless asked otherwise."""
-        text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self._tokenizer.decode(
+            [int(i) for i in ids], skip_special_tokens=skip_special_tokens
+        )
         return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
-    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+    def decode_batch(
+        self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False
+    ) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
     # ------------------------------------------------------------------ chat
@@ -182,7 +222,9 @@ class Tokenizer:
         Extra keyword arguments become template variables (e.g. ``enable_thinking=False``).
         """
         if self._template is None:
-            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)")
+            raise ValueError(
+                "this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)"
+            )
         text = self._template.render(
             messages=list(messages),
             tools=tools,

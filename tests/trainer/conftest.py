@@ -34,7 +34,9 @@ def gcs_emulator():
     from posttrain.trainer import storage
 
     port = _free_port()
-    server = server_mod.create_server("127.0.0.1", port, in_memory=True, default_bucket="test-bucket")
+    server = server_mod.create_server(
+        "127.0.0.1", port, in_memory=True, default_bucket="test-bucket"
+    )
     server.start()
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"

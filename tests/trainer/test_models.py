@@ -6,14 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
-
 from posttrain.trainer.models import (
     SUPPORTED_MODEL_TYPES,
     CausalLM,
@@ -23,6 +19,8 @@ from posttrain.trainer.models import (
     load_pretrained,
     save_pretrained,
 )
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
 MODEL_FIXTURES = (
@@ -85,7 +83,10 @@ def test_both_config_layouts_parse_to_the_same_config(name):
 
 
 def test_family_features_are_parsed():
-    cfg = {n: ModelConfig.from_json_file(str(HF_REFERENCE / n / "config.legacy.json")) for n in MODEL_FIXTURES}
+    cfg = {
+        n: ModelConfig.from_json_file(str(HF_REFERENCE / n / "config.legacy.json"))
+        for n in MODEL_FIXTURES
+    }
     assert cfg["llama3-gqa"].rope.type == "llama3" and cfg["llama3-gqa"].rope.factor == 8.0
     assert cfg["qwen2-bias-tied"].qkv_bias and not cfg["qwen2-bias-tied"].o_bias
     assert cfg["qwen3-qknorm"].qk_norm and cfg["qwen3-qknorm"].head_dim == 32
@@ -93,7 +94,11 @@ def test_family_features_are_parsed():
     assert g3.layer_types == ("sliding_attention", "full_attention") * 2
     assert (g3.rope.theta, g3.rope_local.theta) == (1e6, 1e4)
     g2 = cfg["gemma2-softcap-active"]
-    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.attention_scale) == (50.0, 30.0, 24**-0.5)
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.attention_scale) == (
+        50.0,
+        30.0,
+        24**-0.5,
+    )
 
 
 def test_unsupported_model_type_lists_supported_ones(tmp_path):
@@ -125,7 +130,9 @@ def _fixture_copy(tmp_path: Path, name: str, edit) -> Path:
 
 def test_missing_tensor_is_named(tmp_path):
     name = "model.layers.1.self_attn.k_proj.bias"
-    folder = _fixture_copy(tmp_path, "qwen2-bias-tied", lambda t: {k: v for k, v in t.items() if k != name})
+    folder = _fixture_copy(
+        tmp_path, "qwen2-bias-tied", lambda t: {k: v for k, v in t.items() if k != name}
+    )
     with pytest.raises(KeyError, match=rf"{name} \(32,\)"):
         load_pretrained(folder)
 
@@ -159,7 +166,9 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     reloaded = load_pretrained(tmp_path / "out")
     assert reloaded.config == model.config
     ids = jnp.arange(10)[None] % model.config.vocab_size
-    np.testing.assert_array_equal(np.asarray(_forward(reloaded, ids)), np.asarray(_forward(model, ids)))
+    np.testing.assert_array_equal(
+        np.asarray(_forward(reloaded, ids)), np.asarray(_forward(model, ids))
+    )
 
 
 def test_builtin_model_runs_and_round_trips(tmp_path):
@@ -234,11 +243,20 @@ def test_lora_attaches_to_the_projections(tmp_path):
         save_pretrained(model, tmp_path / "x")
 
     model = create_model(config, rngs=nnx.Rngs(0))
-    provider = qwix.LoraProvider(module_path=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", rank=4, alpha=8.0)
+    provider = qwix.LoraProvider(
+        module_path=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        rank=4,
+        alpha=8.0,
+    )
     lora_model = qwix.apply_lora_to_model(model, provider, ids, rngs=nnx.Rngs(2))
     np.testing.assert_allclose(np.asarray(_forward(lora_model, ids)), base, atol=1e-6)
-    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(lora_model, nnx.LoRAParam))}
-    assert "model.layers.1.mlp.down_proj.kernel_lora_b" in paths and len(paths) == 2 * 7 * config.num_layers
+    paths = {
+        ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(lora_model, nnx.LoRAParam))
+    }
+    assert (
+        "model.layers.1.mlp.down_proj.kernel_lora_b" in paths
+        and len(paths) == 2 * 7 * config.num_layers
+    )
 
 
 def test_sharded_checkpoint_index_loads(tmp_path):
@@ -246,11 +264,16 @@ def test_sharded_checkpoint_index_loads(tmp_path):
     name = "qwen3-qknorm"
     tensors = load_file(str(HF_REFERENCE / name / "model.safetensors"))
     keys = sorted(tensors)
-    parts = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    parts = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     for file, part in parts.items():
         save_file({k: tensors[k] for k in part}, str(tmp_path / file), metadata={"format": "pt"})
     weight_map = {k: file for file, part in parts.items() for k in part}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     shutil.copy(HF_REFERENCE / name / "config.json", tmp_path / "config.json")
     ref = np.load(HF_REFERENCE / name / "reference.npz")
     logits = _forward(load_pretrained(tmp_path), jnp.asarray(ref["input_ids"]))
@@ -261,7 +284,9 @@ def test_load_streams_tensor_by_tensor(tmp_path):
     """Host memory during a load stays near one tensor, far below the checkpoint size."""
     import tracemalloc
 
-    config = builtin_config("small", vocab_size=2048, hidden_size=256, intermediate_size=1024, tie_word_embeddings=False)
+    config = builtin_config(
+        "small", vocab_size=2048, hidden_size=256, intermediate_size=1024, tie_word_embeddings=False
+    )
     save_pretrained(create_model(config, rngs=nnx.Rngs(0)), tmp_path)
     total = (tmp_path / "model.safetensors").stat().st_size
     largest = 2048 * 256 * 4
@@ -271,5 +296,7 @@ def test_load_streams_tensor_by_tensor(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert total > 15e6
-    assert peak < 2 * largest, f"peak host allocation {peak / 1e6:.1f} MB for a {total / 1e6:.1f} MB checkpoint"
+    assert peak < 2 * largest, (
+        f"peak host allocation {peak / 1e6:.1f} MB for a {total / 1e6:.1f} MB checkpoint"
+    )
     assert model.lm_head.kernel.get_value().shape == (256, 2048)

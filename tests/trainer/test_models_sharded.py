@@ -15,8 +15,12 @@ HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
 
 
 def test_sharded_equals_unsharded_on_four_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "sharded checks passed" in proc.stdout
 
@@ -27,7 +31,6 @@ def _main() -> None:
     import numpy as np
     from flax import nnx
     from jax.sharding import PartitionSpec as P
-
     from posttrain.trainer.models import (
         builtin_config,
         create_model,
@@ -56,10 +59,14 @@ def _main() -> None:
         plain = load_pretrained(HF_REFERENCE / name)
         sharded = load_pretrained(HF_REFERENCE / name, mesh=mesh)
         attn = sharded.model.layers[0].self_attn
-        assert attn.q_proj.kernel.get_value().sharding.spec == P("fsdp", "tensor"), attn.q_proj.kernel.get_value().sharding
+        assert attn.q_proj.kernel.get_value().sharding.spec == P("fsdp", "tensor"), (
+            attn.q_proj.kernel.get_value().sharding
+        )
         assert attn.o_proj.kernel.get_value().sharding.spec == P("tensor", "fsdp")
         assert sharded.model.embed_tokens.embedding.get_value().sharding.spec == P("tensor", "fsdp")
-        ids = jax.device_put(jnp.asarray(ref["padded_input_ids"]), jax.NamedSharding(mesh, P(("data", "fsdp"))))
+        ids = jax.device_put(
+            jnp.asarray(ref["padded_input_ids"]), jax.NamedSharding(mesh, P(("data", "fsdp")))
+        )
         mask = jnp.asarray(ref["padded_attention_mask"])
         want = np.asarray(forward(plain, jnp.asarray(ref["padded_input_ids"]), mask))
         got = np.asarray(forward(sharded, ids, mask))
@@ -75,7 +82,9 @@ def _main() -> None:
     before = np.asarray(forward(model, ids, None))
     shard_model(model, mesh)
     specs = param_shardings(model, mesh)
-    assert specs["model"]["layers"][0]["mlp"]["down_proj"]["kernel"].get_value().spec == P("tensor", "fsdp")
+    assert specs["model"]["layers"][0]["mlp"]["down_proj"]["kernel"].get_value().spec == P(
+        "tensor", "fsdp"
+    )
     assert model.model.layers[0].mlp.up_proj.kernel.get_value().sharding.spec == P("fsdp", "tensor")
     np.testing.assert_allclose(np.asarray(forward(model, ids, None)), before, atol=1e-5, rtol=1e-5)
     print("sharded checks passed")

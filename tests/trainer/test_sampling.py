@@ -9,10 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from posttrain.trainer.models import builtin_config, create_model, load_pretrained
-from posttrain.trainer.sampling import bucket, filter_top_k, filter_top_p, generate
-from posttrain.trainer.sampling import sampler
+from posttrain.trainer.sampling import bucket, filter_top_k, filter_top_p, generate, sampler
 
 HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
 MODEL_FIXTURES = (
@@ -50,7 +48,9 @@ def test_left_padded_batch_equals_each_prompt_alone(llama):
     for row, prompt in enumerate(prompts):
         alone = generate(llama, [prompt], max_new_tokens=10)
         np.testing.assert_array_equal(np.asarray(batched.tokens[row]), np.asarray(alone.tokens[0]))
-        np.testing.assert_allclose(np.asarray(batched.logprobs[row]), np.asarray(alone.logprobs[0]), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(batched.logprobs[row]), np.asarray(alone.logprobs[0]), atol=1e-5
+        )
 
 
 def test_prompt_lengths_within_a_bucket_compile_once(tiny):
@@ -118,7 +118,9 @@ def test_filters_match_numpy_reference():
         probs /= probs.sum(-1, keepdims=True)
         for row in range(4):
             order = np.argsort(-probs[row])
-            n_keep = int(np.searchsorted(np.cumsum(probs[row][order]), p) + 1)  # smallest set reaching p
+            n_keep = int(
+                np.searchsorted(np.cumsum(probs[row][order]), p) + 1
+            )  # smallest set reaching p
             want = np.zeros(50, bool)
             want[order[:n_keep]] = True
             np.testing.assert_array_equal(got[row], want)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from posttrain.trainer import storage
 from posttrain.trainer.models import load_pretrained, save_pretrained
 from posttrain.trainer.tokenizer import Tokenizer
@@ -69,10 +68,10 @@ def test_model_and_tokenizer_from_gcs(gcs_emulator, tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=1e-4)
 
     save_pretrained(model, f"gs://{gcs_emulator}/models/qwen2-copy")
-    assert storage.read_bytes(f"gs://{gcs_emulator}/models/qwen2-copy/model.safetensors") == (
-        fixture / "model.safetensors"
-    ).read_bytes()
+    assert (
+        storage.read_bytes(f"gs://{gcs_emulator}/models/qwen2-copy/model.safetensors")
+        == (fixture / "model.safetensors").read_bytes()
+    )
 
     tok = Tokenizer.from_pretrained(f"gs://{gcs_emulator}/tok")
     assert tok.eos_id == 2
-

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jinja2
 import pytest
-
 from posttrain.trainer.tokenizer import Tokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer"
@@ -41,7 +40,10 @@ def test_encode_decode_match_transformers(tok, case):
 
 @pytest.mark.parametrize("chat", EXPECTED["chats"], ids=lambda c: f"{len(c['messages'])} messages")
 def test_chat_template_matches_transformers(tok, chat):
-    assert tok.apply_chat_template(chat["messages"], add_generation_prompt=True, tokenize=False) == chat["text"]
+    assert (
+        tok.apply_chat_template(chat["messages"], add_generation_prompt=True, tokenize=False)
+        == chat["text"]
+    )
     assert tok.apply_chat_template(chat["messages"], add_generation_prompt=True) == chat["ids"]
     assert (
         tok.apply_chat_template(chat["messages"], add_generation_prompt=False, tokenize=False)
@@ -69,6 +71,9 @@ def test_hf_template_semantics(tmp_path):
         "{% endfor %}"
     )
     tok = Tokenizer.from_pretrained(tmp_path)
-    text = tok.apply_chat_template([{"role": "user", "content": "Ça"}, {"role": "user", "content": "b"}],
-                                   tokenize=False, flag="on")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Ça"}, {"role": "user", "content": "b"}],
+        tokenize=False,
+        flag="on",
+    )
     assert text == '<|bos|>\n{"role": "user", "content": "Ça"}|on\n'

@@ -1,6 +1,11 @@
 """Decoder-only LMs in Flax NNX (Llama 3, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text) with HF checkpoint I/O."""
 
-from posttrain.trainer.models.checkpoint_io import hf_name, load_pretrained, load_weights, save_pretrained
+from posttrain.trainer.models.checkpoint_io import (
+    hf_name,
+    load_pretrained,
+    load_weights,
+    save_pretrained,
+)
 from posttrain.trainer.models.config import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,

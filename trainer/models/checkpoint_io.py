@@ -18,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
-from safetensors.numpy import save_file
-
 from posttrain.trainer import storage
 from posttrain.trainer.models.config import ModelConfig
 from posttrain.trainer.models.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 from posttrain.trainer.models.transformer import CausalLM
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,12 @@ def _weight_files(folder: str) -> dict[str, str]:
 
 
 def load_weights(
-    model: CausalLM, folder: str, *, mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES, source: str | None = None
+    model: CausalLM,
+    folder: str,
+    *,
+    mesh: Mesh | None = None,
+    rules=LOGICAL_AXIS_RULES,
+    source: str | None = None,
 ) -> None:
     """Fill every Param of ``model`` (abstract or concrete) from the safetensors in ``folder``."""
     source = source or folder
@@ -116,10 +120,16 @@ def load_weights(
     unexpected = sorted(
         n
         for n in set(files) - set(wanted)
-        if not n.endswith(_IGNORED_SUFFIXES) and not (n == "lm_head.weight" and model.config.tie_word_embeddings)
+        if not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and model.config.tie_word_embeddings)
     )
     if unexpected:
-        log.warning("%s: ignoring %d tensors the model does not use: %s", source, len(unexpected), unexpected[:10])
+        log.warning(
+            "%s: ignoring %d tensors the model does not use: %s",
+            source,
+            len(unexpected),
+            unexpected[:10],
+        )
 
     by_file: dict[str, list[str]] = {}
     for name in wanted:
@@ -133,7 +143,9 @@ def load_weights(
                 expected = _hf_shape(var, transpose)
                 got = tuple(f.get_slice(name).get_shape())
                 if got != expected:
-                    raise ValueError(f"{source}: tensor {name} has shape {got}, the config needs {expected}")
+                    raise ValueError(
+                        f"{source}: tensor {name} has shape {got}, the config needs {expected}"
+                    )
                 host = np.asarray(f.get_tensor(name))
                 # A transposed view, copied only when the dtype changes; device_put makes the one copy.
                 host = np.asarray(host.T if transpose else host, dtype=var.dtype)
@@ -161,7 +173,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
 
     Every process must call it (parameters sharded across hosts are gathered); process 0 writes.
     """
-    adapters = [".".join(map(str, p)) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.LoRAParam)]
+    adapters = [
+        ".".join(map(str, p)) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.LoRAParam)
+    ]
     if adapters:
         raise ValueError(
             f"save_pretrained writes base weights only, but the model has LoRA parameters ({adapters[0]}, ...); "

@@ -38,7 +38,9 @@ class RopeConfig:
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [head_dim // 2], float32, computed as transformers does."""
-        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(
+            head_dim
+        )
         inv = (1.0 / (np.float32(self.theta) ** exponent)).astype(np.float32)
         if self.type == "default":
             return inv
@@ -46,7 +48,9 @@ class RopeConfig:
             return (inv / np.float32(self.factor)).astype(np.float32)
         if self.type == "llama3":
             return _llama3_inv_freq(inv, self)
-        raise ValueError(f"rope type {self.type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        raise ValueError(
+            f"rope type {self.type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rope_theta": self.theta, "rope_type": self.type}
@@ -69,7 +73,9 @@ def _llama3_inv_freq(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     high_freq_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -100,7 +106,9 @@ class ModelConfig:
     norm_offset: bool = False  # Gemma: norm weights stored as w, applied as (1 + w)
     sandwich_norm: bool = False  # Gemma 2/3: extra norms after attention and around the MLP
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
-    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (else head_dim's)
+    query_pre_attn_scalar: float | None = (
+        None  # attention scale is its -1/2 power (else head_dim's)
+    )
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = False
@@ -119,21 +127,29 @@ class ModelConfig:
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_layers}")
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_layers}"
+            )
         bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if bad:
             raise ValueError(f"layer_types {bad} not supported; supported: {LAYER_TYPES}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
-            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+            raise ValueError(
+                "layer_types has sliding_attention layers but sliding_window is not set"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"activation {self.hidden_act!r} not supported; supported: {SUPPORTED_ACTIVATIONS}")
+            raise ValueError(
+                f"activation {self.hidden_act!r} not supported; supported: {SUPPORTED_ACTIVATIONS}"
+            )
         for rope in (self.rope, self.rope_local):
             if rope is not None and rope.type not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(f"rope_type {rope.type!r} not supported; supported: {SUPPORTED_ROPE_TYPES}")
+                raise ValueError(
+                    f"rope_type {rope.type!r} not supported; supported: {SUPPORTED_ROPE_TYPES}"
+                )
 
     @property
     def attention_scale(self) -> float:
@@ -148,7 +164,9 @@ class ModelConfig:
     def eos_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:
             return ()
-        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+        return (
+            (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+        )
 
     # ------------------------------------------------------------------ HF config.json
 
@@ -197,10 +215,14 @@ class ModelConfig:
             scale_embeddings=gemma,
             # Absent keys take transformers' defaults (Gemma 2 caps at 50 and 30, Gemma 3 does not cap).
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else None,
-            attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None)
+            attn_logit_softcapping=hf.get(
+                "attn_logit_softcapping", 50.0 if model_type == "gemma2" else None
+            )
             if gemma
             else None,
-            final_logit_softcapping=hf.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)
+            final_logit_softcapping=hf.get(
+                "final_logit_softcapping", 30.0 if model_type == "gemma2" else None
+            )
             if gemma
             else None,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
@@ -253,7 +275,9 @@ class ModelConfig:
             "attention_bias": self.qkv_bias,
             "mlp_bias": self.mlp_bias,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id)
+            if isinstance(self.eos_token_id, tuple)
+            else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "dtype": "float32",
         }
@@ -294,7 +318,9 @@ def _parse_rope(hf: Mapping[str, Any], model_type: str) -> tuple[RopeConfig, Rop
 def _rope_from(d: Mapping[str, Any], *, default_theta: float) -> RopeConfig:
     rope_type = d.get("rope_type") or d.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
     kwargs: dict[str, Any] = {"theta": float(d.get("rope_theta", default_theta)), "type": rope_type}
     if rope_type in ("linear", "llama3"):
         kwargs["factor"] = float(d["factor"])
@@ -311,20 +337,45 @@ def _parse_layer_types(hf: Mapping[str, Any], model_type: str, num_layers: int) 
     if hf.get("layer_types"):
         return tuple(hf["layer_types"])
     if model_type == "gemma2":  # alternate, starting with a sliding layer
-        return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
+        return tuple(
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+        )
     if model_type == "gemma3_text":  # layer i is global when (i + 1) % pattern == 0
         pattern = int(hf.get("sliding_window_pattern", 6))
-        return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers))
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        return tuple(
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(num_layers)
+        )
+    if (
+        model_type in ("qwen2", "qwen3")
+        and hf.get("use_sliding_window")
+        and hf.get("sliding_window")
+    ):
         start = int(hf.get("max_window_layers", num_layers))
-        return tuple("sliding_attention" if i >= start else "full_attention" for i in range(num_layers))
+        return tuple(
+            "sliding_attention" if i >= start else "full_attention" for i in range(num_layers)
+        )
     return ("full_attention",) * num_layers
 
 
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     # Llama-style, for local runs and tests: ~0.1M parameters plus the embeddings.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
-    "small": dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    ),
+    "small": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    ),
 }
 
 

@@ -43,14 +43,20 @@ def make_mesh(
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(
+            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into data={data} fsdp={fsdp} tensor={tensor}")
+            raise ValueError(
+                f"{len(devices)} devices do not divide into data={data} fsdp={fsdp} tensor={tensor}"
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, have {len(devices)}"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -86,7 +92,9 @@ def logical_to_spec(
 
 
 def param_shardings(
-    model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_AXIS_RULES
+    model: nnx.Module,
+    mesh: Mesh,
+    rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_AXIS_RULES,
 ) -> nnx.State:
     """An ``nnx.State`` of NamedShardings, one per Param, from its ``logical_axes`` metadata."""
     state = nnx.state(model, nnx.Param)
@@ -103,7 +111,9 @@ def param_shardings(
 
 
 def shard_model(
-    model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_AXIS_RULES
+    model: nnx.Module,
+    mesh: Mesh,
+    rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_AXIS_RULES,
 ) -> nnx.Module:
     """Move every Param of ``model`` onto ``mesh`` per ``rules`` (in place); returns the model."""
     shardings = param_shardings(model, mesh, rules)

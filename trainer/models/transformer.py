@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from posttrain.trainer.models.config import ModelConfig
-
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -91,7 +89,9 @@ class KVCache:
     index: jax.Array
 
     @classmethod
-    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    def create(
+        cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32
+    ) -> KVCache:
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(
@@ -109,7 +109,9 @@ class KVCache:
 # --------------------------------------------------------------------------- modules
 
 
-def _linear(d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(
+    d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype: Any, rngs: nnx.Rngs
+) -> nnx.Linear:
     return nnx.Linear(
         d_in,
         d_out,
@@ -140,8 +142,12 @@ class Attention(nnx.Module):
         c = config
         E, H, K, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = _linear(E, H * D, ("embed", "heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = _linear(E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = _linear(E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = _linear(
+            E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.v_proj = _linear(
+            E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs
+        )
         self.o_proj = _linear(H * D, E, ("heads", "embed"), bias=c.o_bias, dtype=dtype, rngs=rngs)
         if c.qk_norm:
             norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, axis="head_dim")
@@ -152,7 +158,9 @@ class Attention(nnx.Module):
         self.qk_norm = c.qk_norm
         self.scale = c.attention_scale
         self.logit_cap = c.attn_logit_softcapping
-        self.inv_freq = tuple(float(f) for f in c.rope_for(self.layer_type).inv_freq(D))  # static, hashable
+        self.inv_freq = tuple(
+            float(f) for f in c.rope_for(self.layer_type).inv_freq(D)
+        )  # static, hashable
 
     def __call__(
         self,
@@ -171,14 +179,20 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = np.asarray(self.inv_freq, np.float32)
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-        if kv is not None:  # write this step's keys/values at their slots, attend over the whole cache
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
+        if (
+            kv is not None
+        ):  # write this step's keys/values at their slots, attend over the whole cache
+            assert write_index is not None
+            at = (0, write_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)  # type: ignore[arg-type]
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)  # type: ignore[arg-type]
             new_kv = (k, v)
         else:
             new_kv = None
         q = q.reshape(B, T, K, H // K, D)  # query head h uses kv head h // G (grouped, not tiled)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        scores = (
+            jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        )
         scores = softcap(scores, self.logit_cap)
         # Most negative finite float, not -inf: a query whose window holds only padding then gets
         # uniform (ignored) weights instead of NaN, which would leak into valid positions via 0 * NaN.
@@ -242,7 +256,9 @@ class Transformer(nnx.Module):
             rngs=rngs,
             embedding_metadata={"logical_axes": ("vocab", "embed")},
         )
-        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_layers)])
+        self.layers = nnx.List(
+            [DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_layers)]
+        )
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
 
 
@@ -253,7 +269,14 @@ class CausalLM(nnx.Module):
         self.config = config
         self.model = Transformer(config, dtype=dtype, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
+            self.lm_head = _linear(
+                config.hidden_size,
+                config.vocab_size,
+                ("embed", "vocab"),
+                bias=False,
+                dtype=dtype,
+                rngs=rngs,
+            )
 
     @property
     def dtype(self) -> Any:
@@ -282,7 +305,9 @@ class CausalLM(nnx.Module):
         [B, T, E] (the lm_head input); with ``cache`` also the updated cache, in that order:
         ``logits``, ``(logits, hidden)``, ``(logits, cache)`` or ``(logits, hidden, cache)``.
         """
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions, cache=cache)
+        hidden, new_cache = self.hidden_states(
+            input_ids, attention_mask, positions=positions, cache=cache
+        )
         outputs: list[Any] = [self.logits(hidden)]
         if return_hidden:
             outputs.append(hidden)
@@ -304,7 +329,9 @@ class CausalLM(nnx.Module):
         """
         c = self.config
         B, T = input_ids.shape
-        new_mask_bt = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        new_mask_bt = (
+            jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        )
         if cache is not None:
             start = cache.index
             prior_bt = jnp.sum(cache.key_mask, axis=-1, keepdims=True)
@@ -344,6 +371,8 @@ class CausalLM(nnx.Module):
         return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
 
 
-def create_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32) -> CausalLM:
+def create_model(
+    config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
+) -> CausalLM:
     """A randomly initialised model (normal(0.02) weights, identity norms)."""
     return CausalLM(config, dtype=dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from posttrain.trainer.models import CausalLM
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 8
@@ -83,17 +84,23 @@ def sample_token(
         if use_top_p:
             scaled = filter_top_p(scaled, top_p)
         token = jax.random.categorical(key, scaled, axis=-1)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), token[:, None], axis=-1)[:, 0]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), token[:, None], axis=-1)[
+        :, 0
+    ]
     return token.astype(jnp.int32), logp
 
 
-def _left_pad(
-    prompt_ids: Any, prompt_mask: Any, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _left_pad(prompt_ids: Any, prompt_mask: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompts as [B, P] ids and mask; ragged lists are left-padded here."""
-    if isinstance(prompt_ids, (list, tuple)) and prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
+    if (
+        isinstance(prompt_ids, (list, tuple))
+        and prompt_ids
+        and isinstance(prompt_ids[0], (list, tuple))
+    ):
         if prompt_mask is not None:
-            raise ValueError("prompt_mask is only for a [batch, len] array; a list of lists needs none")
+            raise ValueError(
+                "prompt_mask is only for a [batch, len] array; a list of lists needs none"
+            )
         width = max(len(p) for p in prompt_ids)
         ids = np.full((len(prompt_ids), width), pad_id, np.int32)
         mask = np.zeros((len(prompt_ids), width), np.int32)
@@ -107,12 +114,14 @@ def _left_pad(
         raise ValueError(f"prompt_ids must be [batch, len], got shape {ids.shape}")
     mask = np.ones_like(ids) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
     if mask.shape != ids.shape:
-        raise ValueError(f"prompt_mask shape {mask.shape} differs from prompt_ids shape {ids.shape}")
+        raise ValueError(
+            f"prompt_mask shape {mask.shape} differs from prompt_ids shape {ids.shape}"
+        )
     return ids, mask
 
 
 def generate(
-    model: nnx.Module,
+    model: CausalLM,
     prompt_ids: Any,
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -172,12 +181,30 @@ def generate(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_len", "greedy", "top_k", "use_top_p"))
-def _generate_jit(graphdef, state, ids, mask, max_new, key, temperature, top_p, eos, pad_id, *, new_len, greedy, top_k, use_top_p):
+def _generate_jit(
+    graphdef,
+    state,
+    ids,
+    mask,
+    max_new,
+    key,
+    temperature,
+    top_p,
+    eos,
+    pad_id,
+    *,
+    new_len,
+    greedy,
+    top_k,
+    use_top_p,
+):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + new_len)
     hidden, cache = model.hidden_states(ids, mask, cache=cache)
-    logits = model.logits(hidden[:, -1:])[:, 0]  # only the last position: vocab x prompt would be large
+    logits = model.logits(hidden[:, -1:])[
+        :, 0
+    ]  # only the last position: vocab x prompt would be large
 
     def cond(carry):
         i, _, _, _, _, _, done = carry
@@ -186,7 +213,13 @@ def _generate_jit(graphdef, state, ids, mask, max_new, key, temperature, top_p, 
     def body(carry):
         i, cache, logits, tokens, logps, valid, done = carry
         token, logp = sample_token(
-            logits, jax.random.fold_in(key, i), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
+            logits,
+            jax.random.fold_in(key, i),
+            temperature,
+            top_p,
+            greedy=greedy,
+            top_k=top_k,
+            use_top_p=use_top_p,
         )
         live = ~done
         token = jnp.where(live, token, pad_id)
