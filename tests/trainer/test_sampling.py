@@ -129,3 +129,20 @@ def test_filters_match_numpy_reference():
 def test_right_padded_prompts_are_refused(tiny):
     with pytest.raises(ValueError, match="left-padded"):
         generate(tiny, np.array([[1, 2, 0]]), 4, prompt_mask=np.array([[1, 1, 0]]))
+
+
+def test_generation_sees_qwix_lora():
+    """qwix intercepts __call__ only; generation must go through it (non-zero adapters change tokens)."""
+    import qwix
+
+    model = create_model(builtin_config("tiny", vocab_size=64), rngs=nnx.Rngs(0))
+    prompt = list(range(1, 9))
+    provider = qwix.LoraProvider(module_path=r".*(q_proj|v_proj|down_proj)", rank=4, alpha=8.0)
+    lora = qwix.apply_lora_to_model(model, provider, jnp.asarray([prompt]), rngs=nnx.Rngs(1))
+    for _, var in nnx.to_flat_state(nnx.state(lora, nnx.LoRAParam)):
+        var.set_value(jnp.full_like(var.get_value(), 0.3))
+    out = generate(lora, [prompt], max_new_tokens=4)
+    seq = jnp.asarray([prompt + np.asarray(out.tokens[0]).tolist()])
+    logp = jax.nn.log_softmax(nnx.jit(lambda m, x: m(x))(lora, seq), axis=-1)[0]
+    want = [float(logp[7 + i, seq[0, 8 + i]]) for i in range(4)]
+    np.testing.assert_allclose(np.asarray(out.logprobs[0]), want, atol=1e-5)

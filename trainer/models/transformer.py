@@ -293,6 +293,7 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         """Forward pass.
 
@@ -300,14 +301,21 @@ class CausalLM(nnx.Module):
         positions [B, T]: RoPE positions; default: count of real tokens before each one (in the
         cache too), so left- and right-padded rows get 0, 1, 2, ... on their real tokens.
         cache: a KVCache; the T tokens are written at slots [cache.index, cache.index + T).
+        last_only: logits (and hidden) for the last position only, [B, 1, ...] (generation's
+        prefill: a [B, T, V] array would dwarf the rest for large vocabularies).
 
         Returns logits [B, T, V] float32; with ``return_hidden`` also the final-norm output
         [B, T, E] (the lm_head input); with ``cache`` also the updated cache, in that order:
         ``logits``, ``(logits, hidden)``, ``(logits, cache)`` or ``(logits, hidden, cache)``.
+
+        Generation and training go through this method only, so wrappers that intercept
+        ``__call__`` (qwix LoRA/quantization) apply to everything.
         """
         hidden, new_cache = self.hidden_states(
             input_ids, attention_mask, positions=positions, cache=cache
         )
+        if last_only:
+            hidden = hidden[:, -1:]
         outputs: list[Any] = [self.logits(hidden)]
         if return_hidden:
             outputs.append(hidden)
@@ -325,7 +333,7 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm outputs [B, T, E] (apply ``logits`` to get logits) and the updated cache (or None).
 
-        Use it to compute logits for a few positions only (generation's prefill) or in chunks.
+        Note: wrappers that intercept only ``__call__`` (qwix) do not see direct calls of this method.
         """
         c = self.config
         B, T = input_ids.shape

@@ -201,10 +201,9 @@ def _generate_jit(
     model = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + new_len)
-    hidden, cache = model.hidden_states(ids, mask, cache=cache)
-    logits = model.logits(hidden[:, -1:])[
-        :, 0
-    ]  # only the last position: vocab x prompt would be large
+    # Always through __call__, so qwix's LoRA/quantization interception applies.
+    logits, cache = model(ids, mask, cache=cache, last_only=True)
+    logits = logits[:, 0]
 
     def cond(carry):
         i, _, _, _, _, _, done = carry
@@ -227,8 +226,8 @@ def _generate_jit(
         logps = logps.at[:, i].set(jnp.where(live, logp, 0.0))
         valid = valid.at[:, i].set(live)
         done = done | jnp.isin(token, eos)
-        hidden, cache = model.hidden_states(token[:, None], cache=cache)
-        return i + 1, cache, model.logits(hidden)[:, 0], tokens, logps, valid, done
+        logits, cache = model(token[:, None], cache=cache)
+        return i + 1, cache, logits[:, 0], tokens, logps, valid, done
 
     carry = (
         jnp.zeros((), jnp.int32),
