@@ -73,20 +73,21 @@ start() { # NAME CMD...: run CMD in a new session, log to logs/NAME.log, record 
 }
 
 stop_all() {
+  # Reverse start order, one at a time: clients first, then the apiserver, etcd last, so
+  # nothing shuts down while what it talks to is already gone.
   local i name pgid deadline
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     name=${COMPONENTS[i]}
-    alive "$name" && kill -TERM -- "-$(cat "$PIDS/$name.pid")" 2>/dev/null || true
-  done
-  deadline=$((SECONDS + 15))
-  for name in "${COMPONENTS[@]}"; do
     [[ -f $PIDS/$name.pid ]] || continue
     pgid=$(cat "$PIDS/$name.pid")
+    kill -TERM -- "-$pgid" 2>/dev/null || true
+    deadline=$((SECONDS + 20))
     while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
     if kill -0 -- "-$pgid" 2>/dev/null; then
-      log "$name did not stop on SIGTERM; killing it"
+      log "$name did not stop within 20s of SIGTERM; sending SIGKILL"
       kill -KILL -- "-$pgid" 2>/dev/null || true
-      sleep 0.5
+      deadline=$((SECONDS + 10))
+      while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
     fi
     kill -0 -- "-$pgid" 2>/dev/null && die "could not stop $name (process group $pgid)"
     rm -f "$PIDS/$name.pid"
@@ -194,7 +195,9 @@ cmd_up() {
     BIN[$name]=$("$HACK/tools.sh" path "$name") || die "could not build $name; see the output above"
   done
   local jobset_src
-  jobset_src=$(cd "$HACK/tools/jobset" && go list -m -f '{{.Dir}}' sigs.k8s.io/jobset) ||
+  # The CRD and webhook manifests come from the pinned module's source in the module cache.
+  jobset_src=$(cd "$HACK/tools/jobset" && go mod download sigs.k8s.io/jobset &&
+    go list -m -f '{{.Dir}}' sigs.k8s.io/jobset) ||
     die "cannot locate the sigs.k8s.io/jobset module source (go mod download failed?)"
 
   rm -rf "${CLUSTER_DIR:?}/etcd-data" "$PKI" "$LOGS" "$KUBECONFIG_FILE" "$CLUSTER_DIR"/*.kubeconfig
@@ -214,6 +217,9 @@ cmd_up() {
     --unsafe-no-fsync --quota-backend-bytes 2147483648 --log-level warn
   # --unsafe-no-fsync: a throwaway test store; fsync on a loaded CI disk costs seconds per write
 
+  wait_for "etcd /health" 60 etcd curl -sf --max-time 3 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" \
+    --key "$PKI/admin.key" "https://127.0.0.1:$ETCD_PORT/health"
+
   log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
   start kube-apiserver "${BIN[kube-apiserver]}" \
     --etcd-servers "https://127.0.0.1:$ETCD_PORT" --etcd-cafile "$PKI/ca.crt" \
@@ -224,17 +230,22 @@ cmd_up() {
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged \
+    --endpoint-reconciler-type none \
     --profiling=false --v 1
+  # (--endpoint-reconciler-type none: Endpoints may not hold a loopback address, so the
+  # `kubernetes` Service cannot point at 127.0.0.1; nothing in the cluster dials it.)
   wait_for "kube-apiserver /readyz" 120 kube-apiserver https_ok "https://127.0.0.1:$API_PORT/readyz"
 
   # The JobSet CRD must exist before its controller starts; apply it server-side as upstream does.
   log "applying the JobSet CRD and webhook configurations"
   kctl apply --server-side --force-conflicts -f "$jobset_src/config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml" >/dev/null
-  kctl wait --for condition=Established --timeout 60s crd/jobsets.jobset.x-k8s.io >/dev/null
+  wait_for "the JobSet CRD to be established" 60 kube-apiserver crd_established jobsets.jobset.x-k8s.io
   "$PYTHON" "$HACK/jobset_webhooks.py" --jobset-src "$jobset_src" --ca "$PKI/ca.crt" \
     --url "https://127.0.0.1:$JOBSET_WEBHOOK_PORT" | kctl apply --server-side --force-conflicts -f - >/dev/null
 
   log "starting kube-controller-manager, kube-scheduler, jobset, kwok"
+  # Each controller runs as its own service account (as kubeadm does): the
+  # system:kube-controller-manager role alone cannot, e.g., create pods for Jobs.
   # Default controllers include the job controller, the garbage collector (ownerReference
   # cascade deletion), namespace and service-account controllers.
   start kube-controller-manager "${BIN[kube-controller-manager]}" \
@@ -242,7 +253,7 @@ cmd_up() {
     --authentication-kubeconfig "$CLUSTER_DIR/kube-controller-manager.kubeconfig" \
     --authorization-kubeconfig "$CLUSTER_DIR/kube-controller-manager.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --leader-elect=false \
-    --controllers '*' --use-service-account-credentials=false \
+    --controllers '*' --use-service-account-credentials \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --profiling=false --v 1
@@ -288,6 +299,10 @@ EOF
   wait_for "$DEFAULT_POOL_NODES Ready nodes in the default pool" 60 provisioner default_pool_ready
   wait_for "the default service account" 60 kube-controller-manager kctl -n default get serviceaccount default
   log "up in $((SECONDS - t0))s: export KUBECONFIG=$KUBECONFIG_FILE"
+}
+
+crd_established() { # NAME (kubectl wait fails outright while .status.conditions is still empty)
+  [[ $(kctl get crd "$1" -o jsonpath='{.status.conditions[?(@.type=="Established")].status}') == True ]]
 }
 
 default_pool_ready() {

@@ -101,7 +101,8 @@ build_group() {
   command -v go >/dev/null || die "go is not installed; install Go >= 1.24 or set POSTTRAIN_BIN_DIR"
   mkdir -p "$CACHE_ROOT/bin"
   tmp=$(mktemp -d "$CACHE_ROOT/bin/.build-$group.XXXXXX")
-  trap 'rm -rf "$tmp"' RETURN
+  # clean up on every return, then drop the trap (a RETURN trap would outlive this function)
+  trap 'rm -rf "$tmp"; trap - RETURN' RETURN
   local start=$SECONDS
   echo "building ${pkgs[*]} ($(module_version "$group")) into $dir ..." >&2
   local gopkgs=()

@@ -53,6 +53,12 @@ def pod_template(annotations=None, node_selector=None, tolerations=None, limits=
     }
 
 
+def bare_pod(name: str, **template_args) -> dict:
+    pod = {"apiVersion": "v1", "kind": "Pod", **pod_template(**template_args)}
+    pod["metadata"]["name"] = name
+    return pod
+
+
 def jobset(name: str, replicated_jobs: list[dict], annotations=None, failure_policy=None) -> dict:
     spec: dict = {"replicatedJobs": replicated_jobs}
     if failure_policy:
@@ -92,7 +98,7 @@ def get(kubectl, *args: str) -> dict:
 def test_apiserver_is_ready_and_reports_pinned_version(cluster):
     assert cluster.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
     pinned = re.search(
-        r"^require k8s\.io/kubernetes (\S+)$",
+        r"^\s*k8s\.io/kubernetes (v\S+)",
         (REPO / "hack/tools/kube/go.mod").read_text(),
         re.M,
     ).group(1)
@@ -138,17 +144,13 @@ def test_tpu_pod_gets_a_new_pool_with_one_node_per_host(kubectl):
         "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
         "cloud.google.com/gke-tpu-topology": "4x4",  # 16 chips, 4 per host -> 4 hosts
     }
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "tpu-host"},
-        **pod_template(
-            annotations={"posttrain.dev/fake-run-seconds": "600"},
-            node_selector=selector,
-            tolerations=[TPU_TOLERATION],
-            limits={"google.com/tpu": "4"},
-        ),
-    }
+    pod = bare_pod(
+        "tpu-host",
+        annotations={"posttrain.dev/fake-run-seconds": "600"},
+        node_selector=selector,
+        tolerations=[TPU_TOLERATION],
+        limits={"google.com/tpu": "4"},
+    )
     apply(kubectl, pod)
     node_name = wait_until(
         "the TPU pod to be scheduled",
@@ -237,13 +239,7 @@ def test_failing_pods_drive_jobset_through_restarts_to_failed(kubectl):
 
 
 def test_fake_run_seconds_keeps_pod_running(kubectl):
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "sleeper"},
-        **pod_template(annotations={"posttrain.dev/fake-run-seconds": "6"}),
-    }
-    apply(kubectl, pod)
+    apply(kubectl, bare_pod("sleeper", annotations={"posttrain.dev/fake-run-seconds": "6"}))
     wait_until(
         "the pod to run",
         lambda: get(kubectl, "pod", "sleeper")["status"].get("phase") == "Running",
