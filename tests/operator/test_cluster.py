@@ -433,3 +433,33 @@ def test_invalid_jobs(namespace, kubectl, operator) -> None:
     wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "topo"), 30)
     status = api.status("topo")
     assert status["phase"] in ("Pending", "Provisioning", "Running", "Succeeded")
+
+
+def test_liveness_endpoint_and_json_logs(namespace, operator_kubeconfig, tmp_path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "operator.log"
+    cmd = [sys.executable, "-m", "posttrain.cli", "operator", "-n", namespace]
+    cmd += ["--kubeconfig", str(operator_kubeconfig), "--log-format", "json"]
+    cmd += ["--liveness", f"http://127.0.0.1:{port}/healthz"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def alive() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as rsp:
+                    return rsp.status == 200
+            except OSError:
+                return False
+
+        wait_for("the liveness probe to answer", alive, 30)
+        lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+        assert lines and all("message" in json.loads(line) for line in lines), log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(15)
