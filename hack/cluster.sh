@@ -68,7 +68,8 @@ start() { # NAME CMD...: run CMD in a new session, log to logs/NAME.log, record 
   echo "+ $*" >"$LOGS/$name.log"
   # Not a process group leader here (no job control), so setsid execs in place: $! is the
   # process itself and also the id of its new process group.
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  # (9>&-: the daemon must not inherit, and so hold, the lock on the cluster directory)
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$PIDS/$name.pid"
 }
 
@@ -338,9 +339,14 @@ cmd_status() {
   return $rc
 }
 
+lock() { # serialize up/down on one cluster directory (parallel test sessions, make)
+  exec 9>"$CLUSTER_DIR/.lock"
+  flock 9
+}
+
 case ${1:-} in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) lock && cmd_up ;;
+  down) lock && cmd_down ;;
   status) cmd_status ;;
   *) die "usage: hack/cluster.sh up|down|status" ;;
 esac

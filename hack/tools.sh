@@ -100,6 +100,17 @@ build_group() {
   ((${#pkgs[@]})) || return 0
   command -v go >/dev/null || die "go is not installed; install Go >= 1.24 or set POSTTRAIN_BIN_DIR"
   mkdir -p "$CACHE_ROOT/bin"
+  # One build per group at a time (tests and `make` may ask together); whoever waited
+  # re-checks, and usually finds the binaries there.
+  local lock
+  exec {lock}>"$CACHE_ROOT/bin/.lock-$group"
+  flock "$lock"
+  pkgs=()
+  for name in "$@"; do [[ -x $dir/$name ]] || pkgs+=("$name"); done
+  if ((${#pkgs[@]} == 0)); then
+    exec {lock}>&-
+    return 0
+  fi
   tmp=$(mktemp -d "$CACHE_ROOT/bin/.build-$group.XXXXXX")
   # clean up on every return, then drop the trap (a RETURN trap would outlive this function)
   trap 'rm -rf "$tmp"; trap - RETURN' RETURN
@@ -123,6 +134,7 @@ build_group() {
     mv "$tmp/$name" "$dir/$name"   # rename is atomic: readers never see a half-written binary
   done
   echo "built ${pkgs[*]} in $((SECONDS - start))s" >&2
+  exec {lock}>&-
 }
 
 build() {

@@ -172,6 +172,36 @@ def test_tpu_pod_gets_a_new_pool_with_one_node_per_host(kubectl):
     assert get(kubectl, "pod", "tpu-host")["status"]["phase"] == "Running"
 
 
+def test_gpu_job_gets_a_pool_with_a_node_per_pod(kubectl):
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "gpus"},
+        "spec": {
+            "parallelism": 2,
+            "completions": 2,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": pod_template(
+                node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+                limits={"nvidia.com/gpu": "8"},
+            ),
+        },
+    }
+    apply(kubectl, job)
+    wait_until(
+        "Job gpus Complete",
+        lambda: condition(get(kubectl, "job", "gpus"), "Complete"),
+        timeout=120,
+    )
+    pods = get(kubectl, "pods", "-l", "job-name=gpus")["items"]
+    nodes = [get(kubectl, "node", p["spec"]["nodeName"]) for p in pods]
+    assert len({n["metadata"]["name"] for n in nodes}) == 2  # 8 GPUs each: one pod per node
+    for node in nodes:
+        assert node["metadata"]["labels"]["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
+        assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+
+
 def test_multislice_jobset_gets_one_pool_per_slice(kubectl):
     selector = {
         "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
