@@ -64,8 +64,10 @@ CONTAINER = "trainer"
 RECIPE_KEY = "recipe.yaml"
 RECIPE_DIR = os.path.dirname(runtime.RECIPE_PATH)
 DEFAULT_SERVICE_ACCOUNT = "posttrain-trainer"
-# What every trainer pod runs: the trainer's entrypoint reads the recipe and the env contract.
-TRAINER_COMMAND = ("posttrain", "run", runtime.RECIPE_PATH)
+# What every trainer pod runs: the trainer image's entrypoint (trainer/__main__.py), which reads
+# the recipe and the env contract. Explicit, so an image given in spec.image runs it too.
+TRAINER_COMMAND = ("python", "-m", "posttrain.trainer")
+TRAINER_ARGS = ("--recipe", runtime.RECIPE_PATH)
 
 # Pod names are <jobset>-<rjob>-<jobIndex>-<podIndex>-<5 random>, at most 63 characters
 # (JobSet's webhook refuses longer ones).
@@ -356,6 +358,7 @@ def _pod_template(job: PostTrainJob, shape: Shape, images: ImageDefaults) -> dic
         "name": CONTAINER,
         "image": spec.image or images.for_accelerator(spec.resources.accelerator),
         "command": list(TRAINER_COMMAND),
+        "args": list(TRAINER_ARGS),
         "env": _contract_env(job, shape) + _user_env(job),
         "ports": ports,
         "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}],

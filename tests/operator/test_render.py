@@ -13,6 +13,7 @@ import pytest
 import yaml
 from posttrain.operator import render as r
 
+from posttrain import runtime
 from posttrain.api import JobInvalid, parse_job
 from posttrain.api import accelerators as acc
 from posttrain.api import v1alpha1 as api
@@ -375,3 +376,15 @@ def test_render_imports_neither_kopf_nor_kubernetes() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pods_run_the_trainer_entrypoint() -> None:
+    """The rendered command is the trainer image's entrypoint, and it reads --recipe."""
+    import importlib.util
+
+    container = pod_spec(jobset_of(make()))["containers"][0]
+    assert container["command"] == ["python", "-m", "posttrain.trainer"]
+    assert container["args"] == ["--recipe", runtime.RECIPE_PATH]
+    spec = importlib.util.find_spec("posttrain.trainer.__main__")
+    assert spec is not None and spec.origin is not None
+    assert '"--recipe"' in Path(spec.origin).read_text()
