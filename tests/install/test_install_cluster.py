@@ -32,8 +32,6 @@ from posttrain.progress import ProgressReporter
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASE = "pt-install"  # not "posttrain": tests/operator installs its own RBAC under that name
-FULLNAME = f"{RELEASE}-posttrain"
 TRAINER_SA = "posttrain-trainer"
 Triple = tuple[str, str, str]  # (apiGroup, resource, verb)
 
@@ -44,7 +42,12 @@ class Release:
     namespace: str  # where the chart is installed (Pod Security "restricted" enforced)
     jobs: str  # the namespace the operator watches and trainers run in
     other: str  # a namespace neither may touch
+    name: str  # the Helm release; cluster-scoped objects are named after it
     install_output: str = ""  # what `helm install` printed (NOTES.txt)
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.name}-posttrain"  # the chart's FULLNAME for a release without "posttrain"
 
     def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
         return self.cluster.kubectl(*args, **kw)
@@ -78,31 +81,36 @@ def create_namespace(cluster, name: str, **labels: str) -> None:
 
 @pytest.fixture(scope="module")
 def release(cluster, helm: str) -> Iterator[Release]:
+    # A fresh release name each run: its ClusterRoles cannot clash with a run that died before
+    # uninstalling, nor with tests/operator's own `posttrain-operator` RBAC.
     suffix = secrets.token_hex(3)
-    rel = Release(cluster, f"pt-install-{suffix}", f"pt-jobs-{suffix}", f"pt-other-{suffix}")
-    create_namespace(
-        cluster,
-        rel.namespace,
-        **{
-            "pod-security.kubernetes.io/enforce": "restricted",
-            "pod-security.kubernetes.io/enforce-version": "latest",
-        },
+    rel = Release(
+        cluster, f"pt-install-{suffix}", f"pt-jobs-{suffix}", f"pt-other-{suffix}", f"pt{suffix}"
     )
-    create_namespace(cluster, rel.jobs)
-    create_namespace(cluster, rel.other)
     cmd = [helm, "--kubeconfig", str(cluster.kubeconfig), "-n", rel.namespace]
-    proc = subprocess.run(
-        [*cmd, "install", RELEASE, str(REPO / "charts/posttrain")]
-        + ["--set", f"watchNamespaces={{{rel.jobs}}}", "--wait", "--timeout", "120s"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, f"helm install failed:\n{proc.stdout}\n{proc.stderr}"
     try:
-        yield Release(cluster, rel.namespace, rel.jobs, rel.other, proc.stdout)
+        create_namespace(
+            cluster,
+            rel.namespace,
+            **{
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            },
+        )
+        create_namespace(cluster, rel.jobs)
+        create_namespace(cluster, rel.other)
+        proc = subprocess.run(
+            [*cmd, "install", rel.name, str(REPO / "charts/posttrain")]
+            + ["--set", f"watchNamespaces={{{rel.jobs}}}", "--wait", "--timeout", "120s"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0, f"helm install failed:\n{proc.stdout}\n{proc.stderr}"
+        yield Release(cluster, rel.namespace, rel.jobs, rel.other, rel.name, proc.stdout)
     finally:
-        subprocess.run([*cmd, "uninstall", RELEASE, "--wait"], capture_output=True, timeout=120)
+        # Also after a failed install: helm keeps a "failed" release and what it created.
+        subprocess.run([*cmd, "uninstall", rel.name, "--wait"], capture_output=True, timeout=120)
         for ns in (rel.namespace, rel.jobs, rel.other):
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
@@ -129,13 +137,13 @@ def free_port() -> int:
 
 def test_operator_pod_is_admitted_under_restricted_pod_security(release: Release) -> None:
     """`--wait` returned, so the Deployment's pod exists in a namespace enforcing "restricted"."""
-    deployment = release.get("-n", release.namespace, "deployment", f"{FULLNAME}-operator")
+    deployment = release.get("-n", release.namespace, "deployment", f"{release.fullname}-operator")
     assert deployment["status"].get("availableReplicas") == 1
     pods = release.get(
         "-n", release.namespace, "pods", "-l", "app.kubernetes.io/component=operator"
     )
     (pod,) = pods["items"]
-    assert pod["spec"]["serviceAccountName"] == f"{FULLNAME}-operator"
+    assert pod["spec"]["serviceAccountName"] == f"{release.fullname}-operator"
     # The same pod spec, submitted afresh, passes the restricted standard with no warning.
     probe = {k: pod[k] for k in ("apiVersion", "kind", "spec")}
     probe["metadata"] = {"name": "psa-probe", "namespace": release.namespace}
@@ -148,7 +156,7 @@ def test_notes_say_how_to_submit_and_watch_a_job(release: Release) -> None:
     notes = release.install_output
     assert f"kubectl -n {release.jobs} apply -f job.yaml" in notes, notes
     assert f"kubectl -n {release.jobs} get posttrainjobs --watch" in notes, notes
-    assert f"rollout status deployment/{FULLNAME}-operator" in notes, notes
+    assert f"rollout status deployment/{release.fullname}-operator" in notes, notes
 
 
 def test_crd_and_trainer_accounts_are_installed(release: Release) -> None:
@@ -167,7 +175,9 @@ class Operator:
     """The installed Deployment's command, run here as its ServiceAccount."""
 
     def __init__(self, release: Release, workdir: Path) -> None:
-        deployment = release.get("-n", release.namespace, "deployment", f"{FULLNAME}-operator")
+        deployment = release.get(
+            "-n", release.namespace, "deployment", f"{release.fullname}-operator"
+        )
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         self.port = free_port()
         # The image's entrypoint (`posttrain operator`) with the chart's arguments; only the
@@ -337,7 +347,7 @@ CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces"}
 
 
 def test_operator_may_do_exactly_what_it_uses(release: Release) -> None:
-    operator = release.sa_user(release.namespace, f"{FULLNAME}-operator")
+    operator = release.sa_user(release.namespace, f"{release.fullname}-operator")
     # What every ServiceAccount may do (discovery, self reviews), from one with no bindings.
     release.kubectl("-n", release.jobs, "create", "serviceaccount", "nobody")
     baseline = rules_review(release, release.sa_user(release.jobs, "nobody"), release.jobs)
@@ -382,7 +392,7 @@ def test_trainer_may_only_report_status_in_its_namespace(release: Release) -> No
 )
 def test_auth_can_i_denies(release: Release, who: str, verb: str, what: str, where: str) -> None:
     user = {
-        "operator": release.sa_user(release.namespace, f"{FULLNAME}-operator"),
+        "operator": release.sa_user(release.namespace, f"{release.fullname}-operator"),
         "trainer": release.sa_user(release.jobs, TRAINER_SA),
     }[who]
     scope = {
