@@ -57,9 +57,20 @@ kctl() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
 # ---- processes -----------------------------------------------------------------------------
 
-alive() { # NAME: is its recorded process group still there?
+group_alive() { # PGID: does the group still have a process that is not a zombie?
+  # (`kill -0 -PGID` also counts zombies, which stay until init reaps them, seconds later here)
+  local f stat fields
+  for f in /proc/[0-9]*/stat; do
+    { read -r stat <"$f"; } 2>/dev/null || continue # exited meanwhile
+    read -r -a fields <<<"${stat##*) }" # after "pid (comm) ": state ppid pgrp ...
+    [[ ${fields[2]} == "$1" && ${fields[0]} != Z ]] && return 0
+  done
+  return 1
+}
+
+alive() { # NAME: is its recorded process group still running?
   local f=$PIDS/$1.pid
-  [[ -f $f ]] && kill -0 -- "-$(cat "$f")" 2>/dev/null
+  [[ -f $f ]] && group_alive "$(cat "$f")"
 }
 
 start() { # NAME CMD...: run CMD in a new session, log to logs/NAME.log, record its pid
@@ -83,14 +94,15 @@ stop_all() {
     pgid=$(cat "$PIDS/$name.pid")
     kill -TERM -- "-$pgid" 2>/dev/null || true
     deadline=$((SECONDS + 20))
-    while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-    if kill -0 -- "-$pgid" 2>/dev/null; then
+    while group_alive "$pgid" && ((SECONDS < deadline)); do sleep 0.2; done
+    if group_alive "$pgid"; then
       log "$name did not stop within 20s of SIGTERM; sending SIGKILL"
       kill -KILL -- "-$pgid" 2>/dev/null || true
       deadline=$((SECONDS + 10))
-      while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+      while group_alive "$pgid" && ((SECONDS < deadline)); do sleep 0.2; done
     fi
-    kill -0 -- "-$pgid" 2>/dev/null && die "could not stop $name (process group $pgid)"
+    group_alive "$pgid" && die "could not stop $name (process group $pgid)"
+    log "stopped $name"
     rm -f "$PIDS/$name.pid"
   done
 }

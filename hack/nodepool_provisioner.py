@@ -253,6 +253,7 @@ class Provisioner:
         self.provisioned: dict[str, str] = {}  # group key -> pool created for it
         self.first_seen: dict[str, float] = {}  # group key -> when first seen unschedulable
         self.idle_since: dict[str, float] = {}  # auto pool -> when it was last seen without pods
+        self.last_scale_down = 0.0
 
     def create_nodes(self, nodes: list[dict]) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -294,7 +295,9 @@ class Provisioner:
             except ValueError as e:  # an accelerator or topology GKE would not offer either
                 log.warning("cannot provision for %s: %s", key, e)
                 self.provisioned[key] = ""
-        self.scale_down(now)
+        if now - self.last_scale_down >= 10:  # it lists every pod: not every scan
+            self.last_scale_down = now
+            self.scale_down(now)
 
     def provision(self, key: str, request: tuple[str, str, str], members: list[dict]) -> None:
         kind, accelerator, topology = request

@@ -46,6 +46,15 @@ def processes_mentioning(text: str) -> dict[int, str]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child stays a zombie until init reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def recorded_pids(cluster_dir: Path) -> dict[str, int]:
     return {f.stem: int(f.read_text()) for f in (cluster_dir / "pids").glob("*.pid")}
 
@@ -83,8 +92,8 @@ def test_up_is_idempotent_and_down_leaves_nothing_running(cluster, tmp_path):
             "kwok",
             "provisioner",
         }
-        running = processes_mentioning(str(cluster_dir))
-        assert set(pids.values()) <= set(running), (pids, running)
+        procs = processes_mentioning(str(cluster_dir))
+        assert set(pids.values()) <= set(procs), (pids, procs)
 
         again = sh("up")  # a healthy cluster is left alone
         assert again.returncode == 0, again.stderr
@@ -94,7 +103,7 @@ def test_up_is_idempotent_and_down_leaves_nothing_running(cluster, tmp_path):
         down = sh("down")
     assert down.returncode == 0, down.stderr
     assert processes_mentioning(str(cluster_dir)) == {}
-    for pid in pids.values():
-        assert not Path(f"/proc/{pid}").exists(), f"pid {pid} is still alive"
+    for name, pid in pids.items():
+        assert not running(pid), f"{name} (pid {pid}) is still running"
     assert not (cluster_dir / "kubeconfig").exists()
     assert sh("status").returncode != 0
