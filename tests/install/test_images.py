@@ -9,6 +9,7 @@ run the image's entrypoint command there.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -153,8 +154,10 @@ def test_trainer_build_args_select_the_jax_variant() -> None:
     assert '"jax[${JAX_EXTRA}]==${JAX_VERSION}"' in install.value[0]
     # Every documented variant is an extra JAX really has (so `pip install jax[X]` resolves).
     text = IMAGES["trainer"].read_text()
+    jax_extras = set(importlib.metadata.metadata("jax").get_all("Provides-Extra") or [])
     for variant in ("tpu", "cuda12", "cpu"):
         assert f"JAX_EXTRA={variant}" in text
+        assert variant in jax_extras, f"jax has no extra {variant!r}: {sorted(jax_extras)}"
     # The pinned JAX is one the project accepts.
     pinned = args["JAX_VERSION"].split("=", 1)[1]
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
