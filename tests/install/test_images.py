@@ -106,6 +106,13 @@ def test_runs_as_non_root_with_the_entrypoint(image: str) -> None:
     assert list(entrypoints[-1].value) == ENTRYPOINTS[image]
 
 
+def test_trainer_entrypoint_is_the_command_the_operator_renders() -> None:
+    """The operator sets the trainer pods' command; it must be the image's own entrypoint."""
+    from posttrain.operator.render import TRAINER_COMMAND
+
+    assert list(TRAINER_COMMAND) == ENTRYPOINTS["trainer"]
+
+
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_dependencies_install_before_the_source_is_copied(image: str) -> None:
     """A code change must not invalidate the dependency layer: deps come from pyproject alone."""
