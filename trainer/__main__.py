@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from posttrain.trainer import distributed
+    import jax
+    from posttrain.trainer import distributed, storage
 
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a rerun (resume) skips recompiling
+        jax.config.update("jax_compilation_cache_dir", os.path.join(storage.cache_root(), "jax"))
     distributed.initialize()
     from posttrain.trainer.loop import train
 

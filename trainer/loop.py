@@ -157,7 +157,7 @@ def train(
     del model  # from here on the arrays live in params / frozen
     tx = optimizer(training)
     lr = schedule(training)
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = _replicate_strays(jax.jit(tx.init)(params), mesh)
     say(
         f"{spec.algorithm}: mesh {dict(mesh.shape)}, {_count(params):,} trainable / "
         f"{_count(params) + _count(frozen):,} parameters, batch {training.batch_size} "
@@ -217,8 +217,13 @@ def train(
         progress_bar=progress_bar,
         reporter=reporter,
     )
+    # Outputs keep the inputs' shardings, so the second step does not recompile for new layouts.
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
-        make_train_step(graphdef, algo.loss, tx, lr, num_micro=num_micro), donate_argnums=(0, 2)
+        make_train_step(graphdef, algo.loss, tx, lr, num_micro=num_micro),
+        out_shardings=(shardings(params), shardings(opt_state), replicated),
+        donate_argnums=(0, 2),
     )
     eval_step = jax.jit(make_eval_step(graphdef, algo.loss))
 
@@ -293,7 +298,8 @@ def train(
         if algo.finish is not None:
             final.update(algo.finish(nnx.merge(graphdef, params, frozen)))
         if final:
-            metrics.log(step, final)
+            if step > start:  # a rerun of a finished job reports again but logs nothing twice
+                metrics.log(step, final)
             say("final: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
         return RunResult(step=step, final=final, export_dir=export_dir)
     finally:
@@ -313,6 +319,20 @@ def export(model: nnx.Module, tokenizer: Any, path: str) -> None:
     if jax.process_index() == 0 and hasattr(tokenizer, "save_pretrained"):
         with storage.writable_dir(path) as local:
             tokenizer.save_pretrained(local)
+
+
+def _replicate_strays(tree: Any, mesh: Mesh) -> Any:
+    """Leaves left on one device (e.g. the optimizer's step count) -> replicated over the mesh."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    mesh_devices = set(mesh.devices.flat)
+
+    def fix(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or set(x.sharding.device_set) == mesh_devices:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, replicated, lambda i: host[i])
+
+    return jax.tree.map(fix, tree)
 
 
 def _check_rows(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,26 @@ from posttrain.trainer.tasks import arithmetic
 
 from posttrain.api import parse_job
 from posttrain.api.v1alpha1 import PostTrainJob
+
+# A persistent XLA cache shared by these tests and the processes they start: the same tiny
+# steps compile once per machine instead of once per train() call (13 s -> 2 s per run).
+COMPILE_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "posttrain-test-jax-cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
+
+def enable_compile_cache() -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE_ENV["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, **COMPILE_CACHE_ENV}
 
 
 def write_data(folder: Path) -> tuple[str, str]:

@@ -48,6 +48,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
             capture_output=True,
             text=True,
             timeout=300,
+            env=jobs.subprocess_env(),
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "'fsdp': 2" in proc.stdout  # the two processes formed one 2-device mesh
@@ -71,7 +72,9 @@ def test_sigterm_saves_exits_zero_and_the_rerun_continues(tmp_path):
     )
     out = tmp_path / "out"
     cmd = [*POSTTRAIN, "run", recipe, "--output", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=jobs.subprocess_env()
+    )
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None, proc.stdout.read()
@@ -87,7 +90,9 @@ def test_sigterm_saves_exits_zero_and_the_rerun_continues(tmp_path):
     assert "checkpoint saved" in output
     assert not (out / "final").exists()
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=jobs.subprocess_env()
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from checkpoint step {saved[0]}" in rerun.stdout
     logged = [r["step"] for r in jobs.metrics(out) if "loss" in r]

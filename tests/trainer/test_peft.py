@@ -25,6 +25,7 @@ _spec = importlib.util.spec_from_file_location(
 )
 jobs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(jobs)
+jobs.enable_compile_cache()
 
 LORA = {"rank": 4, "alpha": 8}
 
