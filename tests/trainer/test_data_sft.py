@@ -138,9 +138,14 @@ def test_messages_with_a_hugging_face_chat_template(tmp_path):
         ]
     }
     path = write_jsonl(tmp_path / "d.jsonl", [row])
-    (ex,) = sft.load_examples(path, tok, data_spec(path, max_length=64, max_prompt_length=32)).examples
+    (ex,) = sft.load_examples(
+        path, tok, data_spec(path, max_length=64, max_prompt_length=32)
+    ).examples
     trained = [t for t, m in zip(ex.tokens, ex.loss, strict=True) if m]
     # both assistant turns with the template's own end of turn (<|eos|>), nothing of the user's
-    assert tok.decode(trained, skip_special_tokens=False).replace(" ", "") == "hello<|eos|>\nciao<|eos|>\n"
+    assert (
+        tok.decode(trained, skip_special_tokens=False).replace(" ", "")
+        == "hello<|eos|>\nciao<|eos|>\n"
+    )
     assert ex.tokens.count(tok.eos_token_id) == 4  # no extra EOS appended: the template ends turns
     assert ex.tokens[0] == tok.bos_token_id
