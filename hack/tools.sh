@@ -98,7 +98,7 @@ build_group() {
   dir=$(group_dir "$group")
   for name in "$@"; do [[ -x $dir/$name ]] || pkgs+=("$name"); done
   ((${#pkgs[@]})) || return 0
-  command -v go >/dev/null || die "go is not installed; install Go >= 1.24 or set POSTTRAIN_BIN_DIR"
+  command -v go >/dev/null || die "go is not installed; install Go >= 1.26 or set POSTTRAIN_BIN_DIR"
   mkdir -p "$CACHE_ROOT/bin"
   # One build per group at a time (tests and `make` may ask together); whoever waited
   # re-checks, and usually finds the binaries there.

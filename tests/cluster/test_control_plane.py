@@ -286,6 +286,28 @@ def test_fake_run_seconds_keeps_pod_running(kubectl):
     assert time.monotonic() - started >= 3
 
 
+def test_jobset_suspends_mid_run_and_resumes(kubectl):
+    template = pod_template(annotations={"posttrain.dev/fake-run-seconds": "600"})
+    apply(kubectl, jobset("long", [replicated_job("workers", 1, 2, template)]))
+
+    def pods(phase: str) -> list[dict]:
+        items = get(kubectl, "pods", "-l", "jobset.sigs.k8s.io/jobset-name=long")["items"]
+        return [p for p in items if p["status"].get("phase") == phase]
+
+    wait_until("2 running pods", lambda: len(pods("Running")) == 2, timeout=60)
+    kubectl("patch", "jobset", "long", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_until(
+        "JobSet long Suspended with its pods deleted",
+        lambda: (
+            condition(get(kubectl, "jobset", "long"), "Suspended")
+            and not get(kubectl, "pods", "-l", "jobset.sigs.k8s.io/jobset-name=long")["items"]
+        ),
+        timeout=60,
+    )
+    kubectl("patch", "jobset", "long", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_until("2 running pods again", lambda: len(pods("Running")) == 2, timeout=60)
+
+
 def test_garbage_collector_cascades_owner_deletion(kubectl):
     kubectl("create", "configmap", "owner")
     uid = get(kubectl, "configmap", "owner")["metadata"]["uid"]
