@@ -50,11 +50,15 @@ class Prompt:
     text: str  # what reward functions see as the prompt
     ids: tuple[int, ...]  # its tokens, [bos] first when the tokenizer has one
     columns: Mapping[str, Any]  # the row's other columns, passed to reward functions
+    completion: tuple[int, ...] = ()  # data.completionField's tokens + EOS (SFT warm-up only)
 
 
-def encode_prompt(row: Mapping[str, Any], where: str, tokenizer: Any, data: DataSpec) -> Prompt:
+def encode_prompt(
+    row: Mapping[str, Any], where: str, tokenizer: Any, data: DataSpec, *, completion: bool = False
+) -> Prompt:
     """A string prompt is used as written (like SFT's prompt/completion rows); a list of chat
-    messages goes through the tokenizer's chat template with the generation prompt added."""
+    messages goes through the tokenizer's chat template with the generation prompt added.
+    With `completion`, the row's data.completionField is tokenised too (for the SFT warm-up)."""
     if data.prompt_field not in row:
         raise BadRow(
             where,
@@ -74,27 +78,41 @@ def encode_prompt(row: Mapping[str, Any], where: str, tokenizer: Any, data: Data
     ids = ([bos] if bos is not None else []) + list(tokenizer.encode(text))
     ids = ids[-data.max_prompt_length :]  # keep the end: it is what the completion continues
     columns = {k: v for k, v in row.items() if k != data.prompt_field}
-    return Prompt(text=text, ids=tuple(ids), columns=columns)
+    target: tuple[int, ...] = ()
+    if completion:
+        value = row.get(data.completion_field)
+        if not isinstance(value, str) or not value:
+            raise BadRow(
+                where,
+                f"spec.grpo.sftWarmupSteps needs a non-empty string in completion field "
+                f"{data.completion_field!r} (spec.data.completionField)",
+            )
+        target = (*tokenizer.encode(value), tokenizer.eos_token_id)
+    return Prompt(text=text, ids=tuple(ids), columns=columns, completion=target)
 
 
-def load_prompts(path: str, tokenizer: Any, data: DataSpec) -> list[Prompt]:
+def load_prompts(
+    path: str, tokenizer: Any, data: DataSpec, *, completion: bool = False
+) -> list[Prompt]:
     prompts: list[Prompt] = []
     for row in read_rows(path, data.format):
         try:
             if isinstance(row.value, BadRow):
                 raise row.value
-            prompts.append(encode_prompt(row.value, row.where, tokenizer, data))
+            prompts.append(
+                encode_prompt(row.value, row.where, tokenizer, data, completion=completion)
+            )
         except BadRow:
             if not data.skip_bad_rows:
                 raise
     if not prompts:
-        raise ValueError(f"spec.data.train: {path}: no usable prompts")
+        raise ValueError(f"spec.data: {path}: no usable prompts")
     # Every row must carry the same columns: reward functions get them as aligned lists.
     keys = set(prompts[0].columns)
     for p in prompts:
         if set(p.columns) != keys:
             raise ValueError(
-                f"spec.data.train: {path}: rows have different columns ({sorted(keys)} vs "
+                f"spec.data: {path}: rows have different columns ({sorted(keys)} vs "
                 f"{sorted(p.columns)}); reward functions need the same columns in every row"
             )
     return prompts
@@ -195,14 +213,26 @@ def sample(
 
 
 class RolloutSource:
-    """One batch of rollouts per group of mu steps; the same batch for each step of the group."""
+    """One batch of rollouts per group of mu steps; the same batch for each step of the group.
 
-    def __init__(self, ctx: Context, prompts: list[Prompt], rewards: list[rw.Reward]):
+    The first `sftWarmupSteps` steps instead get teacher-forced batches of the data's completions
+    (same array layout, flagged by the `sft` column), so one jitted step serves both phases.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        prompts: list[Prompt],
+        rewards: list[rw.Reward],
+        eval_prompts: list[Prompt] | None = None,
+    ):
         spec = ctx.spec
         self.ctx = ctx
         self.g: GrpoSpec = spec.grpo
         self.prompts = prompts
+        self.eval_prompts = eval_prompts
         self.rewards = rewards
+        self.warmup = self.g.sft_warmup_steps
         self.batch_prompts = spec.training.batch_size
         self.seed = spec.training.seed
         self.shuffle = spec.data.shuffle
@@ -210,7 +240,7 @@ class RolloutSource:
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # One prompt width for the whole run, so the jitted sampler and step compile once.
-        self.prompt_len = round_up(max(len(p.ids) for p in prompts), 8)
+        self.prompt_len = round_up(max(len(p.ids) for p in [*prompts, *(eval_prompts or [])]), 8)
         self.seq_len = self.prompt_len + self.g.max_new_tokens
         if self.seq_len > spec.data.max_length:
             raise ValueError(
@@ -223,6 +253,7 @@ class RolloutSource:
         self._batch: dict[str, np.ndarray] | None = None
         self._handed_out: float | None = None
         self._last_tokens = 0.0
+        self.eval_before: float | None = None  # greedy reward on data.eval when RL starts
 
     # Prompt k of the run (k counts over epochs) is a pure function of k and the seed.
     def _prompt(self, k: int) -> Prompt:
@@ -236,11 +267,17 @@ class RolloutSource:
         # The loop does not time its step for us: the time from handing out the previous batch
         # to this call is that step's training time (with logging), so the figure lags one step.
         train_seconds = now - self._handed_out if self._handed_out is not None else None
-        group = step // self.g.num_iterations
-        if group != self._group or self._batch is None:
-            self._batch = self._rollouts(group)
-            self._group = group
-        batch = dict(self._batch)
+        if step < self.warmup:
+            batch = self._warmup_batch(step)
+        else:
+            if step == self.warmup and self.eval_prompts and self.eval_before is None:
+                self.eval_before = self.evaluate(self.ctx.model())
+                self.ctx.log(f"greedy reward on data.eval before RL: {self.eval_before:.4f}")
+            group = (step - self.warmup) // self.g.num_iterations
+            if group != self._group or self._batch is None:
+                self._batch = self._rollouts(group)
+                self._group = group
+            batch = dict(self._batch)
         rows = len(batch["advantages"])
         speed = self._last_tokens / train_seconds if train_seconds else 0.0
         batch[METRIC + "train_tokens_per_second"] = np.full(rows, speed, np.float32)
@@ -248,47 +285,111 @@ class RolloutSource:
         self._handed_out = time.perf_counter()
         return batch
 
-    def _rollouts(self, group: int) -> dict[str, np.ndarray]:
-        G = self.g.num_generations
-        chosen = [self._prompt(group * self.batch_prompts + j) for j in range(self.batch_prompts)]
-        rows = [p for p in chosen for _ in range(G)]  # each prompt's G completions adjacent
+    def _prompt_block(self, rows: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded [R, P] prompt ids and mask."""
         P = self.prompt_len
         prompt_ids = np.full((len(rows), P), self.pad_id, np.int32)
         prompt_mask = np.zeros((len(rows), P), np.int32)
         for r, p in enumerate(rows):
             prompt_ids[r, P - len(p.ids) :] = p.ids
             prompt_mask[r, P - len(p.ids) :] = 1
+        return prompt_ids, prompt_mask
 
-        started = time.perf_counter()
+    def _generate(
+        self, model: Any, rows: Sequence[Prompt], seed: int, greedy: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        prompt_ids, prompt_mask = self._prompt_block(rows)
         tokens, mask = sample(
-            self.ctx.model(),
-            prompt_ids,
-            prompt_mask,
-            self.g,
-            self.eos_id,
-            self.pad_id,
-            group_seed(self.seed, group),
+            model, prompt_ids, prompt_mask, self.g, self.eos_id, self.pad_id, seed, greedy=greedy
+        )
+        lengths = mask.sum(axis=1).astype(int)
+        texts = [
+            self.ctx.tokenizer.decode(tokens[r, : lengths[r]].tolist()) for r in range(len(rows))
+        ]
+        return tokens, mask, texts
+
+    def _score(self, rows: Sequence[Prompt], completions: list[str]):
+        columns = {k: [p.columns[k] for p in rows] for k in rows[0].columns}
+        return rw.score(self.rewards, [p.text for p in rows], completions, columns)
+
+    def evaluate(self, model: Any) -> float:
+        """Mean total reward of greedy completions to every data.eval prompt."""
+        assert self.eval_prompts
+        R = self.batch_prompts * self.g.num_generations  # the rollout shape: compiled already
+        totals: list[float] = []
+        for start in range(0, len(self.eval_prompts), R):
+            chunk = self.eval_prompts[start : start + R]
+            padded = chunk + [chunk[-1]] * (R - len(chunk))
+            _, _, texts = self._generate(model, padded, seed=0, greedy=True)
+            total, _ = self._score(chunk, texts[: len(chunk)])
+            totals.extend(total.tolist())
+        return float(np.mean(totals))
+
+    def _warmup_batch(self, step: int) -> dict[str, np.ndarray]:
+        """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
+        R = self.batch_prompts * self.g.num_generations
+        rows = [self._prompt(step * R + r) for r in range(R)]
+        N = self.g.max_new_tokens
+        completion = np.full((R, N), self.pad_id, np.int32)
+        mask = np.zeros((R, N), np.float32)
+        for r, p in enumerate(rows):
+            target = p.completion[:N]
+            completion[r, : len(target)] = target
+            mask[r, : len(target)] = 1
+        batch = rollout_arrays(
+            [p.ids for p in rows], completion, mask, self.prompt_len, self.pad_id
+        )
+        return self._finish_batch(batch, np.zeros(R, np.float32), sft=True)
+
+    def _finish_batch(
+        self, batch: dict[str, np.ndarray], adv: np.ndarray, *, sft: bool
+    ) -> dict[str, np.ndarray]:
+        """The columns every batch has (fixed keys, so the step compiles once)."""
+        R = len(adv)
+        batch["advantages"] = adv.astype(np.float32)
+        # token-mean's denominator per row, so micro-batches average to the whole batch's mean.
+        batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
+        if self.warmup:
+            batch["sft"] = np.full(R, float(sft), np.float32)
+        if self.g.num_iterations > 1:
+            batch["old_logp"] = (
+                np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
+                if sft
+                else self.ctx.policy_logprobs(batch).astype(np.float32)
+            )
+        if self.g.beta > 0:  # never with a warm-up (the API refuses beta > 0 there)
+            batch["ref_logp"] = self.ctx.reference_logprobs(batch).astype(np.float32)
+        if sft:  # rollout metrics do not exist yet: logged as null
+            for name in self._metric_names():
+                batch[METRIC + name] = np.full(R, np.nan, np.float32)
+        return batch
+
+    def _metric_names(self) -> list[str]:
+        return [
+            "reward_mean",
+            "reward_std",
+            *(f"reward/{r.name}" for r in self.rewards),
+            "completion_length",
+            "groups_with_equal_rewards",
+            "generation_tokens_per_second",
+        ]
+
+    def _rollouts(self, group: int) -> dict[str, np.ndarray]:
+        G = self.g.num_generations
+        chosen = [self._prompt(group * self.batch_prompts + j) for j in range(self.batch_prompts)]
+        rows = [p for p in chosen for _ in range(G)]  # each prompt's G completions adjacent
+        started = time.perf_counter()
+        tokens, mask, completions = self._generate(
+            self.ctx.model(), rows, group_seed(self.seed, group)
         )
         gen_seconds = time.perf_counter() - started
         lengths = mask.sum(axis=1)
-        completions = [
-            self.ctx.tokenizer.decode(tokens[r, : int(lengths[r])].tolist())
-            for r in range(len(rows))
-        ]
-        columns = {k: [p.columns[k] for p in rows] for k in rows[0].columns}
-        total, each = rw.score(self.rewards, [p.text for p in rows], completions, columns)
+        total, each = self._score(rows, completions)
         adv = np.asarray(gl.group_advantages(jnp.asarray(total, jnp.float32), G, self.g.advantage))
+        batch = rollout_arrays([p.ids for p in rows], tokens, mask, self.prompt_len, self.pad_id)
+        batch = self._finish_batch(batch, adv, sft=False)
 
-        batch = rollout_arrays([p.ids for p in rows], tokens, mask, P, self.pad_id)
-        batch["advantages"] = adv.astype(np.float32)
         R = len(rows)
-        # token-mean's denominator per row, so micro-batches average to the whole batch's mean.
-        batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
-        if self.g.num_iterations > 1:
-            batch["old_logp"] = self.ctx.policy_logprobs(batch).astype(np.float32)
-        if self.g.beta > 0:
-            batch["ref_logp"] = self.ctx.reference_logprobs(batch).astype(np.float32)
-
         constant = lambda v: np.full(R, v, np.float32)  # noqa: E731
         by_group = total.reshape(-1, G)
         batch[METRIC + "reward_mean"] = total.astype(np.float32)
@@ -306,12 +407,14 @@ class RolloutSource:
         # Mid-group (mu > 1) the batch was sampled by weights that have since changed: keep it, so
         # a resumed run trains on exactly the same rollouts. At mu = 1 nothing needs saving: the
         # group index is the step, and prompts and seed follow from it.
-        if self.g.num_iterations == 1 or self._batch is None:
-            return {"group": self._group}
-        return {"group": self._group, "batch": {k: _encode(v) for k, v in self._batch.items()}}
+        state: dict[str, Any] = {"group": self._group, "eval_before": self.eval_before}
+        if self.g.num_iterations > 1 and self._batch is not None:
+            state["batch"] = {k: _encode(v) for k, v in self._batch.items()}
+        return state
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self._group = int(state.get("group", -1))
+        self.eval_before = state.get("eval_before")
         saved = state.get("batch")
         self._batch = None if saved is None else {k: _decode(v) for k, v in saved.items()}
 
@@ -337,8 +440,14 @@ def make_loss(g: GrpoSpec, algorithm: str):
             lambda *_: logits_btv, batch["input_ids"], batch["attention_mask"], batch["targets"]
         )
         mask_bt = batch["completion_mask"]
-        old_logp_bt = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp_bt)
         rows = mask_bt.shape[0]
+        num_tokens = batch["tokens_per_row"].mean() * rows
+        # SFT warm-up rows (flag `sft`) have no rollout: their old log-probs are the current ones.
+        sft = batch["sft"].mean() > 0 if "sft" in batch else None
+        current_bt = jax.lax.stop_gradient(logp_bt)
+        old_logp_bt = batch["old_logp"] if "old_logp" in batch else current_bt
+        if sft is not None:
+            old_logp_bt = jnp.where(sft, current_bt, old_logp_bt)
         value, metrics = objective(
             logp_bt,
             old_logp_bt,
@@ -350,8 +459,13 @@ def make_loss(g: GrpoSpec, algorithm: str):
             beta=g.beta,
             kl_estimator=g.kl_estimator,
             aggregation=g.loss_aggregation,
-            num_tokens=batch["tokens_per_row"].mean() * rows,
+            num_tokens=num_tokens,
         )
+        if sft is not None:
+            nll = gl.aggregate(-logp_bt, mask_bt, "token-mean", num_tokens)
+            value = jnp.where(sft, nll, value)
+            metrics = {k: jnp.where(sft, jnp.nan, v) for k, v in metrics.items()}
+            metrics["sft_loss"] = jnp.where(sft, jax.lax.stop_gradient(nll), jnp.nan)
         entropy_bt = gl.entropy_from_logits(logits_btv)
         metrics["entropy"] = (entropy_bt * mask_bt).sum() / jnp.maximum(mask_bt.sum(), 1.0)
         for key, column in batch.items():
@@ -373,7 +487,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def reward_summary(history: Sequence[Mapping[str, Any]], window: int = 5) -> dict[str, float]:
     """reward_mean averaged over the first and last `window` logged steps, and the rise."""
-    values = [float(m["reward_mean"]) for m in history if "reward_mean" in m]
+    values = [float(m["reward_mean"]) for m in history if m.get("reward_mean") is not None]
     if not values:
         return {}
     w = max(1, min(window, len(values) // 2 or 1))
@@ -383,7 +497,7 @@ def reward_summary(history: Sequence[Mapping[str, Any]], window: int = 5) -> dic
 
 def plot_rewards(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
     """A PNG of reward_mean (and each reward term) over steps; None when nothing was logged."""
-    rows = [m for m in history if "reward_mean" in m and "step" in m]
+    rows = [m for m in history if m.get("reward_mean") is not None and "step" in m]
     if not rows:
         return None
     import matplotlib
@@ -395,7 +509,8 @@ def plot_rewards(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [m["reward_mean"] for m in rows], label="reward_mean", linewidth=2)
     for key in sorted({k for m in rows for k in m if k.startswith("reward/")}):
-        ax.plot(steps, [m.get(key, np.nan) for m in rows], label=key, alpha=0.6)
+        values = [np.nan if m.get(key) is None else m[key] for m in rows]
+        ax.plot(steps, values, label=key, alpha=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
@@ -420,18 +535,32 @@ def build(ctx: Context) -> Algorithm:
         raise ValueError("spec.grpo.numIterations > 1 needs the loop's policy_logprobs hook")
     if g.beta > 0 and ctx.reference_logprobs is None:
         raise ValueError("spec.grpo.beta > 0 needs the loop's reference_logprobs hook")
+    if g.sft_warmup_steps >= spec.training.steps:
+        raise ValueError(
+            f"spec.grpo.sftWarmupSteps ({g.sft_warmup_steps}) must be less than "
+            f"spec.training.steps ({spec.training.steps}): no steps would be left for RL"
+        )
     rewards = rw.build_rewards(g.rewards)
-    prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data)
-    source = RolloutSource(ctx, prompts, rewards)
+    warmup = g.sft_warmup_steps > 0
+    prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data, completion=warmup)
+    eval_prompts = (
+        load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
+    )
+    source = RolloutSource(ctx, prompts, rewards, eval_prompts)
     ctx.log(
         f"{spec.algorithm}: {len(prompts)} prompts, {spec.training.batch_size} per step x "
         f"G={g.num_generations}, up to {g.max_new_tokens} new tokens, rewards: "
         + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
+        + (f"; {g.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
     )
 
     def finish(model: Any) -> dict[str, float]:
         history = read_metrics(storage.join(ctx.output_dir, "metrics.jsonl"))
         summary = reward_summary(history)
+        if eval_prompts:
+            if source.eval_before is not None:
+                summary["eval_reward_before"] = source.eval_before
+            summary["eval_reward_after"] = source.evaluate(model)
         if ctx.rank0:
             plotted = plot_rewards(history, storage.join(ctx.output_dir, "reward.png"))
             if plotted:
