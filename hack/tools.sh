@@ -94,7 +94,7 @@ bin_path() {
 # (kube's three binaries share most of their code) are compiled once and linked in parallel.
 build_group() {
   local group=$1; shift
-  local dir out tmp pkgs=() name
+  local dir tmp pkgs=() name
   dir=$(group_dir "$group")
   for name in "$@"; do [[ -x $dir/$name ]] || pkgs+=("$name"); done
   ((${#pkgs[@]})) || return 0
