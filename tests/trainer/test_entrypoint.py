@@ -59,8 +59,11 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_zero_and_the_rerun_continues(tmp_path):
-    steps = 3000
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_exits_zero_and_the_rerun_continues(tmp_path, processes):
+    steps = (
+        3000 if processes == 1 else 400
+    )  # two CPU processes step ~10x slower (gloo, sync points)
     recipe = jobs.write_recipe(
         tmp_path,
         data={"eval": None},
@@ -71,7 +74,8 @@ def test_sigterm_saves_exits_zero_and_the_rerun_continues(tmp_path):
         },
     )
     out = tmp_path / "out"
-    cmd = [*POSTTRAIN, "run", recipe, "--output", str(out)]
+    # with 2 processes the launcher forwards SIGTERM and JAX picks one step for both to stop at
+    cmd = [*POSTTRAIN, "run", recipe, "--output", str(out), "--processes", str(processes)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=jobs.subprocess_env()
     )

@@ -96,4 +96,8 @@ def test_lora_changes_only_low_rank_deltas_of_target_projections(tmp_path):
             changed.append(path[-2])
             assert np.linalg.matrix_rank(delta, tol=1e-6) <= 2
     assert set(changed) == {"q_proj", "down_proj"}
+    # the merged export computes what the adapted model computed
+    assert eval_loss_of(load_pretrained(result.export_dir), job) == pytest.approx(
+        result.final["eval_loss"], rel=1e-5
+    )
     assert jobs.losses(out)[6] < jobs.losses(out)[1]
