@@ -119,7 +119,11 @@ def messages_example(
             done = before
         after = tokenizer.apply_chat_template(messages[: i + 1])
         span_ids = tokenizer.encode(after[len(done) :])
-        if m["role"] == "assistant" and i == len(messages) - 1 and tokenizer.eos_token_id not in span_ids:
+        if (
+            m["role"] == "assistant"
+            and i == len(messages) - 1
+            and tokenizer.eos_token_id not in span_ids
+        ):
             span_ids.append(tokenizer.eos_token_id)  # the template did not end the turn with EOS
         tokens += span_ids
         loss += [m["role"] == "assistant" or not completion_only] * len(span_ids)
