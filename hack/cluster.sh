@@ -244,8 +244,11 @@ cmd_up() {
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged \
     --endpoint-reconciler-type none \
+    --enable-admission-plugins ExtendedResourceToleration \
     --profiling=false --v 1
-  # (--endpoint-reconciler-type none: Endpoints may not hold a loopback address, so the
+  # (ExtendedResourceToleration, as on GKE: a pod that requests google.com/tpu or
+  # nvidia.com/gpu tolerates the taint of that name, which keeps other pods off those nodes.
+  # --endpoint-reconciler-type none: Endpoints may not hold a loopback address, so the
   # `kubernetes` Service cannot point at 127.0.0.1; nothing in the cluster dials it.)
   wait_for "kube-apiserver /readyz" 120 kube-apiserver https_ok "https://127.0.0.1:$API_PORT/readyz"
 

@@ -206,9 +206,13 @@ def gpu_pool_nodes(pool: str, accelerator: str, nodes: int, requested_per_pod: i
         "ephemeral-storage": "100Gi",
         GPU_RESOURCE: str(gpus),
     }
-    # GKE taints GPU nodes too; its ExtendedResourceToleration admission adds the toleration
-    # automatically, which this local apiserver does not, so leave the nodes untainted.
-    return [fake_node(f"gke-{pool}-{i}", pool, labels, capacity, auto=True) for i in range(nodes)]
+    # GKE's taint; the apiserver's ExtendedResourceToleration admission plugin gives pods
+    # that request nvidia.com/gpu the matching toleration, so only they land here.
+    taints = [{"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}]
+    return [
+        fake_node(f"gke-{pool}-{i}", pool, labels, capacity, taints, auto=True)
+        for i in range(nodes)
+    ]
 
 
 def pool_request(pod: dict) -> tuple[str, str, str] | None:

@@ -200,6 +200,13 @@ def test_gpu_job_gets_a_pool_with_a_node_per_pod(kubectl):
     for node in nodes:
         assert node["metadata"]["labels"]["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
         assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+        assert node["spec"]["taints"] == [
+            {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+        ]
+    # no toleration in the template: the ExtendedResourceToleration admission plugin added it
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pods[0][
+        "spec"
+    ]["tolerations"]
 
 
 def test_multislice_jobset_gets_one_pool_per_slice(kubectl):
@@ -207,8 +214,12 @@ def test_multislice_jobset_gets_one_pool_per_slice(kubectl):
         "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
         "cloud.google.com/gke-tpu-topology": "4x4",
     }
+    # Exclusive placement keeps *running* slices apart, so the pods must outlive the check.
     template = pod_template(
-        node_selector=selector, tolerations=[TPU_TOLERATION], limits={"google.com/tpu": "4"}
+        annotations={"posttrain.dev/fake-run-seconds": "600"},
+        node_selector=selector,
+        tolerations=[TPU_TOLERATION],
+        limits={"google.com/tpu": "4"},
     )
     apply(
         kubectl,
@@ -220,23 +231,24 @@ def test_multislice_jobset_gets_one_pool_per_slice(kubectl):
             },
         ),
     )
-    wait_until(
-        "JobSet multislice Completed",
-        lambda: condition(get(kubectl, "jobset", "multislice"), "Completed"),
-        timeout=180,
+
+    def running_pods() -> list[dict]:
+        items = get(kubectl, "pods", "-l", "jobset.sigs.k8s.io/jobset-name=multislice")["items"]
+        return [p for p in items if p["status"].get("phase") == "Running"]
+
+    pods = wait_until(
+        "8 running pods", lambda: (lambda ps: ps if len(ps) == 8 else None)(running_pods())
     )
-    pods = get(kubectl, "pods", "-l", "jobset.sigs.k8s.io/jobset-name=multislice")["items"]
-    pool_of_job: dict[str, set[str]] = {}
+    pools_of_job: dict[str, set[str]] = {}
     for p in pods:
         node = get(kubectl, "node", p["spec"]["nodeName"])
-        job = p["metadata"]["labels"]["job-name"]
-        pool_of_job.setdefault(job, set()).add(
-            node["metadata"]["labels"]["cloud.google.com/gke-nodepool"]
-        )
-    assert sorted(pool_of_job) == ["multislice-slice-0", "multislice-slice-1"]
-    pools = [next(iter(p)) for p in pool_of_job.values()]
-    assert all(len(p) == 1 for p in pool_of_job.values()), pool_of_job  # a slice is one pool
-    assert pools[0] != pools[1]  # and each slice has its own
+        pool = node["metadata"]["labels"]["cloud.google.com/gke-nodepool"]
+        pools_of_job.setdefault(p["metadata"]["labels"]["job-name"], set()).add(pool)
+    assert sorted(pools_of_job) == ["multislice-slice-0", "multislice-slice-1"]
+    assert all(len(p) == 1 for p in pools_of_job.values()), pools_of_job  # a slice is one pool
+    pool_0, pool_1 = (next(iter(p)) for p in pools_of_job.values())
+    assert pool_0 != pool_1, pools_of_job  # and each slice has its own
+    assert len(get(kubectl, "nodes", "-l", f"cloud.google.com/gke-nodepool={pool_0}")["items"]) == 4
 
 
 def test_failing_pods_drive_jobset_through_restarts_to_failed(kubectl):

@@ -79,6 +79,9 @@ def test_gpu_pool_nodes():
     assert len(nodes) == 2
     assert nodes[0]["metadata"]["labels"]["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
     assert nodes[0]["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    assert nodes[0]["spec"]["taints"] == [
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    ]
     # a pod asking for more than the usual machine still gets a node that fits it
     assert np_.gpu_machine("nvidia-tesla-t4", 8) == ("n1-standard-16", 8)
     with pytest.raises(ValueError, match="unknown GPU accelerator"):
