@@ -360,24 +360,28 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 
 class _PreemptionFlag:
-    """SIGTERM -> save at the end of the current step and exit 0.
+    """SIGTERM (and a first Ctrl-C) -> save at the end of the current step and exit 0.
 
-    Single process: our own signal handler. Several processes: JAX's coordination service
-    (which watches SIGTERM once jax.distributed is up) tells every process to stop at the same
-    step, so all of them join the same final checkpoint.
+    Single process: our own signal handlers; a second Ctrl-C interrupts at once. Several
+    processes: JAX's coordination service (which watches SIGTERM once jax.distributed is up)
+    tells every process to stop at the same step, so all of them join the same final checkpoint.
     """
 
     def __init__(self) -> None:
         self.signalled = False
         self._distributed = jax.process_count() > 1
-        self._previous = None
-        if not self._distributed:
+        self._previous: dict[int, Any] = {}
+        if self._distributed:
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                self._previous = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners): no handler
-                self._previous = None
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some embedders): no handler
+                pass
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if signum == signal.SIGINT and self.signalled:
+            raise KeyboardInterrupt
         self.signalled = True
 
     def reached(self, step: int) -> bool:
@@ -388,5 +392,5 @@ class _PreemptionFlag:
         return self.signalled
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

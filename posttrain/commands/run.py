@@ -70,20 +70,25 @@ def run(args: argparse.Namespace) -> int:
             address, num_slices=1, hosts_per_slice=args.processes, host_id=i
         )
         env = {**os.environ, **topology.to_env(), runtime.RECIPE: args.file}
-        children.append(subprocess.Popen(entry, env=env))
+        # Own session: a terminal's Ctrl-C reaches only this launcher, which stops them cleanly.
+        children.append(subprocess.Popen(entry, env=env, start_new_session=True))
 
-    def forward(signum, frame):  # noqa: ARG001  preemption reaches every process, as on a cluster
+    stops = 0
+
+    def stop(signum, frame):  # noqa: ARG001
+        # SIGTERM to every process, as a cluster preempting pods would: they agree on a step,
+        # save a checkpoint and exit 0. A second Ctrl-C kills them.
+        nonlocal stops
+        stops += 1
         for child in children:
             if child.poll() is None:
-                child.send_signal(signum)
+                child.send_signal(signal.SIGTERM if stops == 1 else signal.SIGKILL)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         codes = [child.wait() for child in children]
-    except KeyboardInterrupt:
-        forward(signal.SIGINT, None)
-        codes = [child.wait() for child in children]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0
