@@ -199,7 +199,7 @@ cmd_up() {
   command -v openssl >/dev/null || die "openssl is required to generate certificates"
   command -v kubectl >/dev/null || die "kubectl is required"
   "$PYTHON" -c "import kubernetes, yaml" 2>/dev/null ||
-    die "$PYTHON lacks the kubernetes client; install the project (pip install -e '.[dev]') or set PYTHON"
+    die "$PYTHON lacks the kubernetes client (and PyYAML): run \`make setup\` or set PYTHON"
 
   local t0=$SECONDS
   declare -A BIN

@@ -336,7 +336,7 @@ class Provisioner:
                 job = client.BatchV1Api(self.core.api_client).read_namespaced_job(
                     ref["name"], members[0]["metadata"]["namespace"]
                 )
-                return max(job.spec.parallelism or 1, len(members))
+                return max((job.spec.parallelism if job.spec else None) or 1, len(members))
             except Exception as e:  # the Job may be gone already; the pods seen are enough
                 log.debug("reading Job %s: %s", ref["name"], e)
         return len(members)

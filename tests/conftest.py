@@ -19,6 +19,7 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _run(cmd: list[str], what: str, env: dict[str, str], timeout: float) -> None
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
+def cluster() -> Iterator[Cluster]:
     env = dict(os.environ)
     cluster_dir = Path(env.get("CLUSTER_DIR", REPO / ".cluster"))
     status = subprocess.run(
@@ -92,7 +93,7 @@ def kubeconfig(cluster: Cluster) -> Path:
 
 
 @pytest.fixture
-def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"t-{slug}-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", name)
