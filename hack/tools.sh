@@ -121,8 +121,10 @@ build_group() {
     gopkgs+=("${PKG[$name]}")
   done
   # -mod=readonly: the pins are the checked-in go.mod/go.sum, never silently updated.
+  # -buildvcs=false: the wrapper module sits in this git checkout, whose state says nothing
+  # about the binary (and stamping it fails where git refuses the checkout's ownership).
   (cd "$HACK_DIR/tools/$group" &&
-    GOFLAGS="${GOFLAGS:-} -mod=readonly" CGO_ENABLED=0 GOTOOLCHAIN=local \
+    GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false" CGO_ENABLED=0 GOTOOLCHAIN=local \
       go build -trimpath -ldflags "$(ldflags "$group")" -o "$tmp/" "${gopkgs[@]}") ||
     die "go build failed for ${pkgs[*]} (see above)"
   # `go build -o dir/` names each binary after its package's last path element
