@@ -149,3 +149,25 @@ def test_messages_with_a_hugging_face_chat_template(tmp_path):
     )
     assert ex.tokens.count(tok.eos_token_id) == 4  # no extra EOS appended: the template ends turns
     assert ex.tokens[0] == tok.bos_token_id
+
+
+def test_rows_from_gcs_jsonl_and_parquet(gcs_emulator, tmp_path):
+    from posttrain.trainer import storage
+
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}]
+    local_parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), str(local_parquet))
+    storage.write_text(
+        f"gs://{gcs_emulator}/sft/d.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    storage.write_bytes(f"gs://{gcs_emulator}/sft/d.parquet", local_parquet.read_bytes())
+    for name in ("d.jsonl", "d.parquet"):
+        path = f"gs://{gcs_emulator}/sft/{name}"
+        examples = sft.load_examples(path, TOK, data_spec(path)).examples
+        assert [TOK.decode(e.tokens) for e in examples] == ["1+1=2", "2+2=4"]
+    storage.write_text(f"gs://{gcs_emulator}/sft/bad.jsonl", json.dumps(rows[0]) + "\n[1]\n")
+    with pytest.raises(
+        BadRow, match=rf"gs://{gcs_emulator}/sft/bad\.jsonl:2: a row must be a JSON object"
+    ):
+        path = f"gs://{gcs_emulator}/sft/bad.jsonl"
+        sft.load_examples(path, TOK, data_spec(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import jax.numpy as jnp
@@ -101,3 +102,18 @@ def test_lora_changes_only_low_rank_deltas_of_target_projections(tmp_path):
         result.final["eval_loss"], rel=1e-5
     )
     assert jobs.losses(out)[6] < jobs.losses(out)[1]
+
+
+def test_output_to_gcs(gcs_emulator, tmp_path):
+    """Metrics and the export go to gs:// (checkpoints stay local: orbax's gs:// I/O, tensorstore
+    OCDBT, needs object generations the local emulator does not implement)."""
+    from posttrain.trainer import storage
+
+    out = f"gs://{gcs_emulator}/runs/sft"
+    job = jobs.job(tmp_path, training={"steps": 2, "checkpoint": {"dir": str(tmp_path / "ckpt")}})
+    result = train(job, out, say=quiet, progress_bar=False)
+    records = [json.loads(line) for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 2]  # two steps, then the final evaluation
+    assert result.export_dir == f"{out}/final"
+    model = load_pretrained(result.export_dir)
+    assert eval_loss_of(model, job) == pytest.approx(result.final["eval_loss"], rel=1e-5)
