@@ -4,6 +4,8 @@
 SHELL := /bin/bash
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 export PYTHON
+# Every `python -m` here runs with -P: the repo root holds a folder named `operator/`
+# (posttrain.operator), which must never shadow the standard library's `operator`.
 
 .DEFAULT_GOAL := help
 
@@ -23,13 +25,13 @@ setup: ## create .venv and install posttrain with every extra (editable)
 
 .PHONY: lint
 lint: ## ruff (lint + format check) and mypy
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m mypy
+	$(PYTHON) -P -m ruff check .
+	$(PYTHON) -P -m ruff format --check .
+	$(PYTHON) -P -m mypy
 
 .PHONY: test
 test: lint ## lint, then the whole test suite (brings the local cluster up for the cluster tests)
-	$(PYTHON) -m pytest
+	$(PYTHON) -P -m pytest
 
 # ---- local Kubernetes (hack/, docs/development.md) ----
 
@@ -55,7 +57,7 @@ cluster-status: ## show whether each local control-plane process is running
 
 .PHONY: test-cluster
 test-cluster: ## run the tests that need the local cluster (starts one if none is up)
-	$(PYTHON) -m pytest -m cluster tests/cluster
+	$(PYTHON) -P -m pytest -m cluster tests/cluster
 
 # ---- install: chart and images (docs/install.md) ----
 

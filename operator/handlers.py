@@ -20,6 +20,8 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+
+from posttrain.api import GROUP, PLURAL, VERSION
 from posttrain.operator import render as r
 from posttrain.operator import status as st
 from posttrain.operator.reconcile import (
@@ -29,8 +31,6 @@ from posttrain.operator.reconcile import (
     Operator,
     Retry,
 )
-
-from posttrain.api import GROUP, PLURAL, VERSION
 
 ANNOTATION_PREFIX = r.OPERATOR_ANNOTATION_PREFIX.rstrip("/")
 # Set by `posttrain operator` before kopf starts (image defaults from its flags).

@@ -23,12 +23,12 @@ from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from posttrain.operator import render as r
-from posttrain.operator import status as st
 
 from posttrain.api import GROUP, PLURAL, VERSION, JobInvalid, parse_job
 from posttrain.api.load import FieldError
 from posttrain.api.v1alpha1 import PostTrainJob, display_accelerator, display_model
+from posttrain.operator import render as r
+from posttrain.operator import status as st
 
 log = logging.getLogger("posttrain.operator")
 

@@ -64,6 +64,7 @@ CONTAINER = "trainer"
 RECIPE_KEY = "recipe.yaml"
 RECIPE_DIR = os.path.dirname(runtime.RECIPE_PATH)
 DEFAULT_SERVICE_ACCOUNT = "posttrain-trainer"
+TRAINER_UID = 65532  # USER of images/trainer/Dockerfile
 # What every trainer pod runs: the trainer image's entrypoint (trainer/__main__.py), which reads
 # the recipe and the env contract. Explicit, so an image given in spec.image runs it too.
 TRAINER_COMMAND = ("python", "-m", "posttrain.trainer")
@@ -226,6 +227,14 @@ def _check_renderable(job: PostTrainJob) -> None:
                 f"set from spec.resources ({shape.node_selector[key]!r}); remove it here",
             )
         )
+    if not job.spec.output.dir:
+        errors.append(
+            FieldError(
+                "spec.output.dir",
+                "required in a cluster: a pod's own disk is gone when it ends, so metrics and the "
+                "exported model need a lasting place (gs://bucket/dir or a mounted volume path)",
+            )
+        )
     reserved = {e["name"] for e in _contract_env(job, shape)}
     for i, var in enumerate(job.spec.env):
         if var.name in reserved:
@@ -374,9 +383,22 @@ def _pod_template(job: PostTrainJob, shape: Shape, images: ImageDefaults) -> dic
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
 
+    container["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": spec.service_account_name or DEFAULT_SERVICE_ACCOUNT,
+        # The trainer image's user (images/trainer/Dockerfile); passes the restricted Pod
+        # Security Standard, and fsGroup makes mounted output volumes writable for it.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
     if spec.scheduling.priority_class_name:
         pod["priorityClassName"] = spec.scheduling.priority_class_name

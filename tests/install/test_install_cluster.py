@@ -232,6 +232,7 @@ def job_manifest(name: str) -> dict:
             "data": {"train": "/data/train.jsonl"},
             "training": {"steps": 5},
             "resources": {"accelerator": "cpu", "nodes": 2},
+            "output": {"dir": "/tmp/posttrain-out"},
         },
     }
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 import yaml
-from posttrain.operator import render as r
-from posttrain.operator.reconcile import job_manifest
 
 from posttrain import runtime
 from posttrain.api import parse_job
+from posttrain.operator import render as r
+from posttrain.operator.reconcile import job_manifest
 from posttrain.progress import ProgressReporter
 
 from .podenv import resolve_env
@@ -161,6 +161,7 @@ def manifest(name: str, resources: dict, *, annotations: dict | None = None, **s
             "data": {"train": "gs://b/train.jsonl"},
             "training": {"steps": 10},
             "resources": resources,
+            "output": {"dir": "/tmp/posttrain-out"},
             **spec,
         },
     }

@@ -8,10 +8,10 @@ import copy
 from typing import Any
 
 import pytest
-from posttrain.operator import render as r
 
 from posttrain import runtime
 from posttrain.api import parse_job
+from posttrain.operator import render as r
 
 from .podenv import resolve_env
 from .test_render import BASE

@@ -3,9 +3,8 @@ test_cluster.py)."""
 
 from __future__ import annotations
 
-from posttrain.operator.reconcile import job_manifest, owned_by
-
 from posttrain.api import parse_job
+from posttrain.operator.reconcile import job_manifest, owned_by
 
 from .test_render import BASE
 

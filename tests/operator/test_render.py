@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import yaml
-from posttrain.operator import render as r
 
 from posttrain import runtime
 from posttrain.api import JobInvalid, parse_job
 from posttrain.api import accelerators as acc
 from posttrain.api import v1alpha1 as api
+from posttrain.operator import render as r
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
@@ -32,6 +32,7 @@ BASE: dict[str, Any] = {
         "data": {"train": "gs://b/train.jsonl"},
         "training": {"steps": 10},
         "resources": {"accelerator": "cpu"},
+        "output": {"dir": "gs://b/runs/t"},
     },
 }
 
@@ -360,12 +361,22 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "spec.resources.topology" in err and "valid: 1x1, 2x2" in err
 
 
-def test_every_example_renders() -> None:
+def test_every_cluster_example_renders() -> None:
     from posttrain.api import load_documents
 
-    for path in sorted(ROOT.glob("examples/**/*.yaml")):
+    paths = sorted(ROOT.glob("examples/*.yaml"))
+    assert paths
+    for path in paths:
         for doc in load_documents(path):
             assert [m["kind"] for m in r.render(parse_job(doc))] == ["ConfigMap", "JobSet"]
+
+
+def test_a_job_without_output_dir_is_refused_in_a_cluster() -> None:
+    doc = copy.deepcopy(BASE)
+    del doc["spec"]["output"]
+    with pytest.raises(JobInvalid) as info:
+        r.render(parse_job(doc))
+    assert [e.path for e in info.value.errors] == ["spec.output.dir"]
 
 
 def test_render_imports_neither_kopf_nor_kubernetes() -> None:

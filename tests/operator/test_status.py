@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from posttrain.operator import status as st
 
 from posttrain.api.load import FieldError
+from posttrain.operator import status as st
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:05:00Z"
