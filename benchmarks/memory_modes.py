@@ -16,11 +16,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from posttrain.api.v1alpha1 import LoraSpec, QuantizationSpec, TrainingSpec
 from posttrain.trainer import peft
 from posttrain.trainer.loop_optim import optimizer
 from posttrain.trainer.models import builtin_config, create_model
-
-from posttrain.api.v1alpha1 import LoraSpec, QuantizationSpec, TrainingSpec
 
 PRESETS = {
     # Llama-style shapes: vocab, hidden, intermediate, layers, heads, kv heads, head dim

@@ -12,11 +12,10 @@ import argparse
 import os
 import sys
 
-from posttrain.trainer import algorithms
-
 from posttrain import runtime
 from posttrain.api import JobInvalid, load_documents, parse_job
 from posttrain.api.v1alpha1 import PostTrainJob
+from posttrain.trainer import algorithms
 
 
 def read_recipe(path: str) -> PostTrainJob:
@@ -52,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import jax
+
     from posttrain.trainer import distributed, storage
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a rerun (resume) skips recompiling
         jax.config.update("jax_compilation_cache_dir", os.path.join(storage.cache_root(), "jax"))
     distributed.initialize()
-    from posttrain.trainer.loop import train
-
     from posttrain.progress import ProgressReporter
+    from posttrain.trainer.loop import train
 
     train(job, output, reporter=ProgressReporter())
     return 0

@@ -18,9 +18,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from posttrain.trainer import storage
 
 from posttrain.api.v1alpha1 import CheckpointSpec
+from posttrain.trainer import storage
 
 
 def checkpoint_dir(spec: CheckpointSpec, output_dir: str) -> str:

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
 from posttrain.trainer import algorithms, peft, storage
 from posttrain.trainer.algorithms.base import Algorithm, Context, token_logprobs
 from posttrain.trainer.checkpoint import Checkpointer, checkpoint_dir
 from posttrain.trainer.loop_optim import optimizer, schedule
 from posttrain.trainer.loop_step import device_batch, make_eval_step, make_train_step
 from posttrain.trainer.metrics import MetricsWriter
-
-from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,10 @@ def train(
         reference = jax.tree.map(jnp.copy, params)
     else:
         reference = None
-    out_dir = output_dir
     ctx = Context(
         job=job,
         tokenizer=tokenizer,
-        output_dir=out_dir,
+        output_dir=output_dir,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         model=policy,
@@ -199,7 +198,7 @@ def train(
     )
     algo: Algorithm = algorithm_module.build(ctx)
 
-    ckpt = Checkpointer(checkpoint_dir(training.checkpoint, out_dir), training.checkpoint)
+    ckpt = Checkpointer(checkpoint_dir(training.checkpoint, output_dir), training.checkpoint)
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
@@ -210,7 +209,7 @@ def train(
         say(f"resumed from checkpoint step {start} in {ckpt.directory}")
 
     metrics = MetricsWriter(
-        out_dir,
+        output_dir,
         total_steps=training.steps,
         start_step=start,
         enabled=rank0,
@@ -292,7 +291,7 @@ def train(
         model = nnx.merge(graphdef, params, frozen)
         export_dir = None
         if spec.output.export:
-            export_dir = storage.join(out_dir, "final")
+            export_dir = storage.join(output_dir, "final")
             export(model, tokenizer, export_dir)
             say(f"exported the model to {export_dir}")
         if algo.finish is not None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from posttrain.trainer.algorithms.base import LossFn
 
 BATCH_AXES = ("data", "fsdp")  # the batch's rows shard over both data-parallel axes

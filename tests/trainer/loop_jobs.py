@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from posttrain.trainer.tasks import arithmetic
 
 from posttrain.api import parse_job
 from posttrain.api.v1alpha1 import PostTrainJob
+from posttrain.trainer.tasks import arithmetic
 
 # A persistent XLA cache shared by these tests and the processes they start: the same tiny
 # steps compile once per machine instead of once per train() call (13 s -> 2 s per run).

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from posttrain.trainer.checkpoint import Checkpointer
 
 from posttrain.api.v1alpha1 import CheckpointSpec
+from posttrain.trainer.checkpoint import Checkpointer
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

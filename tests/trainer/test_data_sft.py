@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data import sft
 from posttrain.trainer.data.readers import BadRow
 from posttrain.trainer.tasks.chars import CharTokenizer
-
-from posttrain.api.v1alpha1 import DataSpec
 
 TOK = CharTokenizer()
 

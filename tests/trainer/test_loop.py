@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
 from posttrain.trainer.loop import train
 from posttrain.trainer.models import load_pretrained
 

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from posttrain.api.v1alpha1 import TrainingSpec
 from posttrain.trainer.algorithms import sft
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.loop_optim import optimizer, schedule
 from posttrain.trainer.loop_step import make_train_step
 from posttrain.trainer.models import builtin_config, create_model
-
-from posttrain.api.v1alpha1 import TrainingSpec
 
 
 def test_schedule_warms_up_then_decays_to_min_ratio():

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from posttrain.api.v1alpha1 import LoraSpec, ModelSpec, TrainingSpec
 from posttrain.trainer import peft
 from posttrain.trainer.algorithms import sft
 from posttrain.trainer.data import sft as data
@@ -17,8 +19,6 @@ from posttrain.trainer.loop import build_model, load_tokenizer, train
 from posttrain.trainer.loop_optim import optimizer, schedule
 from posttrain.trainer.loop_step import make_train_step
 from posttrain.trainer.models import load_pretrained, make_mesh
-
-from posttrain.api.v1alpha1 import LoraSpec, ModelSpec, TrainingSpec
 
 _spec = importlib.util.spec_from_file_location(
     "loop_jobs", os.path.join(os.path.dirname(__file__), "loop_jobs.py")

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from posttrain.trainer.tasks import arithmetic
 
 from posttrain.api import load_documents, parse_job
+from posttrain.trainer.tasks import arithmetic
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "local" / "sft-quickstart.yaml"

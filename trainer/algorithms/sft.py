@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, token_logprobs
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.data.readers import BadRow, read_rows

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from posttrain.trainer.data.readers import BadRow, Row, read_rows
 
 from posttrain.api.v1alpha1 import DataSpec
+from posttrain.trainer.data.readers import BadRow, Row, read_rows
 
 
 class TokenizerLike(Protocol):
