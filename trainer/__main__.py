@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.trainer import distributed, storage
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a rerun (resume) skips recompiling
-        jax.config.update("jax_compilation_cache_dir", os.path.join(storage.cache_root(), "jax"))
+        cache = os.path.join(storage.cache_root(), "jax")
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError:  # e.g. a read-only home in a locked-down pod: just compile
+            pass
+        else:
+            jax.config.update("jax_compilation_cache_dir", cache)
     distributed.initialize()
     from posttrain.progress import ProgressReporter
     from posttrain.trainer.loop import train
