@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from posttrain.trainer.algorithms import grpo_loss as gl
 
 # ------------------------------------------------------------------ numpy references

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
 from posttrain.trainer.algorithms import grpo
 from posttrain.trainer.algorithms.base import token_logprobs
 from posttrain.trainer.data.readers import BadRow
 from posttrain.trainer.models import builtin_config, create_model
 from posttrain.trainer.tasks.chars import CharTokenizer
-
-from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
 
 
 def test_rollout_rows_line_up_targets_with_completion_tokens():

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
 from posttrain.trainer.rewards import RewardError
 from posttrain.trainer.tasks import arithmetic
-
-from posttrain.api.v1alpha1 import PostTrainJob
 
 REWARDS = textwrap.dedent(
     """

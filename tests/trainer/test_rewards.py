@@ -9,9 +9,9 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from posttrain.trainer import rewards as rw
 
 from posttrain.api.v1alpha1 import RewardSpec
+from posttrain.trainer import rewards as rw
 
 
 def specs(*items: dict) -> list[RewardSpec]:

@@ -31,13 +31,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
 from posttrain.trainer import rewards as rw
 from posttrain.trainer import storage
 from posttrain.trainer.algorithms import grpo_loss as gl
 from posttrain.trainer.algorithms.base import Algorithm, Batch, Context, token_logprobs
 from posttrain.trainer.data.readers import BadRow, read_rows
-
-from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
 
 METRIC = "metric/"
 
@@ -205,8 +205,17 @@ def sample(
         prompt_mask=prompt_mask_rp,
         pad_id=pad_id,
     )
-    tokens = np.asarray(out.tokens)
-    return tokens, cut_at_eos(tokens, np.asarray(out.mask), eos_id)
+    tokens = to_host(out.tokens)
+    return tokens, cut_at_eos(tokens, to_host(out.mask), eos_id)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host, also when it is sharded over several processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # --------------------------------------------------------------------------- the batch source
@@ -485,7 +494,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def reward_summary(history: Sequence[Mapping[str, Any]], window: int = 5) -> dict[str, float]:
+def reward_summary(history: Sequence[Mapping[str, Any]], window: int = 10) -> dict[str, float]:
     """reward_mean averaged over the first and last `window` logged steps, and the rise."""
     values = [float(m["reward_mean"]) for m in history if m.get("reward_mean") is not None]
     if not values:
@@ -508,7 +517,8 @@ def plot_rewards(history: Sequence[Mapping[str, Any]], path: str) -> str | None:
     steps = [m["step"] for m in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [m["reward_mean"] for m in rows], label="reward_mean", linewidth=2)
-    for key in sorted({k for m in rows for k in m if k.startswith("reward/")}):
+    terms = sorted({k for m in rows for k in m if k.startswith("reward/")})
+    for key in terms if len(terms) > 1 else []:  # one term is the total again
         values = [np.nan if m.get(key) is None else m[key] for m in rows]
         ax.plot(steps, values, label=key, alpha=0.6)
     ax.set_xlabel("step")
