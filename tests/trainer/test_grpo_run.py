@@ -150,3 +150,15 @@ def test_a_failing_reward_stops_the_run_naming_it(files, tmp_path):
     )
     with pytest.raises(RewardError, match=r"spec.grpo.rewards\[1\] \(judge\) raised RuntimeError"):
         train(spec, str(tmp_path / "broken"), progress_bar=False)
+
+
+def test_with_lora_the_reference_is_the_base_model(files, tmp_path):
+    # Fresh adapters leave the model equal to its base, so the first step's KL is exactly zero;
+    # the reference is the base with adapters off (the loop keeps no second copy of the weights).
+    spec = job(files, steps=3, beta=0.1).model_dump(by_alias=True)
+    spec["spec"]["model"]["lora"] = {"rank": 4, "alpha": 8}
+    out = tmp_path / "lora"
+    train(PostTrainJob.model_validate(spec), str(out), progress_bar=False)
+    steps = per_step(out)
+    assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert steps[3]["kl"] > 1e-6

@@ -248,8 +248,10 @@ class RolloutSource:
         tok = ctx.tokenizer
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        # One prompt width for the whole run, so the jitted sampler and step compile once.
-        self.prompt_len = round_up(max(len(p.ids) for p in [*prompts, *(eval_prompts or [])]), 8)
+        # One prompt width for the whole run, so the jitted sampler and step compile once
+        # (rounded up for friendlier shapes, never past maxPromptLength).
+        longest = max(len(p.ids) for p in [*prompts, *(eval_prompts or [])])
+        self.prompt_len = min(round_up(longest, 8), max(longest, spec.data.max_prompt_length))
         self.seq_len = self.prompt_len + self.g.max_new_tokens
         if self.seq_len > spec.data.max_length:
             raise ValueError(
