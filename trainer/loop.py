@@ -176,13 +176,14 @@ def train(
         placed = device_batch({k: batch[k] for k in keys}, mesh)
         return np.asarray(_gather(logprobs_fn(p, frozen, placed)))
 
-    # The frozen reference: with LoRA the base (adapters zeroed); otherwise the initial weights.
-    if spec.model.lora is not None:
-        reference = jax.tree.map(jnp.zeros_like, params)
-    elif spec.algorithm != "sft":
-        reference = jax.tree.map(jnp.copy, params)
-    else:
+    # The frozen reference: with LoRA the base (adapters zeroed); otherwise a copy of the
+    # initial weights, made only when the algorithm's loss reads it.
+    if not algorithms.needs_reference(spec):
         reference = None
+    elif spec.model.lora is not None:
+        reference = jax.tree.map(jnp.zeros_like, params)
+    else:
+        reference = jax.tree.map(jnp.copy, params)
     ctx = Context(
         job=job,
         tokenizer=tokenizer,

@@ -19,6 +19,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
+
 from posttrain.trainer import storage
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
 from posttrain.trainer.models import (
     SUPPORTED_MODEL_TYPES,
     CausalLM,
@@ -19,8 +22,6 @@ from posttrain.trainer.models import (
     load_pretrained,
     save_pretrained,
 )
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 
 HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
 MODEL_FIXTURES = (

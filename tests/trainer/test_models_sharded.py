@@ -31,6 +31,7 @@ def _main() -> None:
     import numpy as np
     from flax import nnx
     from jax.sharding import PartitionSpec as P
+
     from posttrain.trainer.models import (
         builtin_config,
         create_model,

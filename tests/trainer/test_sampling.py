@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
 from posttrain.trainer.models import builtin_config, create_model, load_pretrained
 from posttrain.trainer.sampling import bucket, filter_top_k, filter_top_p, generate, sampler
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
 from posttrain.trainer import storage
 from posttrain.trainer.models import load_pretrained, save_pretrained
 from posttrain.trainer.tokenizer import Tokenizer

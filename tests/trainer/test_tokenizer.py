@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
+
 from posttrain.trainer.tokenizer import Tokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer"

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from posttrain.api.v1alpha1 import ALGORITHMS
+from posttrain.api.v1alpha1 import ALGORITHMS, PostTrainJobSpec
 
 # spec.algorithm -> module. Add a line here when an algorithm lands.
 REGISTRY: dict[str, str] = {
@@ -47,3 +47,11 @@ def check(name: str) -> str:
 
 def load(name: str) -> ModuleType:
     return importlib.import_module(check(name))
+
+
+def needs_reference(spec: PostTrainJobSpec) -> bool:
+    """Whether the loss reads a frozen reference policy (else none is kept in memory)."""
+    if spec.algorithm in ("grpo", "gspo-token"):
+        assert spec.grpo is not None  # the model requires the block
+        return spec.grpo.beta > 0
+    return spec.algorithm != "sft"

@@ -567,7 +567,8 @@ def build(ctx: Context) -> Algorithm:
     )
 
     def finish(model: Any) -> dict[str, float]:
-        history = read_metrics(storage.join(ctx.output_dir, "metrics.jsonl"))
+        # Only rank 0 writes metrics.jsonl; other hosts may not see it (local disks).
+        history = read_metrics(storage.join(ctx.output_dir, "metrics.jsonl")) if ctx.rank0 else []
         summary = reward_summary(history)
         if eval_prompts:
             if source.eval_before is not None:

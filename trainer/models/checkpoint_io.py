@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 from posttrain.trainer import storage
 from posttrain.trainer.models.config import ModelConfig
 from posttrain.trainer.models.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 from posttrain.trainer.models.transformer import CausalLM
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 log = logging.getLogger(__name__)
 
