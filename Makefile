@@ -24,10 +24,10 @@ setup: ## create .venv and install posttrain with every extra (editable)
 	$(VENV)/bin/pip install -q -e '.[trainer,operator,gcs,dev]'
 
 .PHONY: lint
-lint: ## ruff (lint + format check) and mypy
+lint: ## ruff (lint + format check) and mypy over the whole posttrain namespace
 	$(PYTHON) -P -m ruff check .
 	$(PYTHON) -P -m ruff format --check .
-	$(PYTHON) -P -m mypy
+	hack/typecheck.sh
 
 .PHONY: test
 test: lint ## lint, then the whole test suite (brings the local cluster up for the cluster tests)
