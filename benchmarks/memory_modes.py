@@ -22,17 +22,10 @@ from posttrain.trainer import peft
 from posttrain.trainer.loop_optim import optimizer
 from posttrain.trainer.models import builtin_config, create_model
 
-PRESETS = {
+PRESETS: dict[str, dict[str, int]] = {
+    # Overrides of the built-in "small" config (trainer/models/config.py).
+    "small": dict(vocab_size=100),
     # Llama-style shapes: vocab, hidden, intermediate, layers, heads, kv heads, head dim
-    "small": dict(
-        vocab_size=100,
-        hidden_size=128,
-        intermediate_size=384,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-    ),
     "llama-40m": dict(
         vocab_size=32000,
         hidden_size=512,

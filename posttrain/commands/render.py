@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from posttrain.api import JobInvalid, load_documents, parse_job
+from posttrain.api import parse_job
+from posttrain.commands._documents import for_each_document
 
 
 def add_image_flags(p: argparse.ArgumentParser) -> None:
@@ -48,26 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
     images = image_defaults(args)
     manifests: list[dict] = []
-    failed = 0
-    for path in args.files:
-        try:
-            docs = load_documents(path)
-        except (OSError, JobInvalid) as err:
-            print(f"{path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        for i, doc in enumerate(docs):
-            name = (doc.get("metadata") or {}).get("name") or f"document {i + 1}"
-            if args.namespace:
-                doc.setdefault("metadata", {})["namespace"] = args.namespace
-            try:
-                manifests += render(parse_job(doc), image_defaults=images)
-            except JobInvalid as err:
-                failed += 1
-                print(f"{path}: {name}: invalid", file=sys.stderr)
-                for e in err.errors:
-                    print(f"  {e}", file=sys.stderr)
-    if failed:
+
+    def render_one(path: str, name: str, doc: dict) -> None:
+        if args.namespace:
+            doc.setdefault("metadata", {})["namespace"] = args.namespace
+        manifests.extend(render(parse_job(doc), image_defaults=images))
+
+    if for_each_document(args.files, render_one):
         return 1
     sys.stdout.write(to_yaml(manifests))
     return 0

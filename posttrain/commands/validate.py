@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from posttrain.api import JobInvalid, load_documents, parse_job
+from posttrain.api import parse_job
+from posttrain.commands._documents import for_each_document
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,26 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    failed = 0
-    for path in args.files:
-        try:
-            docs = load_documents(path)
-        except (OSError, JobInvalid) as err:
-            print(f"{path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        if not docs:
-            print(f"{path}: no YAML documents", file=sys.stderr)
-            failed += 1
-        for i, doc in enumerate(docs):
-            name = (doc.get("metadata") or {}).get("name") or f"document {i + 1}"
-            try:
-                parse_job(doc)
-            except JobInvalid as err:
-                failed += 1
-                print(f"{path}: {name}: invalid", file=sys.stderr)
-                for e in err.errors:
-                    print(f"  {e}", file=sys.stderr)
-            else:
-                print(f"{path}: {name}: valid")
-    return 1 if failed else 0
+    def validate_one(path: str, name: str, doc: dict) -> None:
+        parse_job(doc)
+        print(f"{path}: {name}: valid")
+
+    return 1 if for_each_document(args.files, validate_one) else 0
