@@ -17,9 +17,9 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,9 @@ from posttrain.trainer.checkpoint import Checkpointer, checkpoint_dir
 from posttrain.trainer.loop_optim import optimizer, schedule
 from posttrain.trainer.loop_step import device_batch, make_eval_step, make_train_step
 from posttrain.trainer.metrics import MetricsWriter
+
+if TYPE_CHECKING:
+    from posttrain.trainer.models import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def load_tokenizer(model: ModelSpec) -> Any:
     return HfTokenizer(model.tokenizer or model.base)
 
 
-def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> nnx.Module:
+def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> CausalLM:
     """The base model (built-in or loaded), with LoRA/QLoRA applied, every array on ``mesh``."""
     from posttrain.trainer import models
 
@@ -109,15 +112,16 @@ def place_on_mesh(model: nnx.Module, mesh: Mesh) -> None:
         if value.sharding == sharding:
             return var
         source = value
-        value = jax.make_array_from_callback(
-            var.shape, sharding, lambda i, s=source: np.asarray(s[i])
-        )
-        return var.replace(value)
+
+        def shard(index: Any) -> np.ndarray:  # a tuple of slices, one per axis
+            return np.asarray(source[index])
+
+        return var.replace(jax.make_array_from_callback(var.shape, sharding, shard))
 
     nnx.update(model, jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def _tokens_in(batch: dict[str, np.ndarray]) -> int:
+def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else 0
 
@@ -153,7 +157,9 @@ def train(
     tokenizer = load_tokenizer(spec.model)
     model = build_model(spec.model, tokenizer, mesh, training.seed)
     wrt = peft.trainable_filter(spec.model.lora)
-    graphdef, params, frozen = nnx.split(model, wrt, ...)
+    # Two filters give exactly two states; flax types the tail as variadic, so unpack it in two steps.
+    graphdef, params, *others = nnx.split(model, wrt, ...)
+    (frozen,) = others
     del model  # from here on the arrays live in params / frozen
     tx = optimizer(training)
     lr = schedule(training)
@@ -171,7 +177,7 @@ def train(
         )
     )
 
-    def host_logprobs(p: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def host_logprobs(p: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         keys = ("input_ids", "attention_mask", "targets")
         placed = device_batch({k: batch[k] for k in keys}, mesh)
         return np.asarray(_gather(logprobs_fn(p, frozen, placed)))
@@ -310,7 +316,7 @@ def train(
         ckpt.close()
 
 
-def export(model: nnx.Module, tokenizer: Any, path: str) -> None:
+def export(model: CausalLM, tokenizer: Any, path: str) -> None:
     """DIR/final in Hugging Face format: adapters merged, quantized bases dequantized."""
     from posttrain.trainer.models import save_pretrained
 
@@ -336,7 +342,7 @@ def _replicate_strays(tree: Any, mesh: Mesh) -> Any:
 
 
 def _check_rows(
-    batch: dict[str, np.ndarray], batch_size: int, num_micro: int, rows_axis: int
+    batch: Mapping[str, np.ndarray], batch_size: int, num_micro: int, rows_axis: int
 ) -> None:
     rows = next(iter(batch.values())).shape[0]
     if rows % num_micro or (rows // num_micro) % rows_axis:

@@ -28,14 +28,24 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def _shard_reader(array: Any) -> Callable[[Any], Any]:
+    """The ``data_callback`` of ``jax.make_array_from_callback`` for a host array: index -> slice.
+
+    A function (not a lambda in the caller's loop) so each callback keeps its own ``array``.
+    """
+
+    def read(index: Any) -> Any:  # a tuple of slices, one per axis
+        return array[index]
+
+    return read
+
+
 def device_batch(host: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Place a host global batch on the mesh; each process copies only the rows its devices own."""
-    out = {}
+    out: dict[str, jax.Array] = {}
     for name, array in host.items():
         sharding = batch_sharding(mesh, array.ndim)
-        out[name] = jax.make_array_from_callback(
-            array.shape, sharding, lambda index, a=array: a[index]
-        )
+        out[name] = jax.make_array_from_callback(array.shape, sharding, _shard_reader(array))
     return out
 
 

@@ -78,6 +78,8 @@ class QuantizedLinear(nnx.Module):
         )
         linear.kernel.set_value(self.dequantized_kernel())
         if self.bias is not None:
+            if linear.bias is None:  # use_bias=True above: unreachable unless flax changes
+                raise RuntimeError("nnx.Linear(use_bias=True) was built without a bias")
             linear.bias.set_value(self.bias[...])
         return linear
 
@@ -86,7 +88,14 @@ class Adapted(nnx.Module):
     """base(x) + (alpha / rank) * lora(x); base is an nnx.Linear or a QuantizedLinear."""
 
     def __init__(
-        self, base: nnx.Module, d_in: int, d_out: int, lora: LoraSpec, *, dtype: Any, rngs: nnx.Rngs
+        self,
+        base: nnx.Linear | QuantizedLinear,
+        d_in: int,
+        d_out: int,
+        lora: LoraSpec,
+        *,
+        dtype: Any,
+        rngs: nnx.Rngs,
     ):
         self.base = base
         self.lora = nnx.LoRA(d_in, lora.rank, d_out, param_dtype=dtype, rngs=rngs)
@@ -102,9 +111,12 @@ class Adapted(nnx.Module):
         return linear
 
 
-def _projection_slots(model: nnx.Module) -> list[tuple[nnx.Module, str, nnx.Module]]:
+Projection = nnx.Linear | QuantizedLinear | Adapted  # what a projection slot can hold
+
+
+def _projection_slots(model: nnx.Module) -> list[tuple[nnx.Module, str, Projection]]:
     """(parent, attribute, child) for every projection layer, collected before any change."""
-    slots = []
+    slots: list[tuple[nnx.Module, str, Projection]] = []
     for _, module in nnx.iter_modules(model):
         for name in PROJECTIONS:
             child = getattr(module, name, None)
@@ -131,12 +143,17 @@ def apply_peft(
     if not slots:
         raise ValueError(f"the model has none of the projections {PROJECTIONS} to adapt")
     for parent, name, linear in slots:
+        if not isinstance(linear, nnx.Linear):
+            raise ValueError(
+                f"{name} is already a {type(linear).__name__}: apply_peft adapts a model only once"
+            )
         d_in, d_out = linear.kernel.shape
         dtype = linear.kernel.dtype
-        base: nnx.Module = QuantizedLinear(linear, quantization) if quantization else linear
+        base = QuantizedLinear(linear, quantization) if quantization else linear
         if name in lora.targets:
-            base = Adapted(base, d_in, d_out, lora, dtype=dtype, rngs=rngs)
-        setattr(parent, name, base)
+            setattr(parent, name, Adapted(base, d_in, d_out, lora, dtype=dtype, rngs=rngs))
+        else:
+            setattr(parent, name, base)
     return model
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,9 @@ import numpy as np
 from flax import nnx
 
 from posttrain.api.v1alpha1 import PostTrainJob
+
+if TYPE_CHECKING:
+    from posttrain.trainer.models import CausalLM
 
 Batch = Mapping[str, np.ndarray]  # host arrays, leading axis = rows of the global batch
 Metrics = dict[str, jax.Array]
@@ -54,7 +57,14 @@ def token_logprobs(
     target does not matter are masked by the caller. Computed as ``logit[target] - logsumexp``
     so no second [B, T, V] array is materialised.
     """
-    logits_btv = model(input_ids, attention_mask).astype(jnp.float32)
+    return logprobs_from_logits(model(input_ids, attention_mask), targets, temperature=temperature)
+
+
+def logprobs_from_logits(
+    logits_btv: jax.Array, targets: jax.Array, *, temperature: float = 1.0
+) -> jax.Array:
+    """``token_logprobs`` from logits already computed ([B, T, V]), e.g. to share one forward."""
+    logits_btv = logits_btv.astype(jnp.float32)
     if temperature != 1.0:
         logits_btv = logits_btv / temperature
     picked_bt = jnp.take_along_axis(logits_btv, targets[..., None].astype(jnp.int32), axis=-1)[
@@ -89,7 +99,7 @@ class Algorithm:
     loss: LossFn
     source: BatchSource
     eval_batches: Callable[[], Iterable[Batch]] | None = None
-    finish: Callable[[nnx.Module], dict[str, float]] | None = None
+    finish: Callable[[CausalLM], dict[str, float]] | None = None
 
 
 @dataclass
@@ -108,7 +118,7 @@ class Context:
     output_dir: str
     process_index: int = 0
     process_count: int = 1
-    model: Callable[[], nnx.Module] = field(default=lambda: None)  # type: ignore[assignment]
+    model: Callable[[], CausalLM] = field(default=lambda: None)  # type: ignore[assignment]
     policy_logprobs: Callable[[Batch], np.ndarray] | None = None
     reference_logprobs: Callable[[Batch], np.ndarray] | None = None
     log: Callable[[str], None] = print
@@ -122,4 +132,13 @@ class Context:
         return self.process_index == 0
 
 
-__all__ = ["Algorithm", "Batch", "BatchSource", "Context", "LossFn", "Metrics", "token_logprobs"]
+__all__ = [
+    "Algorithm",
+    "Batch",
+    "BatchSource",
+    "Context",
+    "LossFn",
+    "Metrics",
+    "logprobs_from_logits",
+    "token_logprobs",
+]

@@ -36,7 +36,7 @@ from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
 from posttrain.trainer import rewards as rw
 from posttrain.trainer import storage
 from posttrain.trainer.algorithms import grpo_loss as gl
-from posttrain.trainer.algorithms.base import Algorithm, Batch, Context, token_logprobs
+from posttrain.trainer.algorithms.base import Algorithm, Batch, Context, logprobs_from_logits
 from posttrain.trainer.data.readers import BadRow, read_rows
 
 METRIC = "metric/"
@@ -366,14 +366,27 @@ class RolloutSource:
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
                 if sft
-                else self.ctx.policy_logprobs(batch).astype(np.float32)
+                else self._policy_logprobs(batch)
             )
         if self.g.beta > 0:  # never with a warm-up (the API refuses beta > 0 there)
-            batch["ref_logp"] = self.ctx.reference_logprobs(batch).astype(np.float32)
+            batch["ref_logp"] = self._reference_logprobs(batch)
         if sft:  # rollout metrics do not exist yet: logged as null
             for name in self._metric_names():
                 batch[METRIC + name] = np.full(R, np.nan, np.float32)
         return batch
+
+    # build() refuses a job whose hooks are missing; these say so too for a source built directly.
+    def _policy_logprobs(self, batch: Batch) -> np.ndarray:
+        hook = self.ctx.policy_logprobs
+        if hook is None:
+            raise ValueError("spec.grpo.numIterations > 1 needs the loop's policy_logprobs hook")
+        return hook(batch).astype(np.float32)
+
+    def _reference_logprobs(self, batch: Batch) -> np.ndarray:
+        hook = self.ctx.reference_logprobs
+        if hook is None:
+            raise ValueError("spec.grpo.beta > 0 needs the loop's reference_logprobs hook")
+        return hook(batch).astype(np.float32)
 
     def _metric_names(self) -> list[str]:
         return [
@@ -446,10 +459,8 @@ def make_loss(g: GrpoSpec, algorithm: str):
 
     def loss(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits_btv = model(batch["input_ids"], batch["attention_mask"])
-        # One forward for both log-probs and entropy: hand the shared log-prob function the logits.
-        logp_bt = token_logprobs(
-            lambda *_: logits_btv, batch["input_ids"], batch["attention_mask"], batch["targets"]
-        )
+        # One forward for both log-probs and entropy: the shared log-prob maths on these logits.
+        logp_bt = logprobs_from_logits(logits_btv, batch["targets"])
         mask_bt = batch["completion_mask"]
         rows = mask_bt.shape[0]
         num_tokens = batch["tokens_per_row"].mean() * rows

@@ -8,7 +8,7 @@ on those prompts with the shared sampler (for the shipped arithmetic task: the t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, token
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.data.readers import BadRow, read_rows
 from posttrain.trainer.sampling import generate
+
+if TYPE_CHECKING:
+    from posttrain.trainer.models import CausalLM
 
 MAX_ACCURACY_PROMPTS = 256
 
@@ -74,7 +77,7 @@ def build(ctx: Context) -> Algorithm:
         pairs = _prompt_answers(d.eval, d)
         if pairs:
 
-            def finish(model: nnx.Module) -> dict[str, Any]:
+            def finish(model: CausalLM) -> dict[str, Any]:
                 bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
                 prompts = [bos + tok.encode(p) for p, _ in pairs]
                 longest = max(len(tok.encode(a)) for _, a in pairs) + 1
