@@ -15,5 +15,10 @@ for entry in "$repo"/posttrain/*; do
 done
 ln -s "$repo/operator" "$tree/posttrain/operator"
 ln -s "$repo/trainer" "$tree/posttrain/trainer"
+python="${PYTHON:-$repo/.venv/bin/python}"
+case $python in
+  /*) ;;                            # absolute
+  */*) python="$repo/$python" ;;    # relative to the repo (make exports .venv/bin/python)
+esac                                # else a command name on PATH
 cd "$tree"
-exec "${PYTHON:-$repo/.venv/bin/python}" -P -m mypy --config-file "$repo/pyproject.toml" -p posttrain "$@"
+exec "$python" -P -m mypy --config-file "$repo/pyproject.toml" -p posttrain "$@"
