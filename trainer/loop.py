@@ -173,12 +173,16 @@ def train(
     policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731  (reads the live params)
     logprobs_fn = jax.jit(
         lambda p, f, b: token_logprobs(
-            nnx.merge(graphdef, p, f), b["input_ids"], b["attention_mask"], b["targets"]
+            nnx.merge(graphdef, p, f),
+            b["input_ids"],
+            b["attention_mask"],
+            b["targets"],
+            segment_ids=b.get("segment_ids"),
         )
     )
 
     def host_logprobs(p: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-        keys = ("input_ids", "attention_mask", "targets")
+        keys = [k for k in ("input_ids", "attention_mask", "targets", "segment_ids") if k in batch]
         placed = device_batch({k: batch[k] for k in keys}, mesh)
         return np.asarray(_gather(logprobs_fn(p, frozen, placed)))
 

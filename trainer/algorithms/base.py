@@ -49,15 +49,18 @@ def token_logprobs(
     attention_mask: jax.Array,
     targets: jax.Array,
     *,
+    segment_ids: jax.Array | None = None,
     temperature: float = 1.0,
 ) -> jax.Array:
     """log p(targets[b, t] | input_ids[b, :t+1]) as float32 [B, T]: the one log-prob function.
 
     ``targets`` is usually ``input_ids`` shifted left by one (the next token); positions whose
-    target does not matter are masked by the caller. Computed as ``logit[target] - logsumexp``
+    target does not matter are masked by the caller. ``segment_ids`` (packed rows, see the model)
+    restrict the context to the token's own example. Computed as ``logit[target] - logsumexp``
     so no second [B, T, V] array is materialised.
     """
-    return logprobs_from_logits(model(input_ids, attention_mask), targets, temperature=temperature)
+    logits = model(input_ids, attention_mask, segment_ids=segment_ids)
+    return logprobs_from_logits(logits, targets, temperature=temperature)
 
 
 def logprobs_from_logits(
@@ -108,7 +111,8 @@ class Context:
 
     ``policy_logprobs(batch)`` and ``reference_logprobs(batch)`` run ``token_logprobs`` on the
     current policy and on the frozen reference (the initial weights; with LoRA the base model,
-    adapters off) for a host batch with ``input_ids``, ``attention_mask`` and ``targets``; they
+    adapters off) for a host batch with ``input_ids``, ``attention_mask`` and ``targets`` (and
+    ``segment_ids`` if it has them); they
     return host float32 [B, T] arrays, outside any gradient. ``model()`` is the current policy as an
     NNX module (for sampling).
     """

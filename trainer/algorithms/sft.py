@@ -36,7 +36,13 @@ def sft_loss(logp_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, Metr
 
 
 def loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
-    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    logp = token_logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["targets"],
+        segment_ids=batch.get("segment_ids"),  # only packed batches have them
+    )
     return sft_loss(logp, batch["loss_weights"])
 
 

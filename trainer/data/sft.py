@@ -9,8 +9,10 @@ Rows are ``{"prompt": ..., "completion": ...}`` or ``{"messages": [{"role", "con
   whole conversation is cut from the right at ``maxLength`` (later turns are lost first).
 - loss: on completion tokens only (``spec.sft.completionOnlyLoss``, default) or on every token.
 - packing (``spec.data.packing``): examples are concatenated, in data order, into rows of
-  ``maxLength`` tokens; an example never straddles two rows. Attention is not reset between packed
-  examples (the model has no segment mask), as in most packed SFT; positions continue too.
+  ``maxLength`` tokens; an example never straddles two rows. Packed batches carry ``segment_ids``
+  (which example of the row each token belongs to; 0 = padding): the model attends only within an
+  example and restarts positions at each, and no token is trained to predict the next example's
+  first token, so a packed example's loss equals its loss unpacked.
 
 Order: epoch ``e`` visits the examples in a permutation seeded by ``(training.seed, e)`` (or file
 order without ``shuffle``); the position ``(epoch, index)`` is the source's checkpointed state.
@@ -44,6 +46,7 @@ class TokenizerLike(Protocol):
 class Example:
     tokens: tuple[int, ...]
     loss: tuple[bool, ...]  # per token: is it trained on (as a target)?
+    segments: tuple[int, ...] | None = None  # packed rows: per token, which example (1, 2, ...)
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -187,42 +190,56 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
     rows: list[Example] = []
     tokens: list[int] = []
     loss: list[bool] = []
+    segments: list[int] = []
     for ex in examples:
         if tokens and len(tokens) + len(ex.tokens) > max_length:
-            rows.append(Example(tuple(tokens), tuple(loss)))
-            tokens, loss = [], []
+            rows.append(Example(tuple(tokens), tuple(loss), tuple(segments)))
+            tokens, loss, segments = [], [], []
+        segment = segments[-1] + 1 if segments else 1
         tokens += ex.tokens
         loss += ex.loss
+        segments += [segment] * len(ex.tokens)
     if tokens:
-        rows.append(Example(tuple(tokens), tuple(loss)))
+        rows.append(Example(tuple(tokens), tuple(loss), tuple(segments)))
     return rows
 
 
-def collate(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def collate(
+    examples: Sequence[Example], seq_len: int, pad_id: int, *, segment_ids: bool = False
+) -> dict[str, np.ndarray]:
     """Rows -> {input_ids, attention_mask, targets, loss_weights}, each [B, seq_len].
 
     ``targets[t] = tokens[t + 1]``; ``loss_weights`` = mask * B / (masked tokens in the batch), so
     the loss written as "mean over rows of sum(weights * nll)" is the mean over the batch's trained
-    tokens, whatever the micro-batching.
+    tokens, whatever the micro-batching. With ``segment_ids`` (packing) the batch also has
+    ``segment_ids`` [B, seq_len] (0 = padding; a row that is one example is segment 1), and a
+    token whose target starts the next example is not trained on.
     """
     B = len(examples)
     input_ids = np.full((B, seq_len), pad_id, np.int32)
     attention_mask = np.zeros((B, seq_len), np.int32)
     targets = np.full((B, seq_len), pad_id, np.int32)
     mask = np.zeros((B, seq_len), np.float32)
+    segments = np.zeros((B, seq_len), np.int32)
     for b, ex in enumerate(examples):
         n = len(ex.tokens)
         input_ids[b, :n] = ex.tokens
         attention_mask[b, :n] = 1
         targets[b, : n - 1] = ex.tokens[1:]
         mask[b, : n - 1] = ex.loss[1:]
+        segments[b, :n] = ex.segments if ex.segments is not None else 1
+    # The last token of a packed example cannot see the next one, so its target is not its to learn.
+    mask[:, :-1] *= segments[:, :-1] == segments[:, 1:]
     weights = mask * (B / max(mask.sum(), 1.0))
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "targets": targets,
         "loss_weights": weights,
     }
+    if segment_ids:
+        batch["segment_ids"] = segments
+    return batch
 
 
 class SftSource:
@@ -268,9 +285,8 @@ class SftSource:
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         del step  # the order is positional; the loop restores the position on resume
-        return collate(
-            [self._next_row() for _ in range(self.batch_size)], self.seq_len, self.pad_id
-        )
+        rows = [self._next_row() for _ in range(self.batch_size)]
+        return collate(rows, self.seq_len, self.pad_id, segment_ids=self.packing)
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index}

@@ -55,21 +55,44 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 
 
 def attention_masks(
-    q_slots_t: jax.Array, key_mask_bs: jax.Array, sliding_window: int | None
+    q_slots_t: jax.Array,
+    key_mask_bs: jax.Array,
+    sliding_window: int | None,
+    segment_ids_bt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Boolean [B, T, S] masks (True = may attend) for full and sliding-window layers.
 
     Slots are cache indices (or sequence indices without a cache). With left padding, slot
     distance equals token distance among real tokens, so the window is measured in slots.
+    ``segment_ids_bt`` (no cache, so T == S and query t is key slot t): a query sees only keys of
+    its own segment, so packed examples stay independent.
     """
     k_slots_s = jnp.arange(key_mask_bs.shape[1])
     causal_ts = k_slots_s[None, :] <= q_slots_t[:, None]
     full = causal_ts[None] & key_mask_bs[:, None, :].astype(bool)
+    if segment_ids_bt is not None:
+        full = full & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
     if sliding_window is None:
         return full, None
     # transformers keeps key k for query q when q - k < window (the window counts the query itself).
     in_window_ts = (q_slots_t[:, None] - k_slots_s[None, :]) < sliding_window
     return full, full & in_window_ts[None]
+
+
+def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """RoPE positions [B, T] that restart at 0 where each segment begins.
+
+    A segment is a run of equal ids; a real token's position is the number of real tokens before
+    it in its segment (the unpacked default, per packed example). Padding gets arbitrary positions.
+    """
+    real_before_bt = jnp.cumsum(mask_bt, axis=-1, dtype=jnp.int32) - mask_bt.astype(jnp.int32)
+    first_column_b1 = jnp.ones_like(segment_ids_bt[:, :1], dtype=bool)
+    starts_bt = jnp.concatenate(
+        [first_column_b1, segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=-1
+    )
+    # real_before never decreases, so a running max picks its value at the latest segment start.
+    segment_base_bt = jax.lax.cummax(jnp.where(starts_bt, real_before_bt, 0), axis=1)
+    return real_before_bt - segment_base_bt
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -292,15 +315,20 @@ class CausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
     ):
         """Forward pass.
 
-        input_ids [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all 1).
+        input_ids [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all 1,
+        or ``segment_ids != 0`` when those are given).
         positions [B, T]: RoPE positions; default: count of real tokens before each one (in the
         cache too), so left- and right-padded rows get 0, 1, 2, ... on their real tokens.
+        segment_ids [B, T] int (packed rows; not with ``cache``): 0 = padding, 1..n = which example
+        of the row; a token attends only within its segment and default positions restart at 0
+        at each segment start, so each packed example is computed as if it were alone.
         cache: a KVCache; the T tokens are written at slots [cache.index, cache.index + T).
         last_only: logits (and hidden) for the last position only, [B, 1, ...] (generation's
         prefill: a [B, T, V] array would dwarf the rest for large vocabularies).
@@ -313,7 +341,7 @@ class CausalLM(nnx.Module):
         ``__call__`` (qwix LoRA/quantization) apply to everything.
         """
         hidden, new_cache = self.hidden_states(
-            input_ids, attention_mask, positions=positions, cache=cache
+            input_ids, attention_mask, positions=positions, segment_ids=segment_ids, cache=cache
         )
         if last_only:
             hidden = hidden[:, -1:]
@@ -330,17 +358,28 @@ class CausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm outputs [B, T, E] (apply ``logits`` to get logits) and the updated cache (or None).
 
+        Arguments as for ``__call__``.
         Note: wrappers that intercept only ``__call__`` (qwix) do not see direct calls of this method.
         """
+        if segment_ids is not None and cache is not None:
+            # Cached slots carry no segment ids, and generation never packs several prompts per row.
+            raise ValueError(
+                "segment_ids (packed sequences) cannot be used with a KV cache; "
+                "call the model without cache= for packed rows"
+            )
         c = self.config
         B, T = input_ids.shape
-        new_mask_bt = (
-            jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        )
+        if attention_mask is not None:
+            new_mask_bt = attention_mask.astype(bool)
+        elif segment_ids is not None:
+            new_mask_bt = segment_ids != 0
+        else:
+            new_mask_bt = jnp.ones((B, T), bool)
         if cache is not None:
             start = cache.index
             prior_bt = jnp.sum(cache.key_mask, axis=-1, keepdims=True)
@@ -349,11 +388,13 @@ class CausalLM(nnx.Module):
             start = jnp.zeros((), jnp.int32)
             prior_bt = jnp.zeros((B, 1), jnp.int32)
             key_mask_bs = new_mask_bt
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids, new_mask_bt)
+        elif positions is None:
             positions = jnp.maximum(prior_bt + jnp.cumsum(new_mask_bt, axis=-1) - 1, 0)
         q_slots_t = start + jnp.arange(T)
         sliding = c.sliding_window if "sliding_attention" in c.layer_types else None
-        full_mask, sliding_mask = attention_masks(q_slots_t, key_mask_bs, sliding)
+        full_mask, sliding_mask = attention_masks(q_slots_t, key_mask_bs, sliding, segment_ids)
 
         x = self.model.embed_tokens(input_ids)
         if c.scale_embeddings:  # HF rounds the normaliser to the activation dtype
