@@ -23,15 +23,8 @@ from posttrain.trainer.models import (
     save_pretrained,
 )
 
-HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
-MODEL_FIXTURES = (
-    "llama3-gqa",
-    "qwen2-bias-tied",
-    "qwen3-qknorm",
-    "gemma3-text",
-    "gemma2-softcap",
-    "gemma2-softcap-active",
-)
+from .hf_reference import HF_REFERENCE, MODEL_FIXTURES
+
 TOL = dict(atol=1e-4, rtol=1e-4)  # 15x the float32 noise measured in the fixtures' README
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,15 +11,7 @@ from flax import nnx
 from posttrain.trainer.models import builtin_config, create_model, load_pretrained
 from posttrain.trainer.sampling import bucket, filter_top_k, filter_top_p, generate, sampler
 
-HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
-MODEL_FIXTURES = (
-    "llama3-gqa",
-    "qwen2-bias-tied",
-    "qwen3-qknorm",
-    "gemma3-text",
-    "gemma2-softcap",
-    "gemma2-softcap-active",
-)
+from .hf_reference import HF_REFERENCE, MODEL_FIXTURES
 
 
 @pytest.fixture(scope="module")
