@@ -1,7 +1,8 @@
 """The one training loop every algorithm shares (read top to bottom, like nanoGPT's train.py).
 
-    setup: mesh -> tokenizer -> model (+ LoRA/QLoRA) -> split trainable/frozen -> optimizer
-           -> algorithm (loss + batch source) -> restore the latest checkpoint, if any
+    setup: mesh -> tokenizer -> model (+ LoRA/QLoRA) -> algorithm (loss, batch source, heads,
+           frozen models it declares) -> split trainable/frozen -> reference/teacher -> optimizer
+           (parameter groups) -> restore the latest checkpoint, if any
     loop:  eval (every evalEverySteps) -> batch -> jitted step -> log -> checkpoint -> preempted?
     end:   final checkpoint -> export DIR/final (LoRA merged) -> the algorithm's finish report
 
@@ -29,10 +30,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
 from posttrain.trainer import algorithms, peft, storage
-from posttrain.trainer.algorithms.base import Algorithm, Context, token_logprobs
+from posttrain.trainer.algorithms.base import Algorithm, Context, ForwardFn
 from posttrain.trainer.checkpoint import Checkpointer, checkpoint_dir
 from posttrain.trainer.loop_optim import optimizer, schedule
-from posttrain.trainer.loop_step import device_batch, make_eval_step, make_train_step
+from posttrain.trainer.loop_step import (
+    Trainee,
+    device_batch,
+    make_eval_step,
+    make_train_step,
+    trainee_view,
+)
 from posttrain.trainer.metrics import MetricsWriter
 
 if TYPE_CHECKING:
@@ -121,6 +128,16 @@ def place_on_mesh(model: nnx.Module, mesh: Mesh) -> None:
     nnx.update(model, jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def split_trainable(trainee: nnx.Module, lora: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, what trains, the rest): all Params, or with LoRA/QLoRA only the adapters; the
+    algorithm's heads train in every mode."""
+    wrt = nnx.Any(peft.trainable_filter(lora), nnx.All(nnx.PathContains("heads"), nnx.Param))
+    # Two filters give exactly two states; flax types the tail as variadic: unpack in two steps.
+    graphdef, params, *others = nnx.split(trainee, wrt, ...)
+    (frozen,) = others
+    return graphdef, params, frozen
+
+
 def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else 0
@@ -156,58 +173,66 @@ def train(
     num_micro = training.batch_size // micro
     tokenizer = load_tokenizer(spec.model)
     model = build_model(spec.model, tokenizer, mesh, training.seed)
-    wrt = peft.trainable_filter(spec.model.lora)
-    # Two filters give exactly two states; flax types the tail as variadic, so unpack it in two steps.
-    graphdef, params, *others = nnx.split(model, wrt, ...)
-    (frozen,) = others
-    del model  # from here on the arrays live in params / frozen
-    tx = optimizer(training)
-    lr = schedule(training)
-    opt_state = _replicate_strays(jax.jit(tx.init)(params), mesh)
-    say(
-        f"{spec.algorithm}: mesh {dict(mesh.shape)}, {_count(params):,} trainable / "
-        f"{_count(params) + _count(frozen):,} parameters, batch {training.batch_size} "
-        f"({num_micro} x {micro}), {training.steps} steps"
-    )
 
-    policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731  (reads the live params)
-    logprobs_fn = jax.jit(
-        lambda p, f, b: token_logprobs(
-            nnx.merge(graphdef, p, f),
-            b["input_ids"],
-            b["attention_mask"],
-            b["targets"],
-            segment_ids=b.get("segment_ids"),
-        )
-    )
-
-    def host_logprobs(p: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-        keys = [k for k in ("input_ids", "attention_mask", "targets", "segment_ids") if k in batch]
-        placed = device_batch({k: batch[k] for k in keys}, mesh)
-        return np.asarray(_gather(logprobs_fn(p, frozen, placed)))
-
-    # The frozen reference: with LoRA the base (adapters zeroed); otherwise a copy of the
-    # initial weights, made only when the algorithm's loss reads it.
-    if not algorithms.needs_reference(spec):
-        reference = None
-    elif spec.model.lora is not None:
-        reference = jax.tree.map(jnp.zeros_like, params)
-    else:
-        reference = jax.tree.map(jnp.copy, params)
+    # The algorithm is built before the split: it may bring heads and declare frozen models.
+    # Its hooks (ctx.model, ctx.forward) read the live weights bound below.
     ctx = Context(
         job=job,
         tokenizer=tokenizer,
         output_dir=output_dir,
+        config=model.config,
+        rngs=nnx.Rngs(training.seed + 2),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        model=policy,
-        policy_logprobs=lambda b: host_logprobs(params, b),
-        reference_logprobs=(lambda b: host_logprobs(reference, b))
-        if reference is not None
-        else None,
+        model=lambda: view(params, frozen, extras).policy,
+        forward=lambda fn: host_forward(fn),
         log=say,
     )
     algo: Algorithm = algorithm_module.build(ctx)
+
+    trainee = Trainee(model, algo.heads)
+    place_on_mesh(trainee, mesh)
+    graphdef, params, frozen = split_trainable(trainee, spec.model.lora)
+    del model, trainee  # from here on the arrays live in params / frozen / extras
+    # Frozen models, only those the algorithm declared. The reference: with LoRA the base
+    # (adapters zeroed, no copy of the weights); otherwise a copy of the initial weights.
+    extras: dict[str, Any] = {}
+    if algo.reference:
+        zeros_or_copy = jnp.zeros_like if spec.model.lora is not None else jnp.copy
+        extras["reference"] = jax.tree.map(zeros_or_copy, params)
+    teacher_graphdef = None
+    if algo.teacher is not None:
+        teacher = build_model(algo.teacher, tokenizer, mesh, training.seed)
+        teacher_graphdef, extras["teacher"] = nnx.split(teacher)
+        del teacher
+    view = trainee_view(graphdef, teacher_graphdef)
+
+    tx = optimizer(training, algo.learning_rates)
+    lr = schedule(training)
+    opt_state = _replicate_strays(jax.jit(tx.init)(params), mesh)
+    frozen_counts = ", ".join(f"{k} {_count(v):,}" for k, v in extras.items() if k != "reference")
+    say(
+        f"{spec.algorithm}: mesh {dict(mesh.shape)}, {_count(params):,} trainable / "
+        f"{_count(params) + _count(frozen):,} parameters"
+        + (f" (heads: {', '.join(algo.heads)})" if algo.heads else "")
+        + (", reference kept" if algo.reference else "")
+        + (f", frozen {frozen_counts}" if frozen_counts else "")
+        + f", batch {training.batch_size} ({num_micro} x {micro}), {training.steps} steps"
+    )
+
+    forwards: dict[int, Any] = {}
+
+    def host_forward(fn: ForwardFn) -> Callable[[Mapping[str, np.ndarray]], Any]:
+        """``fn(models, batch)`` jitted once, run on the live weights outside the gradient."""
+        if id(fn) not in forwards:
+            forwards[id(fn)] = (fn, jax.jit(lambda p, f, e, b: fn(view(p, f, e), b)))
+        jitted = forwards[id(fn)][1]
+
+        def run(batch: Mapping[str, np.ndarray]) -> Any:
+            out = jitted(params, frozen, extras, device_batch(batch, mesh))
+            return jax.tree.map(_gather, out)
+
+        return run
 
     ckpt = Checkpointer(checkpoint_dir(training.checkpoint, output_dir), training.checkpoint)
     start = 0
@@ -231,11 +256,11 @@ def train(
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
-        make_train_step(graphdef, algo.loss, tx, lr, num_micro=num_micro),
+        make_train_step(view, algo.loss, tx, lr, num_micro=num_micro),
         out_shardings=(shardings(params), shardings(opt_state), replicated),
         donate_argnums=(0, 2),
     )
-    eval_step = jax.jit(make_eval_step(graphdef, algo.loss))
+    eval_step = jax.jit(make_eval_step(view, algo.loss))
 
     def save(step: int) -> None:
         ckpt.save(
@@ -250,7 +275,7 @@ def train(
         sums: dict[str, float] = {}
         n = 0
         for batch in algo.eval_batches():
-            out = jax.device_get(eval_step(params, frozen, device_batch(batch, mesh)))
+            out = jax.device_get(eval_step(params, frozen, device_batch(batch, mesh), extras))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
@@ -267,7 +292,9 @@ def train(
             _check_rows(host, training.batch_size, num_micro, rows_axis)
             tokens_since += _tokens_in(host)
             batch = device_batch(host, mesh)
-            params, opt_state, out = train_step(params, frozen, opt_state, batch, jnp.int32(step))
+            params, opt_state, out = train_step(
+                params, frozen, opt_state, batch, jnp.int32(step), extras
+            )
             step += 1
             eval_metrics = {}
             if (
@@ -299,14 +326,14 @@ def train(
         # -- the end -----------------------------------------------------------------------------
         ckpt.wait()
         final = evaluate() if algo.eval_batches is not None else {}
-        model = nnx.merge(graphdef, params, frozen)
+        model = view(params, frozen, extras).policy
         export_dir = None
         if spec.output.export:
             export_dir = storage.join(output_dir, "final")
             export(model, tokenizer, export_dir)
             say(f"exported the model to {export_dir}")
         if algo.finish is not None:
-            final.update(algo.finish(nnx.merge(graphdef, params, frozen)))
+            final.update(algo.finish(view(params, frozen, extras).policy))
         if final:
             if step > start:  # a rerun of a finished job reports again but logs nothing twice
                 metrics.log(step, final)

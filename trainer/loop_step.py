@@ -1,8 +1,10 @@
 """The jitted optimizer step: gradient accumulation over micro-batches, one update, metrics.
 
-Pure JAX on pytrees: ``params`` (what trains: every Param, or only LoRA adapters), ``frozen``
-(everything else, e.g. a quantized base), ``opt_state`` and a global ``batch`` of [B, ...] arrays
-sharded over rows. Micro-batch m takes rows m, m + M, m + 2M, ... so every micro-batch spreads over
+Pure JAX on pytrees: ``params`` (what trains: every Param, or only LoRA adapters, plus the
+algorithm's heads), ``frozen`` (everything else, e.g. a quantized base), ``extras`` (frozen models
+the algorithm declared: reference, teacher), ``opt_state`` and a global ``batch`` of [B, ...]
+arrays sharded over rows. A ``view(params, frozen, extras) -> Models`` turns the pytrees into the
+modules the loss sees; gradients flow to ``params`` only. Micro-batch m takes rows m, m + M, m + 2M, ... so every micro-batch spreads over
 all devices (a plain reshape would put each micro-batch on a few devices). Gradients, loss and
 metrics are averaged over micro-batches, so accumulation equals one big batch when the loss is a
 mean over rows (see algorithms/base.py).
@@ -19,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from posttrain.trainer.algorithms.base import LossFn
+from posttrain.trainer.algorithms.base import LossFn, Models
 
 BATCH_AXES = ("data", "fsdp")  # the batch's rows shard over both data-parallel axes
 
@@ -59,30 +61,72 @@ def split_micro(batch: Mapping[str, jax.Array], num_micro: int) -> dict[str, jax
     return {k: split(v) for k, v in batch.items()}
 
 
+View = Callable[[Any, Any, Any], Models]  # (params, frozen, extras) -> Models
+
+
+class Trainee(nnx.Module):
+    """The root the loop splits: the policy and the algorithm's heads (paths ``policy/...`` and
+    ``heads/<name>/...``), so one trainable filter, one optimizer and one checkpoint cover both."""
+
+    def __init__(self, policy: nnx.Module, heads: Mapping[str, nnx.Module]):
+        self.policy = policy
+        self.heads = nnx.Dict(dict(heads))
+
+
+def trainee_view(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None = None) -> View:
+    """The view of a split ``Trainee``. ``extras`` may hold ``reference`` (params of the same
+    graph, e.g. zeroed adapters: the base) and ``teacher`` (the full state of its own graph)."""
+
+    def view(params: Any, frozen: Any, extras: Any) -> Models:
+        extras = extras or {}
+        trainee = nnx.merge(graphdef, params, frozen)
+        reference = teacher = None
+        if "reference" in extras:
+            reference = nnx.merge(graphdef, extras["reference"], frozen).policy
+        if "teacher" in extras:
+            assert teacher_graphdef is not None, "a teacher state needs the teacher's graphdef"
+            teacher = nnx.merge(teacher_graphdef, extras["teacher"])
+        return Models(
+            policy=trainee.policy, heads=dict(trainee.heads), reference=reference, teacher=teacher
+        )
+
+    return view
+
+
+def policy_view(graphdef: nnx.GraphDef) -> View:
+    """The view of a bare policy split into (params, frozen): no heads, no frozen models."""
+
+    def view(params: Any, frozen: Any, extras: Any) -> Models:  # noqa: ARG001
+        return Models(policy=nnx.merge(graphdef, params, frozen))
+
+    return view
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef,
+    view: View,
     loss: LossFn,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     *,
     num_micro: int,
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
-    """step(params, frozen, opt_state, batch, step) -> (params, opt_state, metrics); jit it once.
+    """step(params, frozen, opt_state, batch, step, extras=None) -> (params, opt_state, metrics).
 
-    ``step`` (an int32 scalar, 0 for the first update) only labels the learning rate in the metrics;
-    the optimizer counts its own updates in ``opt_state``.
+    Jit it once. ``step`` (an int32 scalar, 0 for the first update) only labels the learning rate
+    in the metrics; the optimizer counts its own updates in ``opt_state``. Gradients are summed in
+    the dtype of ``params`` (float32 master weights), then averaged over micro-batches.
     """
 
-    def loss_of(params, frozen, micro):
-        return loss(nnx.merge(graphdef, params, frozen), micro)
+    def loss_of(params, frozen, extras, micro):
+        return loss(view(params, frozen, extras), micro)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def train_step(params, frozen, opt_state, batch, step):
+    def train_step(params, frozen, opt_state, batch, step, extras=None):
         micro = split_micro(batch, num_micro)
 
         def accumulate(grads_sum, mb):
-            (value, metrics), grads = grad_fn(params, frozen, mb)
+            (value, metrics), grads = grad_fn(params, frozen, extras, mb)
             return jax.tree.map(jnp.add, grads_sum, grads), (value, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -99,9 +143,9 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss: LossFn) -> Callable[..., dict[str, jax.Array]]:
-    def evaluate(params, frozen, batch):
-        value, metrics = loss(nnx.merge(graphdef, params, frozen), batch)
+def make_eval_step(view: View, loss: LossFn) -> Callable[..., dict[str, jax.Array]]:
+    def evaluate(params, frozen, batch, extras=None):
+        value, metrics = loss(view(params, frozen, extras), batch)
         return {**metrics, "loss": value}
 
     return evaluate

@@ -103,6 +103,9 @@ def _format_loc(loc: Iterable[Any]) -> str:
 
 def _unknown_field_message(loc: list[Any]) -> str:
     written = str(loc[-1])
+    renamed = getattr(_model_at(PostTrainJob, loc[:-1]), "renamed", {})
+    if written in renamed:
+        return f"{written!r} was renamed: write {renamed[written]!r} instead"
     allowed = _fields_at(PostTrainJob, loc[:-1])
     if not allowed:
         return f"unknown field {written!r}"
@@ -113,21 +116,26 @@ def _unknown_field_message(loc: list[Any]) -> str:
 
 def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
     """The YAML names of the fields of the object found at `loc` below `model`."""
+    sub = _model_at(model, loc)
+    if sub is None:
+        return []
+    return [f.alias or name for name, f in sub.model_fields.items()]
+
+
+def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
+    """The pydantic model of the object found at `loc` below `model` (None: not an object)."""
     current: Any = model
     for part in loc:
         if isinstance(part, int):
             continue  # list index: the element type was already unwrapped
         sub = _model_of(current)
         if sub is None:
-            return []
+            return None
         field = next((f for name, f in sub.model_fields.items() if (f.alias or name) == part), None)
         if field is None:
-            return []
+            return None
         current = field.annotation
-    sub = _model_of(current)
-    if sub is None:
-        return []
-    return [f.alias or name for name, f in sub.model_fields.items()]
+    return _model_of(current)
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

@@ -9,7 +9,7 @@ This module imports neither JAX nor kopf.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -320,16 +320,29 @@ class GrpoSpec(Spec):
 
 
 class PpoSpec(Spec):
+    """PPO (Schulman et al., 2017) with a learned value head and GAE, as in verl / TRL's PPOTrainer.
+    Symbols follow the GRPO block where the concept is the same (epsilon, numIterations)."""
+
+    renamed: ClassVar[dict[str, str]] = {"clipRange": "epsilon", "lam": "lambda"}
+
     rewards: Rewards
     max_new_tokens: int = Field(256, ge=1, le=1_048_576, description="Longest completion.")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(
+        None, ge=1, description="Keep only the k most likely tokens when sampling."
+    )
     num_iterations: int = Field(
         4, ge=1, le=64, description="PPO epochs over each batch of rollouts."
     )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    clip_range: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip.")
+    lambda_: float = Field(0.95, alias="lambda", ge=0, le=1, description="GAE lambda.")
+    epsilon: float = Field(
+        0.2, gt=0, lt=1, description="Clip range of the policy ratio (lower side)."
+    )
+    epsilon_high: float | None = Field(
+        None, gt=0, lt=10, description="Upper clip range of the policy ratio; default: epsilon."
+    )
     value_clip_range: float = Field(0.2, gt=0, description="Value function clip.")
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     kl_coef: float = Field(

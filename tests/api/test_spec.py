@@ -98,6 +98,8 @@ def test_round_trip_through_manifest() -> None:
     assert parsed.to_manifest()["spec"]["training"]["batchSize"] == 32  # camelCase out
 
 
+PPO = {"rewards": [{"builtin": "length-penalty"}]}
+
 INVALID = [
     # (patches, field path, a fragment of the message)
     ({"spec.training.steps": 0}, "spec.training.steps", "greater than or equal to 1"),
@@ -171,6 +173,17 @@ INVALID = [
         "at most one mesh axis",
     ),
     ({"metadata.name": "Bad_Name"}, "metadata.name", "pattern"),
+    # renamed fields name their new name (one name for one concept across blocks)
+    (
+        {"spec.algorithm": "ppo", "spec.grpo": None, "spec.ppo": {**PPO, "clipRange": 0.1}},
+        "spec.ppo.clipRange",
+        "renamed: write 'epsilon'",
+    ),
+    (
+        {"spec.algorithm": "ppo", "spec.grpo": None, "spec.ppo": {**PPO, "lam": 0.9}},
+        "spec.ppo.lam",
+        "renamed: write 'lambda'",
+    ),
     ({"apiVersion": "posttrain.dev/v1"}, "apiVersion", "posttrain.dev/v1alpha1"),
     (
         {

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
-from posttrain.trainer.algorithms import grpo
-from posttrain.trainer.algorithms.base import token_logprobs
+from posttrain.trainer.algorithms import grpo, report, rollout
+from posttrain.trainer.algorithms.base import Models, token_logprobs
+from posttrain.trainer.data import prompts
 from posttrain.trainer.data.readers import BadRow
 from posttrain.trainer.models import builtin_config, create_model
 from posttrain.trainer.tasks.chars import CharTokenizer
@@ -19,9 +20,9 @@ from posttrain.trainer.tasks.chars import CharTokenizer
 def test_rollout_rows_line_up_targets_with_completion_tokens():
     prompts = [[1, 10, 11], [1, 12]]
     completions = np.array([[20, 21, 2, 0], [22, 2, 0, 0]])
-    valid = grpo.cut_at_eos(completions, np.ones_like(completions), eos_id=2)
+    valid = rollout.cut_at_eos(completions, np.ones_like(completions), eos_id=2)
     np.testing.assert_array_equal(valid, [[1, 1, 1, 0], [1, 1, 0, 0]])
-    rows = grpo.rollout_arrays(prompts, completions, valid, prompt_len=4, pad_id=0)
+    rows = rollout.rollout_arrays(prompts, completions, valid, prompt_len=4, pad_id=0)
     ids, mask = rows["input_ids"], rows["completion_mask"]
     np.testing.assert_array_equal(ids[0], [0, 1, 10, 11, 20, 21, 2, 0])
     np.testing.assert_array_equal(ids[1], [0, 0, 1, 12, 22, 2, 0, 0])
@@ -35,35 +36,35 @@ def test_cut_at_eos_keeps_the_first_eos_and_respects_the_sampler_mask():
     tokens = np.array([[5, 2, 5, 2], [5, 5, 5, 5], [2, 5, 5, 5]])
     valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
     np.testing.assert_array_equal(
-        grpo.cut_at_eos(tokens, valid, 2), [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+        rollout.cut_at_eos(tokens, valid, 2), [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
     )
 
 
 def test_group_seed_is_a_pure_function_of_seed_and_group():
-    assert grpo.group_seed(0, 3) == grpo.group_seed(0, 3)
-    assert len({grpo.group_seed(s, k) for s in range(3) for k in range(50)}) == 150
+    assert rollout.group_seed(0, 3) == rollout.group_seed(0, 3)
+    assert len({rollout.group_seed(s, k) for s in range(3) for k in range(50)}) == 150
 
 
 def test_prompts_string_or_messages_and_errors_name_the_field():
     tok = CharTokenizer()
     data = DataSpec(train="x.jsonl", max_prompt_length=4, max_length=16)
-    p = grpo.encode_prompt({"prompt": "12+7=", "answer": "19"}, "f:1", tok, data)
+    p = prompts.encode_prompt({"prompt": "12+7=", "answer": "19"}, "f:1", tok, data)
     assert p.text == "12+7=" and p.columns == {"answer": "19"}
     assert list(p.ids) == tok.encode("2+7=")  # cut from the left to maxPromptLength
-    chat = grpo.encode_prompt({"prompt": [{"role": "user", "content": "hi"}]}, "f:2", tok, data)
+    chat = prompts.encode_prompt({"prompt": [{"role": "user", "content": "hi"}]}, "f:2", tok, data)
     assert chat.text == "Q: hi\nA: "
     with pytest.raises(BadRow, match=r"f:3: missing prompt field 'prompt' \(spec.data.promptField"):
-        grpo.encode_prompt({"question": "q"}, "f:3", tok, data)
+        prompts.encode_prompt({"question": "q"}, "f:3", tok, data)
 
 
 def test_reward_summary_and_plot(tmp_path):
     history = [{"step": s, "reward_mean": s / 10, "reward/a": s / 20} for s in range(1, 11)]
-    summary = grpo.reward_summary(history, window=3)
+    summary = report.reward_summary(history, window=3)
     assert summary["reward_first"] == pytest.approx(0.2)
     assert summary["reward_last"] == pytest.approx(0.9)
-    path = grpo.plot_rewards(history, str(tmp_path / "reward.png"))
+    path = report.plot_rewards(history, str(tmp_path / "reward.png"))
     assert path and (tmp_path / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert grpo.plot_rewards([], str(tmp_path / "none.png")) is None
+    assert report.plot_rewards([], str(tmp_path / "none.png")) is None
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def rollout_batch(tok, rng, R=4, P=8, N=6):
     prompts = [[tok.bos_token_id, *tok.encode(f"{i}+1=")] for i in range(R)]
     completions = rng.integers(5, 60, (R, N))
     completions[np.arange(R), rng.integers(1, N, R)] = tok.eos_token_id
-    valid = grpo.cut_at_eos(completions, np.ones_like(completions), tok.eos_token_id)
-    batch = grpo.rollout_arrays(prompts, completions, valid, P, tok.pad_token_id)
+    valid = rollout.cut_at_eos(completions, np.ones_like(completions), tok.eos_token_id)
+    batch = rollout.rollout_arrays(prompts, completions, valid, P, tok.pad_token_id)
     batch["advantages"] = rng.normal(size=R).astype(np.float32)
     batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
     batch[grpo.METRIC + "reward_mean"] = rng.normal(size=R).astype(np.float32)
@@ -89,7 +90,7 @@ def test_loss_on_a_real_model_is_minus_mean_advantage_on_policy(tiny, algorithm)
     tok, model = tiny
     batch = {k: jnp.asarray(v) for k, v in rollout_batch(tok, np.random.default_rng(0)).items()}
     spec = GrpoSpec(beta=0.0, rewards=[{"builtin": "length-penalty"}])
-    value, metrics = grpo.make_loss(spec, algorithm)(model, batch)
+    value, metrics = grpo.make_loss(spec, algorithm)(Models(policy=model), batch)
     # On-policy (old = current): ratio 1, no clipping, loss = -mean advantage (sequence-mean).
     assert float(value) == pytest.approx(-float(batch["advantages"].mean()), rel=1e-5)
     assert float(metrics["clip_fraction"]) == 0.0
@@ -107,13 +108,13 @@ def test_loss_uses_given_old_and_reference_logprobs(tiny):
     host["ref_logp"] = logp - 0.1
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     spec = GrpoSpec(beta=0.1, rewards=[{"builtin": "length-penalty"}])
-    _, metrics = grpo.make_loss(spec, "grpo")(model, batch)
+    _, metrics = grpo.make_loss(spec, "grpo")(Models(policy=model), batch)
     positive = (host["advantages"] > 0).astype(np.float32)[:, None] * host["completion_mask"]
     assert float(metrics["clip_fraction"]) == pytest.approx(
         positive.sum() / host["completion_mask"].sum(), rel=1e-5
     )
     x = -0.1
     assert float(metrics["kl"]) == pytest.approx(np.expm1(x) - x, rel=1e-3)
-    grads = nnx.grad(lambda m: grpo.make_loss(spec, "grpo")(m, batch)[0])(model)
+    grads = nnx.grad(lambda m: grpo.make_loss(spec, "grpo")(Models(policy=m), batch)[0])(model)
     total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads))
     assert np.isfinite(total) and total > 0

@@ -29,6 +29,7 @@ def quiet(_msg: str) -> None:
 def eval_loss_of(model, job) -> float:
     """The exported model's loss on the eval data, computed here independently of the loop."""
     from posttrain.trainer.algorithms import sft
+    from posttrain.trainer.algorithms.base import Models
     from posttrain.trainer.data import sft as data
     from posttrain.trainer.tasks.chars import CharTokenizer
 
@@ -36,7 +37,7 @@ def eval_loss_of(model, job) -> float:
     d = job.spec.data
     examples = data.load_examples(d.eval, tok, d).examples
     values = [
-        float(sft.loss(model, {k: jnp.asarray(v) for k, v in b.items()})[0])
+        float(sft.loss(Models(policy=model), {k: jnp.asarray(v) for k, v in b.items()})[0])
         for b in data.fixed_batches(
             examples, batch_size=8, seq_len=d.max_length, pad_id=tok.pad_token_id
         )

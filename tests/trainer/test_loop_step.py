@@ -12,7 +12,7 @@ from posttrain.api.v1alpha1 import TrainingSpec
 from posttrain.trainer.algorithms import sft
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.loop_optim import optimizer, schedule
-from posttrain.trainer.loop_step import make_train_step
+from posttrain.trainer.loop_step import make_train_step, policy_view
 from posttrain.trainer.models import builtin_config, create_model
 
 
@@ -49,7 +49,9 @@ def test_accumulation_equals_one_big_batch():
     tx = optimizer(t)
     results = []
     for num_micro in (1, 4):
-        step = jax.jit(make_train_step(graphdef, sft.loss, tx, schedule(t), num_micro=num_micro))
+        step = jax.jit(
+            make_train_step(policy_view(graphdef), sft.loss, tx, schedule(t), num_micro=num_micro)
+        )
         new, _, metrics = step(params, frozen, tx.init(params), batch, jnp.int32(3))
         results.append((new, metrics))
     (p1, m1), (p4, m4) = results

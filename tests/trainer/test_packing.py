@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from posttrain.trainer.algorithms import sft
-from posttrain.trainer.algorithms.base import token_logprobs
+from posttrain.trainer.algorithms.base import Models, token_logprobs
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.loop import train
 from posttrain.trainer.models import builtin_config, create_model, transformer
@@ -136,8 +136,8 @@ def test_packed_equals_unpacked_per_example(sliding):
         )
 
     # the batch loss: the mean NLL over the same set of trained tokens
-    loss_packed, _ = sft.loss(model, device(packed))
-    loss_unpacked, _ = sft.loss(model, device(unpacked))
+    loss_packed, _ = sft.loss(Models(policy=model), device(packed))
+    loss_unpacked, _ = sft.loss(Models(policy=model), device(unpacked))
     assert float(loss_packed) == pytest.approx(float(loss_unpacked), rel=1e-5)
 
 

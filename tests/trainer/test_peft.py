@@ -17,7 +17,7 @@ from posttrain.trainer.algorithms import sft
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.loop import build_model, load_tokenizer, train
 from posttrain.trainer.loop_optim import optimizer, schedule
-from posttrain.trainer.loop_step import make_train_step
+from posttrain.trainer.loop_step import make_train_step, policy_view
 from posttrain.trainer.models import load_pretrained, make_mesh
 
 _spec = importlib.util.spec_from_file_location(
@@ -74,7 +74,7 @@ def test_only_adapters_train_and_the_base_stays_put(quant):
     # Adam keeps two moments per trained value: the optimizer state is the adapters' size, x2.
     assert peft.nbytes(opt_state) - 8 == 2 * peft.nbytes(params)
     frozen_before = jax.tree.map(np.asarray, frozen)
-    step = jax.jit(make_train_step(graphdef, sft.loss, tx, schedule(ts), num_micro=2))
+    step = jax.jit(make_train_step(policy_view(graphdef), sft.loss, tx, schedule(ts), num_micro=2))
     losses = []
     for k in range(5):
         params, opt_state, metrics = step(params, frozen, opt_state, batch, jnp.int32(k))

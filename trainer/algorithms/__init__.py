@@ -11,13 +11,13 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from posttrain.api.v1alpha1 import ALGORITHMS, PostTrainJobSpec
+from posttrain.api.v1alpha1 import ALGORITHMS
 
 # spec.algorithm -> module. Add a line here when an algorithm lands.
 REGISTRY: dict[str, str] = {
     "sft": "posttrain.trainer.algorithms.sft",
     "grpo": "posttrain.trainer.algorithms.grpo",
-    "gspo-token": "posttrain.trainer.algorithms.grpo",
+    "gspo-token": "posttrain.trainer.algorithms.gspo_token",
 }
 
 
@@ -47,11 +47,3 @@ def check(name: str) -> str:
 
 def load(name: str) -> ModuleType:
     return importlib.import_module(check(name))
-
-
-def needs_reference(spec: PostTrainJobSpec) -> bool:
-    """Whether the loss reads a frozen reference policy (else none is kept in memory)."""
-    if spec.algorithm in ("grpo", "gspo-token"):
-        assert spec.grpo is not None  # the model requires the block
-        return spec.grpo.beta > 0
-    return spec.algorithm != "sft"

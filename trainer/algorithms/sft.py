@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, token_logprobs
+from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models, token_logprobs
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.data.readers import BadRow, read_rows
 from posttrain.trainer.sampling import generate
@@ -35,9 +34,9 @@ def sft_loss(logp_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, Metr
     }
 
 
-def loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
     logp = token_logprobs(
-        model,
+        models.policy,
         batch["input_ids"],
         batch["attention_mask"],
         batch["targets"],

@@ -1,0 +1,262 @@
+"""The rollout engine shared by GRPO, GSPO-token and PPO: sample completions, score them.
+
+Pure helpers build the training rows ([prompt left-padded to P | completion right-padded to N])
+and cut completions at EOS; ``RolloutEngine`` fixes one prompt width for the whole run (so the
+jitted sampler and step compile once), samples with the KV-cache sampler, decodes and scores the
+completions with the job's rewards, and evaluates greedy reward on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from posttrain.trainer import rewards as rw
+from posttrain.trainer.data.prompts import Prompt, PromptStream
+
+
+def group_seed(seed: int, group: int) -> int:
+    """The sampler's seed for rollout group `group`: a pure function, so resume resamples alike."""
+    return int(np.random.SeedSequence([seed, group]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# --------------------------------------------------------------------------- batches (pure)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def rollout_arrays(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids_rn: np.ndarray,
+    completion_mask_rn: np.ndarray,
+    prompt_len: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """[prompt left-padded to P | completion right-padded to N] rows for the training forward.
+
+    targets[t] = tokens[t + 1]; completion_mask marks the positions whose target is a completion
+    token (EOS included, so the model learns to stop), i.e. positions P-1 .. P+n-2.
+    """
+    R, N = completion_ids_rn.shape
+    L = prompt_len + N
+    input_ids = np.full((R, L), pad_id, np.int32)
+    attention_mask = np.zeros((R, L), np.int32)
+    for r, ids in enumerate(prompt_ids):
+        input_ids[r, prompt_len - len(ids) : prompt_len] = ids
+        attention_mask[r, prompt_len - len(ids) : prompt_len] = 1
+    keep = completion_mask_rn.astype(bool)
+    input_ids[:, prompt_len:] = np.where(keep, completion_ids_rn, pad_id)
+    attention_mask[:, prompt_len:] = keep
+    targets = np.full((R, L), pad_id, np.int32)
+    targets[:, :-1] = input_ids[:, 1:]
+    completion_mask = np.zeros((R, L), np.float32)
+    completion_mask[:, prompt_len - 1 : L - 1] = keep
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
+        "completion_mask": completion_mask,
+    }
+
+
+def cut_at_eos(tokens_rn: np.ndarray, valid_rn: np.ndarray, eos_id: int) -> np.ndarray:
+    """Mask of the tokens up to and including the first EOS (the sampler may run past it)."""
+    valid = valid_rn.astype(bool)
+    is_eos = (tokens_rn == eos_id) & valid
+    after_eos = np.cumsum(is_eos, axis=1) - is_eos  # EOSes strictly before each position
+    return (valid & (after_eos == 0)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+def sample(
+    model: Any,
+    prompt_ids_rp: np.ndarray,
+    prompt_mask_rp: np.ndarray,
+    g: SamplingSettings,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    *,
+    greedy: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Completions [R, N] and their mask (generated tokens up to the first EOS, inclusive)."""
+    from posttrain.trainer.sampling import generate
+
+    out = generate(
+        model,
+        prompt_ids_rp,
+        g.max_new_tokens,
+        temperature=0.0 if greedy else g.temperature,
+        top_k=None if greedy else g.top_k,
+        top_p=None if greedy or g.top_p >= 1.0 else g.top_p,
+        eos_id=eos_id,
+        seed=seed,
+        prompt_mask=prompt_mask_rp,
+        pad_id=pad_id,
+    )
+    tokens = to_host(out.tokens)
+    return tokens, cut_at_eos(tokens, to_host(out.mask), eos_id)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host, also when it is sharded over several processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How rollouts are sampled (spec.grpo / spec.ppo share these names)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    @classmethod
+    def of(cls, block: Any) -> SamplingSettings:
+        return cls(
+            max_new_tokens=block.max_new_tokens,
+            temperature=block.temperature,
+            top_p=block.top_p,
+            top_k=getattr(block, "top_k", None),
+        )
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions, scored: training rows plus what the metrics need."""
+
+    arrays: dict[
+        str, np.ndarray
+    ]  # rollout_arrays(): input_ids, attention_mask, targets, completion_mask
+    rewards: np.ndarray  # [R] total reward
+    reward_terms: dict[str, np.ndarray]  # name -> [R]
+    lengths: np.ndarray  # [R] completion tokens (EOS included)
+    seconds: float  # generation time
+
+
+class RolloutEngine:
+    """Prompts -> sampled, scored completions, with one prompt width for the whole run."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        block_field: str,
+        settings: SamplingSettings,
+        prompts: list[Prompt],
+        rewards: list[rw.Reward],
+        eval_prompts: list[Prompt] | None = None,
+    ):
+        spec = ctx.spec
+        self.ctx = ctx
+        self.settings = settings
+        self.prompts = prompts
+        self.eval_prompts = eval_prompts
+        self.rewards = rewards
+        self.stream = PromptStream(prompts, spec.training.seed, spec.data.shuffle)
+        tok = ctx.tokenizer
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # One prompt width for the whole run (rounded up for friendlier shapes, never past
+        # maxPromptLength), so the jitted sampler and step compile once.
+        longest = max(len(p.ids) for p in [*prompts, *(eval_prompts or [])])
+        self.prompt_len = min(round_up(longest, 8), max(longest, spec.data.max_prompt_length))
+        self.seq_len = self.prompt_len + settings.max_new_tokens
+        if self.seq_len > spec.data.max_length:
+            raise ValueError(
+                f"spec.{block_field}.maxNewTokens: {settings.max_new_tokens} new tokens after "
+                f"prompts of up to {self.prompt_len} tokens exceed spec.data.maxLength "
+                f"({spec.data.max_length}); lower maxNewTokens or maxPromptLength, or raise maxLength"
+            )
+
+    def prompt(self, k: int) -> Prompt:
+        return self.stream[k]
+
+    def prompt_block(self, rows: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded [R, P] prompt ids and mask."""
+        P = self.prompt_len
+        prompt_ids = np.full((len(rows), P), self.pad_id, np.int32)
+        prompt_mask = np.zeros((len(rows), P), np.int32)
+        for r, p in enumerate(rows):
+            prompt_ids[r, P - len(p.ids) :] = p.ids
+            prompt_mask[r, P - len(p.ids) :] = 1
+        return prompt_ids, prompt_mask
+
+    def generate(
+        self, model: Any, rows: Sequence[Prompt], seed: int, greedy: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Completions [R, N], their mask and their decoded texts."""
+        prompt_ids, prompt_mask = self.prompt_block(rows)
+        tokens, mask = sample(
+            model,
+            prompt_ids,
+            prompt_mask,
+            self.settings,
+            self.eos_id,
+            self.pad_id,
+            seed,
+            greedy=greedy,
+        )
+        lengths = mask.sum(axis=1).astype(int)
+        texts = [
+            self.ctx.tokenizer.decode(tokens[r, : lengths[r]].tolist()) for r in range(len(rows))
+        ]
+        return tokens, mask, texts
+
+    def score(
+        self, rows: Sequence[Prompt], completions: list[str]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        columns = {k: [p.columns[k] for p in rows] for k in rows[0].columns}
+        return rw.score(self.rewards, [p.text for p in rows], completions, columns)
+
+    def rollout(self, model: Any, rows: Sequence[Prompt], seed: int) -> Rollout:
+        started = time.perf_counter()
+        tokens, mask, completions = self.generate(model, rows, seed)
+        seconds = time.perf_counter() - started
+        total, each = self.score(rows, completions)
+        arrays = rollout_arrays([p.ids for p in rows], tokens, mask, self.prompt_len, self.pad_id)
+        return Rollout(arrays, total, each, mask.sum(axis=1), seconds)
+
+    def evaluate(self, model: Any, width: int) -> float:
+        """Mean total reward of greedy completions to every data.eval prompt, ``width`` rows at a
+        time (the rollout batch's row count, so the sampler is compiled already)."""
+        assert self.eval_prompts
+        totals: list[float] = []
+        for start in range(0, len(self.eval_prompts), width):
+            chunk = self.eval_prompts[start : start + width]
+            padded = chunk + [chunk[-1]] * (width - len(chunk))
+            _, _, texts = self.generate(model, padded, seed=0, greedy=True)
+            total, _ = self.score(chunk, texts[: len(chunk)])
+            totals.extend(total.tolist())
+        return float(np.mean(totals))
+
+    def metric_names(self) -> list[str]:
+        return [
+            "reward_mean",
+            "reward_std",
+            *(f"reward/{r.name}" for r in self.rewards),
+            "completion_length",
+            "generation_tokens_per_second",
+        ]
+
+
+def encode_array(a: np.ndarray) -> dict[str, Any]:
+    """A host array as JSON (for a batch source's checkpointed state)."""
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.ravel().tolist()}
+
+
+def decode_array(d: Any) -> np.ndarray:
+    return np.asarray(d["data"], dtype=d["dtype"]).reshape(d["shape"])
