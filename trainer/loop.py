@@ -172,19 +172,23 @@ def train(
 
     policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731  (reads the live params)
     logprobs_fn = jax.jit(
-        lambda p, f, b: token_logprobs(
+        lambda p, f, b, temperature: token_logprobs(
             nnx.merge(graphdef, p, f),
             b["input_ids"],
             b["attention_mask"],
             b["targets"],
             segment_ids=b.get("segment_ids"),
-        )
+            temperature=temperature,
+        ),
+        static_argnames="temperature",
     )
 
-    def host_logprobs(p: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    def host_logprobs(
+        p: Any, batch: Mapping[str, np.ndarray], temperature: float = 1.0
+    ) -> np.ndarray:
         keys = [k for k in ("input_ids", "attention_mask", "targets", "segment_ids") if k in batch]
         placed = device_batch({k: batch[k] for k in keys}, mesh)
-        return np.asarray(_gather(logprobs_fn(p, frozen, placed)))
+        return np.asarray(_gather(logprobs_fn(p, frozen, placed, temperature=temperature)))
 
     # The frozen reference: with LoRA the base (adapters zeroed); otherwise a copy of the
     # initial weights, made only when the algorithm's loss reads it.
@@ -201,8 +205,8 @@ def train(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         model=policy,
-        policy_logprobs=lambda b: host_logprobs(params, b),
-        reference_logprobs=(lambda b: host_logprobs(reference, b))
+        policy_logprobs=lambda b, temperature=1.0: host_logprobs(params, b, temperature),
+        reference_logprobs=(lambda b, temperature=1.0: host_logprobs(reference, b, temperature))
         if reference is not None
         else None,
         log=say,

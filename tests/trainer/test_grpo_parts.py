@@ -117,3 +117,25 @@ def test_loss_uses_given_old_and_reference_logprobs(tiny):
     grads = nnx.grad(lambda m: grpo.make_loss(spec, "grpo")(m, batch)[0])(model)
     total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads))
     assert np.isfinite(total) and total > 0
+
+
+def test_loss_log_probs_are_at_the_sampling_temperature(tiny):
+    """The KL and ratio see log softmax(logits / T), the policy that sampled (verl, TRL)."""
+    tok, model = tiny
+    host = rollout_batch(tok, np.random.default_rng(2))
+    T = 0.5
+    logits = np.asarray(model(jnp.asarray(host["input_ids"]), jnp.asarray(host["attention_mask"])))
+    scaled = logits.astype(np.float64) / T
+    log_softmax = (
+        scaled
+        - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1))[..., None]
+        - scaled.max(-1, keepdims=True)
+    )
+    logp_T = np.take_along_axis(log_softmax, host["targets"][..., None], -1)[..., 0]
+    host["ref_logp"] = (logp_T - 0.2).astype(
+        np.float32
+    )  # so the k3 KL is exactly expm1(-0.2) + 0.2
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    spec = GrpoSpec(beta=0.1, temperature=T, rewards=[{"builtin": "length-penalty"}])
+    _, metrics = grpo.make_loss(spec, "grpo")(model, batch)
+    assert float(metrics["kl"]) == pytest.approx(np.expm1(-0.2) + 0.2, rel=1e-3)

@@ -112,8 +112,8 @@ class Context:
     ``policy_logprobs(batch)`` and ``reference_logprobs(batch)`` run ``token_logprobs`` on the
     current policy and on the frozen reference (the initial weights; with LoRA the base model,
     adapters off) for a host batch with ``input_ids``, ``attention_mask`` and ``targets`` (and
-    ``segment_ids`` if it has them); they
-    return host float32 [B, T] arrays, outside any gradient. ``model()`` is the current policy as an
+    ``segment_ids`` if it has them) and an optional ``temperature`` (log-probs of logits / T, the
+    policy that sampled at T); they return host float32 [B, T] arrays, outside any gradient. ``model()`` is the current policy as an
     NNX module (for sampling).
     """
 
@@ -123,8 +123,8 @@ class Context:
     process_index: int = 0
     process_count: int = 1
     model: Callable[[], CausalLM] = field(default=lambda: None)  # type: ignore[assignment]
-    policy_logprobs: Callable[[Batch], np.ndarray] | None = None
-    reference_logprobs: Callable[[Batch], np.ndarray] | None = None
+    policy_logprobs: Callable[..., np.ndarray] | None = None  # (batch, temperature=1.0)
+    reference_logprobs: Callable[..., np.ndarray] | None = None  # (batch, temperature=1.0)
     log: Callable[[str], None] = print
 
     @property

@@ -380,13 +380,13 @@ class RolloutSource:
         hook = self.ctx.policy_logprobs
         if hook is None:
             raise ValueError("spec.grpo.numIterations > 1 needs the loop's policy_logprobs hook")
-        return hook(batch).astype(np.float32)
+        return hook(batch, temperature=self.g.temperature).astype(np.float32)
 
     def _reference_logprobs(self, batch: Batch) -> np.ndarray:
         hook = self.ctx.reference_logprobs
         if hook is None:
             raise ValueError("spec.grpo.beta > 0 needs the loop's reference_logprobs hook")
-        return hook(batch).astype(np.float32)
+        return hook(batch, temperature=self.g.temperature).astype(np.float32)
 
     def _metric_names(self) -> list[str]:
         return [
@@ -456,11 +456,13 @@ def _decode(d: Mapping[str, Any]) -> np.ndarray:
 
 def make_loss(g: GrpoSpec, algorithm: str):
     objective = gl.gspo_token_loss if algorithm == "gspo-token" else gl.grpo_loss
+    eps, eps_high = g.clip_range(algorithm)
 
     def loss(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits_btv = model(batch["input_ids"], batch["attention_mask"])
         # One forward for both log-probs and entropy: the shared log-prob maths on these logits.
-        logp_bt = logprobs_from_logits(logits_btv, batch["targets"])
+        # At the sampling temperature: the ratio and the KL must see the policy that sampled.
+        logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=g.temperature)
         mask_bt = batch["completion_mask"]
         rows = mask_bt.shape[0]
         num_tokens = batch["tokens_per_row"].mean() * rows
@@ -476,15 +478,16 @@ def make_loss(g: GrpoSpec, algorithm: str):
             batch.get("ref_logp"),
             batch["advantages"],
             mask_bt,
-            eps=g.epsilon,
-            eps_high=g.epsilon_high,
+            eps=eps,
+            eps_high=eps_high,
             beta=g.beta,
             kl_estimator=g.kl_estimator,
             aggregation=g.loss_aggregation,
             num_tokens=num_tokens,
         )
         if sft is not None:
-            nll = gl.aggregate(-logp_bt, mask_bt, "token-mean", num_tokens)
+            plain_bt = logprobs_from_logits(logits_btv, batch["targets"])  # SFT: temperature 1
+            nll = gl.aggregate(-plain_bt, mask_bt, "token-mean", num_tokens)
             value = jnp.where(sft, nll, value)
             metrics = {k: jnp.where(sft, jnp.nan, v) for k, v in metrics.items()}
             metrics["sft_loss"] = jnp.where(sft, jax.lax.stop_gradient(nll), jnp.nan)
