@@ -86,9 +86,7 @@ def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> Caus
     """
     from posttrain.trainer import models
 
-    dtype = jnp.dtype(model.dtype)
-    master = jnp.dtype(model.param_dtype)
-    base_dtype = dtype if model.lora is not None else master
+    dtype, base_dtype, master = model_dtypes(model)
     if model.base.startswith(BUILTIN):
         name = model.base[len(BUILTIN) :]
         config = models.builtin_config(
@@ -106,6 +104,12 @@ def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> Caus
     )
     place_on_mesh(net, mesh)
     return net
+
+
+def model_dtypes(model: ModelSpec) -> tuple[Any, Any, Any]:
+    """(compute, base weights, trained weights) dtypes: see ``build_model``."""
+    dtype, master = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    return dtype, (dtype if model.lora is not None else master), master
 
 
 def place_on_mesh(model: nnx.Module, mesh: Mesh) -> None:

@@ -217,8 +217,10 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, dtype: Any = No
         return
     hf_config = model.config.to_hf()
     written = {str(t.dtype) for t in tensors.values()}
-    if len(written) == 1:  # transformers reads the dtype to load in from here
-        hf_config["dtype"] = written.pop()
+    if len(written) == 1:  # transformers reads the dtype to load in from here (4.x: torch_dtype)
+        dtype_name = written.pop()
+        for key in [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["dtype"]:
+            hf_config[key] = dtype_name
     config_json = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
     with storage.writable_dir(str(path)) as local:
         # metadata format=pt: transformers refuses files without it.
