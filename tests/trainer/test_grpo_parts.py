@@ -49,11 +49,28 @@ def test_prompts_string_or_messages_and_errors_name_the_field():
     data = DataSpec(train="x.jsonl", max_prompt_length=4, max_length=16)
     p = grpo.encode_prompt({"prompt": "12+7=", "answer": "19"}, "f:1", tok, data)
     assert p.text == "12+7=" and p.columns == {"answer": "19"}
-    assert list(p.ids) == tok.encode("2+7=")  # cut from the left to maxPromptLength
+    # cut from the left to maxPromptLength, the BOS kept in front
+    assert list(p.ids) == [tok.bos_token_id, *tok.encode("+7=")]
     chat = grpo.encode_prompt({"prompt": [{"role": "user", "content": "hi"}]}, "f:2", tok, data)
     assert chat.text == "Q: hi\nA: "
     with pytest.raises(BadRow, match=r"f:3: missing prompt field 'prompt' \(spec.data.promptField"):
         grpo.encode_prompt({"question": "q"}, "f:3", tok, data)
+
+
+def test_chat_prompt_from_a_template_that_writes_bos_has_one_bos(tmp_path):
+    import json
+    import shutil
+
+    from posttrain.trainer.data.text import HfTokenizer
+
+    shutil.copytree("tests/fixtures/tokenizer", tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}" + config["chat_template"]
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = HfTokenizer(str(tmp_path / "tok"))
+    data = DataSpec(train="x.jsonl", max_prompt_length=64, max_length=128)
+    chat = grpo.encode_prompt({"prompt": [{"role": "user", "content": "hi"}]}, "f:1", tok, data)
+    assert chat.ids[0] == tok.bos_token_id and chat.ids.count(tok.bos_token_id) == 1
 
 
 def test_reward_summary_and_plot(tmp_path):
