@@ -1,6 +1,7 @@
 """Memory of full fine-tuning, LoRA and QLoRA (int8, nf4): parameters + optimizer state, measured.
 
-Builds the model the way the trainer does (``create_model`` + ``peft.apply_peft``), splits it
+Builds the model the way the trainer does (``create_model`` + ``peft.apply_peft`` with the dtypes
+of ``loop.model_dtypes``: float32 master weights, a LoRA base in the compute dtype), splits it
 into what trains and what stays frozen (``peft.trainable_filter``), initialises the optimizer
 the loop would use (AdamW), and sums the bytes of the real arrays. 4-bit codes count 4 bits each
 (``peft.nbytes``); on CPU JAX stores them one per byte, on TPU/GPU packed.
@@ -14,11 +15,11 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from posttrain.api.v1alpha1 import LoraSpec, QuantizationSpec, TrainingSpec
+from posttrain.api.v1alpha1 import LoraSpec, ModelSpec, QuantizationSpec, TrainingSpec
 from posttrain.trainer import peft
+from posttrain.trainer.loop import model_dtypes
 from posttrain.trainer.loop_optim import optimizer
 from posttrain.trainer.models import builtin_config, create_model
 
@@ -44,11 +45,13 @@ MODES = {
 }
 
 
-def measure(preset: str, mode: str, dtype: str) -> dict[str, float]:
+def measure(preset: str, mode: str, dtype: str, param_dtype: str) -> dict[str, float]:
     lora, quant = MODES[mode]
     config = builtin_config("small", **PRESETS[preset])
-    model = create_model(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
-    peft.apply_peft(model, lora, quant, rngs=nnx.Rngs(1))
+    spec = ModelSpec(base="builtin:small", dtype=dtype, param_dtype=param_dtype, lora=lora)
+    compute, base, master = model_dtypes(spec)  # the dtypes build_model uses
+    model = create_model(config, rngs=nnx.Rngs(0), dtype=compute, param_dtype=base)
+    peft.apply_peft(model, lora, quant, rngs=nnx.Rngs(1), param_dtype=master)
     _, trainable, frozen = nnx.split(model, peft.trainable_filter(lora), ...)
     opt_state = optimizer(TrainingSpec(steps=1)).init(trainable)
     mib = 1 / 2**20
@@ -66,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-40m")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
-    rows = {mode: measure(args.preset, mode, args.dtype) for mode in MODES}
+    rows = {mode: measure(args.preset, mode, args.dtype, args.param_dtype) for mode in MODES}
     total_params = rows["full"]["trainable_params"]
     print(
-        f"model {args.preset} ({total_params / 1e6:.1f}M parameters), {args.dtype}, AdamW, LoRA rank 16 on all 7 projections"
+        f"model {args.preset} ({total_params / 1e6:.1f}M parameters), compute {args.dtype}, "
+        f"paramDtype {args.param_dtype}, AdamW, LoRA rank 16 on all 7 projections"
     )
     print(
         "| mode | trainable params | trainable MiB | frozen MiB | optimizer state MiB | total MiB | vs full |"

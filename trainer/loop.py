@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
+from posttrain.api.v1alpha1 import ModelSpec, OutputSpec, PostTrainJob
 from posttrain.trainer import algorithms, peft, storage
 from posttrain.trainer.algorithms.base import Algorithm, Context, ForwardFn
 from posttrain.trainer.checkpoint import Checkpointer, checkpoint_dir
@@ -84,10 +84,16 @@ def load_tokenizer(model: ModelSpec) -> Any:
 
 
 def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> CausalLM:
-    """The base model (built-in or loaded), with LoRA/QLoRA applied, every array on ``mesh``."""
+    """The base model (built-in or loaded), with LoRA/QLoRA applied, every array on ``mesh``.
+
+    Mixed precision (MaxText, Tunix): the model computes in ``model.dtype``; what trains (every
+    weight, or the adapters) is stored in ``model.paramDtype`` (float32 master weights, so the
+    optimizer state is float32 too). A frozen LoRA base is only read: it is stored in the compute
+    dtype, which halves its memory in bfloat16 and changes no result.
+    """
     from posttrain.trainer import models
 
-    dtype = jnp.dtype(model.dtype)
+    dtype, base_dtype, master = model_dtypes(model)
     if model.base.startswith(BUILTIN):
         name = model.base[len(BUILTIN) :]
         config = models.builtin_config(
@@ -97,12 +103,20 @@ def build_model(model: ModelSpec, tokenizer: Any, mesh: Mesh, seed: int) -> Caus
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        net = models.create_model(config, rngs=nnx.Rngs(seed), dtype=dtype)
+        net = models.create_model(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=base_dtype)
     else:
-        net = models.load_pretrained(model.base, dtype=dtype, mesh=mesh)
-    peft.apply_peft(net, model.lora, model.quantization, rngs=nnx.Rngs(seed + 1))
+        net = models.load_pretrained(model.base, dtype=dtype, param_dtype=base_dtype, mesh=mesh)
+    peft.apply_peft(
+        net, model.lora, model.quantization, rngs=nnx.Rngs(seed + 1), param_dtype=master
+    )
     place_on_mesh(net, mesh)
     return net
+
+
+def model_dtypes(model: ModelSpec) -> tuple[Any, Any, Any]:
+    """(compute, base weights, trained weights) dtypes: see ``build_model``."""
+    dtype, master = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    return dtype, (dtype if model.lora is not None else master), master
 
 
 def place_on_mesh(model: nnx.Module, mesh: Mesh) -> None:
@@ -198,8 +212,13 @@ def train(
     # (adapters zeroed, no copy of the weights); otherwise a copy of the initial weights.
     extras: dict[str, Any] = {}
     if algo.reference:
-        zeros_or_copy = jnp.zeros_like if spec.model.lora is not None else jnp.copy
-        extras["reference"] = jax.tree.map(zeros_or_copy, params)
+        compute = jnp.dtype(spec.model.dtype)  # frozen: no master copy needed
+        extras["reference"] = jax.tree.map(
+            jnp.zeros_like
+            if spec.model.lora is not None
+            else lambda x: jnp.array(x, dtype=compute, copy=True),  # never aliases donated params
+            params,
+        )
     teacher_graphdef = None
     if algo.teacher is not None:
         teacher = build_model(algo.teacher, tokenizer, mesh, training.seed)
@@ -330,7 +349,7 @@ def train(
         export_dir = None
         if spec.output.export:
             export_dir = storage.join(output_dir, "final")
-            export(model, tokenizer, export_dir)
+            export(model, tokenizer, export_dir, dtype=export_dtype(spec.model, spec.output))
             say(f"exported the model to {export_dir}")
         if algo.finish is not None:
             final.update(algo.finish(view(params, frozen, extras).policy))
@@ -347,12 +366,24 @@ def train(
         ckpt.close()
 
 
-def export(model: CausalLM, tokenizer: Any, path: str) -> None:
-    """DIR/final in Hugging Face format: adapters merged, quantized bases dequantized."""
+def export_dtype(model: ModelSpec, output: OutputSpec) -> str:
+    """``output.exportDtype``, else the base checkpoint's dtype (float32 for built-in models)."""
+    if output.export_dtype is not None:
+        return output.export_dtype
+    if model.base.startswith(BUILTIN):
+        return "float32"
+    from posttrain.trainer.models import checkpoint_dtype
+
+    return checkpoint_dtype(model.base) or "float32"
+
+
+def export(model: CausalLM, tokenizer: Any, path: str, *, dtype: str | None = None) -> None:
+    """DIR/final in Hugging Face format: adapters merged (in float32), quantized bases
+    dequantized, every tensor cast to ``dtype`` (default: its own) from the master weights."""
     from posttrain.trainer.models import save_pretrained
 
     peft.merge_peft(model)
-    save_pretrained(model, path)
+    save_pretrained(model, path, dtype=dtype)
     if jax.process_index() == 0 and hasattr(tokenizer, "save_pretrained"):
         with storage.writable_dir(path) as local:
             tokenizer.save_pretrained(local)

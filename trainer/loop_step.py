@@ -127,11 +127,13 @@ def make_train_step(
 
         def accumulate(grads_sum, mb):
             (value, metrics), grads = grad_fn(params, frozen, extras, mb)
-            return jax.tree.map(jnp.add, grads_sum, grads), (value, metrics)
+            grads_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grads_sum, grads)
+            return grads_sum, (value, metrics)
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # Accumulate in float32 whatever the params' dtype; the update gets the params' dtype.
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
         grads, (values, metrics) = jax.lax.scan(accumulate, zeros, micro)
-        grads = jax.tree.map(lambda g: g / num_micro, grads)
+        grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         out = {k: jnp.mean(v) for k, v in metrics.items()}

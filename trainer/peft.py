@@ -9,6 +9,11 @@ quantized (``QuantizedWeight`` variables, not Params: never trained, never in th
 it dequantizes blockwise on the fly inside the jitted step. The optimizer's ``wrt`` is then
 ``nnx.LoRAParam`` only.
 
+Dtypes (mixed precision): adapters are stored in ``param_dtype`` (float32 master weights, so small
+updates are not rounded away) and computed in the base layer's compute dtype; the frozen base
+keeps the dtype it was built with (the loop builds it in the compute dtype) or stays quantized.
+Adapter A starts as PEFT's does (``kaiming_uniform_(a=sqrt(5))``: uniform in +-1/sqrt(d_in)).
+
 Why a small wrapper instead of qwix's ``LoraProvider``: qwix intercepts the model's calls
 and needs a traced example input to create its params, which would also wrap our sampling
 and attention einsums; a named module keeps the parameter tree readable (``q_proj.lora.lora_a``),
@@ -18,6 +23,7 @@ qwix's nf4/int8 numerics for the quantized base.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -29,6 +35,9 @@ from posttrain.api.v1alpha1 import LoraSpec, QuantizationSpec
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QTYPES = {"int8": jnp.int8, "nf4": "nf4"}
+# PEFT initialises lora_A with torch's kaiming_uniform_(a=sqrt(5)): gain^2 = 2 / (1 + 5), bound
+# gain * sqrt(3 / fan_in) = sqrt(1 / fan_in); variance_scaling(1/3, fan_in, uniform) is that bound.
+LORA_A_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class QuantizedWeight(nnx.Variable):
@@ -41,28 +50,33 @@ class QuantizedLinear(nnx.Module):
     def __init__(self, linear: nnx.Linear, quantization: QuantizationSpec):
         kernel = linear.kernel[...]
         d_in = kernel.shape[0]
-        block = quantization.block_size if d_in % quantization.block_size == 0 else d_in
+        if d_in % quantization.block_size:  # apply_peft reports this with the field name first
+            raise ValueError(f"block size {quantization.block_size} does not divide {d_in}")
         q = qwix.quantize(
-            kernel, QTYPES[quantization.type], channelwise_axes=(1,), tiled_axes={0: block}
+            kernel,
+            QTYPES[quantization.type],
+            channelwise_axes=(1,),
+            tiled_axes={0: quantization.block_size},
         )
         axes = linear.kernel.get_metadata().get("logical_axes")
         self.codes = QuantizedWeight(q.qvalue, logical_axes=axes)
         self.scales = QuantizedWeight(q.scale)
         self.qtype = QTYPES[quantization.type]
         self.bias = linear.bias  # frozen with the rest of the base (not a LoRAParam)
-        self.compute_dtype = kernel.dtype
+        self.compute_dtype = linear.dtype or kernel.dtype
         self.features = tuple(kernel.shape)
         self.axes = axes
 
-    def dequantized_kernel(self) -> jax.Array:
+    def dequantized_kernel(self, dtype: Any = None) -> jax.Array:
         q = qwix.QArray(self.codes[...], self.scales[...], None, self.qtype)
-        return qwix.dequantize(q).astype(self.compute_dtype)
+        return qwix.dequantize(q).astype(dtype or self.compute_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.dequantized_kernel()
         return y + self.bias[...] if self.bias is not None else y
 
     def to_linear(self) -> nnx.Linear:
+        """A plain float32 nnx.Linear with the dequantized weights (for the export)."""
         d_in, d_out = self.features
         linear = nnx.eval_shape(
             lambda: nnx.Linear(
@@ -70,17 +84,17 @@ class QuantizedLinear(nnx.Module):
                 d_out,
                 use_bias=self.bias is not None,
                 dtype=self.compute_dtype,
-                param_dtype=self.compute_dtype,
+                param_dtype=jnp.float32,
                 rngs=nnx.Rngs(0),
                 kernel_metadata={"logical_axes": self.axes} if self.axes else {},
                 bias_metadata={"logical_axes": self.axes[1:]} if self.axes else {},
             )
         )
-        linear.kernel.set_value(self.dequantized_kernel())
+        linear.kernel.set_value(self.dequantized_kernel(jnp.float32))
         if self.bias is not None:
             if linear.bias is None:  # use_bias=True above: unreachable unless flax changes
                 raise RuntimeError("nnx.Linear(use_bias=True) was built without a bias")
-            linear.bias.set_value(self.bias[...])
+            linear.bias.set_value(self.bias[...].astype(jnp.float32))
         return linear
 
 
@@ -95,19 +109,30 @@ class Adapted(nnx.Module):
         lora: LoraSpec,
         *,
         dtype: Any,
+        param_dtype: Any,
         rngs: nnx.Rngs,
     ):
         self.base = base
-        self.lora = nnx.LoRA(d_in, lora.rank, d_out, param_dtype=dtype, rngs=rngs)
+        self.lora = nnx.LoRA(
+            d_in,
+            lora.rank,
+            d_out,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            a_initializer=LORA_A_INIT,
+            rngs=rngs,
+        )
         self.scale = lora.alpha / lora.rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.base(x) + self.scale * self.lora(x).astype(x.dtype)
 
     def merged_linear(self) -> nnx.Linear:
+        """The base with the adapter folded in, in float32 (the export casts to what it writes)."""
         linear = self.base.to_linear() if isinstance(self.base, QuantizedLinear) else self.base
-        delta = self.scale * (self.lora.lora_a[...] @ self.lora.lora_b[...])
-        linear.kernel[...] = (linear.kernel[...] + delta).astype(linear.kernel.dtype)
+        f32 = jnp.float32
+        delta = self.scale * (self.lora.lora_a[...].astype(f32) @ self.lora.lora_b[...].astype(f32))
+        linear.kernel.set_value(linear.kernel[...].astype(f32) + delta)
         return linear
 
 
@@ -131,8 +156,12 @@ def apply_peft(
     quantization: QuantizationSpec | None = None,
     *,
     rngs: nnx.Rngs,
+    param_dtype: Any = jnp.float32,
 ) -> nnx.Module:
-    """Wrap the model's projections (in place) for LoRA or QLoRA; returns the model."""
+    """Wrap the model's projections (in place) for LoRA or QLoRA; returns the model.
+
+    Adapters are stored in ``param_dtype`` and computed in each layer's compute dtype.
+    """
     if lora is None:
         if quantization is not None:
             raise ValueError(
@@ -142,19 +171,46 @@ def apply_peft(
     slots = _projection_slots(model)
     if not slots:
         raise ValueError(f"the model has none of the projections {PROJECTIONS} to adapt")
-    for parent, name, linear in slots:
-        if not isinstance(linear, nnx.Linear):
+    linears: list[tuple[nnx.Module, str, nnx.Linear]] = []
+    for parent, name, child in slots:
+        if not isinstance(child, nnx.Linear):
             raise ValueError(
-                f"{name} is already a {type(linear).__name__}: apply_peft adapts a model only once"
+                f"{name} is already a {type(child).__name__}: apply_peft adapts a model only once"
             )
+        linears.append((parent, name, child))
+    if quantization is not None:
+        check_block_size(
+            quantization.block_size, [(n, lin.kernel.shape[0]) for _, n, lin in linears]
+        )
+    for parent, name, linear in linears:
         d_in, d_out = linear.kernel.shape
-        dtype = linear.kernel.dtype
-        base = QuantizedLinear(linear, quantization) if quantization else linear
+        dtype = linear.dtype or linear.kernel.dtype
+        base: nnx.Linear | QuantizedLinear = (
+            QuantizedLinear(linear, quantization) if quantization else linear
+        )
         if name in lora.targets:
-            setattr(parent, name, Adapted(base, d_in, d_out, lora, dtype=dtype, rngs=rngs))
+            adapted = Adapted(
+                base, d_in, d_out, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+            setattr(parent, name, adapted)
         else:
             setattr(parent, name, base)
     return model
+
+
+def check_block_size(block_size: int, inputs: list[tuple[str, int]]) -> None:
+    """Blocks tile each projection's input axis, so blockSize must divide every input dimension."""
+    bad = sorted({(name, d_in) for name, d_in in inputs if d_in % block_size})
+    if not bad:
+        return
+    common = math.gcd(*(d_in for _, d_in in inputs))
+    fits = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if common % b == 0]
+    raise ValueError(
+        f"spec.model.quantization.blockSize: {block_size} does not divide the input dimension of "
+        + ", ".join(f"{name} ({d_in})" for name, d_in in bad)
+        + "; blocks tile each projection's input axis, so use a size that divides every one, such as "
+        + (", ".join(map(str, fits)) if fits else f"none from 16 up divides them (gcd {common})")
+    )
 
 
 def merge_peft(model: nnx.Module) -> nnx.Module:

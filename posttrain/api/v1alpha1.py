@@ -114,7 +114,19 @@ class ModelSpec(Spec):
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16",
-        description="Parameter and compute dtype. float32 for CPU runs and parity checks.",
+        description=(
+            "Compute dtype: the forward and backward passes run in it. float32 for CPU runs and "
+            "parity checks."
+        ),
+    )
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Dtype of the weights that train and of the optimizer state (master weights); "
+            "gradients accumulate in float32 either way. A frozen base under LoRA is stored in "
+            "`dtype`, a quantized one stays quantized. bfloat16 saves memory but updates smaller "
+            "than the weight's bfloat16 rounding step are lost."
+        ),
     )
     lora: LoraSpec | None = Field(
         None, description="Train low-rank adapters instead of all weights."
@@ -266,11 +278,23 @@ class GrpoSpec(Spec):
     beta: float = Field(
         0.04, ge=0, description="KL weight to the reference policy; 0 skips the reference."
     )
-    epsilon: float = Field(
-        0.2, gt=0, lt=1, description="Clip range of the importance ratio (lower side)."
+    epsilon: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Clip range of the importance ratio (lower side). Default: 0.2 for grpo, 3e-4 for "
+            "gspo-token (the GSPO paper's: its ratio is a per-token geometric mean)."
+        ),
     )
     epsilon_high: float | None = Field(
-        None, gt=0, lt=10, description="Upper clip range (DAPO's clip-higher); default: epsilon."
+        None,
+        gt=0,
+        lt=10,
+        description=(
+            "Upper clip range (DAPO's clip-higher). Default: epsilon when it is set, else 0.2 "
+            "for grpo and 4e-4 for gspo-token."
+        ),
     )
     num_iterations: int = Field(
         1, ge=1, le=64, description="mu: optimisation passes over each batch of rollouts."
@@ -317,6 +341,17 @@ class GrpoSpec(Spec):
                 "back towards it; or run SFT as its own job and start GRPO from its export",
             )
         return self
+
+    def clip_range(self, algorithm: str) -> tuple[float, float]:
+        """(epsilon, epsilonHigh) with the defaults filled in for `algorithm` (grpo or gspo-token)."""
+        low, high = CLIP_DEFAULTS["gspo-token" if algorithm == "gspo-token" else "grpo"]
+        if self.epsilon is not None:
+            low = high = self.epsilon
+        return low, self.epsilon_high if self.epsilon_high is not None else high
+
+
+# Default (epsilon, epsilonHigh): DeepSeekMath's for GRPO, the GSPO paper's for GSPO-token.
+CLIP_DEFAULTS: dict[str, tuple[float, float]] = {"grpo": (0.2, 0.2), "gspo-token": (3e-4, 4e-4)}
 
 
 class PpoSpec(Spec):
@@ -609,6 +644,13 @@ class OutputSpec(Spec):
     export: bool = Field(
         True,
         description="Export the trained model (LoRA merged) to DIR/final in Hugging Face format.",
+    )
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description=(
+            "Dtype of the exported weights, cast from the float32 master weights. Default: the "
+            "base checkpoint's dtype (float32 for builtin models)."
+        ),
     )
 
 

@@ -75,12 +75,10 @@ def test_defaults() -> None:
     assert spec.max_restarts == 3 and spec.suspend is False
     grpo = spec.grpo
     assert grpo is not None
-    assert (grpo.num_generations, grpo.beta, grpo.epsilon, grpo.kl_estimator) == (
-        8,
-        0.04,
-        0.2,
-        "k3",
-    )
+    assert (grpo.num_generations, grpo.beta, grpo.kl_estimator) == (8, 0.04, "k3")
+    assert grpo.clip_range("grpo") == (0.2, 0.2)
+    assert (spec.model.dtype, spec.model.param_dtype) == ("bfloat16", "float32")
+    assert spec.output.export_dtype is None  # the base checkpoint's dtype
     assert grpo.rewards[0].weight == 1.0
 
 
@@ -89,6 +87,18 @@ def test_optional_blocks_default_and_gspo_reads_grpo() -> None:
     assert sft.block == api.SftSpec()
     gspo = parse_job(job(**{"spec.algorithm": "gspo-token"})).spec
     assert gspo.block is gspo.grpo
+
+
+def test_gspo_token_clip_defaults_are_the_papers_unless_set() -> None:
+    gspo = parse_job(job(**{"spec.algorithm": "gspo-token"})).spec.grpo
+    assert gspo is not None and gspo.clip_range("gspo-token") == (3e-4, 4e-4)
+    assert gspo.clip_range("grpo") == (0.2, 0.2)  # the same block read by grpo keeps GRPO's
+    low = parse_job(job(**{"spec.algorithm": "gspo-token", "spec.grpo.epsilon": 1e-3})).spec.grpo
+    assert low is not None and low.clip_range("gspo-token") == (1e-3, 1e-3)
+    both = parse_job(
+        job(**{"spec.algorithm": "grpo", "spec.grpo.epsilon": 0.1, "spec.grpo.epsilonHigh": 0.3})
+    ).spec.grpo
+    assert both is not None and both.clip_range("grpo") == (0.1, 0.3)
 
 
 def test_round_trip_through_manifest() -> None:

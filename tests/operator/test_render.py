@@ -389,13 +389,21 @@ def test_render_imports_neither_kopf_nor_kubernetes() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_pods_run_the_trainer_entrypoint() -> None:
-    """The rendered command is the trainer image's entrypoint, and it reads --recipe."""
-    import importlib.util
+def test_pods_run_the_trainer_entrypoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The rendered command is the trainer image's entrypoint, and it reads the rendered recipe.
 
-    container = pod_spec(jobset_of(make()))["containers"][0]
+    The entrypoint runs with the rendered args (the mounted path swapped for a local copy of the
+    ConfigMap's recipe); an algorithm the trainer has not built makes it stop before JAX, naming
+    the algorithm it read from that recipe.
+    """
+    from posttrain.trainer.__main__ import main
+
+    configmap, jobset = r.render(make(algorithm="dpo"))
+    container = pod_spec(jobset)["containers"][0]
     assert container["command"] == ["python", "-m", "posttrain.trainer"]
-    assert container["args"] == ["--recipe", runtime.RECIPE_PATH]
-    spec = importlib.util.find_spec("posttrain.trainer.__main__")
-    assert spec is not None and spec.origin is not None
-    assert '"--recipe"' in Path(spec.origin).read_text()
+    assert runtime.RECIPE_PATH in container["args"]
+    local = tmp_path / "recipe.yaml"
+    local.write_text(configmap["data"]["recipe.yaml"])
+    args = [str(local) if a == runtime.RECIPE_PATH else a for a in container["args"]]
+    assert main(args) == 2
+    assert "spec.algorithm: 'dpo' is not built" in capsys.readouterr().err

@@ -50,7 +50,8 @@ def test_truncation_keeps_prompt_end_and_cuts_completion(tmp_path):
     )
     (ex,) = sft.load_examples(path, TOK, data_spec(path)).examples
     assert len(ex.tokens) == 16
-    assert TOK.decode(ex.tokens[:8]) == "efghijkl"  # last maxPromptLength tokens (bos cut first)
+    # the last maxPromptLength tokens, with the BOS kept in front (the model expects it first)
+    assert ex.tokens[0] == TOK.bos_token_id and TOK.decode(ex.tokens[1:8]) == "fghijkl"
     assert TOK.decode(ex.tokens[8:]) == "01234567"
 
 
@@ -171,3 +172,49 @@ def test_rows_from_gcs_jsonl_and_parquet(gcs_emulator, tmp_path):
     ):
         path = f"gs://{gcs_emulator}/sft/bad.jsonl"
         sft.load_examples(path, TOK, data_spec(path))
+
+
+def fixture_tokenizer_with_template(folder, template: str):
+    """The fixture tokenizer (tests/fixtures/tokenizer) with another chat template."""
+    import shutil
+
+    from posttrain.trainer.data.text import HfTokenizer
+
+    shutil.copytree("tests/fixtures/tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return HfTokenizer(str(folder))
+
+
+CHAT = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "bye"},
+    {"role": "assistant", "content": "ciao"},
+]
+
+
+def test_a_template_that_writes_bos_gets_no_second_one(tmp_path):
+    original = json.loads(open("tests/fixtures/tokenizer/tokenizer_config.json").read())
+    tok = fixture_tokenizer_with_template(
+        tmp_path / "tok", "{{ bos_token }}" + original["chat_template"]
+    )
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    (ex,) = sft.load_examples(path, tok, data_spec(path, max_length=64)).examples
+    assert ex.tokens[0] == tok.bos_token_id and ex.tokens.count(tok.bos_token_id) == 1
+    trained = [t for t, m in zip(ex.tokens, ex.loss, strict=True) if m]
+    assert tok.decode(trained, skip_special_tokens=False).replace(" ", "") == (
+        "hello<|eos|>\nciao<|eos|>\n"
+    )
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_by_name(tmp_path):
+    # Renders the number of messages first, so no render is a prefix of the next.
+    tok = fixture_tokenizer_with_template(
+        tmp_path / "tok",
+        "{{ messages | length }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}",
+    )
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    with pytest.raises(BadRow, match=r"the chat template of .*/tok rewrites earlier turns"):
+        sft.load_examples(path, tok, data_spec(path, max_length=64))

@@ -24,7 +24,7 @@ def np_advantages(rewards, G, mode):
         for r in group:
             a = r - group.mean()
             if mode == "group-std":
-                a = a / (group.std() + 1e-4)
+                a = a / (group.std(ddof=1) + 1e-4)  # TRL: torch's sample std
             out.append(a)
     return np.array(out)
 
@@ -111,6 +111,14 @@ def test_equal_rewards_in_a_group_give_zero_advantages_not_nan():
     assert np.all(np.isfinite(adv))
     np.testing.assert_array_equal(adv[:3], 0.0)
     assert adv[3] < 0 < adv[4]
+
+
+@pytest.mark.parametrize("mode", ["group-std", "group-mean"])
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 1 / 3])
+def test_equal_non_representable_rewards_give_exactly_zero(mode, value):
+    # float32 means of 0.1 x 8 differ from 0.1 by a rounding step; / (std + 1e-4) would amplify it.
+    adv = gl.group_advantages(jnp.full(8, value, jnp.float32), 8, mode)
+    np.testing.assert_array_equal(adv, 0.0)
 
 
 def test_group_advantages_reject_ragged_groups():

@@ -50,11 +50,28 @@ def test_prompts_string_or_messages_and_errors_name_the_field():
     data = DataSpec(train="x.jsonl", max_prompt_length=4, max_length=16)
     p = prompts.encode_prompt({"prompt": "12+7=", "answer": "19"}, "f:1", tok, data)
     assert p.text == "12+7=" and p.columns == {"answer": "19"}
-    assert list(p.ids) == tok.encode("2+7=")  # cut from the left to maxPromptLength
+    # cut from the left to maxPromptLength, the BOS kept in front
+    assert list(p.ids) == [tok.bos_token_id, *tok.encode("+7=")]
     chat = prompts.encode_prompt({"prompt": [{"role": "user", "content": "hi"}]}, "f:2", tok, data)
     assert chat.text == "Q: hi\nA: "
     with pytest.raises(BadRow, match=r"f:3: missing prompt field 'prompt' \(spec.data.promptField"):
         prompts.encode_prompt({"question": "q"}, "f:3", tok, data)
+
+
+def test_chat_prompt_from_a_template_that_writes_bos_has_one_bos(tmp_path):
+    import json
+    import shutil
+
+    from posttrain.trainer.data.text import HfTokenizer
+
+    shutil.copytree("tests/fixtures/tokenizer", tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}" + config["chat_template"]
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = HfTokenizer(str(tmp_path / "tok"))
+    data = DataSpec(train="x.jsonl", max_prompt_length=64, max_length=128)
+    chat = prompts.encode_prompt({"prompt": [{"role": "user", "content": "hi"}]}, "f:1", tok, data)
+    assert chat.ids[0] == tok.bos_token_id and chat.ids.count(tok.bos_token_id) == 1
 
 
 def test_reward_summary_and_plot(tmp_path):
@@ -118,3 +135,25 @@ def test_loss_uses_given_old_and_reference_logprobs(tiny):
     grads = nnx.grad(lambda m: grpo.make_loss(spec, "grpo")(Models(policy=m), batch)[0])(model)
     total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads))
     assert np.isfinite(total) and total > 0
+
+
+def test_loss_log_probs_are_at_the_sampling_temperature(tiny):
+    """The KL and ratio see log softmax(logits / T), the policy that sampled (verl, TRL)."""
+    tok, model = tiny
+    host = rollout_batch(tok, np.random.default_rng(2))
+    T = 0.5
+    logits = np.asarray(model(jnp.asarray(host["input_ids"]), jnp.asarray(host["attention_mask"])))
+    scaled = logits.astype(np.float64) / T
+    log_softmax = (
+        scaled
+        - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1))[..., None]
+        - scaled.max(-1, keepdims=True)
+    )
+    logp_T = np.take_along_axis(log_softmax, host["targets"][..., None], -1)[..., 0]
+    host["ref_logp"] = (logp_T - 0.2).astype(
+        np.float32
+    )  # so the k3 KL is exactly expm1(-0.2) + 0.2
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    spec = GrpoSpec(beta=0.1, temperature=T, rewards=[{"builtin": "length-penalty"}])
+    _, metrics = grpo.make_loss(spec, "grpo")(Models(policy=model), batch)
+    assert float(metrics["kl"]) == pytest.approx(np.expm1(-0.2) + 0.2, rel=1e-3)

@@ -73,15 +73,51 @@ def test_only_adapters_train_and_the_base_stays_put(quant):
     opt_state = tx.init(params)
     # Adam keeps two moments per trained value: the optimizer state is the adapters' size, x2.
     assert peft.nbytes(opt_state) - 8 == 2 * peft.nbytes(params)
-    frozen_before = jax.tree.map(np.asarray, frozen)
     step = jax.jit(make_train_step(policy_view(graphdef), sft.loss, tx, schedule(ts), num_micro=2))
     losses = []
     for k in range(5):
         params, opt_state, metrics = step(params, frozen, opt_state, batch, jnp.int32(k))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
-    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    # The trained model's base (wherever the split put it) equals a freshly built one, and the
+    # adapters moved: a filter that let base weights into the optimizer would fail here.
+    trained = nnx.merge(graphdef, params, frozen)
+    fresh = build_model(spec, tok, make_mesh(), seed=0)
+    base_of = lambda m: nnx.to_flat_state(nnx.state(m, nnx.Not(nnx.LoRAParam)))  # noqa: E731
+    for (path, new), (_, old) in zip(base_of(trained), base_of(fresh), strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(new.get_value()), np.asarray(old.get_value()), path
+        )
+    lora_b = [
+        v for p, v in nnx.to_flat_state(nnx.state(trained, nnx.LoRAParam)) if p[-1] == "lora_b"
+    ]
+    assert all(np.any(np.asarray(v.get_value()) != 0) for v in lora_b)
+
+
+def test_lora_a_starts_like_peft():
+    """PEFT: kaiming_uniform_(a=sqrt(5)) on A [r, d_in], i.e. uniform in +-1/sqrt(d_in)."""
+    model = build_model(model_spec(lora=LORA), load_tokenizer(model_spec()), make_mesh(), seed=0)
+    q = np.asarray(model.model.layers[0].self_attn.q_proj.lora.lora_a[...])  # d_in = 64
+    down = np.asarray(model.model.layers[0].mlp.down_proj.lora.lora_a[...])  # d_in = 128
+    for values, d_in in ((q, 64), (down, 128)):
+        gain = np.sqrt(2.0 / (1 + 5))  # torch's leaky_relu gain with a = sqrt(5)
+        bound = gain * np.sqrt(3.0 / d_in)
+        assert np.abs(values).max() <= bound
+        assert np.abs(values).max() > 0.9 * bound  # uniform, so it nearly reaches the bound
+        assert values.std() == pytest.approx(bound / np.sqrt(3), rel=0.15)
+
+
+def test_qlora_block_size_must_divide_every_input_dimension():
+    from posttrain.api.v1alpha1 import QuantizationSpec
+
+    model = build_model(model_spec(), load_tokenizer(model_spec()), make_mesh(), seed=0)
+    with pytest.raises(ValueError) as err:
+        peft.apply_peft(model, LoraSpec(), QuantizationSpec(block_size=48), rngs=nnx.Rngs(0))
+    message = str(err.value)
+    assert message.startswith("spec.model.quantization.blockSize: 48 does not divide")
+    # tiny: hidden 64 (q/k/v/gate/up inputs), heads x head_dim 64 (o_proj), intermediate 128
+    assert "q_proj (64)" in message and "down_proj (128)" in message
+    assert "16, 32, 64" in message  # the sizes that would work
 
 
 def test_qlora_job_trains_and_exports_a_plain_model(tmp_path):

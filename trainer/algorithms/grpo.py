@@ -133,10 +133,10 @@ class RolloutSource:
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
                 if sft
-                else self.ctx.policy_logprobs(batch)
+                else self.ctx.policy_logprobs(batch, self.g.temperature)
             )
         if self.g.beta > 0:  # never with a warm-up (the API refuses beta > 0 there)
-            batch["ref_logp"] = self.ctx.reference_logprobs(batch)
+            batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature)
         if sft:  # rollout metrics do not exist yet: logged as null
             for name in self._metric_names():
                 batch[METRIC + name] = np.full(R, np.nan, np.float32)
@@ -189,11 +189,13 @@ class RolloutSource:
 
 def make_loss(g: GrpoSpec, algorithm: str) -> LossFn:
     objective = gl.gspo_token_loss if algorithm == "gspo-token" else gl.grpo_loss
+    eps, eps_high = g.clip_range(algorithm)
 
     def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
         logits_btv = models.policy(batch["input_ids"], batch["attention_mask"])
         # One forward for both log-probs and entropy: the shared log-prob maths on these logits.
-        logp_bt = logprobs_from_logits(logits_btv, batch["targets"])
+        # At the sampling temperature: the ratio and the KL must see the policy that sampled.
+        logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=g.temperature)
         mask_bt = batch["completion_mask"]
         rows = mask_bt.shape[0]
         num_tokens = batch["tokens_per_row"].mean() * rows
@@ -209,15 +211,16 @@ def make_loss(g: GrpoSpec, algorithm: str) -> LossFn:
             batch.get("ref_logp"),
             batch["advantages"],
             mask_bt,
-            eps=g.epsilon,
-            eps_high=g.epsilon_high,
+            eps=eps,
+            eps_high=eps_high,
             beta=g.beta,
             kl_estimator=g.kl_estimator,
             aggregation=g.loss_aggregation,
             num_tokens=num_tokens,
         )
         if sft is not None:
-            nll = gl.aggregate(-logp_bt, mask_bt, "token-mean", num_tokens)
+            plain_bt = logprobs_from_logits(logits_btv, batch["targets"])  # SFT: temperature 1
+            nll = gl.aggregate(-plain_bt, mask_bt, "token-mean", num_tokens)
             value = jnp.where(sft, nll, value)
             metrics = {k: jnp.where(sft, jnp.nan, v) for k, v in metrics.items()}
             metrics["sft_loss"] = jnp.where(sft, jax.lax.stop_gradient(nll), jnp.nan)

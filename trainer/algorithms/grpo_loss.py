@@ -8,8 +8,9 @@ Symbols follow the papers and map to `spec.grpo`:
 - GSPO-token, Group Sequence Policy Optimization (Zheng et al. 2025, eqs. 7-14):
     s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|) = exp(1/|y_i| sum_t log r_it)     (sequence ratio)
     s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)]                                   (same value, token grads)
-  and the same clipped objective with s_it in place of r_it. When A_it = A_i its gradient equals
-  sequence-level GSPO's; every token of a sequence is clipped (or not) together.
+  and the same clipped objective with s_it in place of r_it. When A_it = A_i and the aggregation
+  is sequence-mean its gradient equals sequence-level GSPO's; every token of a sequence is
+  clipped (or not) together.
 
 The losses return -J (to minimise) and a dict of scalar metrics. They never run a model: log-probs
 come from one shared function called before them. Shapes: B completions (prompts x G), T tokens.
@@ -27,8 +28,7 @@ Advantage = Literal["group-std", "group-mean"]
 Aggregation = Literal["token-mean", "sequence-mean"]
 KlEstimator = Literal["k1", "k2", "k3"]
 
-# DeepSeekMath and TRL divide by std + 1e-4: a group whose rewards are all equal gets
-# advantages of exactly zero (its numerator is zero), never a NaN.
+# TRL's convention: divide by the group's sample std (ddof 1, torch's default) + 1e-4.
 STD_EPS = 1e-4
 
 
@@ -37,16 +37,19 @@ def group_advantages(rewards_b: Array, group_size: int, mode: Advantage = "group
 
     rewards_b is [B] with B = prompts x G, each prompt's G completions adjacent.
     group-std: (r - mean) / (std + 1e-4) (DeepSeekMath); group-mean: r - mean (Dr. GRPO).
-    The std is the population std (ddof 0), as in DeepSeekMath's formula.
+    The std is the sample std (ddof 1) and eps 1e-4, as TRL computes it (verl: ddof 1, eps 1e-6).
+    A group whose rewards are all equal gets exactly 0: in float32 its mean can differ from the
+    rewards by a rounding step, which the division by 1e-4 would blow up into a spurious signal.
     """
     if rewards_b.ndim != 1 or rewards_b.shape[0] % group_size:
         raise ValueError(
             f"rewards must be [prompts x G] with G={group_size}, got shape {rewards_b.shape}"
         )
     r_pg = rewards_b.reshape(-1, group_size).astype(jnp.float32)
-    centred_pg = r_pg - r_pg.mean(axis=1, keepdims=True)
+    equal_p1 = r_pg.max(axis=1, keepdims=True) == r_pg.min(axis=1, keepdims=True)
+    centred_pg = jnp.where(equal_p1, 0.0, r_pg - r_pg.mean(axis=1, keepdims=True))
     if mode == "group-std":
-        centred_pg = centred_pg / (r_pg.std(axis=1, keepdims=True) + STD_EPS)
+        centred_pg = centred_pg / (r_pg.std(axis=1, keepdims=True, ddof=1) + STD_EPS)
     elif mode != "group-mean":
         raise ValueError(f"advantage must be group-std or group-mean, got {mode!r}")
     return centred_pg.reshape(-1)
@@ -207,7 +210,8 @@ def gspo_token_loss(
     """GSPO-token's loss (GSPO paper eq. 13): GRPO's objective with s_it in place of r_it.
 
     Same arguments as `grpo_loss`. The paper's clip ranges are far smaller than GRPO's
-    (3e-4 / 4e-4) because s_i is a per-token geometric mean; set `epsilon` accordingly.
+    (3e-4 / 4e-4, `GrpoSpec.clip_range`'s defaults for gspo-token) because s_i is a per-token
+    geometric mean. Its gradient equals the paper's under sequence-mean aggregation only.
     """
     ratio_bt = gspo_token_ratio(logp, old_logp, mask)
     return _clipped_loss(

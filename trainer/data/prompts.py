@@ -15,12 +15,13 @@ import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.readers import BadRow, read_rows
+from posttrain.trainer.data.text import keep_last, prepend_bos
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str  # what reward functions see as the prompt
-    ids: tuple[int, ...]  # its tokens, [bos] first when the tokenizer has one
+    ids: tuple[int, ...]  # its tokens, one [bos] first when the tokenizer has one
     columns: Mapping[str, Any]  # the row's other columns, passed to reward functions
     completion: tuple[int, ...] = ()  # data.completionField's tokens + EOS (SFT warm-up only)
 
@@ -47,8 +48,8 @@ def encode_prompt(
             where, f"prompt field {data.prompt_field!r} must be a non-empty string or messages"
         )
     bos = getattr(tokenizer, "bos_token_id", None)
-    ids = ([bos] if bos is not None else []) + list(tokenizer.encode(text))
-    ids = ids[-data.max_prompt_length :]  # keep the end: it is what the completion continues
+    # One BOS (not a second after a template's), kept when the prompt is cut from the left.
+    ids = keep_last(prepend_bos(tokenizer.encode(text), bos), data.max_prompt_length, bos)
     columns = {k: v for k, v in row.items() if k != data.prompt_field}
     target: tuple[int, ...] = ()
     if completion:

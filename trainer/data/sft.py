@@ -4,9 +4,11 @@ Rows are ``{"prompt": ..., "completion": ...}`` or ``{"messages": [{"role", "con
 (field names from ``spec.data``). Every sequence is ``spec.data.maxLength`` tokens:
 
 - prompt/completion: ``[bos] prompt completion eos``. The prompt keeps its last
-  ``maxPromptLength`` tokens (cut from the left); then the completion is cut from the right to fit.
-- messages: the chat template rendered turn by turn; assistant turns are the completion. The
-  whole conversation is cut from the right at ``maxLength`` (later turns are lost first).
+  ``maxPromptLength`` tokens (cut from the left, BOS kept in front); then the completion is cut
+  from the right to fit.
+- messages: the chat template rendered turn by turn (each render must extend the previous one);
+  assistant turns are the completion; BOS first unless the template wrote it. The whole
+  conversation is cut from the right at ``maxLength`` (later turns are lost first).
 - loss: on completion tokens only (``spec.sft.completionOnlyLoss``, default) or on every token.
 - packing (``spec.data.packing``): examples are concatenated, in data order, into rows of
   ``maxLength`` tokens; an example never straddles two rows. Packed batches carry ``segment_ids``
@@ -29,6 +31,7 @@ import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.readers import BadRow, Row, read_rows
+from posttrain.trainer.data.text import keep_last, prepend_bos, template_name
 
 
 class TokenizerLike(Protocol):
@@ -61,9 +64,21 @@ def _string(row: Mapping[str, Any], name: str, where: str) -> str:
     return value
 
 
-def _bos(tokenizer: TokenizerLike) -> list[int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None else []
+def _bos_id(tokenizer: TokenizerLike) -> int | None:
+    return getattr(tokenizer, "bos_token_id", None)
+
+
+def _continuation(longer: str, shorter: str, i: int, tokenizer: TokenizerLike, where: str) -> str:
+    """The text ``longer`` adds to ``shorter``; turn-by-turn tokenisation needs each render to
+    extend the previous one, which a template that rewrites earlier turns breaks."""
+    if not longer.startswith(shorter):
+        raise BadRow(
+            where,
+            f"{template_name(tokenizer)} rewrites earlier turns: the conversation rendered up to "
+            f"message {i} does not start with its rendering up to message {i - 1}, so assistant "
+            "turns cannot be told apart; use a template whose renders extend each other",
+        )
+    return longer[len(shorter) :]
 
 
 def prompt_completion_example(
@@ -77,7 +92,8 @@ def prompt_completion_example(
     completion = _string(row, data.completion_field, where)
     if not completion:
         raise BadRow(where, f"field {data.completion_field!r} is empty")
-    prompt_ids = (_bos(tokenizer) + tokenizer.encode(prompt))[-data.max_prompt_length :]
+    bos = _bos_id(tokenizer)
+    prompt_ids = keep_last(prepend_bos(tokenizer.encode(prompt), bos), data.max_prompt_length, bos)
     completion_ids = (tokenizer.encode(completion) + [tokenizer.eos_token_id])[
         : data.max_length - len(prompt_ids)
     ]
@@ -116,12 +132,12 @@ def messages_example(
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-            span_ids = tokenizer.encode(before[len(done) :])
+            span_ids = tokenizer.encode(_continuation(before, done, i, tokenizer, where))
             tokens += span_ids
             loss += [not completion_only] * len(span_ids)
             done = before
         after = tokenizer.apply_chat_template(messages[: i + 1])
-        span_ids = tokenizer.encode(after[len(done) :])
+        span_ids = tokenizer.encode(_continuation(after, done, i, tokenizer, where))
         if (
             m["role"] == "assistant"
             and i == len(messages) - 1
@@ -131,7 +147,7 @@ def messages_example(
         tokens += span_ids
         loss += [m["role"] == "assistant" or not completion_only] * len(span_ids)
         done = after
-    tokens = _bos(tokenizer) + tokens
+    tokens = prepend_bos(tokens, _bos_id(tokenizer))  # not a second one after the template's
     loss = [not completion_only] * (len(tokens) - len(loss)) + loss
     return Example(tuple(tokens[: data.max_length]), tuple(loss[: data.max_length]))
 

@@ -24,6 +24,32 @@ TOKENIZER_FILES = (
 )
 
 
+def prepend_bos(ids: Sequence[int], bos_id: int | None) -> list[int]:
+    """``[bos] + ids``, unless there is no BOS or ``ids`` already start with it: chat templates
+    that write ``{{ bos_token }}`` (Llama 3, Gemma) must not get a second one."""
+    ids = list(ids)
+    if bos_id is None or ids[:1] == [bos_id]:
+        return ids
+    return [bos_id, *ids]
+
+
+def keep_last(ids: Sequence[int], n: int, bos_id: int | None) -> list[int]:
+    """The last ``n`` tokens (a prompt's end is what the completion continues), keeping a
+    leading BOS in front: the model was trained to see it first."""
+    ids = list(ids)
+    if len(ids) <= n:
+        return ids
+    if bos_id is not None and ids[:1] == [bos_id]:
+        return [bos_id, *ids[len(ids) - n + 1 :]] if n > 1 else [bos_id]
+    return ids[len(ids) - n :]
+
+
+def template_name(tokenizer: Any) -> str:
+    """How errors name a tokenizer's chat template: where it was loaded from."""
+    path = getattr(tokenizer, "path", None)
+    return f"the chat template of {path}" if path else f"{type(tokenizer).__name__}'s chat template"
+
+
 class HfTokenizer:
     def __init__(self, path: str):
         from posttrain.trainer.tokenizer import Tokenizer

@@ -1,6 +1,7 @@
 """Decoder-only LMs in Flax NNX (Llama 3, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text) with HF checkpoint I/O."""
 
 from posttrain.trainer.models.checkpoint_io import (
+    checkpoint_dtype,
     hf_name,
     load_pretrained,
     load_weights,
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "RopeConfig",
     "builtin_config",
+    "checkpoint_dtype",
     "create_model",
     "hf_name",
     "load_pretrained",

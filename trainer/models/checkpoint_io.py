@@ -64,13 +64,15 @@ def load_pretrained(
     path: str | os.PathLike,
     *,
     dtype: Any = jnp.float32,
+    param_dtype: Any = None,
     rngs: nnx.Rngs | None = None,
     mesh: Mesh | None = None,
     rules=LOGICAL_AXIS_RULES,
 ) -> CausalLM:
     """Load a HF causal LM from a local folder, ``gs://bucket/dir`` or ``hf://org/name``.
 
-    Weights are cast to ``dtype``. With ``mesh``, each parameter is placed sharded per ``rules``.
+    The model computes in ``dtype``; weights are cast to ``param_dtype`` (default: ``dtype``).
+    With ``mesh``, each parameter is placed sharded per ``rules``.
     ``rngs`` is accepted for symmetry with ``create_model``; loading draws no random numbers.
     """
     del rngs
@@ -79,9 +81,24 @@ def load_pretrained(
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
     config = ModelConfig.from_json_file(config_path)
-    model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
     load_weights(model, local, mesh=mesh, rules=rules, source=str(path))
     return model
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype a HF checkpoint stores its weights in (its first tensor's), or None if not a
+    float32/bfloat16/float16 one. Reads only the safetensors header."""
+    local = storage.local_path(str(path), allow_patterns=("*.json", "*.safetensors"))
+    file = next(iter(_weight_files(local).values()))
+    with safe_open(file, framework="numpy") as f:
+        first = next(iter(f.keys()))
+        return SAFETENSORS_DTYPES.get(f.get_slice(first).get_dtype())
 
 
 def _weight_files(folder: str) -> dict[str, str]:
@@ -169,9 +186,11 @@ def _place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules) -> jax
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
-    """Write config.json + model.safetensors (HF layout, the params' dtype) to a folder or ``gs://``.
+def save_pretrained(model: CausalLM, path: str | os.PathLike, *, dtype: Any = None) -> None:
+    """Write config.json + model.safetensors (HF layout) to a folder or ``gs://``.
 
+    Tensors are written in ``dtype`` (default: each param's own dtype), cast from the params
+    (e.g. float32 master weights -> bfloat16), and config.json records that dtype.
     Every process must call it (parameters sharded across hosts are gathered); process 0 writes.
     """
     adapters = [
@@ -191,10 +210,18 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
 
             value = multihost_utils.process_allgather(value, tiled=True)
         host = np.asarray(jax.device_get(value))
+        if dtype is not None:
+            host = host.astype(jnp.dtype(dtype))
         tensors[name] = np.ascontiguousarray(host.T if transpose else host)
     if jax.process_index() != 0:
         return
-    config_json = json.dumps(model.config.to_hf(), indent=2, sort_keys=True) + "\n"
+    hf_config = model.config.to_hf()
+    written = {str(t.dtype) for t in tensors.values()}
+    if len(written) == 1:  # transformers reads the dtype to load in from here (4.x: torch_dtype)
+        dtype_name = written.pop()
+        for key in [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["dtype"]:
+            hf_config[key] = dtype_name
+    config_json = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
     with storage.writable_dir(str(path)) as local:
         # metadata format=pt: transformers refuses files without it.
         save_file(tensors, os.path.join(local, WEIGHTS_FILE), metadata={"format": "pt"})

@@ -29,7 +29,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool) -> jax.A
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if offset:
         return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-    return weight * y.astype(x.dtype)
+    return weight.astype(x.dtype) * y.astype(x.dtype)  # float32 master weights, compute dtype out
 
 
 def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
@@ -134,14 +134,21 @@ class KVCache:
 
 
 def _linear(
-    d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype: Any, rngs: nnx.Rngs
+    d_in: int,
+    d_out: int,
+    axes: tuple[str, str],
+    *,
+    bias: bool,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
 ) -> nnx.Linear:
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=bias,
         dtype=dtype,
-        param_dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(0.02),
         rngs=rngs,
         kernel_metadata={"logical_axes": axes},
@@ -150,10 +157,10 @@ def _linear(
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, offset: bool, dtype: Any, axis: str = "norm"):
+    def __init__(self, dim: int, *, eps: float, offset: bool, param_dtype: Any, axis: str = "norm"):
         # Gemma stores the offset from 1, so its identity weight is 0.
         init = jnp.zeros if offset else jnp.ones
-        self.weight = nnx.Param(init((dim,), dtype), logical_axes=(axis,))
+        self.weight = nnx.Param(init((dim,), param_dtype), logical_axes=(axis,))
         self.eps = eps
         self.offset = offset
 
@@ -162,19 +169,20 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
         c = config
         E, H, K, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = _linear(E, H * D, ("embed", "heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = _linear(
-            E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs
-        )
-        self.v_proj = _linear(
-            E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs
-        )
-        self.o_proj = _linear(H * D, E, ("heads", "embed"), bias=c.o_bias, dtype=dtype, rngs=rngs)
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = _linear(E, H * D, ("embed", "heads"), bias=c.qkv_bias, **dtypes)
+        self.k_proj = _linear(E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, **dtypes)
+        self.v_proj = _linear(E, K * D, ("embed", "kv_heads"), bias=c.qkv_bias, **dtypes)
+        self.o_proj = _linear(H * D, E, ("heads", "embed"), bias=c.o_bias, **dtypes)
         if c.qk_norm:
-            norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, axis="head_dim")
+            norm = dict(
+                eps=c.rms_norm_eps, offset=c.norm_offset, param_dtype=param_dtype, axis="head_dim"
+            )
             self.q_norm = RMSNorm(D, **norm)
             self.k_norm = RMSNorm(D, **norm)
         self.layer_type = c.layer_types[layer_idx]
@@ -227,11 +235,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         E, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = _linear(E, F, ("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = _linear(E, F, ("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = _linear(F, E, ("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = _linear(E, F, ("embed", "mlp"), bias=bias, **dtypes)
+        self.up_proj = _linear(E, F, ("embed", "mlp"), bias=bias, **dtypes)
+        self.down_proj = _linear(F, E, ("mlp", "embed"), bias=bias, **dtypes)
         self.act = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -239,11 +248,13 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
         c = config
-        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
-        self.self_attn = Attention(c, layer_idx, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, param_dtype=param_dtype)
+        self.self_attn = Attention(c, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(c.hidden_size, **norm)
         # Llama/Qwen: post_attention_layernorm is the pre-MLP norm. Gemma: it normalises the
         # attention output, and the MLP has its own pre/post norms ("sandwich").
@@ -269,29 +280,48 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """The HF ``model.`` part: embeddings, layers, final norm."""
 
-    def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         c = config
         self.embed_tokens = nnx.Embed(
             c.vocab_size,
             c.hidden_size,
             dtype=dtype,
-            param_dtype=dtype,
+            param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
             embedding_metadata={"logical_axes": ("vocab", "embed")},
         )
         self.layers = nnx.List(
-            [DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_layers)]
+            [
+                DecoderLayer(c, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for i in range(c.num_layers)
+            ]
         )
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
+        self.norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, param_dtype=param_dtype
+        )
 
 
 class CausalLM(nnx.Module):
-    """A causal LM: ``model(input_ids, attention_mask)`` gives float32 logits [B, T, V]."""
+    """A causal LM: ``model(input_ids, attention_mask)`` gives float32 logits [B, T, V].
 
-    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    ``dtype`` is the compute dtype (activations, matmuls, the KV cache); ``param_dtype`` the
+    weights' storage dtype (default: ``dtype``). Mixed precision as in MaxText: float32 params
+    with bfloat16 compute; ``nnx.Linear``/``nnx.Embed`` cast the weights to ``dtype`` when used.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        param_dtype = dtype if param_dtype is None else param_dtype
         self.config = config
-        self.model = Transformer(config, dtype=dtype, rngs=rngs)
+        self.compute_dtype = jnp.dtype(dtype)
+        self.model = Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _linear(
                 config.hidden_size,
@@ -299,12 +329,14 @@ class CausalLM(nnx.Module):
                 ("embed", "vocab"),
                 bias=False,
                 dtype=dtype,
+                param_dtype=param_dtype,
                 rngs=rngs,
             )
 
     @property
     def dtype(self) -> Any:
-        return self.model.embed_tokens.embedding.dtype
+        """The compute dtype."""
+        return self.compute_dtype
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.create(self.config, batch, max_len, self.dtype)
@@ -422,7 +454,15 @@ class CausalLM(nnx.Module):
 
 
 def create_model(
-    config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
+    config: ModelConfig,
+    *,
+    rngs: nnx.Rngs | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
 ) -> CausalLM:
-    """A randomly initialised model (normal(0.02) weights, identity norms)."""
-    return CausalLM(config, dtype=dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    """A randomly initialised model (normal(0.02) weights, identity norms).
+
+    ``dtype``: compute dtype; ``param_dtype``: the weights' dtype (default: ``dtype``).
+    """
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    return CausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
