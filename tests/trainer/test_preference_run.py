@@ -147,3 +147,39 @@ def test_orpo_keeps_no_reference_and_learns(tmp_path):
     assert {"nll", "log_odds_ratio", "preference_accuracy"} <= set(steps[0])
     assert np.mean([steps[-1]["loss"], steps[-2]["loss"]]) < 0.9 * steps[0]["loss"]
     assert result.final["eval_nll"] < baseline["eval_nll"]
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_gives_the_figures_of_one(tmp_path):
+    """The reference is scored with ctx.forward over a 2-device mesh spanning two processes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    manifest = jobs.manifest(tmp_path, algorithm="dpo")
+    train_path, test_path = write_pairs(tmp_path / "prefs")
+    manifest["spec"]["data"].update(train=train_path, eval=test_path)
+    manifest["spec"]["training"].update(steps=4, microBatchSize=4, evalEverySteps=2)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump(manifest))
+    figures = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--output", str(out), "--processes", str(n)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=jobs.subprocess_env(),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        figures.append([(r["step"], r.get("loss"), r.get("eval_loss")) for r in jobs.metrics(out)])
+    assert "'fsdp': 2" in proc.stdout
+    (one, two) = figures
+    assert [s for s, *_ in one] == [s for s, *_ in two] == [0, 1, 2, 3, 4, 4]
+    np.testing.assert_allclose(
+        [v for _, *vs in two for v in vs if v is not None],
+        [v for _, *vs in one for v in vs if v is not None],
+        rtol=2e-5,
+    )

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from posttrain.api.v1alpha1 import DpoSpec
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Batch,
@@ -107,10 +108,11 @@ def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
     d, t = spec.data, spec.training
     dpo = spec.block
+    assert isinstance(dpo, DpoSpec)
     tok = ctx.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     micro = t.micro_batch_size or t.batch_size
-    average = dpo.loss_type == "ipo"  # type: ignore[union-attr]
+    average = dpo.loss_type == "ipo"
     score = reference_scorer(ctx, micro, average)
 
     train = data.load_pairs(d.train, tok, d)
@@ -148,7 +150,7 @@ def build(ctx: Context) -> Algorithm:
 
     return Algorithm(
         name="dpo",
-        loss=make_loss(dpo.beta, dpo.loss_type, dpo.label_smoothing),  # type: ignore[union-attr]
+        loss=make_loss(dpo.beta, dpo.loss_type, dpo.label_smoothing),
         source=source,
         eval_batches=eval_batches,
         reference=True,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from posttrain.api.v1alpha1 import OrpoSpec
 from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models
 from posttrain.trainer.algorithms.dpo import pair_token_logprobs
 from posttrain.trainer.algorithms.preference_loss import orpo_loss, sequence_logps
@@ -31,6 +32,8 @@ def make_loss(lam: float):
 
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
+    orpo = spec.block
+    assert isinstance(orpo, OrpoSpec)
     d, t = spec.data, spec.training
     tok = ctx.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -62,7 +65,7 @@ def build(ctx: Context) -> Algorithm:
 
     return Algorithm(
         name="orpo",
-        loss=make_loss(spec.block.lambda_),  # type: ignore[union-attr]
+        loss=make_loss(orpo.lambda_),
         source=source,
         eval_batches=eval_batches,
     )
