@@ -139,11 +139,18 @@ def test_dpo_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_orpo_keeps_no_reference_and_learns(tmp_path):
     job = preference_job(tmp_path, "orpo", orpo={"lambda": 0.5})
+    # what a run that crashed before its first checkpoint left: a fresh start logs afresh
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.jsonl").write_text(
+        '{"step": 0, "eval_loss": 99}\n{"step": 1, "loss": 99}\n'
+    )
     result, said = run(job, tmp_path / "out")
     assert not any("reference kept" in line for line in said)
     baseline, *records = jobs.metrics(tmp_path / "out")
     assert baseline["step"] == 0 and 0.0 < baseline["eval_preference_accuracy"] < 1.0
+    assert baseline["eval_loss"] != 99 and [r["step"] for r in records].count(0) == 0
     steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
     assert {"nll", "log_odds_ratio", "preference_accuracy"} <= set(steps[0])
     assert np.mean([steps[-1]["loss"], steps[-2]["loss"]]) < 0.9 * steps[0]["loss"]
     assert result.final["eval_nll"] < baseline["eval_nll"]
