@@ -3,7 +3,8 @@
     setup: mesh -> tokenizer -> model (+ LoRA/QLoRA) -> algorithm (loss, batch source, heads,
            frozen models it declares) -> split trainable/frozen -> reference/teacher -> optimizer
            (parameter groups) -> restore the latest checkpoint, if any
-    loop:  eval (every evalEverySteps) -> batch -> jitted step -> log -> checkpoint -> preempted?
+    loop:  eval (at step 0 when starting fresh, then every evalEverySteps) -> batch -> jitted step
+           -> log -> checkpoint -> preempted?
     end:   final checkpoint -> export DIR/final (LoRA merged) -> the algorithm's finish report
 
 ``rank0`` gates side effects that must happen once (metrics, progress, logs); checkpoints and the
@@ -305,6 +306,8 @@ def train(
     last = time.perf_counter()
     tokens_since = 0
     try:
+        if start == 0 and algo.eval_batches is not None:
+            metrics.log(0, evaluate())  # the baseline, before the first update
         # -- the loop ------------------------------------------------------------------------
         while step < training.steps:
             host = algo.source.next_batch(step)

@@ -48,10 +48,11 @@ class MetricsWriter:
         if not enabled:
             return
         if storage.exists(self.path):  # resume: keep what the restored checkpoint covers
+            # (nothing on a fresh start: its step-0 baseline evaluation is logged again)
             kept = [
                 line
                 for line in storage.read_text(self.path).splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
+                if start_step and line.strip() and json.loads(line).get("step", 0) <= start_step
             ]
             self._lines = [line + "\n" for line in kept]
             self._flush_all()
@@ -60,7 +61,8 @@ class MetricsWriter:
 
             # purge_step drops events a crashed run logged past the checkpoint.
             self._tb = SummaryWriter(
-                os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1
+                os.path.join(output_dir, "tensorboard"),
+                purge_step=start_step + 1 if start_step else 0,
             )
         if progress_bar if progress_bar is not None else sys.stderr.isatty():
             from rich.progress import (

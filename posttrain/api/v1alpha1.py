@@ -391,8 +391,22 @@ class DpoSpec(Spec):
         "sigmoid", description="DPO loss variant."
     )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Conservative DPO label smoothing."
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Conservative DPO label smoothing: the share of pairs taken to be mislabelled "
+        "(lossType sigmoid only).",
     )
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> DpoSpec:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise FieldValueError(
+                "labelSmoothing",
+                f"labelSmoothing applies to lossType sigmoid (conservative DPO), not "
+                f"{self.loss_type}; remove it or use lossType sigmoid",
+            )
+        return self
 
 
 class OrpoSpec(Spec):

@@ -127,6 +127,15 @@ INVALID = [
     ),
     ({"spec.grpo": None}, "spec.grpo", "algorithm grpo needs spec.grpo"),
     ({"spec.dpo": {"beta": 0.1}}, "spec.dpo", "algorithm is grpo"),
+    (
+        {
+            "spec.algorithm": "dpo",
+            "spec.grpo": None,
+            "spec.dpo": {"lossType": "hinge", "labelSmoothing": 0.1},
+        },
+        "spec.dpo.labelSmoothing",
+        "applies to lossType sigmoid",
+    ),
     ({"spec.grpo.rewards": []}, "spec.grpo.rewards", "at least 1 item"),
     (
         {"spec.grpo.rewards": [{"builtin": "math-answer", "function": "m:f"}]},

@@ -52,7 +52,8 @@ def test_loss_falls_and_the_export_loads(tmp_path):
     losses = jobs.losses(out)
     assert sorted(losses) == list(range(1, 13))
     assert np.mean([losses[11], losses[12]]) < 0.7 * losses[1]
-    records = jobs.metrics(out)
+    baseline, *records = jobs.metrics(out)  # step 0: the eval before the first update
+    assert baseline["step"] == 0 and "eval_loss" in baseline and "loss" not in baseline
     assert {"learning_rate", "tokens_per_second", "grad_norm"} <= set(records[0])
     assert records[0]["learning_rate"] == 0.0 and records[1]["learning_rate"] == pytest.approx(3e-3)
     assert os.listdir(out / "tensorboard")
@@ -117,7 +118,7 @@ def test_output_to_gcs(gcs_emulator, tmp_path):
     job = jobs.job(tmp_path, training={"steps": 2, "checkpoint": {"dir": str(tmp_path / "ckpt")}})
     result = train(job, out, say=quiet, progress_bar=False)
     records = [json.loads(line) for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 2]  # two steps, then the final evaluation
+    assert [r["step"] for r in records] == [0, 1, 2, 2]  # baseline eval, two steps, final eval
     assert result.export_dir == f"{out}/final"
     model = load_pretrained(result.export_dir)
     assert eval_loss_of(model, job) == pytest.approx(result.final["eval_loss"], rel=1e-5)

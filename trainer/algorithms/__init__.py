@@ -18,6 +18,8 @@ REGISTRY: dict[str, str] = {
     "sft": "posttrain.trainer.algorithms.sft",
     "grpo": "posttrain.trainer.algorithms.grpo",
     "gspo-token": "posttrain.trainer.algorithms.gspo_token",
+    "dpo": "posttrain.trainer.algorithms.dpo",
+    "orpo": "posttrain.trainer.algorithms.orpo",
 }
 
 

@@ -1,0 +1,71 @@
+"""ORPO (Hong et al. 2024): the chosen completion's NLL plus lambda x an odds-ratio term, one loss,
+no reference model (none is declared, so none is kept in memory).
+
+One policy forward over both completions of every pair ([B, 2, T] -> [2B, T]) gives the chosen
+tokens' NLL (token weights from the batch source, so accumulation equals one big batch) and each
+completion's mean per-token log-prob for the odds (``orpo_loss`` in ``preference_loss.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from posttrain.api.v1alpha1 import OrpoSpec
+from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models
+from posttrain.trainer.algorithms.dpo import pair_token_logprobs
+from posttrain.trainer.algorithms.preference_loss import orpo_loss, sequence_logps
+from posttrain.trainer.data import preference as data
+
+
+def make_loss(lam: float):
+    def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+        logp = pair_token_logprobs(models.policy, batch)  # [B, 2, T]
+        mean_logps = sequence_logps(logp, batch["completion_mask"], average=True)
+        nll = -jnp.sum(logp[:, 0] * batch["nll_weights"], axis=-1)
+        return orpo_loss(mean_logps, nll, batch["row_weights"], lam=lam)
+
+    return loss
+
+
+def build(ctx: Context) -> Algorithm:
+    spec = ctx.spec
+    orpo = spec.block
+    assert isinstance(orpo, OrpoSpec)
+    d, t = spec.data, spec.training
+    tok = ctx.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = data.load_pairs(d.train, tok, d)
+    if train.skipped:
+        ctx.log(
+            f"orpo: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
+        )
+    ctx.log(
+        f"orpo: {len(train.pairs)} preference pairs from {d.train}, sequences of {d.max_length} tokens"
+    )
+    source = data.PreferenceSource(
+        train.pairs,
+        batch_size=t.batch_size,
+        seq_len=d.max_length,
+        pad_id=pad_id,
+        seed=t.seed,
+        shuffle=d.shuffle,
+    )
+    eval_batches = None
+    if d.eval is not None:
+        held_out = data.load_pairs(d.eval, tok, d).pairs
+        micro = t.micro_batch_size or t.batch_size
+
+        def eval_batches():
+            return data.fixed_batches(
+                held_out, batch_size=micro, seq_len=d.max_length, pad_id=pad_id
+            )
+
+    return Algorithm(
+        name="orpo",
+        loss=make_loss(orpo.lambda_),
+        source=source,
+        eval_batches=eval_batches,
+    )
