@@ -113,8 +113,8 @@ class Context:
     current policy and on the frozen reference (the initial weights; with LoRA the base model,
     adapters off) for a host batch with ``input_ids``, ``attention_mask`` and ``targets`` (and
     ``segment_ids`` if it has them) and an optional ``temperature`` (log-probs of logits / T, the
-    policy that sampled at T); they return host float32 [B, T] arrays, outside any gradient. ``model()`` is the current policy as an
-    NNX module (for sampling).
+    policy that sampled at T); they return host float32 [B, T] arrays, outside any gradient.
+    ``model()`` is the current policy as an NNX module (for sampling).
     """
 
     job: PostTrainJob
