@@ -117,6 +117,17 @@ def test_gspo_token_runs_and_differs_from_grpo_only_off_policy(files, tmp_path):
     assert gspo[2]["loss"] != pytest.approx(grpo[2]["loss"], abs=1e-6)
 
 
+def test_old_and_reference_logprobs_come_at_the_sampling_temperature(files, tmp_path):
+    # On the first pass the policy is pi_old and pi_ref: the ratio is 1 and the KL 0 only if the
+    # loop's hooks compute their log-probs at the temperature the loss uses.
+    out = tmp_path / "out"
+    spec = job(files, steps=1, numIterations=2, beta=0.1, temperature=0.5)
+    train(spec, str(out), progress_bar=False)
+    first = per_step(out)[1]
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_resume_mid_rl_equals_uninterrupted(files, tmp_path):
     # Warm-up steps 0-1 (SFT), then rollout groups of two steps: 2-3, 4-5, 6. Stopping after five
     # steps resumes in the middle of a group, whose rollouts come back from the checkpoint.
