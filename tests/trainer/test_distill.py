@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from posttrain.api.v1alpha1 import DataSpec, ModelSpec
-from posttrain.trainer.algorithms import distill
+from posttrain.trainer.algorithms import distill, distill_loss
 from posttrain.trainer.algorithms.base import Context
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.loop import build_model, load_tokenizer, split_trainable, train
@@ -53,7 +53,7 @@ def nonzero(tree) -> bool:
 )
 def test_gradients_reach_the_student_and_projection_never_the_teacher(strategy, lora):
     spec, tok, student, teacher = models(lora)
-    pairs = distill.dl.default_layer_map(2, 4)  # tiny (2 layers) <- small (4 layers)
+    pairs = distill_loss.default_layer_map(2, 4)  # tiny (2 layers) <- small (4 layers)
     heads = {}
     if strategy == "feature":
         heads["projection"] = distill.Projections(len(pairs), 64, 128, rngs=nnx.Rngs(3))
