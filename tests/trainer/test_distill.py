@@ -173,3 +173,38 @@ def test_student_held_out_loss_falls_toward_the_teachers(tmp_path):
     first_gap = records[0]["eval_ce_loss"] - teacher_loss
     last_gap = records[-1]["eval_ce_loss"] - teacher_loss
     assert first_gap > 0 and last_gap < 0.6 * first_gap, [r["eval_ce_loss"] for r in records]
+
+
+@pytest.mark.slow
+def test_projection_under_lora_resumes_from_checkpoints_and_is_not_exported(tmp_path):
+    """The feature strategy's projection head: checkpointed (a resumed run equals an
+    uninterrupted one) and left out of the exported student."""
+    from safetensors import safe_open
+
+    loop_jobs.enable_compile_cache()
+
+    def run(name, stop_after=None):
+        job = loop_jobs.job(
+            tmp_path,
+            algorithm="distill",
+            model={"lora": LORA},
+            distill={"teacher": "builtin:small", "strategy": "feature", "alpha": 0.5},
+            training={"steps": 4, "logEverySteps": 1, "checkpoint": {"everySteps": 2}},
+        )
+        return train(job, str(tmp_path / name), progress_bar=False, stop_after=stop_after)
+
+    whole = run("whole")
+    assert run("resumed", stop_after=2).preempted
+    run("resumed")
+
+    def losses(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["distill_loss"] for r in map(json.loads, lines) if "distill_loss" in r}
+
+    whole_losses, resumed_losses = losses("whole"), losses("resumed")
+    assert whole_losses[4] == pytest.approx(resumed_losses[4], rel=1e-5)
+    assert whole_losses[4] < whole_losses[1]  # the projection and adapters learn
+    assert whole.export_dir is not None
+    with safe_open(str(Path(whole.export_dir) / "model.safetensors"), "np") as f:
+        names = list(f.keys())
+    assert names and not any("projection" in n or "heads" in n or "lora" in n for n in names)
