@@ -431,6 +431,28 @@ class DistillSpec(Spec):
         le=1,
         description="Weight of the distillation loss; 1 - alpha weights the task (SFT) loss.",
     )
+    layers: (
+        list[
+            Annotated[list[Annotated[int, Field(ge=0, le=4096)]], Field(min_length=2, max_length=2)]
+        ]
+        | None
+    ) = Field(
+        None,
+        min_length=1,
+        max_length=MAX_LIST,
+        description="[student, teacher] layer pairs the attention and feature strategies match "
+        "(0-based); default: student layer i to teacher layer round((i + 1) * Lt / Ls) - 1.",
+    )
+
+    @model_validator(mode="after")
+    def _layers_need_a_layer_strategy(self) -> DistillSpec:
+        if self.layers is not None and self.strategy == "logit":
+            raise FieldValueError(
+                "layers",
+                "layers pairs are read by strategy attention or feature only; strategy logit "
+                "matches the output distributions (remove layers or change strategy)",
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "gspo-token": "posttrain.trainer.algorithms.gspo_token",
     "dpo": "posttrain.trainer.algorithms.dpo",
     "orpo": "posttrain.trainer.algorithms.orpo",
+    "distill": "posttrain.trainer.algorithms.distill",
 }
 
 

@@ -46,15 +46,21 @@ def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Met
 
 
 def build(ctx: Context) -> Algorithm:
+    completion_only = ctx.spec.block.completion_only_loss  # type: ignore[union-attr]
+    return supervised(ctx, "sft", completion_only=completion_only)
+
+
+def supervised(ctx: Context, name: str, *, completion_only: bool) -> Algorithm:
+    """SFT's data, eval batches and exact-match report under ``name``, with ``sft_loss``; other
+    algorithms on SFT-style rows (distillation) replace the loss and add what they need."""
     spec = ctx.spec
     d, t = spec.data, spec.training
-    completion_only = spec.block.completion_only_loss  # type: ignore[union-attr]
     tok = ctx.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train = data.load_examples(d.train, tok, d, completion_only=completion_only)
     if train.skipped:
         ctx.log(
-            f"sft: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
+            f"{name}: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
         )
     source = data.SftSource(
         train.examples,
@@ -66,7 +72,7 @@ def build(ctx: Context) -> Algorithm:
         packing=d.packing,
     )
     ctx.log(
-        f"sft: {len(train.examples)} examples from {d.train}, sequences of {d.max_length} tokens"
+        f"{name}: {len(train.examples)} examples from {d.train}, sequences of {d.max_length} tokens"
     )
 
     eval_batches = finish = None
@@ -100,7 +106,7 @@ def build(ctx: Context) -> Algorithm:
                     "eval_exact_match_count": float(len(hits)),
                 }
 
-    return Algorithm(name="sft", loss=loss, source=source, eval_batches=eval_batches, finish=finish)
+    return Algorithm(name=name, loss=loss, source=source, eval_batches=eval_batches, finish=finish)
 
 
 def _prompt_answers(path: str, d: Any) -> list[tuple[str, str]]:

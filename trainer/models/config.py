@@ -368,6 +368,15 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         num_kv_heads=2,
         head_dim=16,
     ),
+    # A student for the distillation quickstart: a quarter of tiny's parameters (embeddings aside).
+    "micro": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+    ),
     "small": dict(
         hidden_size=128,
         intermediate_size=384,

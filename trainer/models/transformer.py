@@ -130,6 +130,27 @@ class KVCache:
         return self.key_mask.shape[1]
 
 
+@dataclasses.dataclass
+class LayerTaps:
+    """Per-layer outputs a forward collects when asked (``CausalLM.__call__``'s
+    ``attention_probs_layers`` / ``layer_hidden``); filled in place during the layer loop."""
+
+    attention_probs_layers: tuple[int, ...] = ()
+    hidden_layers: tuple[int, ...] = ()
+    attention_probs: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+    hidden: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.attention_probs_layers or self.hidden_layers)
+
+    def collect(self, layer: int, x_bte: jax.Array, probs: list[jax.Array]) -> None:
+        if probs:
+            self.attention_probs[layer] = probs[0]
+        if layer in self.hidden_layers:
+            self.hidden[layer] = x_bte
+
+
 # --------------------------------------------------------------------------- modules
 
 
@@ -201,7 +222,11 @@ class Attention(nnx.Module):
         mask_bts: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         write_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        *,
+        return_probs: bool = False,
+    ) -> tuple[Any, ...]:
+        """(output [B, T, E], updated kv or None), plus with ``return_probs`` the attention
+        probabilities [B, H, T, S] float32 (query head h = kv head h // G), e.g. for distillation."""
         B, T, _ = x_bte.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x_bte).reshape(B, T, H, D)
@@ -231,6 +256,9 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+        if return_probs:  # float32, not the compute dtype: bf16 maps are too coarse to match
+            probs_bhts = jax.nn.softmax(scores, axis=-1).reshape(B, H, T, -1)
+            return self.o_proj(out), new_kv, probs_bhts
         return self.o_proj(out), new_kv
 
 
@@ -265,16 +293,29 @@ class DecoderLayer(nnx.Module):
         self.sandwich = c.sandwich_norm
         self.sliding = c.layer_types[layer_idx] == "sliding_attention"
 
-    def __call__(self, x, positions, full_mask, sliding_mask, kv=None, write_index=None):
+    def __call__(
+        self,
+        x,
+        positions,
+        full_mask,
+        sliding_mask,
+        kv=None,
+        write_index=None,
+        *,
+        return_probs=False,
+    ):
+        """(x, new_kv), plus the attention probabilities with ``return_probs`` (see Attention)."""
         mask = sliding_mask if self.sliding else full_mask
-        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, write_index)
+        attn, new_kv, *probs = self.self_attn(
+            self.input_layernorm(x), positions, mask, kv, write_index, return_probs=return_probs
+        )
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         else:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_kv
+        return (x, new_kv, *probs)
 
 
 class Transformer(nnx.Module):
@@ -351,6 +392,8 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
+        attention_probs_layers: tuple[int, ...] = (),
+        layer_hidden: tuple[int, ...] = (),
     ):
         """Forward pass.
 
@@ -364,16 +407,34 @@ class CausalLM(nnx.Module):
         cache: a KVCache; the T tokens are written at slots [cache.index, cache.index + T).
         last_only: logits (and hidden) for the last position only, [B, 1, ...] (generation's
         prefill: a [B, T, V] array would dwarf the rest for large vocabularies).
+        attention_probs_layers, layer_hidden: layer indices whose attention probabilities
+        [B, H, T, S] (float32) and outputs [B, T, E] (the residual stream after the layer) to
+        return, e.g. for distillation; only those layers compute explicit probabilities.
 
         Returns logits [B, T, V] float32; with ``return_hidden`` also the final-norm output
         [B, T, E] (the lm_head input); with ``cache`` also the updated cache, in that order:
         ``logits``, ``(logits, hidden)``, ``(logits, cache)`` or ``(logits, hidden, cache)``.
+        When layers are requested, a last element follows: ``{"attention_probs": {i: probs},
+        "layer_hidden": {i: x}}``.
 
         Generation and training go through this method only, so wrappers that intercept
         ``__call__`` (qwix LoRA/quantization) apply to everything.
         """
+        taps = LayerTaps(tuple(attention_probs_layers), tuple(layer_hidden))
+        stray = sorted(
+            {*taps.attention_probs_layers, *taps.hidden_layers} - set(range(len(self.model.layers)))
+        )
+        if stray:
+            raise ValueError(
+                f"layers {stray} out of range for a model with {len(self.model.layers)} layers"
+            )
         hidden, new_cache = self.hidden_states(
-            input_ids, attention_mask, positions=positions, segment_ids=segment_ids, cache=cache
+            input_ids,
+            attention_mask,
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            taps=taps,
         )
         if last_only:
             hidden = hidden[:, -1:]
@@ -382,6 +443,8 @@ class CausalLM(nnx.Module):
             outputs.append(hidden)
         if cache is not None:
             outputs.append(new_cache)
+        if taps.requested:
+            outputs.append({"attention_probs": taps.attention_probs, "layer_hidden": taps.hidden})
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def hidden_states(
@@ -392,10 +455,11 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        taps: LayerTaps | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm outputs [B, T, E] (apply ``logits`` to get logits) and the updated cache (or None).
 
-        Arguments as for ``__call__``.
+        Arguments as for ``__call__``; ``taps`` (filled in place) collects per-layer outputs.
         Note: wrappers that intercept only ``__call__`` (qwix) do not see direct calls of this method.
         """
         if segment_ids is not None and cache is not None:
@@ -434,7 +498,12 @@ class CausalLM(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, new_kv = layer(x, positions, full_mask, sliding_mask, kv, start)
+            wants_probs = taps is not None and i in taps.attention_probs_layers
+            x, new_kv, *probs = layer(
+                x, positions, full_mask, sliding_mask, kv, start, return_probs=wants_probs
+            )
+            if taps is not None:
+                taps.collect(i, x, probs)
             if new_kv is not None:
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])
