@@ -189,5 +189,6 @@ def build(ctx: Context) -> Algorithm:
         base,
         loss=make_loss(d.strategy, pairs, temperature=d.temperature, alpha=d.alpha),
         heads=heads,
-        teacher=ModelSpec(base=d.teacher, dtype=spec.model.dtype),
+        # Frozen: stored in the compute dtype (no float32 master copy needed).
+        teacher=ModelSpec(base=d.teacher, dtype=spec.model.dtype, param_dtype=spec.model.dtype),
     )
