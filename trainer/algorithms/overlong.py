@@ -1,7 +1,7 @@
 """Completions that reach maxNewTokens, as pure functions on host arrays (DAPO section 3.4).
 
 - ``truncated``: a completion that never produced EOS was cut at maxNewTokens.
-- ``soft_overlong_penalty``: DAPO's "soft overlong punishment" (eq. 13), with L_max = maxNewTokens
+- ``soft_overlong_penalty``: DAPO's "soft overlong punishment" (section 3.4), with L_max = maxNewTokens
   and L_cache = buffer, scaled by penaltyFactor as in verl:
 
       R_length(y) = 0                                  if |y| <= L_max - L_cache
