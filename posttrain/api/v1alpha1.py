@@ -265,6 +265,9 @@ Advantage = Literal["group-std", "group-mean"]
 LossAggregation = Literal["sequence-mean", "token-mean", "constant-normalizer"]
 
 
+OVERLONG_REWARD = "overlong"  # the soft overlong penalty's name among the reward terms
+
+
 class OverlongSpec(Spec):
     """What happens to completions that reach maxNewTokens (DAPO section 3.4)."""
 
@@ -820,6 +823,14 @@ class PostTrainJobSpec(Spec):
                 "reference policy is the model before the warm-up, so the KL term would pull RL "
                 "back towards it; set beta: 0, or run SFT as its own job and start RL from its export",
             )
+        if g.overlong.mode == "penalty":
+            for i, reward in enumerate(g.rewards):
+                if reward.display_name == OVERLONG_REWARD:
+                    raise FieldValueError(
+                        f"grpo.rewards[{i}].name",
+                        f"{OVERLONG_REWARD!r} names the overlong penalty in the metrics "
+                        "(reward/overlong); give this reward another name",
+                    )
         return self
 
     @property

@@ -198,6 +198,14 @@ INVALID = [
         "for mode penalty, not filter",
     ),
     ({"spec.grpo.overlong": {"mode": "cut"}}, "spec.grpo.overlong.mode", "'filter'"),
+    (
+        {
+            "spec.algorithm": "dapo",
+            "spec.grpo.rewards": [{"builtin": "math-answer"}, {"function": "m:overlong"}],
+        },
+        "spec.grpo.rewards[1].name",
+        "names the overlong penalty",
+    ),
     ({"spec.grpo.sftWarmupSteps": 5}, "spec.grpo.beta", "grpo's default beta (0.04) must be 0"),
     ({"spec.resources.topology": "2x3"}, "spec.resources.topology", "valid: 1x1, 2x2, 2x4, 4x4"),
     ({"spec.resources.topology": None}, "spec.resources.topology", "required for tpu-v5e"),

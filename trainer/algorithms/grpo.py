@@ -1,4 +1,7 @@
-"""GRPO and GSPO-token on the shared loop: rollouts, rewards, group advantages, the clipped loss.
+"""GRPO, GSPO-token, DAPO and Dr. GRPO on the shared loop: rollouts, rewards, group advantages,
+the clipped loss. The four read ``spec.grpo``; ``spec.grpo_settings`` fills the fields left unset
+with the algorithm's defaults (``GRPO_DEFAULTS`` in the API), so the code below never asks which
+algorithm runs, except for the GSPO-token ratio.
 
 Each group of `numIterations` (mu) optimizer steps shares one batch of rollouts:
 
@@ -7,7 +10,11 @@ Each group of `numIterations` (mu) optimizer steps shares one batch of rollouts:
    top-k, `maxNewTokens`, stop at EOS) with the shared ``RolloutEngine``; the sampler's seed is
    derived from (training.seed, group), so a resumed run samples exactly what an uninterrupted one
    would;
-3. score them (`posttrain.trainer.rewards`), normalise advantages within each prompt's group;
+3. score them (`posttrain.trainer.rewards`), add DAPO's soft overlong penalty (`overlong`), and
+   normalise advantages within each prompt's group. With `dynamicSampling`, steps 1-3 repeat on
+   the next prompts until `batchSize` groups with differing rewards are kept, at most
+   `maxSamplingRounds` times (`dynamic_sampling.py`); with `overlong: filter`, truncated
+   completions leave the loss mask;
 4. old log-probs: recomputed with the *training* forward pass (`ctx.policy_logprobs`), not taken
    from the sampler, whose cached, sampling-time numerics would bias the ratio. With mu = 1 the
    ratio's denominator is the current forward itself (stop-gradient), which is the same number
@@ -31,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain.api.v1alpha1 import GrpoSettings, LossAggregation
+from posttrain.api.v1alpha1 import OVERLONG_REWARD, GrpoSettings, LossAggregation
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms import dynamic_sampling as ds
 from posttrain.trainer.algorithms import grpo_loss as gl
@@ -57,7 +64,7 @@ from posttrain.trainer.algorithms.rollout import (
 from posttrain.trainer.data.prompts import load_prompts
 
 METRIC = "metric/"
-OVERLONG = "overlong"  # the soft overlong penalty's name among the reward terms
+OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
 
 
 @dataclass
@@ -249,8 +256,9 @@ class RolloutSource:
 
     def state(self) -> dict[str, Any]:
         # Mid-group (mu > 1) the batch was sampled by weights that have since changed: keep it, so
-        # a resumed run trains on exactly the same rollouts. At mu = 1 nothing needs saving: the
-        # group index is the step, and prompts and seed follow from it.
+        # a resumed run trains on exactly the same rollouts. The group index gives the seeds;
+        # without dynamic sampling it gives the prompts too, with it `next_prompt` does (a step
+        # uses as many prompts as its rounds took).
         state: dict[str, Any] = {
             "group": self._group,
             "eval_before": self.eval_before,
@@ -347,12 +355,6 @@ def build(ctx: Context) -> Algorithm:
             f"spec.training.steps ({spec.training.steps}): no steps would be left for RL"
         )
     rewards = rw.build_rewards(g.rewards)
-    if g.overlong.mode == "penalty" and any(r.name == OVERLONG for r in rewards):
-        i = next(i for i, r in enumerate(rewards) if r.name == OVERLONG)
-        raise ValueError(
-            f"spec.grpo.rewards[{i}].name: {OVERLONG!r} is the overlong penalty's name in the "
-            "metrics; name this reward differently"
-        )
     warmup = g.sft_warmup_steps > 0
     prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data, completion=warmup)
     eval_prompts = (
