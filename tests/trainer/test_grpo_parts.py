@@ -113,6 +113,29 @@ def test_loss_aggregation_follows_the_algorithm_on_a_real_model(tiny, algorithm)
     assert float(value) == pytest.approx(expected, rel=1e-5)
 
 
+def test_filtered_rows_keep_sequence_mean_exact_over_micro_batches(tiny):
+    # overlong filter: truncated rows carry no loss. Two in the first half, none in the second:
+    # each micro-batch's mean must still add up to the whole batch's mean over rows with loss.
+    tok, model = tiny
+    host = rollout_batch(tok, np.random.default_rng(3), R=8)
+    host["completion_mask"][[0, 2]] = 0.0
+    with_loss = host["completion_mask"].sum(axis=1) > 0
+    host["sequences_per_row"] = np.full(8, with_loss.mean(), np.float32)
+    spec = GrpoSpec(
+        beta=0.0, overlong={"mode": "filter"}, rewards=[{"builtin": "length-penalty"}]
+    ).resolved("grpo")
+    loss = grpo.make_loss(spec, "grpo")
+
+    def value(rows):
+        part = {k: jnp.asarray(v[rows]) for k, v in host.items()}
+        return float(loss(Models(policy=model), part)[0])
+
+    want = -float(host["advantages"][with_loss].mean())  # on-policy: -A_i per token
+    assert value(np.arange(8)) == pytest.approx(want, rel=1e-5)
+    halves = (value(np.arange(4)) + value(np.arange(4, 8))) / 2
+    assert halves == pytest.approx(want, rel=1e-5)
+
+
 def test_loss_uses_given_old_and_reference_logprobs(tiny):
     tok, model = tiny
     host = rollout_batch(tok, np.random.default_rng(1))

@@ -151,6 +151,9 @@ class RolloutSource:
         batch["advantages"] = adv.astype(np.float32)
         # token-mean's denominator per row, so micro-batches average to the whole batch's mean.
         batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
+        if self.g.overlong.mode == "filter":  # sequence-mean's count, rows without loss left out
+            with_loss = (batch["completion_mask"].sum(axis=1) > 0).sum()
+            batch["sequences_per_row"] = np.full(R, with_loss / R, np.float32)
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
         if self.g.num_iterations > 1:
@@ -294,6 +297,15 @@ def aggregation_args(
     return mode, tokens_per_row.mean() * rows
 
 
+def sequence_mean_share(mask_bt: jax.Array, sequences_per_row: jax.Array) -> jax.Array:
+    """The factor that makes a micro-batch's sequence-mean add up to the whole batch's when some
+    rows carry no loss (overlong filter): ``aggregate`` divides by this micro-batch's completions
+    with loss; the whole batch's mean needs its share of the batch's count instead."""
+    own = (mask_bt.sum(axis=1) > 0).sum()
+    share = sequences_per_row.mean() * mask_bt.shape[0]
+    return jnp.where(share > 0, own / jnp.maximum(share, 1e-9), 0.0)
+
+
 def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
     objective = gl.gspo_token_loss if algorithm == "gspo-token" else gl.grpo_loss
 
@@ -326,6 +338,9 @@ def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
             aggregation=aggregation,
             num_tokens=denominator,
         )
+        if aggregation == "sequence-mean" and "sequences_per_row" in batch:
+            scale = sequence_mean_share(mask_bt, batch["sequences_per_row"])
+            value, metrics["policy_loss"] = value * scale, metrics["policy_loss"] * scale
         if sft is not None:
             nll = gl.aggregate(-logp_bt, mask_bt, "token-mean", num_tokens)
             value = jnp.where(sft, nll, value)
