@@ -128,7 +128,8 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
         overlong={"mode": "filter"},
     )
     whole, split = tmp_path / "whole", tmp_path / "split"
-    train(spec, str(whole), progress_bar=False)
+    said: list[str] = []
+    train(spec, str(whole), progress_bar=False, say=said.append)
     first = train(spec, str(split), progress_bar=False, stop_after=3)
     assert first.preempted and first.step == 3
     assert train(spec, str(split), progress_bar=False).step == 6
@@ -138,6 +139,8 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
     assert max(rounds) == 2, rounds  # some step needed a second round of prompts
     filler = [a[s]["groups_with_equal_rewards"] for s in sorted(a)]
     assert max(filler) > 0, filler  # and some step ran short: equal-reward groups filled it
+    short = [m for m in said if m.startswith("dynamic sampling: only")]
+    assert len(short) == 1 and "after 2 rounds (spec.grpo.maxSamplingRounds)" in short[0], said
     for s in range(1, 7):
         for key in set(a[s]) - TIMING:
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-5, abs=1e-6), (s, key)
