@@ -76,7 +76,7 @@ def reference() -> str:
         f"`apiVersion: {api.API_VERSION}`, `kind: {api.KIND}`. Generated from "
         "`posttrain/api/v1alpha1.py` by `python -m posttrain.api.reference`; do not edit by hand.",
         "Unknown fields are errors. The block named after `spec.algorithm` configures it "
-        "(`gspo-token` reads `spec.grpo`); blocks of other algorithms are refused.",
+        "(`gspo-token`, `dapo` and `dr-grpo` read `spec.grpo`); blocks of other algorithms are refused.",
         "",
         "| field | type | default | description |",
         "| --- | --- | --- | --- |",

@@ -22,15 +22,17 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "PostTrainJob"
 PLURAL = "posttrainjobs"
 
-Algorithm = Literal["sft", "ppo", "grpo", "gspo-token", "dpo", "orpo", "distill"]
+Algorithm = Literal["sft", "ppo", "grpo", "gspo-token", "dapo", "dr-grpo", "dpo", "orpo", "distill"]
 ALGORITHMS: tuple[str, ...] = Algorithm.__args__  # type: ignore[attr-defined]
 
-# The spec block each algorithm reads (gspo-token shares GRPO's block).
+# The spec block each algorithm reads (gspo-token, dapo and dr-grpo share GRPO's block).
 ALGORITHM_BLOCK: dict[str, str] = {
     "sft": "sft",
     "ppo": "ppo",
     "grpo": "grpo",
     "gspo-token": "grpo",
+    "dapo": "grpo",
+    "dr-grpo": "grpo",
     "dpo": "dpo",
     "orpo": "orpo",
     "distill": "distill",
@@ -271,20 +273,60 @@ class SftSpec(Spec):
     )
 
 
+Advantage = Literal["group-std", "group-mean"]
+LossAggregation = Literal["sequence-mean", "token-mean", "constant-normalizer"]
+
+
+OVERLONG_REWARD = "overlong"  # the soft overlong penalty's name among the reward terms
+
+
+class OverlongSpec(Spec):
+    """What happens to completions that reach maxNewTokens (DAPO section 3.4)."""
+
+    mode: Literal["none", "filter", "penalty"] = Field(
+        "penalty",
+        description=(
+            "none: truncated completions train like any other; filter: a completion cut at "
+            "maxNewTokens (no EOS) carries no loss (DAPO's overlong filtering, TRL's "
+            "mask_truncated_completions); penalty: DAPO's soft overlong punishment, a reward that "
+            "falls linearly from 0 to -penaltyFactor over the last `buffer` tokens before "
+            "maxNewTokens (logged as reward/overlong)."
+        ),
+    )
+    buffer: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "penalty: length of the soft-penalty interval in tokens (DAPO's L_cache). Default: "
+            "maxNewTokens / 5, the paper's 4096 of 20480."
+        ),
+    )
+    penalty_factor: float = Field(
+        1.0, gt=0, description="penalty: the reward at maxNewTokens is -penaltyFactor (verl's)."
+    )
+
+
 class GrpoSpec(Spec):
-    """GRPO (DeepSeekMath) and, with algorithm gspo-token, GSPO-token. Symbols follow the papers."""
+    """GRPO (DeepSeekMath) and the algorithms that read this block: gspo-token, dapo, dr-grpo.
+    Symbols follow the papers. A field left unset takes its algorithm's default (GRPO_DEFAULTS)."""
 
     num_generations: int = Field(8, ge=2, le=1024, description="G: completions sampled per prompt.")
-    beta: float = Field(
-        0.04, ge=0, description="KL weight to the reference policy; 0 skips the reference."
+    beta: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "KL weight to the reference policy; 0 skips the reference. Default: 0.04 for grpo "
+            "and gspo-token, 0 for dapo and dr-grpo."
+        ),
     )
     epsilon: float | None = Field(
         None,
         gt=0,
         lt=1,
         description=(
-            "Clip range of the importance ratio (lower side). Default: 0.2 for grpo, 3e-4 for "
-            "gspo-token (the GSPO paper's: its ratio is a per-token geometric mean)."
+            "Clip range of the importance ratio (lower side). Default: 0.2 for grpo, dapo and "
+            "dr-grpo, 3e-4 for gspo-token (the GSPO paper's: its ratio is a per-token geometric "
+            "mean)."
         ),
     )
     epsilon_high: float | None = Field(
@@ -292,8 +334,8 @@ class GrpoSpec(Spec):
         gt=0,
         lt=10,
         description=(
-            "Upper clip range (DAPO's clip-higher). Default: epsilon when it is set, else 0.2 "
-            "for grpo and 4e-4 for gspo-token."
+            "Upper clip range (DAPO's clip-higher). Default: 0.28 for dapo; 4e-4 for gspo-token "
+            "when epsilon is unset too (the paper's pair); else epsilon."
         ),
     )
     num_iterations: int = Field(
@@ -305,15 +347,46 @@ class GrpoSpec(Spec):
     top_k: int | None = Field(
         None, ge=1, description="Keep only the k most likely tokens when sampling."
     )
-    advantage: Literal["group-std", "group-mean"] = Field(
-        "group-std",
-        description="group-std: (r - mean) / (std + 1e-4) within each prompt's group; group-mean: r - mean.",
-    )
-    loss_aggregation: Literal["token-mean", "sequence-mean"] = Field(
-        "sequence-mean",
+    advantage: Advantage | None = Field(
+        None,
         description=(
-            "sequence-mean: mean over each completion's tokens, then over completions (the paper); "
-            "token-mean: mean over all completion tokens of the batch."
+            "group-std: (r - mean) / (std + 1e-4) within each prompt's group (DeepSeekMath); "
+            "group-mean: r - mean (Dr. GRPO). Default: group-mean for dr-grpo, else group-std."
+        ),
+    )
+    loss_aggregation: LossAggregation | None = Field(
+        None,
+        description=(
+            "sequence-mean: mean over each completion's tokens, then over completions "
+            "(DeepSeekMath); token-mean: mean over all completion tokens of the batch (DAPO); "
+            "constant-normalizer: each completion's token sum / maxNewTokens, then the mean over "
+            "completions (Dr. GRPO). Default: token-mean for dapo, constant-normalizer for "
+            "dr-grpo, else sequence-mean."
+        ),
+    )
+    dynamic_sampling: bool | None = Field(
+        None,
+        description=(
+            "DAPO's dynamic sampling: drop prompts whose G rewards are all equal (no signal) and "
+            "sample more prompts until the batch is full, for at most maxSamplingRounds rounds. "
+            "Default: true for dapo, else false."
+        ),
+    )
+    max_sampling_rounds: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description=(
+            "dynamicSampling: rollout rounds (of batchSize prompts each) per step at most; if the "
+            "batch is still short, it is filled with equal-reward groups (advantage 0) and the run "
+            "says so (verl's max_num_gen_batches)."
+        ),
+    )
+    overlong: OverlongSpec | None = Field(
+        None,
+        description=(
+            "Truncated completions: filter or penalty (DAPO). Default: {mode: penalty} for dapo, "
+            "else {mode: none}."
         ),
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
@@ -332,26 +405,98 @@ class GrpoSpec(Spec):
     rewards: Rewards
 
     @model_validator(mode="after")
-    def _warmup_without_reference(self) -> GrpoSpec:
-        if self.sft_warmup_steps and self.beta:
+    def _overlong_buffer_fits(self) -> GrpoSpec:
+        o = self.overlong
+        if o is None:
+            return self
+        # Checked by value, not by "was it written": a manifest written back lists every default.
+        stray = {"buffer": o.buffer is not None, "penaltyFactor": o.penalty_factor != 1.0}
+        for field, given in stray.items():
+            if given and o.mode != "penalty":
+                raise FieldValueError(
+                    f"overlong.{field}", f"overlong.{field} is for mode penalty, not {o.mode}"
+                )
+        if o.buffer is not None and o.buffer > self.max_new_tokens:
             raise FieldValueError(
-                "beta",
-                f"beta ({self.beta}) must be 0 with sftWarmupSteps ({self.sft_warmup_steps}): the "
-                "reference policy is the model before the warm-up, so the KL term would pull RL "
-                "back towards it; or run SFT as its own job and start GRPO from its export",
+                "overlong.buffer",
+                f"overlong.buffer ({o.buffer}) must be at most maxNewTokens ({self.max_new_tokens}): "
+                "the penalty interval ends at maxNewTokens",
             )
         return self
 
     def clip_range(self, algorithm: str) -> tuple[float, float]:
-        """(epsilon, epsilonHigh) with the defaults filled in for `algorithm` (grpo or gspo-token)."""
-        low, high = CLIP_DEFAULTS["gspo-token" if algorithm == "gspo-token" else "grpo"]
-        if self.epsilon is not None:
-            low = high = self.epsilon
-        return low, self.epsilon_high if self.epsilon_high is not None else high
+        """(epsilon, epsilonHigh) as `algorithm` runs them (see ``resolved``)."""
+        settings = self.resolved(algorithm)
+        return settings.epsilon, settings.epsilon_high
+
+    def resolved(self, algorithm: str) -> GrpoSettings:
+        """This block as `algorithm` runs it: every unset field takes GRPO_DEFAULTS[algorithm]."""
+        defaults = GRPO_DEFAULTS[algorithm]
+        fill: dict[str, Any] = {
+            k: v
+            for k, v in defaults.items()
+            if k in GrpoSpec.model_fields and getattr(self, k) is None
+        }
+        if self.epsilon_high is None and "epsilon_high" not in fill:
+            # GSPO's (3e-4, 4e-4) is a pair: it holds only when the user set neither bound.
+            paired = defaults.get("paired_epsilon_high")
+            mine = self.epsilon is not None
+            fill["epsilon_high"] = (
+                paired if paired and not mine else fill.get("epsilon", self.epsilon)
+            )
+        overlong = OverlongSpec.model_validate(fill.pop("overlong", None) or self.overlong)
+        if overlong.mode == "penalty" and overlong.buffer is None:
+            overlong = overlong.model_copy(update={"buffer": max(1, self.max_new_tokens // 5)})
+        return GrpoSettings.model_validate({**self.model_dump(), **fill, "overlong": overlong})
 
 
-# Default (epsilon, epsilonHigh): DeepSeekMath's for GRPO, the GSPO paper's for GSPO-token.
-CLIP_DEFAULTS: dict[str, tuple[float, float]] = {"grpo": (0.2, 0.2), "gspo-token": (3e-4, 4e-4)}
+# Each algorithm's defaults for the spec.grpo fields left unset: its paper's settings (Dr. GRPO's
+# beta 0 is the authors' recipe, `--beta 0` in sail-sg/understand-r1-zero). The one place.
+GRPO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": {
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "advantage": "group-std",
+        "loss_aggregation": "sequence-mean",
+        "dynamic_sampling": False,
+        "overlong": {"mode": "none"},
+    },
+    "dapo": {
+        "beta": 0.0,
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "advantage": "group-std",
+        "loss_aggregation": "token-mean",
+        "dynamic_sampling": True,
+        "overlong": {"mode": "penalty"},
+    },
+    "dr-grpo": {
+        "beta": 0.0,
+        "epsilon": 0.2,
+        "advantage": "group-mean",
+        "loss_aggregation": "constant-normalizer",
+        "dynamic_sampling": False,
+        "overlong": {"mode": "none"},
+    },
+}
+# GSPO-token: the GSPO paper's clip ranges (its ratio is a per-token geometric mean, near 1).
+GRPO_DEFAULTS["gspo-token"] = {
+    **GRPO_DEFAULTS["grpo"],
+    "epsilon": 3e-4,
+    "paired_epsilon_high": 4e-4,
+}
+
+
+class GrpoSettings(GrpoSpec):
+    """spec.grpo with its algorithm's defaults filled in (``GrpoSpec.resolved``): what runs."""
+
+    beta: float
+    epsilon: float
+    epsilon_high: float
+    advantage: Advantage
+    loss_aggregation: LossAggregation
+    dynamic_sampling: bool
+    overlong: OverlongSpec
 
 
 class PpoSpec(Spec):
@@ -702,7 +847,9 @@ class PostTrainJobSpec(Spec):
     data: DataSpec = Field(description="Training and evaluation data and how it becomes sequences.")
     sft: SftSpec | None = Field(None, description="SFT settings (optional; defaults apply).")
     ppo: PpoSpec | None = Field(None, description="PPO settings; required by algorithm ppo.")
-    grpo: GrpoSpec | None = Field(None, description="GRPO settings; also read by gspo-token.")
+    grpo: GrpoSpec | None = Field(
+        None, description="GRPO settings; also read by gspo-token, dapo and dr-grpo."
+    )
     dpo: DpoSpec | None = Field(None, description="DPO settings (optional; defaults apply).")
     orpo: OrpoSpec | None = Field(None, description="ORPO settings (optional; defaults apply).")
     distill: DistillSpec | None = Field(
@@ -747,6 +894,38 @@ class PostTrainJobSpec(Spec):
         if wanted in REQUIRED_BLOCKS and getattr(self, wanted) is None:
             raise FieldValueError(wanted, f"algorithm {self.algorithm} needs spec.{wanted}")
         return self
+
+    @model_validator(mode="after")
+    def _grpo_settings_agree(self) -> PostTrainJobSpec:
+        g = self.grpo_settings
+        if g is None:
+            return self
+        if g.sft_warmup_steps and g.beta:
+            unset = (
+                "" if self.grpo and self.grpo.beta is not None else f"{self.algorithm}'s default "
+            )
+            raise FieldValueError(
+                "grpo.beta",
+                f"{unset}beta ({g.beta}) must be 0 with sftWarmupSteps ({g.sft_warmup_steps}): the "
+                "reference policy is the model before the warm-up, so the KL term would pull RL "
+                "back towards it; set beta: 0, or run SFT as its own job and start RL from its export",
+            )
+        if g.overlong.mode == "penalty":
+            for i, reward in enumerate(g.rewards):
+                if reward.display_name == OVERLONG_REWARD:
+                    raise FieldValueError(
+                        f"grpo.rewards[{i}].name",
+                        f"{OVERLONG_REWARD!r} names the overlong penalty in the metrics "
+                        "(reward/overlong); give this reward another name",
+                    )
+        return self
+
+    @property
+    def grpo_settings(self) -> GrpoSettings | None:
+        """spec.grpo with the algorithm's defaults filled in; None for algorithms without it."""
+        if self.grpo is None or ALGORITHM_BLOCK[self.algorithm] != "grpo":
+            return None
+        return self.grpo.resolved(self.algorithm)
 
     @property
     def block(self) -> BaseModel | None:

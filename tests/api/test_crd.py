@@ -115,7 +115,9 @@ def test_minimal_accepted_by_both() -> None:
 def test_cel_rules_in_crd() -> None:
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec_rules = [r["rule"] for r in schema["properties"]["spec"]["x-kubernetes-validations"]]
-    assert "!(self.algorithm in ['grpo', 'gspo-token']) || has(self.grpo)" in spec_rules
+    grpo_family = "['grpo', 'gspo-token', 'dapo', 'dr-grpo']"
+    assert f"!(self.algorithm in {grpo_family}) || has(self.grpo)" in spec_rules
+    assert f"!has(self.grpo) || self.algorithm in {grpo_family}" in spec_rules
     assert "!has(self.dpo) || self.algorithm in ['dpo']" in spec_rules
     (immutable,) = schema["x-kubernetes-validations"]
     assert "oldSelf.status.phase" in immutable["rule"] and "suspend" not in immutable["rule"]

@@ -73,7 +73,7 @@ def test_defaults() -> None:
     assert spec.data.max_length == 1024 and spec.data.max_prompt_length == 512
     assert spec.resources.slices == 1
     assert spec.max_restarts == 3 and spec.suspend is False
-    grpo = spec.grpo
+    grpo = spec.grpo_settings
     assert grpo is not None
     assert (grpo.num_generations, grpo.beta, grpo.kl_estimator) == (8, 0.04, "k3")
     assert grpo.clip_range("grpo") == (0.2, 0.2)
@@ -101,8 +101,55 @@ def test_gspo_token_clip_defaults_are_the_papers_unless_set() -> None:
     assert both is not None and both.clip_range("grpo") == (0.1, 0.3)
 
 
-def test_round_trip_through_manifest() -> None:
-    parsed = parse_job(MINIMAL)
+GRPO_FAMILY = {
+    # algorithm: (beta, epsilonHigh, advantage, lossAggregation, dynamicSampling, overlong mode)
+    "grpo": (0.04, 0.2, "group-std", "sequence-mean", False, "none"),
+    "gspo-token": (0.04, 4e-4, "group-std", "sequence-mean", False, "none"),
+    "dapo": (0.0, 0.28, "group-std", "token-mean", True, "penalty"),
+    "dr-grpo": (0.0, 0.2, "group-mean", "constant-normalizer", False, "none"),
+}
+
+
+@pytest.mark.parametrize("algorithm", GRPO_FAMILY)
+def test_grpo_block_defaults_follow_the_algorithm(algorithm: str) -> None:
+    spec = parse_job(job(**{"spec.algorithm": algorithm})).spec
+    assert spec.block is spec.grpo
+    g = spec.grpo_settings
+    assert g is not None
+    got = (g.beta, g.epsilon_high, g.advantage, g.loss_aggregation, g.dynamic_sampling)
+    assert (*got, g.overlong.mode) == GRPO_FAMILY[algorithm]
+    # DAPO's soft-penalty buffer: the paper's 4096 of 20480 tokens, i.e. maxNewTokens / 5.
+    assert g.overlong.buffer == (256 // 5 if algorithm == "dapo" else None)
+
+
+def test_explicit_values_win_over_the_algorithm_defaults() -> None:
+    mine = {
+        "beta": 0.01,
+        "epsilon": 0.1,
+        "advantage": "group-mean",
+        "lossAggregation": "sequence-mean",
+        "dynamicSampling": False,
+        "overlong": {"mode": "filter"},
+        "rewards": [{"builtin": "math-answer"}],
+    }
+    g = parse_job(job(**{"spec.algorithm": "dapo", "spec.grpo": mine})).spec.grpo_settings
+    assert g is not None
+    assert (g.beta, g.epsilon_high, g.advantage, g.loss_aggregation) == (
+        0.01, 0.28, "group-mean", "sequence-mean"
+    )  # fmt: skip
+    assert (g.dynamic_sampling, g.overlong.mode) == (False, "filter")
+    rounds = {"dynamicSampling": True, "maxSamplingRounds": 3, "overlong": {"buffer": 64}}
+    grpo = job(**{f"spec.grpo.{k}": v for k, v in rounds.items()})
+    g = parse_job(grpo).spec.grpo_settings
+    assert g is not None
+    assert (g.dynamic_sampling, g.max_sampling_rounds, g.overlong.mode, g.overlong.buffer) == (
+        True, 3, "penalty", 64
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("overlong", [None, {"mode": "filter"}, {"buffer": 8}])
+def test_round_trip_through_manifest(overlong: dict[str, Any] | None) -> None:
+    parsed = parse_job(job(**{"spec.grpo.overlong": overlong}))
     again = parse_job(parsed.to_manifest())
     assert again == parsed
     assert parsed.to_manifest()["spec"]["training"]["batchSize"] == 32  # camelCase out
@@ -123,7 +170,7 @@ INVALID = [
     (
         {"spec.algorithm": "rlhf"},
         "spec.algorithm",
-        "'sft', 'ppo', 'grpo', 'gspo-token', 'dpo', 'orpo' or 'distill'",
+        "'sft', 'ppo', 'grpo', 'gspo-token', 'dapo', 'dr-grpo', 'dpo', 'orpo' or 'distill'",
     ),
     ({"spec.grpo": None}, "spec.grpo", "algorithm grpo needs spec.grpo"),
     ({"spec.dpo": {"beta": 0.1}}, "spec.dpo", "algorithm is grpo"),
@@ -154,6 +201,31 @@ INVALID = [
     ),
     ({"spec.grpo.rewards": [{"function": "no_colon"}]}, "spec.grpo.rewards[0].function", "pattern"),
     ({"spec.grpo.numGenerations": 1}, "spec.grpo.numGenerations", "greater than or equal to 2"),
+    (
+        {"spec.grpo.lossAggregation": "mean"},
+        "spec.grpo.lossAggregation",
+        "'sequence-mean', 'token-mean' or 'constant-normalizer'",
+    ),
+    (
+        {"spec.grpo.overlong": {"mode": "penalty", "buffer": 300}},
+        "spec.grpo.overlong.buffer",
+        "at most maxNewTokens (256)",
+    ),
+    (
+        {"spec.grpo.overlong": {"mode": "filter", "buffer": 16}},
+        "spec.grpo.overlong.buffer",
+        "for mode penalty, not filter",
+    ),
+    ({"spec.grpo.overlong": {"mode": "cut"}}, "spec.grpo.overlong.mode", "'filter'"),
+    (
+        {
+            "spec.algorithm": "dapo",
+            "spec.grpo.rewards": [{"builtin": "math-answer"}, {"function": "m:overlong"}],
+        },
+        "spec.grpo.rewards[1].name",
+        "names the overlong penalty",
+    ),
+    ({"spec.grpo.sftWarmupSteps": 5}, "spec.grpo.beta", "grpo's default beta (0.04) must be 0"),
     ({"spec.resources.topology": "2x3"}, "spec.resources.topology", "valid: 1x1, 2x2, 2x4, 4x4"),
     ({"spec.resources.topology": None}, "spec.resources.topology", "required for tpu-v5e"),
     (

@@ -405,7 +405,8 @@ def test_invalid_jobs(namespace, kubectl, operator) -> None:
     grpo["spec"]["algorithm"] = "grpo"
     refused = kubectl("apply", "-f", "-", input=yaml.safe_dump(grpo), check=False)
     assert (
-        refused.returncode != 0 and "algorithm grpo / gspo-token needs spec.grpo" in refused.stderr
+        refused.returncode != 0
+        and "algorithm grpo / gspo-token / dapo / dr-grpo needs spec.grpo" in refused.stderr
     )
     bad = manifest("pattern", {"accelerator": "tpu-v5e", "topology": "2x4"})
     bad["spec"]["resources"]["topology"] = "two-by-four"

@@ -106,13 +106,51 @@ def rollout_batch(tok, rng, R=4, P=8, N=6):
 def test_loss_on_a_real_model_is_minus_mean_advantage_on_policy(tiny, algorithm):
     tok, model = tiny
     batch = {k: jnp.asarray(v) for k, v in rollout_batch(tok, np.random.default_rng(0)).items()}
-    spec = GrpoSpec(beta=0.0, rewards=[{"builtin": "length-penalty"}])
+    spec = GrpoSpec(beta=0.0, rewards=[{"builtin": "length-penalty"}]).resolved(algorithm)
     value, metrics = grpo.make_loss(spec, algorithm)(Models(policy=model), batch)
     # On-policy (old = current): ratio 1, no clipping, loss = -mean advantage (sequence-mean).
     assert float(value) == pytest.approx(-float(batch["advantages"].mean()), rel=1e-5)
     assert float(metrics["clip_fraction"]) == 0.0
     assert float(metrics["reward_mean"]) == pytest.approx(float(batch["metric/reward_mean"].mean()))
     assert 0 < float(metrics["entropy"]) <= np.log(tok.vocab_size) + 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["dapo", "dr-grpo"])
+def test_loss_aggregation_follows_the_algorithm_on_a_real_model(tiny, algorithm):
+    # On-policy every token's loss is -A_i, so completion i contributes -A_i |o_i|: DAPO divides
+    # by the batch's tokens (token-mean), Dr. GRPO by rows x maxNewTokens (its constant).
+    tok, model = tiny
+    host = rollout_batch(tok, np.random.default_rng(2), N=6)
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    spec = GrpoSpec(max_new_tokens=6, rewards=[{"builtin": "length-penalty"}]).resolved(algorithm)
+    value, _ = grpo.make_loss(spec, algorithm)(Models(policy=model), batch)
+    lengths = host["completion_mask"].sum(axis=1)
+    summed = -(host["advantages"] * lengths).sum()
+    expected = summed / lengths.sum() if algorithm == "dapo" else summed / (len(lengths) * 6)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+
+
+def test_filtered_rows_keep_sequence_mean_exact_over_micro_batches(tiny):
+    # overlong filter: truncated rows carry no loss. Two in the first half, none in the second:
+    # each micro-batch's mean must still add up to the whole batch's mean over rows with loss.
+    tok, model = tiny
+    host = rollout_batch(tok, np.random.default_rng(3), R=8)
+    host["completion_mask"][[0, 2]] = 0.0
+    with_loss = host["completion_mask"].sum(axis=1) > 0
+    host["sequences_per_row"] = np.full(8, with_loss.mean(), np.float32)
+    spec = GrpoSpec(
+        beta=0.0, overlong={"mode": "filter"}, rewards=[{"builtin": "length-penalty"}]
+    ).resolved("grpo")
+    loss = grpo.make_loss(spec, "grpo")
+
+    def value(rows):
+        part = {k: jnp.asarray(v[rows]) for k, v in host.items()}
+        return float(loss(Models(policy=model), part)[0])
+
+    want = -float(host["advantages"][with_loss].mean())  # on-policy: -A_i per token
+    assert value(np.arange(8)) == pytest.approx(want, rel=1e-5)
+    halves = (value(np.arange(4)) + value(np.arange(4, 8))) / 2
+    assert halves == pytest.approx(want, rel=1e-5)
 
 
 def test_loss_uses_given_old_and_reference_logprobs(tiny):
@@ -124,7 +162,7 @@ def test_loss_uses_given_old_and_reference_logprobs(tiny):
     host["old_logp"] = logp - 0.5 * host["completion_mask"]  # ratio e^0.5 > 1 + eps everywhere
     host["ref_logp"] = logp - 0.1
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    spec = GrpoSpec(beta=0.1, rewards=[{"builtin": "length-penalty"}])
+    spec = GrpoSpec(beta=0.1, rewards=[{"builtin": "length-penalty"}]).resolved("grpo")
     _, metrics = grpo.make_loss(spec, "grpo")(Models(policy=model), batch)
     positive = (host["advantages"] > 0).astype(np.float32)[:, None] * host["completion_mask"]
     assert float(metrics["clip_fraction"]) == pytest.approx(

@@ -18,6 +18,8 @@ REGISTRY: dict[str, str] = {
     "sft": "posttrain.trainer.algorithms.sft",
     "grpo": "posttrain.trainer.algorithms.grpo",
     "gspo-token": "posttrain.trainer.algorithms.gspo_token",
+    "dapo": "posttrain.trainer.algorithms.dapo",
+    "dr-grpo": "posttrain.trainer.algorithms.dr_grpo",
     "dpo": "posttrain.trainer.algorithms.dpo",
     "orpo": "posttrain.trainer.algorithms.orpo",
     "distill": "posttrain.trainer.algorithms.distill",

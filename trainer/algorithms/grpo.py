@@ -1,4 +1,7 @@
-"""GRPO and GSPO-token on the shared loop: rollouts, rewards, group advantages, the clipped loss.
+"""GRPO, GSPO-token, DAPO and Dr. GRPO on the shared loop: rollouts, rewards, group advantages,
+the clipped loss. The four read ``spec.grpo``; ``spec.grpo_settings`` fills the fields left unset
+with the algorithm's defaults (``GRPO_DEFAULTS`` in the API), so the code below never asks which
+algorithm runs, except for the GSPO-token ratio.
 
 Each group of `numIterations` (mu) optimizer steps shares one batch of rollouts:
 
@@ -7,7 +10,11 @@ Each group of `numIterations` (mu) optimizer steps shares one batch of rollouts:
    top-k, `maxNewTokens`, stop at EOS) with the shared ``RolloutEngine``; the sampler's seed is
    derived from (training.seed, group), so a resumed run samples exactly what an uninterrupted one
    would;
-3. score them (`posttrain.trainer.rewards`), normalise advantages within each prompt's group;
+3. score them (`posttrain.trainer.rewards`), add DAPO's soft overlong penalty (`overlong`), and
+   normalise advantages within each prompt's group. With `dynamicSampling`, steps 1-3 repeat on
+   the next prompts until `batchSize` groups with differing rewards are kept, at most
+   `maxSamplingRounds` times (`dynamic_sampling.py`); with `overlong: filter`, truncated
+   completions leave the loss mask;
 4. old log-probs: recomputed with the *training* forward pass (`ctx.policy_logprobs`), not taken
    from the sampler, whose cached, sampling-time numerics would bias the ratio. With mu = 1 the
    ratio's denominator is the current forward itself (stop-gradient), which is the same number
@@ -24,15 +31,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain.api.v1alpha1 import GrpoSpec
+from posttrain.api.v1alpha1 import OVERLONG_REWARD, GrpoSettings, LossAggregation
 from posttrain.trainer import rewards as rw
+from posttrain.trainer.algorithms import dynamic_sampling as ds
 from posttrain.trainer.algorithms import grpo_loss as gl
+from posttrain.trainer.algorithms import overlong
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Batch,
@@ -44,16 +54,28 @@ from posttrain.trainer.algorithms.base import (
 )
 from posttrain.trainer.algorithms.report import rl_finish
 from posttrain.trainer.algorithms.rollout import (
+    Rollout,
     RolloutEngine,
     SamplingSettings,
     decode_array,
     encode_array,
-    group_seed,
     rollout_arrays,
 )
 from posttrain.trainer.data.prompts import load_prompts
 
 METRIC = "metric/"
+OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
+
+
+@dataclass
+class _Round:
+    """One round of rollouts, scored: the rewards training uses and what dynamic sampling needs."""
+
+    out: Rollout
+    total: np.ndarray  # [R] total reward (with the overlong penalty when on)
+    terms: dict[str, np.ndarray]  # name -> [R], the overlong penalty among them
+    truncated: np.ndarray  # [R] bool: cut at maxNewTokens
+    informative: np.ndarray  # [R / G] bool: the group's rewards differ
 
 
 # --------------------------------------------------------------------------- the batch source
@@ -70,12 +92,14 @@ class RolloutSource:
         spec = ctx.spec
         self.ctx = ctx
         self.engine = engine
-        self.g: GrpoSpec = spec.grpo
+        self.g: GrpoSettings = spec.grpo_settings
         self.warmup = self.g.sft_warmup_steps
         self.batch_prompts = spec.training.batch_size
         self.rows = self.batch_prompts * self.g.num_generations
         self._group = -1
         self._batch: dict[str, np.ndarray] | None = None
+        self._next_prompt = 0  # dynamic sampling: rounds use a variable number of prompts
+        self._said_short = False
         self._handed_out: float | None = None
         self._last_tokens = 0.0
         self.eval_before: float | None = None  # greedy reward on data.eval when RL starts
@@ -127,6 +151,9 @@ class RolloutSource:
         batch["advantages"] = adv.astype(np.float32)
         # token-mean's denominator per row, so micro-batches average to the whole batch's mean.
         batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
+        if self.g.overlong.mode == "filter":  # sequence-mean's count, rows without loss left out
+            with_loss = (batch["completion_mask"].sum(axis=1) > 0).sum()
+            batch["sequences_per_row"] = np.full(R, with_loss / R, np.float32)
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
         if self.g.num_iterations > 1:
@@ -143,36 +170,103 @@ class RolloutSource:
         return batch
 
     def _metric_names(self) -> list[str]:
-        return [*self.engine.metric_names(), "groups_with_equal_rewards"]
+        names = [*self.engine.metric_names(), "groups_with_equal_rewards", "truncated_fraction"]
+        if self.g.overlong.mode == "penalty":
+            names.append(f"reward/{OVERLONG}")
+        if self.g.dynamic_sampling:
+            names += ["groups_filtered_fraction", "sampling_rounds"]
+        return names
 
     def _rollouts(self, group: int) -> dict[str, np.ndarray]:
-        G, e = self.g.num_generations, self.engine
-        chosen = [e.prompt(group * self.batch_prompts + j) for j in range(self.batch_prompts)]
-        rows = [p for p in chosen for _ in range(G)]  # each prompt's G completions adjacent
-        out = e.rollout(self.ctx.model(), rows, group_seed(self.ctx.spec.training.seed, group))
-        total = out.rewards
-        adv = np.asarray(gl.group_advantages(jnp.asarray(total, jnp.float32), G, self.g.advantage))
-        batch = self._finish_batch(dict(out.arrays), adv, sft=False)
+        """One step's batch: one round of rollouts, or with dynamicSampling as many rounds as it
+        takes (at most maxSamplingRounds) to fill the batch with groups whose rewards differ."""
+        G, B, e = self.g.num_generations, self.batch_prompts, self.engine
+        rounds = self.g.max_sampling_rounds if self.g.dynamic_sampling else 1
+        sampled: list[_Round] = []
+        for round_ in range(rounds):
+            # Without dynamic sampling the prompts are a pure function of the group (as before);
+            # with it, of the prompts used so far (saved in the checkpoint).
+            start = self._next_prompt if self.g.dynamic_sampling else group * B
+            chosen = [e.prompt(start + j) for j in range(B)]
+            self._next_prompt = start + B
+            rows = [p for p in chosen for _ in range(G)]  # each prompt's G completions adjacent
+            seed = ds.round_seed(self.ctx.spec.training.seed, group, round_)
+            sampled.append(self._score(e.rollout(self.ctx.model(), rows, seed)))
+            if sum(int(r.informative.sum()) for r in sampled) >= B:
+                break
+        picked = ds.choose_groups([r.informative for r in sampled], B)
 
-        R = len(rows)
-        constant = lambda v: np.full(R, v, np.float32)  # noqa: E731
-        by_group = total.reshape(-1, G)
-        batch[METRIC + "reward_mean"] = total.astype(np.float32)
-        batch[METRIC + "reward_std"] = constant(total.std())
-        for name, values in out.reward_terms.items():
-            batch[f"{METRIC}reward/{name}"] = values.astype(np.float32)
-        batch[METRIC + "completion_length"] = out.lengths.astype(np.float32)
-        batch[METRIC + "groups_with_equal_rewards"] = constant(np.mean(by_group.std(axis=1) == 0))
-        batch[METRIC + "generation_tokens_per_second"] = constant(
-            out.lengths.sum() / max(out.seconds, 1e-9)
-        )
+        def column(get: Any) -> np.ndarray:
+            return ds.gather_rows([get(r) for r in sampled], picked, G)
+
+        arrays = {k: column(lambda r, k=k: r.out.arrays[k]) for k in sampled[0].out.arrays}
+        total = column(lambda r: r.total)
+        if self.g.overlong.mode == "filter":  # truncated completions carry no loss (DAPO, TRL)
+            kept_rows = ~column(lambda r: r.truncated)
+            arrays["completion_mask"] = arrays["completion_mask"] * kept_rows[:, None]
+        adv = np.asarray(gl.group_advantages(jnp.asarray(total, jnp.float32), G, self.g.advantage))
+        equal_rows = ~column(lambda r: np.repeat(r.informative, G))
+        adv = np.where(equal_rows, 0.0, adv)  # no signal: exactly 0, whatever r - mean rounds to
+        batch = self._finish_batch(arrays, adv, sft=False)
+
+        kept = sum(int(r.informative.sum()) for r in sampled)
+        if self.g.dynamic_sampling and kept < B and not self._said_short:
+            self._said_short = True
+            self.ctx.log(
+                f"dynamic sampling: only {kept} of {B} prompts had differing rewards after "
+                f"{len(sampled)} rounds (spec.grpo.maxSamplingRounds); training on them, the batch "
+                "filled with equal-reward groups (advantage 0); groups_with_equal_rewards shows "
+                "how much per step (said once)"
+            )
+        every = lambda get: np.concatenate([get(r) for r in sampled])  # noqa: E731
+        totals, lengths = every(lambda r: r.total), every(lambda r: r.out.lengths)
+        values = {
+            "reward_mean": totals.mean(),
+            "reward_std": totals.std(),
+            **{f"reward/{n}": every(lambda r, n=n: r.terms[n]).mean() for n in sampled[0].terms},
+            "completion_length": lengths.mean(),
+            "truncated_fraction": every(lambda r: r.truncated).mean(),
+            "groups_with_equal_rewards": equal_rows.mean(),
+            "generation_tokens_per_second": lengths.sum()
+            / max(sum(r.out.seconds for r in sampled), 1e-9),
+        }
+        if self.g.dynamic_sampling:
+            values["groups_filtered_fraction"] = 1.0 - every(lambda r: r.informative).mean()
+            values["sampling_rounds"] = len(sampled)
+        R = len(total)
+        for name, value in values.items():  # rollout statistics over every completion sampled
+            batch[METRIC + name] = np.full(R, value, np.float32)
         return batch
+
+    def _score(self, out: Rollout) -> _Round:
+        """A round's rewards as training sees them: with overlong penalty, plus that term."""
+        G, o = self.g.num_generations, self.g.overlong
+        prompt_len = self.engine.prompt_len
+        cut = overlong.truncated(
+            out.arrays["input_ids"][:, prompt_len:],
+            out.arrays["attention_mask"][:, prompt_len:],
+            self.engine.eos_id,
+        )
+        total, terms = out.rewards.astype(np.float32), dict(out.reward_terms)
+        if o.mode == "penalty":
+            assert o.buffer is not None  # resolved() fills it
+            penalty = overlong.soft_overlong_penalty(
+                out.lengths, self.g.max_new_tokens, o.buffer, o.penalty_factor
+            )
+            terms[OVERLONG] = penalty
+            total = total + penalty
+        return _Round(out, total, terms, cut, ds.informative_groups(total, G))
 
     def state(self) -> dict[str, Any]:
         # Mid-group (mu > 1) the batch was sampled by weights that have since changed: keep it, so
-        # a resumed run trains on exactly the same rollouts. At mu = 1 nothing needs saving: the
-        # group index is the step, and prompts and seed follow from it.
-        state: dict[str, Any] = {"group": self._group, "eval_before": self.eval_before}
+        # a resumed run trains on exactly the same rollouts. The group index gives the seeds;
+        # without dynamic sampling it gives the prompts too, with it `next_prompt` does (a step
+        # uses as many prompts as its rounds took).
+        state: dict[str, Any] = {
+            "group": self._group,
+            "eval_before": self.eval_before,
+            "next_prompt": self._next_prompt,
+        }
         if self.g.num_iterations > 1 and self._batch is not None:
             state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
         return state
@@ -180,6 +274,7 @@ class RolloutSource:
     def restore(self, state: Mapping[str, Any]) -> None:
         self._group = int(state.get("group", -1))
         self.eval_before = state.get("eval_before")
+        self._next_prompt = int(state.get("next_prompt", 0))
         saved = state.get("batch")
         self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
 
@@ -187,7 +282,31 @@ class RolloutSource:
 # --------------------------------------------------------------------------- the loss
 
 
-def make_loss(g: GrpoSpec, algorithm: str) -> LossFn:
+def aggregation_args(
+    mode: LossAggregation, rows: int, tokens_per_row: jax.Array, max_new_tokens: int
+) -> tuple[gl.Aggregation, jax.Array]:
+    """``aggregate``'s mode and token-mean denominator for this micro-batch of ``rows`` rows.
+
+    token-mean divides by the whole batch's completion tokens (``tokens_per_row`` is their mean
+    per row), so micro-batches add up to the one big batch. Dr. GRPO's constant normaliser, the
+    token sum of each completion / maxNewTokens averaged over completions, is token-mean with
+    rows x maxNewTokens as the denominator (TRL's ``dr_grpo``, verl's ``seq-mean-token-sum-norm``).
+    """
+    if mode == "constant-normalizer":
+        return "token-mean", jnp.float32(rows * max_new_tokens)
+    return mode, tokens_per_row.mean() * rows
+
+
+def sequence_mean_share(mask_bt: jax.Array, sequences_per_row: jax.Array) -> jax.Array:
+    """The factor that makes a micro-batch's sequence-mean add up to the whole batch's when some
+    rows carry no loss (overlong filter): ``aggregate`` divides by this micro-batch's completions
+    with loss; the whole batch's mean needs its share of the batch's count instead."""
+    own = (mask_bt.sum(axis=1) > 0).sum()
+    share = sequences_per_row.mean() * mask_bt.shape[0]
+    return jnp.where(share > 0, own / jnp.maximum(share, 1e-9), 0.0)
+
+
+def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
     objective = gl.gspo_token_loss if algorithm == "gspo-token" else gl.grpo_loss
     eps, eps_high = g.clip_range(algorithm)
 
@@ -198,7 +317,10 @@ def make_loss(g: GrpoSpec, algorithm: str) -> LossFn:
         logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=g.temperature)
         mask_bt = batch["completion_mask"]
         rows = mask_bt.shape[0]
-        num_tokens = batch["tokens_per_row"].mean() * rows
+        num_tokens = batch["tokens_per_row"].mean() * rows  # token-mean's (the SFT warm-up's)
+        aggregation, denominator = aggregation_args(
+            g.loss_aggregation, rows, batch["tokens_per_row"], g.max_new_tokens
+        )
         # SFT warm-up rows (flag `sft`) have no rollout: their old log-probs are the current ones.
         sft = batch["sft"].mean() > 0 if "sft" in batch else None
         current_bt = jax.lax.stop_gradient(logp_bt)
@@ -215,9 +337,12 @@ def make_loss(g: GrpoSpec, algorithm: str) -> LossFn:
             eps_high=eps_high,
             beta=g.beta,
             kl_estimator=g.kl_estimator,
-            aggregation=g.loss_aggregation,
-            num_tokens=num_tokens,
+            aggregation=aggregation,
+            num_tokens=denominator,
         )
+        if aggregation == "sequence-mean" and "sequences_per_row" in batch:
+            scale = sequence_mean_share(mask_bt, batch["sequences_per_row"])
+            value, metrics["policy_loss"] = value * scale, metrics["policy_loss"] * scale
         if sft is not None:
             plain_bt = logprobs_from_logits(logits_btv, batch["targets"])  # SFT: temperature 1
             nll = gl.aggregate(-plain_bt, mask_bt, "token-mean", num_tokens)
@@ -239,7 +364,7 @@ def make_loss(g: GrpoSpec, algorithm: str) -> LossFn:
 
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
-    g = spec.grpo
+    g = spec.grpo_settings
     if g is None:  # the API refuses this already; keep the message if it is ever bypassed
         raise ValueError(f"spec.grpo: algorithm {spec.algorithm} needs spec.grpo")
     if g.sft_warmup_steps >= spec.training.steps:
@@ -260,6 +385,13 @@ def build(ctx: Context) -> Algorithm:
         f"G={g.num_generations}, up to {g.max_new_tokens} new tokens, rewards: "
         + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
         + (f"; {g.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
+    )
+    ctx.log(  # the settings after the algorithm's defaults, so a run says what it does
+        f"{spec.algorithm}: beta {g.beta:g}, epsilon {g.epsilon:g} / {g.epsilon_high:g}, "
+        f"advantage {g.advantage}, loss {g.loss_aggregation}, dynamic sampling "
+        + (f"on (up to {g.max_sampling_rounds} rounds)" if g.dynamic_sampling else "off")
+        + f", overlong {g.overlong.mode}"
+        + (f" (buffer {g.overlong.buffer})" if g.overlong.mode == "penalty" else "")
     )
     return Algorithm(
         name=spec.algorithm,

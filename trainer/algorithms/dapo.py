@@ -1,0 +1,14 @@
+"""DAPO (Yu et al., 2025): clip-higher, token-mean loss, dynamic sampling and overlong reward
+shaping; the defaults of the ``spec.grpo`` fields left unset (``GRPO_DEFAULTS``).
+It runs GRPO's rollouts, batches and loss (``grpo.py``) and reads the ``spec.grpo`` block."""
+
+from __future__ import annotations
+
+from posttrain.trainer.algorithms import grpo
+from posttrain.trainer.algorithms.base import Algorithm, Context
+
+
+def build(ctx: Context) -> Algorithm:
+    if ctx.spec.algorithm != "dapo":
+        raise ValueError(f"dapo.build got algorithm {ctx.spec.algorithm!r}")
+    return grpo.build(ctx)
