@@ -192,6 +192,8 @@ def test_loss_log_probs_are_at_the_sampling_temperature(tiny):
         np.float32
     )  # so the k3 KL is exactly expm1(-0.2) + 0.2
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    spec = GrpoSpec(beta=0.1, temperature=T, rewards=[{"builtin": "length-penalty"}])
+    spec = GrpoSpec(beta=0.1, temperature=T, rewards=[{"builtin": "length-penalty"}]).resolved(
+        "grpo"
+    )
     _, metrics = grpo.make_loss(spec, "grpo")(Models(policy=model), batch)
     assert float(metrics["kl"]) == pytest.approx(np.expm1(-0.2) + 0.2, rel=1e-3)
