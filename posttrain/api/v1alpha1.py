@@ -350,6 +350,13 @@ class PpoSpec(Spec):
         ge=0,
         description="Per-token KL penalty to the reference, folded into rewards; 0 keeps no reference.",
     )
+    critic: Literal["value-head", "separate"] = Field(
+        "value-head",
+        description=(
+            "value-head: a linear value head on the policy's trunk (one shared forward); "
+            "separate: a copy of model.base with a value head, trained in full in every mode."
+        ),
+    )
     num_mini_batches: int = Field(
         1,
         ge=1,

@@ -4,6 +4,7 @@ real optimizer steps and orbax checkpoints. Shapes are tiny and fixed so each ru
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -144,3 +145,20 @@ def test_with_lora_the_value_head_trains_and_the_reference_is_the_base(files, tm
     assert steps[1]["value_mean"] == 0.0
     assert steps[5]["value_mean"] != 0.0  # rollouts 2 were valued by the trained head
     assert steps[5]["kl"] > 1e-6
+
+
+def test_a_separate_critic_trains_beside_the_policy(files, tmp_path):
+    # ppo.critic: separate: a second copy of the base with its own value head, trained in full
+    # while the policy trains only its adapters (LoRA).
+    said: list[str] = []
+    lora = {"lora": {"rank": 4, "alpha": 8}}
+    out = tmp_path / "separate"
+    train(job(files, steps=5, model=lora, critic="separate"), str(out), say=said.append)
+    steps = per_step(out)
+    assert steps[1]["value_mean"] == 0.0 and steps[5]["value_mean"] != 0.0
+    assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    setup = next(line for line in said if "trainable" in line)
+    trainable, total = (
+        int(n.replace(",", "")) for n in re.findall(r"([\d,]+) (?:trainable|param)", setup)
+    )
+    assert trainable > total / 2  # the critic's copy trains in full, the policy's base is frozen

@@ -26,7 +26,7 @@ data's completions instead (the ``sft`` column), as GRPO's warm-up.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,9 @@ from posttrain.trainer.algorithms.rollout import (
 )
 from posttrain.trainer.data.prompts import load_prompts
 
+if TYPE_CHECKING:
+    from posttrain.trainer.models import CausalLM
+
 METRIC = "metric/"
 VALUE = "value"  # the head's name: its parameters live under heads/value/...
 
@@ -78,15 +81,35 @@ class ValueHead(nnx.Module):
         return self.linear(hidden_bte.astype(jnp.float32))[..., 0]
 
 
+class SeparateCritic(nnx.Module):
+    """V(s_t) from a model of its own (``ppo.critic: separate``, as TRL's and verl's critic): a
+    copy of the base without adapters, with a ``ValueHead`` on its final hidden states."""
+
+    def __init__(self, trunk: CausalLM, hidden_size: int, *, rngs: nnx.Rngs):
+        self.trunk = trunk
+        self.value = ValueHead(hidden_size, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        hidden_bte, _ = self.trunk.hidden_states(input_ids, attention_mask)  # no logits needed
+        return self.value(hidden_bte)
+
+
 def policy_and_values(
     models: Models, batch: Mapping[str, jax.Array], temperature: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One forward: (logits [B, T, V], log-probs of the targets at `temperature`, values [B, T])."""
-    logits_btv, hidden_bte = models.policy(
-        batch["input_ids"], batch["attention_mask"], return_hidden=True
-    )
+    """(logits [B, T, V], log-probs of the targets at `temperature`, values [B, T]): one forward
+    with a value head on the trunk, or the policy's and the separate critic's."""
+    critic = models.heads[VALUE]
+    if isinstance(critic, SeparateCritic):
+        logits_btv = models.policy(batch["input_ids"], batch["attention_mask"])
+        values_bt = critic(batch["input_ids"], batch["attention_mask"])
+    else:
+        logits_btv, hidden_bte = models.policy(
+            batch["input_ids"], batch["attention_mask"], return_hidden=True
+        )
+        values_bt = critic(hidden_bte)
     logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=temperature)
-    return logits_btv, logp_bt, models.heads[VALUE](hidden_bte)
+    return logits_btv, logp_bt, values_bt
 
 
 # --------------------------------------------------------------------------- the batch source
@@ -278,6 +301,19 @@ def make_loss(p: PpoSpec) -> LossFn:
 # --------------------------------------------------------------------------- build
 
 
+def make_critic(ctx: Context, p: PpoSpec) -> nnx.Module:
+    if p.critic == "value-head":
+        return ValueHead(ctx.config.hidden_size, rngs=ctx.rngs)
+    # A second copy of the base, built like the policy (same weights or the same seeded init)
+    # but without LoRA or quantization: the critic trains in full in every mode.
+    from posttrain.trainer.loop import build_model, make_mesh
+
+    spec = ctx.spec
+    plain = spec.model.model_copy(update={"lora": None, "quantization": None})
+    trunk = build_model(plain, ctx.tokenizer, make_mesh(ctx.job), spec.training.seed)
+    return SeparateCritic(trunk, ctx.config.hidden_size, rngs=ctx.rngs)
+
+
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
     p = spec.ppo
@@ -295,12 +331,13 @@ def build(ctx: Context) -> Algorithm:
         load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
     )
     engine = RolloutEngine(ctx, "ppo", SamplingSettings.of(p), prompts, rewards, eval_prompts)
-    value_head = ValueHead(ctx.config.hidden_size, rngs=ctx.rngs)
+    critic = make_critic(ctx, p)
     source = PpoSource(ctx, engine)
     ctx.log(
         f"ppo: {len(prompts)} prompts, rollout batch {source.rollout_rows} = "
         f"{spec.training.batch_size} per step x {p.num_mini_batches} mini-batches, "
-        f"{p.num_iterations} epochs, up to {p.max_new_tokens} new tokens, rewards: "
+        f"{p.num_iterations} epochs, critic {p.critic}, up to {p.max_new_tokens} new tokens, "
+        "rewards: "
         + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
         + (f"; {p.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
     )
@@ -311,7 +348,7 @@ def build(ctx: Context) -> Algorithm:
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
-        heads={VALUE: value_head},
+        heads={VALUE: critic},
         reference=p.kl_coef > 0,  # only the KL penalty reads it
         learning_rates={VALUE: p.value_learning_rate} if p.value_learning_rate else {},
     )
