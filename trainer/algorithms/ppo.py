@@ -1,4 +1,8 @@
-"""PPO with a value head on the policy's trunk: rollouts, KL-shaped rewards, GAE, mini-batch epochs.
+"""PPO with a learned critic: rollouts, KL-shaped rewards, GAE, epochs of mini-batches.
+
+The critic (``ppo.critic``) is a value head on the policy's trunk (``ValueHead``, one shared
+forward) or a copy of the base with that head (``SeparateCritic``); either is the algorithm's head
+``value``, so it trains in every mode (full, LoRA, QLoRA) and is checkpointed with the policy.
 
 Batch sizes (TRL's PPOTrainer layout): an optimizer step trains on one *mini-batch* of
 `training.batchSize` completions (split into micro-batches by `microBatchSize` as usual). A
@@ -18,9 +22,9 @@ Per rollout batch (``PpoSource._rollouts``):
    GAE with gamma and lambda, returns = advantages + old values, then advantages whitened over the
    rollout batch's completion tokens (``ppo_loss``).
 
-The loss (``make_loss``) runs one forward for log-probs and values (``return_hidden``) and
-applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps are teacher-forced SFT on the
-data's completions instead (the ``sft`` column), as GRPO's warm-up.
+The loss (``make_loss``) runs one forward for log-probs and values (``return_hidden``; a second
+one with a separate critic) and applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps
+are teacher-forced SFT on the data's completions instead (the ``sft`` column), as GRPO's warm-up.
 """
 
 from __future__ import annotations
