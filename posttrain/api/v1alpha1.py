@@ -367,7 +367,10 @@ class PpoSpec(Spec):
         ),
     )
     value_learning_rate: float | None = Field(
-        None, gt=0, le=1, description="Peak learning rate of the critic; default: training.learningRate."
+        None,
+        gt=0,
+        le=1,
+        description="Peak learning rate of the critic; default: training.learningRate.",
     )
     sft_warmup_steps: int = Field(
         0,
