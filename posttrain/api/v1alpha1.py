@@ -526,8 +526,51 @@ class PpoSpec(Spec):
     value_clip_range: float = Field(0.2, gt=0, description="Value function clip.")
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     kl_coef: float = Field(
-        0.05, ge=0, description="Per-token KL penalty to the reference, folded into rewards."
+        0.05,
+        ge=0,
+        description="Per-token KL penalty to the reference, folded into rewards; 0 keeps no reference.",
     )
+    critic: Literal["value-head", "separate"] = Field(
+        "value-head",
+        description=(
+            "value-head: a linear value head on the policy's trunk (one shared forward); "
+            "separate: a copy of model.base with a value head, trained in full in every mode."
+        ),
+    )
+    num_mini_batches: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description=(
+            "Mini-batches per rollout batch: each rollout batch has training.batchSize x "
+            "numMiniBatches completions and gives numIterations x numMiniBatches optimizer steps."
+        ),
+    )
+    value_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Peak learning rate of the critic; default: training.learningRate.",
+    )
+    sft_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Steps of supervised fine-tuning on data.completionField before RL starts (counted in "
+            "training.steps); 0 = none. Needs klCoef 0, as grpo.sftWarmupSteps needs beta 0."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _warmup_without_reference(self) -> PpoSpec:
+        if self.sft_warmup_steps and self.kl_coef:
+            raise FieldValueError(
+                "klCoef",
+                f"klCoef ({self.kl_coef}) must be 0 with sftWarmupSteps ({self.sft_warmup_steps}): "
+                "the reference policy is the model before the warm-up; or run SFT as its own job "
+                "and start PPO from its export",
+            )
+        return self
 
 
 class DpoSpec(Spec):

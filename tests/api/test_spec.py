@@ -275,6 +275,16 @@ INVALID = [
         "spec.ppo.lam",
         "renamed: write 'lambda'",
     ),
+    (
+        {"spec.algorithm": "ppo", "spec.grpo": None, "spec.ppo": {**PPO, "sftWarmupSteps": 5}},
+        "spec.ppo.klCoef",
+        "must be 0 with sftWarmupSteps",
+    ),
+    (
+        {"spec.algorithm": "ppo", "spec.grpo": None, "spec.ppo": {**PPO, "numMiniBatches": 0}},
+        "spec.ppo.numMiniBatches",
+        "greater than or equal to 1",
+    ),
     ({"apiVersion": "posttrain.dev/v1"}, "apiVersion", "posttrain.dev/v1alpha1"),
     (
         {

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "sft": "posttrain.trainer.algorithms.sft",
     "grpo": "posttrain.trainer.algorithms.grpo",
     "gspo-token": "posttrain.trainer.algorithms.gspo_token",
+    "ppo": "posttrain.trainer.algorithms.ppo",
     "dapo": "posttrain.trainer.algorithms.dapo",
     "dr-grpo": "posttrain.trainer.algorithms.dr_grpo",
     "dpo": "posttrain.trainer.algorithms.dpo",

@@ -1,0 +1,358 @@
+"""PPO with a learned critic: rollouts, KL-shaped rewards, GAE, epochs of mini-batches.
+
+The critic (``ppo.critic``) is a value head on the policy's trunk (``ValueHead``, one shared
+forward) or a copy of the base with that head (``SeparateCritic``); either is the algorithm's head
+``value``, so it trains in every mode (full, LoRA, QLoRA) and is checkpointed with the policy.
+
+Batch sizes (TRL's PPOTrainer layout): an optimizer step trains on one *mini-batch* of
+`training.batchSize` completions (split into micro-batches by `microBatchSize` as usual). A
+*rollout batch* is `training.batchSize x numMiniBatches` prompts with one completion each. Each
+rollout batch gives numIterations x numMiniBatches optimizer steps: numIterations epochs, each a
+fresh seeded permutation of the rollout batch cut into numMiniBatches mini-batches. So the step's
+batch shape is fixed, and everything a step sees is a pure function of (training.seed, step).
+
+Per rollout batch (``PpoSource._rollouts``):
+
+1. sample with the shared ``RolloutEngine`` (spec.ppo's sampling settings, a seed derived from
+   (training.seed, rollout index)) and score with the job's rewards;
+2. one forward on the current weights outside the gradient (``ctx.forward``): old log-probs at the
+   sampling temperature and old values from the value head; reference log-probs
+   (``ctx.reference_logprobs``, same temperature) when klCoef > 0;
+3. token rewards (sequence reward at the last completion token, -klCoef * KL on every token),
+   GAE with gamma and lambda, returns = advantages + old values, then advantages whitened over the
+   rollout batch's completion tokens (``ppo_loss``).
+
+The loss (``make_loss``) runs one forward for log-probs and values (``return_hidden``; a second
+one with a separate critic) and applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps
+are teacher-forced SFT on the data's completions instead (the ``sft`` column), as GRPO's warm-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from posttrain.api.v1alpha1 import PpoSpec
+from posttrain.trainer import rewards as rw
+from posttrain.trainer.algorithms import grpo_loss as gl
+from posttrain.trainer.algorithms import ppo_loss as pl
+from posttrain.trainer.algorithms.base import (
+    Algorithm,
+    Batch,
+    Context,
+    LossFn,
+    Metrics,
+    Models,
+    logprobs_from_logits,
+)
+from posttrain.trainer.algorithms.report import rl_finish
+from posttrain.trainer.algorithms.rollout import (
+    RolloutEngine,
+    SamplingSettings,
+    decode_array,
+    encode_array,
+    group_seed,
+    rollout_arrays,
+)
+from posttrain.trainer.data.prompts import load_prompts
+
+if TYPE_CHECKING:
+    from posttrain.trainer.models import CausalLM
+
+METRIC = "metric/"
+VALUE = "value"  # the head's name: its parameters live under heads/value/...
+
+
+class ValueHead(nnx.Module):
+    """V(s_t) from the trunk's final hidden state: one float32 linear layer, zero-initialised so
+    the critic starts at V = 0 and its first gradients do not reach the trunk."""
+
+    def __init__(self, hidden_size: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(
+            hidden_size,
+            1,
+            kernel_init=nnx.initializers.zeros_init(),
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, hidden_bte: jax.Array) -> jax.Array:
+        return self.linear(hidden_bte.astype(jnp.float32))[..., 0]
+
+
+class SeparateCritic(nnx.Module):
+    """V(s_t) from a model of its own (``ppo.critic: separate``, as TRL's and verl's critic): a
+    copy of the base without adapters, with a ``ValueHead`` on its final hidden states."""
+
+    def __init__(self, trunk: CausalLM, hidden_size: int, *, rngs: nnx.Rngs):
+        self.trunk = trunk
+        self.value = ValueHead(hidden_size, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        hidden_bte, _ = self.trunk.hidden_states(input_ids, attention_mask)  # no logits needed
+        return self.value(hidden_bte)
+
+
+def policy_and_values(
+    models: Models, batch: Mapping[str, jax.Array], temperature: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits [B, T, V], log-probs of the targets at `temperature`, values [B, T]): one forward
+    with a value head on the trunk, or the policy's and the separate critic's."""
+    critic = models.heads[VALUE]
+    if isinstance(critic, SeparateCritic):
+        logits_btv = models.policy(batch["input_ids"], batch["attention_mask"])
+        values_bt = critic(batch["input_ids"], batch["attention_mask"])
+    else:
+        logits_btv, hidden_bte = models.policy(
+            batch["input_ids"], batch["attention_mask"], return_hidden=True
+        )
+        values_bt = critic(hidden_bte)
+    logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=temperature)
+    return logits_btv, logp_bt, values_bt
+
+
+# --------------------------------------------------------------------------- the batch source
+
+
+class PpoSource:
+    """A rollout batch per numIterations x numMiniBatches steps, handed out in mini-batches."""
+
+    def __init__(self, ctx: Context, engine: RolloutEngine):
+        spec = ctx.spec
+        self.ctx = ctx
+        self.engine = engine
+        self.p: PpoSpec = spec.ppo
+        self.seed = spec.training.seed
+        self.warmup = self.p.sft_warmup_steps
+        self.rows = spec.training.batch_size  # one mini-batch: what a step trains on
+        self.rollout_rows = self.rows * self.p.num_mini_batches
+        self.steps_per_rollout = self.p.num_iterations * self.p.num_mini_batches
+        self._old: Any = None  # the jitted no-grad forward, made on first use (after build)
+        self._group = -1
+        self._batch: dict[str, np.ndarray] | None = None
+        self.eval_before: float | None = None
+
+    def next_batch(self, step: int) -> Batch:
+        if step < self.warmup:
+            return self._warmup_batch(step)
+        if step == self.warmup and self.engine.eval_prompts and self.eval_before is None:
+            self.eval_before = self.evaluate(self.ctx.model())
+            self.ctx.log(f"greedy reward on data.eval before RL: {self.eval_before:.4f}")
+        group, k = divmod(step - self.warmup, self.steps_per_rollout)
+        if group != self._group or self._batch is None:
+            self._batch = self._rollouts(group)
+            self._group = group
+        epoch, mini = divmod(k, self.p.num_mini_batches)
+        order = mini_batch_order(self.rollout_rows, self.seed, group, epoch)
+        rows = order[mini * self.rows : (mini + 1) * self.rows]
+        batch = {key: value[rows] for key, value in self._batch.items()}
+        return self._per_token_share(batch)
+
+    def evaluate(self, model: Any) -> float:
+        return self.engine.evaluate(model, self.rollout_rows)
+
+    def _per_token_share(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # token-mean's denominator per row, so micro-batches average to the mini-batch's mean.
+        R = len(batch["completion_mask"])
+        batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
+        return batch
+
+    def _columns(self, batch: dict[str, np.ndarray], *, sft: bool) -> dict[str, np.ndarray]:
+        """The columns every batch has (fixed keys, so the step compiles once)."""
+        R = len(batch["input_ids"])
+        if self.warmup:
+            batch["sft"] = np.full(R, float(sft), np.float32)
+        if sft:  # rollout columns do not exist yet: zeros, and metrics logged as null
+            zeros = np.zeros_like(batch["completion_mask"])
+            for key in ("old_logp", "old_values", "advantages", "returns"):
+                batch[key] = zeros
+            for name in self._metric_names():
+                batch[METRIC + name] = np.full(R, np.nan, np.float32)
+        return batch
+
+    def _metric_names(self) -> list[str]:
+        return [*self.engine.metric_names(), "kl", "explained_variance", "value_mean"]
+
+    def _warmup_batch(self, step: int) -> dict[str, np.ndarray]:
+        """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
+        R, e = self.rows, self.engine
+        rows = [e.prompt(step * R + r) for r in range(R)]
+        N = self.p.max_new_tokens
+        completion = np.full((R, N), e.pad_id, np.int32)
+        mask = np.zeros((R, N), np.float32)
+        for r, p in enumerate(rows):
+            target = p.completion[:N]
+            completion[r, : len(target)] = target
+            mask[r, : len(target)] = 1
+        batch = rollout_arrays([p.ids for p in rows], completion, mask, e.prompt_len, e.pad_id)
+        return self._per_token_share(self._columns(batch, sft=True))
+
+    def _rollouts(self, group: int) -> dict[str, np.ndarray]:
+        p, e, R = self.p, self.engine, self.rollout_rows
+        rows = [e.prompt(group * R + j) for j in range(R)]
+        out = e.rollout(self.ctx.model(), rows, group_seed(self.seed, group))
+        batch = self._columns(dict(out.arrays), sft=False)
+        if self._old is None:
+            assert self.ctx.forward is not None, "the loop wires ctx.forward after build"
+            self._old = self.ctx.forward(_old_logp_and_values(p.temperature))
+        old_logp, old_values = self._old(batch)
+        mask = jnp.asarray(batch["completion_mask"])
+        values = jnp.asarray(old_values, jnp.float32) * mask
+        kl = jnp.zeros_like(mask)
+        if p.kl_coef > 0:
+            ref_logp = self.ctx.reference_logprobs(batch, p.temperature)
+            kl = jnp.asarray(old_logp - ref_logp) * mask
+        rewards = pl.token_rewards(jnp.asarray(out.rewards, jnp.float32), kl, mask, p.kl_coef)
+        adv, returns = pl.gae(rewards, values, mask, p.gamma, p.lambda_)
+        batch["old_logp"] = np.asarray(old_logp, np.float32)
+        batch["old_values"] = np.asarray(values)
+        batch["advantages"] = np.asarray(pl.whiten(adv, mask), np.float32)
+        batch["returns"] = np.asarray(returns, np.float32)
+
+        constant = lambda v: np.full(R, float(v), np.float32)  # noqa: E731
+        batch[METRIC + "reward_mean"] = out.rewards.astype(np.float32)
+        batch[METRIC + "reward_std"] = constant(out.rewards.std())
+        for name, each in out.reward_terms.items():
+            batch[f"{METRIC}reward/{name}"] = each.astype(np.float32)
+        batch[METRIC + "completion_length"] = out.lengths.astype(np.float32)
+        batch[METRIC + "generation_tokens_per_second"] = constant(
+            out.lengths.sum() / max(out.seconds, 1e-9)
+        )
+        batch[METRIC + "kl"] = constant(pl.masked_mean(kl, mask))
+        batch[METRIC + "explained_variance"] = constant(
+            pl.explained_variance(values, returns, mask)
+        )
+        batch[METRIC + "value_mean"] = constant(pl.masked_mean(values, mask))
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        # The rollout batch was sampled by weights that have changed since: keep it while steps of
+        # its group remain, so a resumed run trains on exactly the same rollouts and mini-batches.
+        state: dict[str, Any] = {"group": self._group, "eval_before": self.eval_before}
+        if self.steps_per_rollout > 1 and self._batch is not None:
+            state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
+        return state
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._group = int(state.get("group", -1))
+        self.eval_before = state.get("eval_before")
+        saved = state.get("batch")
+        self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
+
+
+def _old_logp_and_values(temperature: float):
+    def fn(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        _, logp_bt, values_bt = policy_and_values(models, batch, temperature)
+        return logp_bt, values_bt
+
+    return fn
+
+
+def mini_batch_order(rows: int, seed: int, group: int, epoch: int) -> np.ndarray:
+    """The rows of a rollout batch in epoch `epoch`'s order (a fresh permutation per epoch, as TRL
+    and verl shuffle); a pure function, so resume continues exactly."""
+    return np.random.default_rng([seed, group, epoch]).permutation(rows)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def make_loss(p: PpoSpec) -> LossFn:
+    def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+        logits_btv, logp_bt, values_bt = policy_and_values(models, batch, p.temperature)
+        mask_bt = batch["completion_mask"]
+        num_tokens = batch["tokens_per_row"].mean() * mask_bt.shape[0]
+        value, metrics = pl.ppo_loss(
+            logp_bt,
+            batch["old_logp"],
+            values_bt,
+            batch["old_values"],
+            batch["advantages"],
+            batch["returns"],
+            mask_bt,
+            eps=p.epsilon,
+            eps_high=p.epsilon_high,
+            value_clip_range=p.value_clip_range,
+            value_coef=p.value_coef,
+            num_tokens=num_tokens,
+        )
+        if "sft" in batch:  # warm-up rows: SFT at temperature 1, the RL metrics are null
+            sft = batch["sft"].mean() > 0
+            nll = gl.aggregate(
+                -logprobs_from_logits(logits_btv, batch["targets"]),
+                mask_bt,
+                "token-mean",
+                num_tokens,
+            )
+            value = jnp.where(sft, nll, value)
+            metrics = {k: jnp.where(sft, jnp.nan, v) for k, v in metrics.items()}
+            metrics["sft_loss"] = jnp.where(sft, jax.lax.stop_gradient(nll), jnp.nan)
+        entropy_bt = gl.entropy_from_logits(logits_btv / p.temperature)
+        metrics["entropy"] = pl.masked_mean(entropy_bt, mask_bt)
+        for key, column in batch.items():
+            if key.startswith(METRIC):
+                metrics[key.removeprefix(METRIC)] = column.mean()
+        return value, metrics
+
+    return loss
+
+
+# --------------------------------------------------------------------------- build
+
+
+def make_critic(ctx: Context, p: PpoSpec) -> nnx.Module:
+    if p.critic == "value-head":
+        return ValueHead(ctx.config.hidden_size, rngs=ctx.rngs)
+    # A second copy of the base, built like the policy (same weights or the same seeded init)
+    # but without LoRA or quantization: the critic trains in full in every mode.
+    from posttrain.trainer.loop import build_model, make_mesh
+
+    spec = ctx.spec
+    plain = spec.model.model_copy(update={"lora": None, "quantization": None})
+    trunk = build_model(plain, ctx.tokenizer, make_mesh(ctx.job), spec.training.seed)
+    return SeparateCritic(trunk, ctx.config.hidden_size, rngs=ctx.rngs)
+
+
+def build(ctx: Context) -> Algorithm:
+    spec = ctx.spec
+    p = spec.ppo
+    if p is None:  # the API refuses this already; keep the message if it is ever bypassed
+        raise ValueError("spec.ppo: algorithm ppo needs spec.ppo")
+    if p.sft_warmup_steps >= spec.training.steps:
+        raise ValueError(
+            f"spec.ppo.sftWarmupSteps ({p.sft_warmup_steps}) must be less than "
+            f"spec.training.steps ({spec.training.steps}): no steps would be left for RL"
+        )
+    rewards = rw.build_rewards(p.rewards, "spec.ppo.rewards")
+    warmup = p.sft_warmup_steps > 0
+    prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data, completion=warmup)
+    eval_prompts = (
+        load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
+    )
+    engine = RolloutEngine(ctx, "ppo", SamplingSettings.of(p), prompts, rewards, eval_prompts)
+    critic = make_critic(ctx, p)
+    source = PpoSource(ctx, engine)
+    ctx.log(
+        f"ppo: {len(prompts)} prompts, rollout batch {source.rollout_rows} = "
+        f"{spec.training.batch_size} per step x {p.num_mini_batches} mini-batches, "
+        f"{p.num_iterations} epochs, critic {p.critic}, up to {p.max_new_tokens} new tokens, "
+        "rewards: "
+        + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
+        + (f"; {p.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
+    )
+    return Algorithm(
+        name="ppo",
+        loss=make_loss(p),
+        source=source,
+        finish=rl_finish(
+            ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
+        ),
+        heads={VALUE: critic},
+        reference=p.kl_coef > 0,  # only the KL penalty reads it
+        learning_rates={VALUE: p.value_learning_rate} if p.value_learning_rate else {},
+    )
