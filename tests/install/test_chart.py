@@ -45,14 +45,32 @@ def args_of(docs: list[dict]) -> list[str]:
 def test_helm_lint_strict(chart) -> None:
     # lint renders without a cluster, so the JobSet check is off here (tested below).
     proc = subprocess.run(
-        [chart.helm, "lint", "--strict", str(CHART), "--kube-version", chart.kube_version]
-        + ["--set", "jobset.check=false"],
+        [chart.helm, "lint", "--strict", str(CHART), "--set", "jobset.check=false"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+def test_helm_templates_for_the_pinned_kubernetes(chart, tmp_path) -> None:
+    # hack/tools.sh links helm's default Kubernetes version (v1.20 when unset, which the
+    # chart's kubeVersion refuses) from helm's client-go, as upstream's release build does.
+    probe = tmp_path / "probe"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (probe / "templates/cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n"
+        "data: {kube: '{{ .Capabilities.KubeVersion.Version }}'}\n"
+    )
+    proc = subprocess.run(
+        [chart.helm, "template", str(probe)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    reported = yaml.safe_load(proc.stdout)["data"]["kube"]
+    pinned_minor = chart.kube_version.split(".")[:2]  # v1.34.4 -> v1, 34
+    assert reported.split(".")[:2] == pinned_minor, (reported, chart.kube_version)
 
 
 def test_chart_crds_equal_the_generated_ones() -> None:
