@@ -3,6 +3,11 @@
     PostTrainJob created, resumed (operator start), spec changed  -> Operator.reconcile
     JobSet event (label posttrain.dev/job)                         -> Operator.sync_status
     pod event (label posttrain.dev/job), while the job starts      -> Operator.sync_status
+    Event FailedCreate on one of its Jobs (pods refused)           -> Operator.pods_not_created
+
+JobSets and pods are watched with a server-side label selector (posttrain.dev/job), Events with
+a field selector (reason FailedCreate, on Jobs): the operator never receives the cluster's
+other pods.
 
 No timers or daemons (kopf would put a finalizer on every PostTrainJob for them, and deletion
 would hang while the operator is down) and no deletion handler: children go with their owner
@@ -30,9 +35,11 @@ from posttrain.operator.reconcile import (
     JOBSET_VERSION,
     Operator,
     Retry,
+    job_of_child_job,
 )
 
 ANNOTATION_PREFIX = r.OPERATOR_ANNOTATION_PREFIX.rstrip("/")
+FAILED_CREATE_SELECTOR = "reason=FailedCreate,involvedObject.kind=Job"
 # Set by `posttrain operator` before kopf starts (image defaults from its flags).
 IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
 
@@ -69,6 +76,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.peering.standalone = True  # one replica; no KopfPeering objects needed
     settings.posting.level = logging.WARNING  # our own Events, not "Handler ... succeeded"
+    # Server-side filters: only our JobSets and pods, only the Events that say pods are refused.
+    settings.watching.label_selectors["v1", "pods"] = r.JOB_LABEL
+    settings.watching.label_selectors[JOBSET_GROUP, JOBSET_PLURAL] = r.JOB_LABEL
+    settings.watching.field_selectors["v1", "events"] = FAILED_CREATE_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     _operator = Operator(api_client(), images=IMAGE_DEFAULTS, emit=_emit)
@@ -89,6 +100,18 @@ def reconcile(namespace: str | None, name: str, **_: Any) -> None:
 def jobset_event(namespace: str | None, labels: Mapping[str, str], type: str, **_: Any) -> None:
     if type is not None and namespace:  # None: the initial listing, which on.resume covers
         operator().sync_status(namespace, labels[r.JOB_LABEL])
+
+
+@kopf.on.event("v1", "events")
+def failed_create_event(
+    namespace: str | None, body: Mapping[str, Any], type: str | None, **_: Any
+) -> None:
+    # type None: the initial listing, so a restarted operator still knows (Events live an hour)
+    if type == "DELETED" or not namespace:
+        return
+    job = job_of_child_job(str((body.get("involvedObject") or {}).get("name") or ""))
+    if job:
+        operator().pods_not_created(namespace, job, str(body.get("message") or ""))
 
 
 @kopf.on.event("v1", "pods", labels={r.JOB_LABEL: kopf.PRESENT})

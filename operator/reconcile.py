@@ -6,9 +6,17 @@ this file, so docs/operator.md's RBAC list can be checked against it:
 
     posttrainjobs          get                      (fresh state before computing status)
     posttrainjobs/status   patch                    (phase, conditions, ...)
-    configmaps             create, get              (the recipe)
+    configmaps             create, get, update      (the recipe; update: a stale one of ours)
     jobsets                create, get, patch       (patch: spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
+
+Crash safety: every step is create-or-check by deterministic name, so an operator killed at any
+point and started again finds what it made and goes on. What it finds is checked: a child not
+owned (controller ownerReference with the job's uid) is an earlier job's of the same name, on
+its way out with the garbage collector (retry); a recipe of ours that differs from the rendered
+one is replaced before any pod could read it (a JobSet exists only after its recipe is right).
+A JobSet is made at most once per job: once status.jobSetName is set, a missing JobSet means
+it was deleted, and the job fails rather than start again with a fresh restart budget.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +62,9 @@ class Operator:
     _guard: threading.Lock = field(default_factory=threading.Lock)
     # Last phase seen per job: pod events only matter while a job is not yet Running.
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Why the Job controller cannot create a job's pods (its FailedCreate Events), with the fix;
+    # dropped once the job has pods.
+    create_failures: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api)
@@ -114,48 +126,83 @@ class Operator:
                 return
             configmap, jobset = manifests
             existing = self.get_jobset(namespace, name)
-            if existing is None:
-                # Pending first: from now on the CRD's CEL rule freezes the spec.
-                self._sync(body, job=job, children=(None, []))
-                try:
-                    self._create_or_get_configmap(namespace, configmap)
-                    existing = self._create_or_get_jobset(namespace, jobset)
-                except ApiException as err:
-                    if err.status not in (400, 422):  # others: kopf retries with backoff
-                        raise
-                    # Refused (e.g. by JobSet's webhook): retrying cannot help.
-                    why = FieldError("", f"the API server refused the children: {_message(err)}")
-                    self._sync(body, job=None, errors=[why])
-                    return
+            if existing is not None and not owned_by(existing, body):
+                raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
+            if existing is None and prev.get("jobSetName"):
+                self._sync(body, job=job)  # made once and deleted since: Failed, not remade
+                return
+            created = False
+            try:
+                if existing is None:
+                    # Pending first: from now on the CRD's CEL rule freezes the spec.
+                    self._sync(body, job=job, children=(None, []))
+                self._ensure_configmap(body, configmap)
+                if existing is None:
+                    existing, created = self._create_or_get_jobset(namespace, jobset)
+            except ApiException as err:
+                if err.status not in (400, 422):  # others: kopf retries with backoff
+                    raise
+                # Refused (e.g. by JobSet's webhook): retrying cannot help.
+                why = FieldError("", f"the API server refused the children: {_message(err)}")
+                self._sync(body, job=None, errors=[why])
+                return
+            if created:
                 log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
-            if not owned_by(existing, body):
+            elif not owned_by(existing, body):
                 raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
             self._ensure_suspend(job, existing)
-            self._sync(body, job=job)
+            # A JobSet made just now has no pods yet: no need to list them.
+            self._sync(body, job=job, children=(existing, []) if created else None)
 
-    def _create_or_get_configmap(self, namespace: str, manifest: dict[str, Any]) -> None:
+    def _ensure_configmap(self, owner: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """Create the recipe; when one exists, it must be this job's and say what it renders."""
+        namespace, name = owner["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
             self.core.create_namespaced_config_map(namespace, cast(Any, manifest))
+            return
         except ApiException as err:
-            if err.status != 409:  # AlreadyExists: a previous run of the operator made it
+            if err.status != 409:  # AlreadyExists: a previous run, or an earlier job's
                 raise
+        found = _absent_is_none(
+            lambda: json.loads(
+                cast(
+                    Any,
+                    self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
+                ).data
+            )
+        )
+        if found is None:
+            raise Retry(f"ConfigMap {namespace}/{name} exists and vanished")
+        if not owned_by(found, owner):
+            raise Retry(
+                f"ConfigMap {namespace}/{name} is not this job's (an earlier job's of the same "
+                "name, which the garbage collector removes, or someone else's: delete it)"
+            )
+        if found.get("data") != manifest["data"]:
+            # Ours but stale (a spec fixed after a refused apply): replace it, guarded by its
+            # resourceVersion. No JobSet reads it yet: the JobSet is made after this.
+            replacement = {**manifest, "metadata": {**manifest["metadata"]}}
+            replacement["metadata"]["resourceVersion"] = found["metadata"]["resourceVersion"]
+            self.core.replace_namespaced_config_map(name, namespace, cast(Any, replacement))
+            log.info("%s/%s: replaced a stale recipe", namespace, name)
 
-    def _create_or_get_jobset(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def _create_or_get_jobset(
+        self, namespace: str, manifest: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """(the JobSet, whether this call made it)."""
         name = manifest["metadata"]["name"]
         try:
-            return cast(
-                dict[str, Any],
-                self.custom.create_namespaced_custom_object(
-                    JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
-                ),
+            made = self.custom.create_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
             )
+            return cast(dict[str, Any], made), True
         except ApiException as err:
             if err.status != 409:
                 raise
         found = self.get_jobset(namespace, name)
         if found is None:
-            raise RuntimeError(f"JobSet {namespace}/{name} exists and vanished; will retry")
-        return found
+            raise Retry(f"JobSet {namespace}/{name} exists and vanished")
+        return found, False
 
     def _ensure_suspend(self, job: PostTrainJob, jobset: dict[str, Any]) -> None:
         """spec.suspend -> JobSet spec.suspend. With a Kueue queue only suspending is ours:
@@ -182,12 +229,19 @@ class Operator:
 
     # ---- status ---------------------------------------------------------------------------
 
+    def pods_not_created(self, namespace: str, name: str, message: str) -> None:
+        """A FailedCreate Event of one of the job's Jobs: say why in the job's status."""
+        fix = st.create_failure_fix(message, namespace)
+        self.create_failures[(namespace, name)] = f"{message.strip()}. Fix: {fix}"
+        self.sync_status(namespace, name)
+
     def sync_status(self, namespace: str, name: str) -> None:
         """Recompute the job's status from its JobSet and pods (JobSet and pod events)."""
         with self._lock(namespace, name):
             body = self.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.phases.pop((namespace, name), None)
+                self.create_failures.pop((namespace, name), None)
                 return
             prev = body.get("status") or {}
             if prev.get("phase") in st.TERMINAL:
@@ -225,11 +279,16 @@ class Operator:
                 pods = self.list_pods(namespace, name) if jobset else []
             else:
                 jobset, pods = children
+            key = (namespace, name)
+            if st.current_pods(jobset or {}, pods):
+                self.create_failures.pop(key, None)
             outcome = st.phase_of(
                 suspend=job.spec.suspend,
                 queue_name=job.spec.scheduling.queue_name,
                 jobset=jobset,
                 pods=pods,
+                create_failure=self.create_failures.get(key),
+                deleted_jobset=prev.get("jobSetName") if jobset is None else None,
             )
             summary = {
                 "model": display_model(job.spec.model.base),
@@ -262,10 +321,12 @@ class Operator:
             )
 
     def _patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
+        """Merge-patch the status; `body` then holds the status the server has."""
         meta = body["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
+        patched = self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status}
         )
+        body["status"] = cast(dict[str, Any], patched).get("status") or {}
 
 
 class Retry(Exception):
@@ -276,6 +337,17 @@ def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     uid = (owner.get("metadata") or {}).get("uid")
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
     return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+_CHILD_JOB = re.compile(r"^(?P<job>.+)-(?:slice|node)-\d+$")
+
+
+def job_of_child_job(job_name: str) -> str | None:
+    """The PostTrainJob behind a JobSet's child Job: JobSet names them
+    `<jobset>-<replicatedJob>-<index>`, our JobSet is named like the job, and its replicated
+    job is `slice` or `node` (render.py)."""
+    m = _CHILD_JOB.match(job_name)
+    return m["job"] if m else None
 
 
 def job_manifest(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -105,6 +105,14 @@ def _spec_rules() -> list[dict[str, str]]:
                     "message": f"algorithm {' / '.join(readers)} needs spec.{block}",
                 }
             )
+    rules.append(
+        {
+            "rule": "(has(self.output) && has(self.output.dir)) || (has(self.training.checkpoint)"
+            " && has(self.training.checkpoint.dir))",
+            "message": f"spec.output.dir: {api.OUTPUT_DIR_REQUIRED}",
+            "fieldPath": ".output.dir",
+        }
+    )
     return rules
 
 

@@ -32,7 +32,7 @@ def test_unbuilt_algorithm_fails_fast_before_jax(tmp_path):
     )
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 78, proc.stderr  # runtime.EXIT_CONFIG
     assert "spec.algorithm: 'dpo' is not built" in proc.stderr
     assert "built: sft" in proc.stderr
     assert time.perf_counter() - started < 30

@@ -23,18 +23,18 @@ No wildcards.
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
   verbs: [get, list, watch, create, patch]
-# The recipe (create-or-get: "already exists" is success).
+# The recipe: create; when it exists, read it to check owner and content, replace a stale one.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create]
+  verbs: [create, get, update]
 # Which pods wait for nodes (Provisioning).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# Events on PostTrainJobs.
+# Events on PostTrainJobs; watch FailedCreate Events of the Jobs (why pods are refused).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list, watch]
 {{- end -}}
 
 {{/* The operator, cluster-scoped: kopf notices CRDs appearing, and, when it watches named
