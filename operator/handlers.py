@@ -40,8 +40,13 @@ from posttrain.operator.reconcile import (
 
 ANNOTATION_PREFIX = r.OPERATOR_ANNOTATION_PREFIX.rstrip("/")
 FAILED_CREATE_SELECTOR = "reason=FailedCreate,involvedObject.kind=Job"
-# Set by `posttrain operator` before kopf starts (image defaults from its flags).
+# Set by `posttrain operator` before kopf starts (image defaults and --peering from its flags).
 IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
+PEERING: str | None = None
+# How long a replica's peering record outlives its last keep-alive (kopf sends one every
+# lifetime - 5..10 s): a SIGKILLed active replica is replaced this long after its last one. One
+# that exits normally removes its record, and a waiting replica takes over at once.
+PEERING_LIFETIME_S = 15
 
 _operator: Operator | None = None
 
@@ -74,7 +79,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    settings.peering.standalone = True  # one replica; no KopfPeering objects needed
+    if PEERING:
+        settings.peering.lifetime = PEERING_LIFETIME_S
+    else:
+        settings.peering.standalone = True  # one replica; no KopfPeering objects needed
     settings.posting.level = logging.WARNING  # our own Events, not "Handler ... succeeded"
     # Server-side filters: only our JobSets and pods, only the Events that say pods are refused.
     settings.watching.label_selectors["v1", "pods"] = r.JOB_LABEL

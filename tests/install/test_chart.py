@@ -118,6 +118,8 @@ def test_default_install_objects(chart) -> None:
     assert kinds == sorted(
         [
             ("CustomResourceDefinition", "posttrainjobs.posttrain.dev"),
+            ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
+            ("CustomResourceDefinition", "kopfpeerings.kopf.dev"),
             ("ServiceAccount", OPERATOR_SA),
             ("ServiceAccount", TRAINER_SA),
             ("ClusterRole", f"{FULLNAME}-operator"),
@@ -129,7 +131,7 @@ def test_default_install_objects(chart) -> None:
             ("Deployment", f"{FULLNAME}-operator"),
         ]
     )
-    crd = find(docs, "CustomResourceDefinition")[0]
+    crd = find(docs, "CustomResourceDefinition", "posttrainjobs.posttrain.dev")[0]
     generated = yaml.safe_load((REPO / "crds/posttrain.dev_posttrainjobs.yaml").read_text())
     assert crd == generated
 
@@ -349,7 +351,7 @@ def test_default_trainer_images_are_the_operators_own(chart) -> None:
     ("setting", "field"),
     [
         ("replicaCount=banana", "replicaCount"),
-        ("replicaCount=2", "replicaCount"),
+        ("replicaCount=9", "replicaCount"),
         ("logLevel=loud", "logLevel"),
         ("logFormat=xml", "logFormat"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
@@ -395,3 +397,38 @@ def test_values_table_in_docs_lists_every_value() -> None:
 
     missing = [leaf for leaf in leaves(values) if f"`{leaf}`" not in docs]
     assert not missing, f"docs/install.md's values table lacks: {missing}"
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a", "team-b"]])
+def test_two_replicas_peer(chart, watch: list[str]) -> None:
+    """replicaCount 2: kopf peering on (--peering, POD_ID), its object and RBAC, RollingUpdate."""
+    args = ["--set", "replicaCount=2"]
+    if watch:
+        args += ["--set", "watchNamespaces={" + ",".join(watch) + "}"]
+    docs = chart.render(*args)
+    (deployment,) = find(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    container = operator_container(docs)
+    assert f"--peering={FULLNAME}" in container["args"]
+    assert [e["name"] for e in container["env"]] == ["POD_ID"]
+    rules = {
+        d["metadata"]["name"]: [
+            (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in d["rules"]
+        ]
+        for d in find(docs, "ClusterRole")
+    }
+    if watch:
+        peerings = find(docs, "KopfPeering")
+        assert sorted(p["metadata"]["namespace"] for p in peerings) == watch
+        assert {p["metadata"]["name"] for p in peerings} == {FULLNAME}
+        want = (("kopf.dev",), ("kopfpeerings",), ("list", "watch", "patch"))
+        assert want in rules[f"{FULLNAME}-operator"]
+    else:
+        (peering,) = find(docs, "ClusterKopfPeering")
+        assert peering["metadata"]["name"] == FULLNAME
+        want = (("kopf.dev",), ("clusterkopfpeerings",), ("list", "watch", "patch"))
+        assert want in rules[f"{FULLNAME}-operator-cluster"]
+    # one replica: no peering at all
+    single = chart.render()
+    assert not find(single, "ClusterKopfPeering") and "env" not in operator_container(single)

@@ -35,6 +35,12 @@ No wildcards.
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list, watch]
+{{- if and (gt (int .Values.replicaCount) 1) .Values.watchNamespaces }}
+# Peering (replicaCount > 1): keep-alives in the namespace's KopfPeering.
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch]
+{{- end }}
 {{- end -}}
 
 {{/* The operator, cluster-scoped: kopf notices CRDs appearing, and, when it watches named
@@ -47,6 +53,11 @@ namespaces, their creation and deletion (it never reads namespaces when watching
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
+{{- else if gt (int .Values.replicaCount) 1 }}
+# Peering (replicaCount > 1) when watching every namespace: keep-alives in the ClusterKopfPeering.
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [list, watch, patch]
 {{- end }}
 {{- end -}}
 
