@@ -63,6 +63,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=200)
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         operator = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         time.sleep(5)  # the operator's start-up (imports, kopf's initial listing)
+        cpu_start = cpu_seconds(operator.pid)
         watcher = threading.Thread(target=watch_jobsets, daemon=True)
         watcher.start()
         time.sleep(0.5)
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         done.set()
         wall = time.monotonic() - start
         rss = peak_rss_mb(operator.pid)
+        cpu = cpu_seconds(operator.pid) - cpu_start
     finally:
         operator.terminate()
         operator.wait(30)
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_s": round(percentile(latencies, 0.99), 3) if latencies else None,
         "max_s": round(max(latencies), 3) if latencies else None,
         "rss_mb": round(rss, 1),
+        "operator_cpu_s": round(cpu, 1),
         "wall_s": round(wall, 1),
         "all_created": len(latencies) == args.jobs,
     }

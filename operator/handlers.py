@@ -43,6 +43,7 @@ FAILED_CREATE_SELECTOR = "reason=FailedCreate,involvedObject.kind=Job"
 # Set by `posttrain operator` before kopf starts (image defaults and --peering from its flags).
 IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
 PEERING: str | None = None
+WORKERS = 32  # threads running the (blocking) handlers
 # How long a replica's peering record outlives its last keep-alive (kopf sends one every
 # lifetime - 5..10 s): a SIGKILLed active replica is replaced this long after its last one. One
 # that exits normally removes its record, and a waiting replica takes over at once.
@@ -58,7 +59,9 @@ def api_client() -> client.ApiClient:
     else:
         # explicit: the client's default path was read from the environment at import time
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = WORKERS  # a connection per handler thread
+    return client.ApiClient(configuration)
 
 
 def _emit(body: Any, event: st.Event) -> None:
@@ -88,6 +91,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors["v1", "pods"] = r.JOB_LABEL
     settings.watching.label_selectors[JOBSET_GROUP, JOBSET_PLURAL] = r.JOB_LABEL
     settings.watching.field_selectors["v1", "events"] = FAILED_CREATE_SELECTOR
+    # Handlers wait on the API server, not the CPU: more threads than kopf's default
+    # (min(32, cores + 4)) keep a burst of new jobs from queueing behind each other.
+    settings.execution.max_workers = WORKERS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     _operator = Operator(api_client(), images=IMAGE_DEFAULTS, emit=_emit)
@@ -96,10 +102,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile(namespace: str | None, name: str, **_: Any) -> None:
+def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
     assert namespace is not None  # PostTrainJobs are namespaced
     try:
-        operator().reconcile(namespace, name)
+        operator().reconcile(namespace, name, seen=body)
     except Retry as err:
         raise kopf.TemporaryError(str(err), delay=5) from None
 

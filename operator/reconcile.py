@@ -21,6 +21,7 @@ it was deleted, and the job fails rather than start again with a fresh restart b
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
@@ -65,6 +66,9 @@ class Operator:
     # Why the Job controller cannot create a job's pods (its FailedCreate Events), with the fix;
     # dropped once the job has pods.
     create_failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Jobs with a status sync waiting for the job's lock, not yet reading: a new event for one
+    # of them needs no sync of its own (see sync_status).
+    _queued: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api)
@@ -98,10 +102,13 @@ class Operator:
 
     # ---- create / resume / update ---------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str) -> None:
-        """Validate, render and apply the job's children (idempotent), then sync its status."""
+    def reconcile(self, namespace: str, name: str, seen: Mapping[str, Any] | None = None) -> None:
+        """Validate, render and apply the job's children (idempotent), then sync its status.
+        `seen`: the object as the watch delivered it; used as is while it has no status (a new
+        job, which nothing else writes to before this), else read again."""
         with self._lock(namespace, name):
-            body = self.get_job(namespace, name)
+            fresh = seen is not None and not (seen.get("status") or {}).get("phase")
+            body = copy.deepcopy(dict(seen)) if fresh and seen else self.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             prev = body.get("status") or {}
@@ -125,7 +132,9 @@ class Operator:
                 self._sync(body, job=None, errors=err.errors)
                 return
             configmap, jobset = manifests
-            existing = self.get_jobset(namespace, name)
+            # Never reconciled (no phase): no JobSet of this job can exist yet, since Pending is
+            # written before one is made; an earlier job's answers the create with 409.
+            existing = self.get_jobset(namespace, name) if prev.get("phase") else None
             if existing is not None and not owned_by(existing, body):
                 raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
             if existing is None and prev.get("jobSetName"):
@@ -135,7 +144,7 @@ class Operator:
             try:
                 if existing is None:
                     # Pending first: from now on the CRD's CEL rule freezes the spec.
-                    self._sync(body, job=job, children=(None, []))
+                    self._sync(body, job=job, children=(None, []), quiet=True)
                 self._ensure_configmap(body, configmap)
                 if existing is None:
                     existing, created = self._create_or_get_jobset(namespace, jobset)
@@ -236,8 +245,20 @@ class Operator:
         self.sync_status(namespace, name)
 
     def sync_status(self, namespace: str, name: str) -> None:
-        """Recompute the job's status from its JobSet and pods (JobSet and pod events)."""
+        """Recompute the job's status from its JobSet and pods (JobSet and pod events).
+
+        Coalesced: while a sync of the job waits for its lock and has not read anything yet,
+        further events need none of their own (that sync reads the state after them), so a
+        burst of pod and JobSet events costs a few syncs, not one each, and frees the workers
+        for the jobs being created."""
+        key = (namespace, name)
+        with self._guard:
+            if key in self._queued:
+                return
+            self._queued.add(key)
         with self._lock(namespace, name):
+            with self._guard:
+                self._queued.discard(key)
             body = self.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.phases.pop((namespace, name), None)
@@ -261,8 +282,10 @@ class Operator:
         job: PostTrainJob | None,
         errors: list[FieldError] | None = None,
         children: tuple[dict[str, Any] | None, list[dict[str, Any]]] | None = None,
+        quiet: bool = False,
     ) -> None:
-        """Compute and patch the status; `children` = (JobSet, pods) when already known."""
+        """Compute and patch the status; `children` = (JobSet, pods) when already known;
+        `quiet`: no Events (a step the next sync supersedes at once)."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         prev = body.get("status") or {}
@@ -308,7 +331,7 @@ class Operator:
         if not st.changed(prev, new):
             return
         self._patch_status(body, new)
-        for event in st.transitions(prev, new, outcome):
+        for event in [] if quiet else st.transitions(prev, new, outcome):
             self.emit(body, event)
         if outcome.phase != prev.get("phase"):
             log.info(
