@@ -103,8 +103,15 @@ def expected_pods(jobset: Mapping[str, Any]) -> int:
 
 
 def pod_failure(pods: Sequence[Mapping[str, Any]]) -> str:
-    """`pod P: exit code 3 (OOMKilled): message` for the first failed pod, else ''."""
-    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+    """`pod P: exit code 3 (OOMKilled): message` for the first failed pod, else ''. Pods that
+    failed on their own come first: a pod deleted while running (a restart, an eviction) also
+    ends Failed, but is a consequence, not the cause."""
+
+    def order(pod: Mapping[str, Any]) -> tuple[bool, str]:
+        meta = pod.get("metadata") or {}
+        return (bool(meta.get("deletionTimestamp")), meta.get("name", ""))
+
+    for pod in sorted(pods, key=order):
         status = pod.get("status") or {}
         if status.get("phase") != "Failed":
             continue

@@ -633,13 +633,19 @@ def test_two_replicas_one_active_and_a_hand_over(
         wait_for("both replicas in the peering object", lambda: set(records()) >= set(ops), 60)
         active = max(records().items(), key=lambda kv: kv[1]["priority"])[0]
         standby = next(n for n in ops if n != active)
-        # kopf starts a peered operator paused; the highest priority resumes, the other waits
-        resumed = "Resuming operations"
-        wait_for("the active one to resume", lambda: resumed in ops[active].log.read_text(), 30)
+        # kopf starts a peered operator paused; the highest priority resumes, a lower one
+        # pauses (again, if it was alone for a moment at start)
+        resumed, paused = "Resuming operations", "Pausing operations"
+
+        def acting(name: str) -> bool:
+            log = ops[name].log.read_text()
+            return log.rfind(resumed) > log.rfind(paused)
+
+        wait_for("one active, one waiting", lambda: acting(active) and not acting(standby), 30)
+        waiting_since = len(ops[standby].log.read_text())
         api.apply(manifest("before", {"accelerator": "cpu"}))
         wait_for("the JobSet of the first job", lambda: api.get("jobset", "before"), 30)
-        standby_log = ops[standby].log.read_text()
-        assert resumed not in standby_log and "before" not in standby_log  # it did nothing
+        assert "before" not in ops[standby].log.read_text()[waiting_since:]  # it did nothing
 
         ops[active].kill()
         killed = time.monotonic()
@@ -648,7 +654,42 @@ def test_two_replicas_one_active_and_a_hand_over(
         hand_over = time.monotonic() - killed
         print(f"hand-over after SIGKILL: {hand_over:.1f}s")
         assert hand_over < PEERING_LIFETIME_S + 10
-        assert resumed in ops[standby].log.read_text()
+        assert acting(standby)
     finally:
         for op in ops.values():
             op.stop()
+
+
+def test_a_2x4_as_two_4_chip_hosts(namespace, kubectl, operator) -> None:
+    """resources.chipsPerHost: 4 runs a v5e 2x4 on two 4-chip hosts (GKE's ct5lp-hightpu-4t)."""
+    api = Api(kubectl)
+    resources = {"accelerator": "tpu-v5e", "topology": "2x4", "chipsPerHost": 4}
+    api.apply(manifest("two", resources, annotations={"posttrain.dev/fake-run-seconds": "600"}))
+    api.wait_phase("two", "Running", operator, timeout=90)
+    pods = api.items("pods", "-l", f"{r.JOB_LABEL}=two")
+    nodes = [api.get("node", p["spec"]["nodeName"]) for p in pods]
+    assert len(pods) == 2 and len({n["metadata"]["name"] for n in nodes}) == 2
+    for node in nodes:
+        assert node["status"]["capacity"][r.TPU_RESOURCE] == "4"
+        assert node["metadata"]["labels"]["node.kubernetes.io/instance-type"] == "ct5lp-hightpu-4t"
+
+
+def test_an_evicted_pod_restarts_the_job_without_spending_max_restarts(
+    namespace, kubectl, operator
+) -> None:
+    """Eviction (the pod's DisruptionTarget condition) restarts every pod, free: with
+    maxRestarts 0 a counted restart would fail the job."""
+    api = Api(kubectl)
+    doc = manifest("evict", {"accelerator": "cpu", "nodes": 2}, maxRestarts=0,
+                   annotations={"posttrain.dev/fake-run-seconds": "600"})  # fmt: skip
+    api.apply(doc)
+    api.wait_phase("evict", "Running", operator)
+    victim = api.items("pods", "-l", f"{r.JOB_LABEL}=evict")[0]["metadata"]["name"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim}}
+    kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{victim}/eviction",
+            "-f", "-", input=json.dumps(eviction))  # fmt: skip
+    wait_for("the restart", lambda: api.status("evict").get("restarts") == 1, 60)
+    status = api.wait_phase("evict", "Running", operator, timeout=60)
+    jobset = api.get("jobset", "evict")
+    assert jobset["status"].get("restartsCountTowardsMax", 0) == 0, jobset["status"]
+    assert status["phase"] == "Running"

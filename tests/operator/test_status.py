@@ -329,3 +329,12 @@ def test_a_deleted_jobset_fails_the_job_instead_of_being_made_again() -> None:
     out = st.phase_of(suspend=False, queue_name=None, jobset=None, pods=[], deleted_jobset="j")
     assert (out.phase, out.reason) == ("Failed", st.JOBSET_DELETED)
     assert "JobSet j was deleted" in out.message and "restart count" in out.message
+
+
+def test_pod_failure_names_the_cause_not_the_pods_deleted_after_it() -> None:
+    killed = pod("Failed", name="a-0", terminated={"exitCode": 143, "reason": "Error"})
+    killed["metadata"]["deletionTimestamp"] = NOW  # deleted by the restart it caused
+    cause = pod("Failed", name="b-1", terminated={"exitCode": 3, "reason": "OOMKilled"})
+    assert st.pod_failure([killed, cause]).startswith(
+        "pod b-1: container trainer exited with code 3"
+    )
