@@ -14,7 +14,7 @@
 | JobSet condition Failed=True, a pod exited with EXIT_CONFIG (78) | Failed       | ConfigurationError |
 | JobSet condition Failed=True                                     | Failed       | JobSet's reason    |
 | spec.suspend (JobSet suspended, or being suspended)              | Suspended    | Suspended          |
-| JobSet suspended with a Kueue queue, spec.suspend false          | Pending      | Queued             |
+| JobSet suspended with a Kueue queue, spec.suspend false          | Queued       | Queued             |
 | JobSet suspended, spec.suspend false, no queue                   | Suspended    | Resuming           |
 | no pods of the current attempt, the Job controller cannot create | Pending      | FailedCreatePods   |
 | no pods of the current attempt yet                               | Pending      | CreatingPods       |
@@ -205,8 +205,9 @@ def phase_of(
         return Outcome("Suspended", "Suspending", f"suspending JobSet {name}")
     if jobset_suspended:
         if queue_name:
+            # Kueue admits by unsuspending, and evicts (preemption) by suspending again.
             return Outcome(
-                "Pending", "Queued", f"waiting for Kueue to admit it (queue {queue_name})"
+                "Queued", "Queued", f"waiting for Kueue to admit it (queue {queue_name})"
             )
         return Outcome("Suspended", "Resuming", f"resuming JobSet {name}")
 

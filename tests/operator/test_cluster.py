@@ -693,3 +693,23 @@ def test_an_evicted_pod_restarts_the_job_without_spending_max_restarts(
     jobset = api.get("jobset", "evict")
     assert jobset["status"].get("restartsCountTowardsMax", 0) == 0, jobset["status"]
     assert status["phase"] == "Running"
+
+
+def test_a_queued_job_waits_for_admission(namespace, kubectl, operator) -> None:
+    """With spec.scheduling.queueName the JobSet starts suspended for Kueue to admit; until then
+    the phase is Queued (a column in `kubectl get`) and the spec is frozen. (Kueue itself does
+    not run on the local control plane yet: issue #18.)"""
+    api = Api(kubectl)
+    api.apply(manifest("q", {"accelerator": "cpu"}, scheduling={"queueName": "team-a"}))
+    status = api.wait_phase("q", "Queued", operator)
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "Queued" and "queue team-a" in running["message"]
+    jobset = api.get("jobset", "q")
+    assert jobset["spec"]["suspend"] is True
+    assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
+    assert api.columns("q")["PHASE"] == "Queued"
+    refused = kubectl(
+        "patch", "posttrainjob", "q", "--type=merge", "-p", '{"spec":{"maxRestarts":1}}',
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "immutable while the job is active" in refused.stderr

@@ -110,7 +110,7 @@ def phase(**kwargs: Any) -> tuple[str, str]:
         ({"jobset": jobset(suspend=True), "suspend": True}, ("Suspended", "Suspended")),
         ({"jobset": jobset(), "suspend": True, "pods": [pod()] * 4}, ("Suspended", "Suspending")),
         ({"jobset": jobset(suspend=True)}, ("Suspended", "Resuming")),
-        ({"jobset": jobset(suspend=True), "queue_name": "q"}, ("Pending", "Queued")),
+        ({"jobset": jobset(suspend=True), "queue_name": "q"}, ("Queued", "Queued")),
         # after a restart the old attempt's pods do not count
         ({"jobset": jobset(restarts=1), "pods": [pod(attempt=0)] * 4}, ("Pending", "CreatingPods")),
         ({"jobset": jobset(restarts=1), "pods": [pod(attempt=1)] * 4}, ("Running", "Running")),
