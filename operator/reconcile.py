@@ -14,7 +14,8 @@ Crash safety: every step is create-or-check by deterministic name, so an operato
 point and started again finds what it made and goes on. What it finds is checked: a child not
 owned (controller ownerReference with the job's uid) is an earlier job's of the same name, on
 its way out with the garbage collector (retry); a recipe of ours that differs from the rendered
-one is replaced before any pod could read it (a JobSet exists only after its recipe is right).
+one is replaced while the JobSet does not exist yet, so before any pod could read it (a running
+job keeps the recipe it started with, even under an operator that renders differently).
 A JobSet is made at most once per job: once status.jobSetName is set, a missing JobSet means
 it was deleted, and the job fails rather than start again with a fresh restart budget.
 """
@@ -145,7 +146,7 @@ class Operator:
                 if existing is None:
                     # Pending first: from now on the CRD's CEL rule freezes the spec.
                     self._sync(body, job=job, children=(None, []), quiet=True)
-                self._ensure_configmap(body, configmap)
+                self._ensure_configmap(body, configmap, replace_stale=existing is None)
                 if existing is None:
                     existing, created = self._create_or_get_jobset(namespace, jobset)
             except ApiException as err:
@@ -163,8 +164,12 @@ class Operator:
             # A JobSet made just now has no pods yet: no need to list them.
             self._sync(body, job=job, children=(existing, []) if created else None)
 
-    def _ensure_configmap(self, owner: dict[str, Any], manifest: dict[str, Any]) -> None:
-        """Create the recipe; when one exists, it must be this job's and say what it renders."""
+    def _ensure_configmap(
+        self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
+    ) -> None:
+        """Create the recipe; when one exists, it must be this job's, and (`replace_stale`:
+        before its JobSet exists) say what it renders. Once the JobSet runs, its recipe stays
+        (an operator upgrade that renders differently must not change a running job)."""
         namespace, name = owner["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
             self.core.create_namespaced_config_map(namespace, cast(Any, manifest))
@@ -187,9 +192,9 @@ class Operator:
                 f"ConfigMap {namespace}/{name} is not this job's (an earlier job's of the same "
                 "name, which the garbage collector removes, or someone else's: delete it)"
             )
-        if found.get("data") != manifest["data"]:
-            # Ours but stale (a spec fixed after a refused apply): replace it, guarded by its
-            # resourceVersion. No JobSet reads it yet: the JobSet is made after this.
+        if replace_stale and found.get("data") != manifest["data"]:
+            # Ours but stale (a spec fixed after a refused apply, a crash between renders):
+            # replace it, guarded by its resourceVersion; the JobSet is made after this.
             replacement = {**manifest, "metadata": {**manifest["metadata"]}}
             replacement["metadata"]["resourceVersion"] = found["metadata"]["resourceVersion"]
             self.core.replace_namespaced_config_map(name, namespace, cast(Any, replacement))
