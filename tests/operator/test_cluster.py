@@ -556,6 +556,7 @@ def test_faults_fail_or_wait_with_the_reason(namespace, kubectl, operator) -> No
              if c["type"] == "Running" and c["reason"] == "FailedCreatePods"), None),
         30,
     )  # fmt: skip
+    print(f"FailedCreatePods after {time.monotonic() - started:.1f}s")
     assert time.monotonic() - started < 30
     assert 'serviceaccount "missing-sa" not found' in running["message"]
     assert "create the ServiceAccount missing-sa in namespace" in running["message"]
