@@ -402,6 +402,13 @@ def test_operator_killed_mid_flight_makes_no_duplicates(namespace, kubectl, oper
     ]
     assert len(api.items("jobs", "-l", f"{r.JOB_LABEL}=again")) == 1
     assert api.status("again")["restarts"] == 0
+    # 3. a finished job's JobSet deleted (as a TTL would), operator restarted: never made again
+    kubectl("delete", "jobset", "again", "--wait=true", "--timeout=30s")
+    operator.kill()
+    resumed = operator.tail(10_000).count("Resuming is processed")
+    operator.start()
+    wait_for("the resume", lambda: operator.tail(10_000).count("Resuming is processed") > resumed)
+    assert api.get("jobset", "again") is None and api.status("again")["phase"] == "Succeeded"
 
 
 def test_invalid_jobs(namespace, kubectl, operator) -> None:
@@ -577,8 +584,9 @@ def test_faults_fail_or_wait_with_the_reason(namespace, kubectl, operator) -> No
         "JobSetDeleted"
     )
     operator.kill()
+    resumed = operator.tail(10_000).count("Resuming is processed")
     operator.start()  # on resume it must not make the JobSet again
-    time.sleep(5)
+    wait_for("the resume", lambda: operator.tail(10_000).count("Resuming is processed") > resumed)
     assert api.get("jobset", "gone") is None and api.status("gone")["phase"] == "Failed"
 
 
