@@ -97,11 +97,12 @@ class TpuSlice:
         return self.hosts * self.chips_per_host
 
 
-def tpu_slice_shape(accelerator: str, topology: str) -> TpuSlice:
+def tpu_slice_shape(accelerator: str, topology: str, chips_per_pod: int = 0) -> TpuSlice:
     """Hosts and chips per host of a TPU slice, as GKE provisions it.
 
     Single-host v5e/v6e slices (1x1, 2x2, 2x4) put all 1, 4 or 8 chips on one host; every
-    multi-host slice has 4 chips per host, so hosts = chips / 4.
+    multi-host slice has 4 chips per host, so hosts = chips / 4. A 2x4 whose pods ask for 4
+    chips each is GKE's other shape of it: two 4-chip hosts (the multi-host machine type).
     """
     family = TPU_FAMILIES.get(accelerator)
     if family is None:
@@ -115,7 +116,8 @@ def tpu_slice_shape(accelerator: str, topology: str) -> TpuSlice:
             f"{accelerator} needs a {family.dims}-dimensional topology, got {topology!r}"
         )
     chips = math.prod(dims)
-    if topology in family.single_host:
+    two_hosts = chips_per_pod == CHIPS_PER_MULTI_HOST < chips  # e.g. a 2x4 as 2 x 4 chips
+    if topology in family.single_host and not two_hosts:
         return TpuSlice(1, chips, family.single_host[topology])
     if chips % CHIPS_PER_MULTI_HOST:
         raise ValueError(
@@ -175,8 +177,10 @@ def default_pool_nodes(count: int) -> list[dict]:
     ]
 
 
-def tpu_pool_nodes(pool: str, accelerator: str, topology: str) -> list[dict]:
-    shape = tpu_slice_shape(accelerator, topology)
+def tpu_pool_nodes(
+    pool: str, accelerator: str, topology: str, chips_per_pod: int = 0
+) -> list[dict]:
+    shape = tpu_slice_shape(accelerator, topology, chips_per_pod)
     labels = {
         TPU_ACCELERATOR_LABEL: accelerator,
         TPU_TOPOLOGY_LABEL: topology,
@@ -307,10 +311,14 @@ class Provisioner:
         kind, accelerator, topology = request
         pool = pool_name(kind, accelerator, topology)
         if kind == "tpu":
-            nodes = tpu_pool_nodes(pool, accelerator, topology)
+            chips = _requested(members[0], TPU_RESOURCE)
+            nodes = tpu_pool_nodes(pool, accelerator, topology, chips)
         else:
             nodes = gpu_pool_nodes(
-                pool, accelerator, self.group_size(key, members), _gpus_requested(members[0])
+                pool,
+                accelerator,
+                self.group_size(key, members),
+                _requested(members[0], GPU_RESOURCE),
             )
         self.create_nodes(nodes)
         self.provisioned[key] = pool
@@ -385,12 +393,12 @@ def _unschedulable(pod: dict) -> bool:
     return False
 
 
-def _gpus_requested(pod: dict) -> int:
+def _requested(pod: dict, resource: str) -> int:
     total = 0
     for c in pod["spec"].get("containers") or []:
         limits = (c.get("resources") or {}).get("limits") or {}
         requests = (c.get("resources") or {}).get("requests") or {}
-        total += int(limits.get(GPU_RESOURCE) or requests.get(GPU_RESOURCE) or 0)
+        total += int(limits.get(resource) or requests.get(resource) or 0)
     return total
 
 

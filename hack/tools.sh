@@ -66,7 +66,17 @@ ldflags() {
     etcd) f+=" -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$v" ;;  # Version is a constant upstream
     jobset) f+=" -X sigs.k8s.io/jobset/pkg/version.GitVersion=$v -X sigs.k8s.io/jobset/pkg/version.GitCommit=module-$v" ;;
     kwok) f+=" -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" ;;
-    helm) f+=" -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
+    helm)
+      # The Kubernetes version `helm template` reports (.Capabilities.KubeVersion) is a link-time
+      # default, v1.20 unset; upstream's Makefile derives it from its client-go (v0.34 -> 1.34).
+      local cg kmin
+      cg=$(awk '$1 == "k8s.io/client-go" { print $2; exit }' "$HACK_DIR/tools/helm/go.mod")
+      kmin=${cg#v0.}; kmin=${kmin%%.*}
+      [[ $cg == v0.* && -n $kmin ]] || die "no k8s.io/client-go v0.x in hack/tools/helm/go.mod"
+      f+=" -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+      for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+        f+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$kmin"
+      done ;;
   esac
   echo "$f"
 }

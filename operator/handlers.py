@@ -3,6 +3,11 @@
     PostTrainJob created, resumed (operator start), spec changed  -> Operator.reconcile
     JobSet event (label posttrain.dev/job)                         -> Operator.sync_status
     pod event (label posttrain.dev/job), while the job starts      -> Operator.sync_status
+    Event FailedCreate on one of its Jobs (pods refused)           -> Operator.pods_not_created
+
+JobSets and pods are watched with a server-side label selector (posttrain.dev/job), Events with
+a field selector (reason FailedCreate, on Jobs): the operator never receives the cluster's
+other pods.
 
 No timers or daemons (kopf would put a finalizer on every PostTrainJob for them, and deletion
 would hang while the operator is down) and no deletion handler: children go with their owner
@@ -30,11 +35,19 @@ from posttrain.operator.reconcile import (
     JOBSET_VERSION,
     Operator,
     Retry,
+    job_of_child_job,
 )
 
 ANNOTATION_PREFIX = r.OPERATOR_ANNOTATION_PREFIX.rstrip("/")
-# Set by `posttrain operator` before kopf starts (image defaults from its flags).
+FAILED_CREATE_SELECTOR = "reason=FailedCreate,involvedObject.kind=Job"
+# Set by `posttrain operator` before kopf starts (image defaults and --peering from its flags).
 IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
+PEERING: str | None = None
+WORKERS = 32  # threads running the (blocking) handlers
+# How long a replica's peering record outlives its last keep-alive (kopf sends one every
+# lifetime - 5..10 s): a SIGKILLed active replica is replaced this long after its last one. One
+# that exits normally removes its record, and a waiting replica takes over at once.
+PEERING_LIFETIME_S = 15
 
 _operator: Operator | None = None
 
@@ -46,7 +59,9 @@ def api_client() -> client.ApiClient:
     else:
         # explicit: the client's default path was read from the environment at import time
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = WORKERS  # a connection per handler thread
+    return client.ApiClient(configuration)
 
 
 def _emit(body: Any, event: st.Event) -> None:
@@ -67,8 +82,18 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    settings.peering.standalone = True  # one replica; no KopfPeering objects needed
+    if PEERING:
+        settings.peering.lifetime = PEERING_LIFETIME_S
+    else:
+        settings.peering.standalone = True  # one replica; no KopfPeering objects needed
     settings.posting.level = logging.WARNING  # our own Events, not "Handler ... succeeded"
+    # Server-side filters: only our JobSets and pods, only the Events that say pods are refused.
+    settings.watching.label_selectors["v1", "pods"] = r.JOB_LABEL
+    settings.watching.label_selectors[JOBSET_GROUP, JOBSET_PLURAL] = r.JOB_LABEL
+    settings.watching.field_selectors["v1", "events"] = FAILED_CREATE_SELECTOR
+    # Handlers wait on the API server, not the CPU: more threads than kopf's default
+    # (min(32, cores + 4)) keep a burst of new jobs from queueing behind each other.
+    settings.execution.max_workers = WORKERS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     _operator = Operator(api_client(), images=IMAGE_DEFAULTS, emit=_emit)
@@ -77,10 +102,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile(namespace: str | None, name: str, **_: Any) -> None:
+def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
     assert namespace is not None  # PostTrainJobs are namespaced
     try:
-        operator().reconcile(namespace, name)
+        operator().reconcile(namespace, name, seen=body)
     except Retry as err:
         raise kopf.TemporaryError(str(err), delay=5) from None
 
@@ -89,6 +114,18 @@ def reconcile(namespace: str | None, name: str, **_: Any) -> None:
 def jobset_event(namespace: str | None, labels: Mapping[str, str], type: str, **_: Any) -> None:
     if type is not None and namespace:  # None: the initial listing, which on.resume covers
         operator().sync_status(namespace, labels[r.JOB_LABEL])
+
+
+@kopf.on.event("v1", "events")
+def failed_create_event(
+    namespace: str | None, body: Mapping[str, Any], type: str | None, **_: Any
+) -> None:
+    # type None: the initial listing, so a restarted operator still knows (Events live an hour)
+    if type == "DELETED" or not namespace:
+        return
+    job = job_of_child_job(str((body.get("involvedObject") or {}).get("name") or ""))
+    if job:
+        operator().pods_not_created(namespace, job, str(body.get("message") or ""))
 
 
 @kopf.on.event("v1", "pods", labels={r.JOB_LABEL: kopf.PRESENT})

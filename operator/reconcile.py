@@ -6,16 +6,27 @@ this file, so docs/operator.md's RBAC list can be checked against it:
 
     posttrainjobs          get                      (fresh state before computing status)
     posttrainjobs/status   patch                    (phase, conditions, ...)
-    configmaps             create, get              (the recipe)
+    configmaps             create, get, update      (the recipe; update: a stale one of ours)
     jobsets                create, get, patch       (patch: spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
+
+Crash safety: every step is create-or-check by deterministic name, so an operator killed at any
+point and started again finds what it made and goes on. What it finds is checked: a child not
+owned (controller ownerReference with the job's uid) is an earlier job's of the same name, on
+its way out with the garbage collector (retry); a recipe of ours that differs from the rendered
+one is replaced while the JobSet does not exist yet, so before any pod could read it (a running
+job keeps the recipe it started with, even under an operator that renders differently).
+A JobSet is made at most once per job: once status.jobSetName is set, a missing JobSet means
+it was deleted, and the job fails rather than start again with a fresh restart budget.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +64,12 @@ class Operator:
     _guard: threading.Lock = field(default_factory=threading.Lock)
     # Last phase seen per job: pod events only matter while a job is not yet Running.
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Why the Job controller cannot create a job's pods (its FailedCreate Events), with the fix;
+    # dropped once the job has pods.
+    create_failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Jobs with a status sync waiting for the job's lock, not yet reading: a new event for one
+    # of them needs no sync of its own (see sync_status).
+    _queued: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api)
@@ -86,10 +103,13 @@ class Operator:
 
     # ---- create / resume / update ---------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str) -> None:
-        """Validate, render and apply the job's children (idempotent), then sync its status."""
+    def reconcile(self, namespace: str, name: str, seen: Mapping[str, Any] | None = None) -> None:
+        """Validate, render and apply the job's children (idempotent), then sync its status.
+        `seen`: the object as the watch delivered it; used as is while it has no status (a new
+        job, which nothing else writes to before this), else read again."""
         with self._lock(namespace, name):
-            body = self.get_job(namespace, name)
+            fresh = seen is not None and not (seen.get("status") or {}).get("phase")
+            body = copy.deepcopy(dict(seen)) if fresh and seen else self.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             prev = body.get("status") or {}
@@ -113,49 +133,90 @@ class Operator:
                 self._sync(body, job=None, errors=err.errors)
                 return
             configmap, jobset = manifests
-            existing = self.get_jobset(namespace, name)
-            if existing is None:
-                # Pending first: from now on the CRD's CEL rule freezes the spec.
-                self._sync(body, job=job, children=(None, []))
-                try:
-                    self._create_or_get_configmap(namespace, configmap)
-                    existing = self._create_or_get_jobset(namespace, jobset)
-                except ApiException as err:
-                    if err.status not in (400, 422):  # others: kopf retries with backoff
-                        raise
-                    # Refused (e.g. by JobSet's webhook): retrying cannot help.
-                    why = FieldError("", f"the API server refused the children: {_message(err)}")
-                    self._sync(body, job=None, errors=[why])
-                    return
+            # Never reconciled (no phase): no JobSet of this job can exist yet, since Pending is
+            # written before one is made; an earlier job's answers the create with 409.
+            existing = self.get_jobset(namespace, name) if prev.get("phase") else None
+            if existing is not None and not owned_by(existing, body):
+                raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
+            if existing is None and prev.get("jobSetName"):
+                self._sync(body, job=job)  # made once and deleted since: Failed, not remade
+                return
+            created = False
+            try:
+                if existing is None:
+                    # Pending first: from now on the CRD's CEL rule freezes the spec.
+                    self._sync(body, job=job, children=(None, []), quiet=True)
+                self._ensure_configmap(body, configmap, replace_stale=existing is None)
+                if existing is None:
+                    existing, created = self._create_or_get_jobset(namespace, jobset)
+            except ApiException as err:
+                if err.status not in (400, 422):  # others: kopf retries with backoff
+                    raise
+                # Refused (e.g. by JobSet's webhook): retrying cannot help.
+                why = FieldError("", f"the API server refused the children: {_message(err)}")
+                self._sync(body, job=None, errors=[why])
+                return
+            if created:
                 log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
-            if not owned_by(existing, body):
+            elif not owned_by(existing, body):
                 raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
             self._ensure_suspend(job, existing)
-            self._sync(body, job=job)
+            # A JobSet made just now has no pods yet: no need to list them.
+            self._sync(body, job=job, children=(existing, []) if created else None)
 
-    def _create_or_get_configmap(self, namespace: str, manifest: dict[str, Any]) -> None:
+    def _ensure_configmap(
+        self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
+    ) -> None:
+        """Create the recipe; when one exists, it must be this job's, and (`replace_stale`:
+        before its JobSet exists) say what it renders. Once the JobSet runs, its recipe stays
+        (an operator upgrade that renders differently must not change a running job)."""
+        namespace, name = owner["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
             self.core.create_namespaced_config_map(namespace, cast(Any, manifest))
+            return
         except ApiException as err:
-            if err.status != 409:  # AlreadyExists: a previous run of the operator made it
+            if err.status != 409:  # AlreadyExists: a previous run, or an earlier job's
                 raise
+        found = _absent_is_none(
+            lambda: json.loads(
+                cast(
+                    Any,
+                    self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
+                ).data
+            )
+        )
+        if found is None:
+            raise Retry(f"ConfigMap {namespace}/{name} exists and vanished")
+        if not owned_by(found, owner):
+            raise Retry(
+                f"ConfigMap {namespace}/{name} is not this job's (an earlier job's of the same "
+                "name, which the garbage collector removes, or someone else's: delete it)"
+            )
+        if replace_stale and found.get("data") != manifest["data"]:
+            # Ours but stale (a spec fixed after a refused apply, a crash between renders):
+            # replace it, guarded by its resourceVersion; the JobSet is made after this.
+            replacement = {**manifest, "metadata": {**manifest["metadata"]}}
+            replacement["metadata"]["resourceVersion"] = found["metadata"]["resourceVersion"]
+            self.core.replace_namespaced_config_map(name, namespace, cast(Any, replacement))
+            log.info("%s/%s: replaced a stale recipe", namespace, name)
 
-    def _create_or_get_jobset(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def _create_or_get_jobset(
+        self, namespace: str, manifest: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """(the JobSet, whether this call made it)."""
         name = manifest["metadata"]["name"]
         try:
-            return cast(
-                dict[str, Any],
-                self.custom.create_namespaced_custom_object(
-                    JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
-                ),
+            made = self.custom.create_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
             )
+            return cast(dict[str, Any], made), True
         except ApiException as err:
             if err.status != 409:
                 raise
         found = self.get_jobset(namespace, name)
         if found is None:
-            raise RuntimeError(f"JobSet {namespace}/{name} exists and vanished; will retry")
-        return found
+            raise Retry(f"JobSet {namespace}/{name} exists and vanished")
+        return found, False
 
     def _ensure_suspend(self, job: PostTrainJob, jobset: dict[str, Any]) -> None:
         """spec.suspend -> JobSet spec.suspend. With a Kueue queue only suspending is ours:
@@ -182,12 +243,31 @@ class Operator:
 
     # ---- status ---------------------------------------------------------------------------
 
+    def pods_not_created(self, namespace: str, name: str, message: str) -> None:
+        """A FailedCreate Event of one of the job's Jobs: say why in the job's status."""
+        fix = st.create_failure_fix(message, namespace)
+        self.create_failures[(namespace, name)] = f"{message.strip()}. Fix: {fix}"
+        self.sync_status(namespace, name)
+
     def sync_status(self, namespace: str, name: str) -> None:
-        """Recompute the job's status from its JobSet and pods (JobSet and pod events)."""
+        """Recompute the job's status from its JobSet and pods (JobSet and pod events).
+
+        Coalesced: while a sync of the job waits for its lock and has not read anything yet,
+        further events need none of their own (that sync reads the state after them), so a
+        burst of pod and JobSet events costs a few syncs, not one each, and frees the workers
+        for the jobs being created."""
+        key = (namespace, name)
+        with self._guard:
+            if key in self._queued:
+                return
+            self._queued.add(key)
         with self._lock(namespace, name):
+            with self._guard:
+                self._queued.discard(key)
             body = self.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.phases.pop((namespace, name), None)
+                self.create_failures.pop((namespace, name), None)
                 return
             prev = body.get("status") or {}
             if prev.get("phase") in st.TERMINAL:
@@ -207,8 +287,10 @@ class Operator:
         job: PostTrainJob | None,
         errors: list[FieldError] | None = None,
         children: tuple[dict[str, Any] | None, list[dict[str, Any]]] | None = None,
+        quiet: bool = False,
     ) -> None:
-        """Compute and patch the status; `children` = (JobSet, pods) when already known."""
+        """Compute and patch the status; `children` = (JobSet, pods) when already known;
+        `quiet`: no Events (a step the next sync supersedes at once)."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         prev = body.get("status") or {}
@@ -225,11 +307,16 @@ class Operator:
                 pods = self.list_pods(namespace, name) if jobset else []
             else:
                 jobset, pods = children
+            key = (namespace, name)
+            if st.current_pods(jobset or {}, pods):
+                self.create_failures.pop(key, None)
             outcome = st.phase_of(
                 suspend=job.spec.suspend,
                 queue_name=job.spec.scheduling.queue_name,
                 jobset=jobset,
                 pods=pods,
+                create_failure=self.create_failures.get(key),
+                deleted_jobset=prev.get("jobSetName") if jobset is None else None,
             )
             summary = {
                 "model": display_model(job.spec.model.base),
@@ -249,7 +336,7 @@ class Operator:
         if not st.changed(prev, new):
             return
         self._patch_status(body, new)
-        for event in st.transitions(prev, new, outcome):
+        for event in [] if quiet else st.transitions(prev, new, outcome):
             self.emit(body, event)
         if outcome.phase != prev.get("phase"):
             log.info(
@@ -262,10 +349,12 @@ class Operator:
             )
 
     def _patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
+        """Merge-patch the status; `body` then holds the status the server has."""
         meta = body["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
+        patched = self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status}
         )
+        body["status"] = cast(dict[str, Any], patched).get("status") or {}
 
 
 class Retry(Exception):
@@ -276,6 +365,17 @@ def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     uid = (owner.get("metadata") or {}).get("uid")
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
     return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+_CHILD_JOB = re.compile(r"^(?P<job>.+)-(?:slice|node)-\d+$")
+
+
+def job_of_child_job(job_name: str) -> str | None:
+    """The PostTrainJob behind a JobSet's child Job: JobSet names them
+    `<jobset>-<replicatedJob>-<index>`, our JobSet is named like the job, and its replicated
+    job is `slice` or `node` (render.py)."""
+    m = _CHILD_JOB.match(job_name)
+    return m["job"] if m else None
 
 
 def job_manifest(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,13 @@ import yaml
 from posttrain import __version__, runtime
 from posttrain.api import accelerators as acc
 from posttrain.api.load import FieldError, JobInvalid
-from posttrain.api.v1alpha1 import API_VERSION, KIND, PostTrainJob
+from posttrain.api.v1alpha1 import (
+    API_VERSION,
+    KIND,
+    OUTPUT_BESIDE_CHECKPOINTS,
+    OUTPUT_DIR_REQUIRED,
+    PostTrainJob,
+)
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 
@@ -69,6 +75,39 @@ TRAINER_UID = 65532  # USER of images/trainer/Dockerfile
 # the recipe and the env contract. Explicit, so an image given in spec.image runs it too.
 TRAINER_COMMAND = ("python", "-m", "posttrain.trainer")
 TRAINER_ARGS = ("--recipe", runtime.RECIPE_PATH)
+
+# Failures a restart cannot fix end the job at once; disruptions restart it for free. The Job's
+# podFailurePolicy fails the Job with reason PodFailurePolicy and a message ending in "matching
+# FailJob rule at index N"; JobSet's rules (v0.10+: onJobFailureMessagePatterns) tell the two
+# apart. Any other failure (a crash, OOM) restarts the set and counts towards maxRestarts.
+CONFIG_ERROR_RULE, DISRUPTION_RULE = "ConfigurationError", "Disruption"
+POD_FAILURE_RULES = (
+    # index 0: the trainer refused its configuration (runtime.EXIT_CONFIG)
+    {
+        "action": "FailJob",
+        "onExitCodes": {
+            "containerName": CONTAINER,
+            "operator": "In",
+            "values": [runtime.EXIT_CONFIG],
+        },
+    },
+    # index 1: preemption, eviction, node loss (the pod's DisruptionTarget condition)
+    {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+)
+JOBSET_FAILURE_RULES = (
+    {
+        "name": CONFIG_ERROR_RULE,
+        "action": "FailJobSet",
+        "onJobFailureReasons": ["PodFailurePolicy"],
+        "onJobFailureMessagePatterns": ["matching FailJob rule at index 0$"],
+    },
+    {
+        "name": DISRUPTION_RULE,
+        "action": "RestartJobSetAndIgnoreMaxRestarts",
+        "onJobFailureReasons": ["PodFailurePolicy"],
+        "onJobFailureMessagePatterns": ["matching FailJob rule at index 1$"],
+    },
+)
 
 # Pod names are <jobset>-<rjob>-<jobIndex>-<podIndex>-<5 random>, at most 63 characters
 # (JobSet's webhook refuses longer ones).
@@ -123,7 +162,7 @@ def shape_of(job: PostTrainJob) -> Shape:
     r = job.spec.resources
     if acc.is_tpu(r.accelerator):
         assert r.topology is not None  # the model requires it for TPUs
-        s = acc.tpu_slice_shape(r.accelerator, r.topology)
+        s = acc.tpu_slice_shape(r.accelerator, r.topology, r.chips_per_host)
         gen = acc.TPU_GENERATIONS[r.accelerator]
         return Shape(
             "slice",
@@ -159,23 +198,37 @@ def coordinator_host(job: PostTrainJob) -> str:
     return f"{name}-{shape_of(job).replicated_job}-0-0.{name}"
 
 
+def output_dir(job: PostTrainJob) -> str | None:
+    """`spec.output.dir`, else beside the checkpoints: `<training.checkpoint.dir>-output`
+    (gs://b/ckpt/run -> gs://b/ckpt/run-output). None when neither is set."""
+    if job.spec.output.dir:
+        return job.spec.output.dir
+    ckpt = job.spec.training.checkpoint.dir
+    return ckpt.rstrip("/") + OUTPUT_BESIDE_CHECKPOINTS if ckpt else None
+
+
 def render(job: PostTrainJob, *, image_defaults: ImageDefaults | None = None) -> list[dict]:
     """The manifests for `job`: [ConfigMap (recipe), JobSet]. Raises JobInvalid naming the field
     when the job cannot be rendered (a name too long for its pods, a reserved env name, ...)."""
     images = image_defaults or ImageDefaults()
-    _check_renderable(job)
+    check_renderable(job)
     return [_configmap(job), _jobset(job, images)]
 
 
 def recipe(job: PostTrainJob) -> dict[str, Any]:
-    """The validated manifest the trainer reads: defaults filled in, no status, metadata cut to
-    name and namespace (so the recipe does not change with the object's bookkeeping)."""
+    """The validated manifest the trainer reads: defaults filled in (`output.dir` too), no
+    status, metadata cut to name and namespace (so the recipe does not change with the object's
+    bookkeeping)."""
     meta = {k: v for k, v in (("name", job.metadata.name), ("namespace", job.metadata.namespace))}
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    out = output_dir(job)
+    if out:
+        spec.setdefault("output", {})["dir"] = out
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {k: v for k, v in meta.items() if v},
-        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "spec": spec,
     }
 
 
@@ -205,7 +258,9 @@ def _name(job: PostTrainJob) -> str:
     return job.metadata.name
 
 
-def _check_renderable(job: PostTrainJob) -> None:
+def check_renderable(job: PostTrainJob) -> None:
+    """What a cluster needs beyond a valid spec (`posttrain validate` checks it too); raises
+    JobInvalid naming each field."""
     errors: list[FieldError] = []
     name = _name(job)
     shape = shape_of(job)
@@ -227,14 +282,8 @@ def _check_renderable(job: PostTrainJob) -> None:
                 f"set from spec.resources ({shape.node_selector[key]!r}); remove it here",
             )
         )
-    if not job.spec.output.dir:
-        errors.append(
-            FieldError(
-                "spec.output.dir",
-                "required in a cluster: a pod's own disk is gone when it ends, so metrics and the "
-                "exported model need a lasting place (gs://bucket/dir or a mounted volume path)",
-            )
-        )
+    if not output_dir(job):
+        errors.append(FieldError("spec.output.dir", OUTPUT_DIR_REQUIRED))
     reserved = {e["name"] for e in _contract_env(job, shape)}
     for i, var in enumerate(job.spec.env):
         if var.name in reserved:
@@ -371,6 +420,9 @@ def _pod_template(job: PostTrainJob, shape: Shape, images: ImageDefaults) -> dic
         "env": _contract_env(job, shape) + _user_env(job),
         "ports": ports,
         "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}],
+        # A failed trainer's last log lines become the pod's termination message, which the
+        # job's Failed condition quotes (e.g. the field a configuration error names).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     resources = _resources(job, shape)
     if resources:
@@ -439,6 +491,7 @@ def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
             # One failed pod fails its Job at once; JobSet's failurePolicy restarts the whole
             # set (every host must rejoin the same distributed job).
             "backoffLimit": 0,
+            "podFailurePolicy": {"rules": list(POD_FAILURE_RULES)},
             "template": _pod_template(job, shape, images),
         },
     }
@@ -449,7 +502,10 @@ def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
         "spec": {
             # With a Kueue queue the JobSet starts suspended and Kueue admits (unsuspends) it.
             "suspend": spec.suspend or bool(spec.scheduling.queue_name),
-            "failurePolicy": {"maxRestarts": spec.max_restarts},
+            "failurePolicy": {
+                "maxRestarts": spec.max_restarts,
+                "rules": [dict(rule) for rule in JOBSET_FAILURE_RULES],
+            },
             "network": {
                 "enableDNSHostnames": True,
                 "subdomain": name,

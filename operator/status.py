@@ -5,19 +5,22 @@
                          transition times kept while unchanged), restarts, times, summary
     transitions(...)     the Events a change of status deserves
 
-| JobSet / pods                                                  | phase        | reason           |
-|----------------------------------------------------------------|--------------|------------------|
-| spec invalid (or cannot be rendered)                           | Failed       | InvalidSpec      |
-| no JobSet yet                                                  | Pending      | Creating         |
-| JobSet condition Completed=True                                | Succeeded    | AllJobsCompleted |
-| JobSet condition Failed=True                                   | Failed       | JobSet's reason  |
-| spec.suspend (JobSet suspended, or being suspended)            | Suspended    | Suspended        |
-| JobSet suspended with a Kueue queue, spec.suspend false        | Pending      | Queued           |
-| JobSet suspended, spec.suspend false, no queue                 | Suspended    | Resuming         |
-| no pods of the current attempt yet                             | Pending      | CreatingPods     |
-| a pod not scheduled (no node fits yet; node pools provisioning)| Provisioning | WaitingForNodes  |
-| every pod scheduled, some not running yet                      | Provisioning | StartingPods     |
-| every pod running (or done)                                    | Running      | Running          |
+| JobSet / pods                                                    | phase        | reason             |
+|------------------------------------------------------------------|--------------|--------------------|
+| spec invalid (or cannot be rendered)                             | Failed       | InvalidSpec        |
+| no JobSet yet                                                    | Pending      | Creating           |
+| no JobSet, though status.jobSetName says it was made (deleted)   | Failed       | JobSetDeleted      |
+| JobSet condition Completed=True                                  | Succeeded    | AllJobsCompleted   |
+| JobSet condition Failed=True, a pod exited with EXIT_CONFIG (78) | Failed       | ConfigurationError |
+| JobSet condition Failed=True                                     | Failed       | JobSet's reason    |
+| spec.suspend (JobSet suspended, or being suspended)              | Suspended    | Suspended          |
+| JobSet suspended with a Kueue queue, spec.suspend false          | Queued       | Queued             |
+| JobSet suspended, spec.suspend false, no queue                   | Suspended    | Resuming           |
+| no pods of the current attempt, the Job controller cannot create | Pending      | FailedCreatePods   |
+| no pods of the current attempt yet                               | Pending      | CreatingPods       |
+| a pod not scheduled (no node fits yet; node pools provisioning)  | Provisioning | WaitingForNodes    |
+| every pod scheduled, some not running yet                        | Provisioning | StartingPods       |
+| every pod running (or done)                                      | Running      | Running            |
 
 "Pods of the current attempt" are those whose `jobset.sigs.k8s.io/restart-attempt` label equals
 the JobSet's `status.restarts`: a restart replaces every pod.
@@ -25,10 +28,12 @@ the JobSet's `status.restarts`: a restart replaces every pod.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain import runtime
 from posttrain.api.load import FieldError
 
 RESTART_ATTEMPT = "jobset.sigs.k8s.io/restart-attempt"
@@ -36,6 +41,11 @@ TERMINAL = ("Succeeded", "Failed")
 # Condition types, in the order they are listed.
 CONDITION_TYPES = ("Valid", "Suspended", "Running", "Succeeded", "Failed")
 INVALID = "InvalidSpec"
+CONFIG_ERROR = "ConfigurationError"
+JOBSET_DELETED = "JobSetDeleted"
+FAILED_CREATE = "FailedCreatePods"
+# Reasons that deserve a Warning Event although the phase is not Failed.
+WARNING_REASONS = (FAILED_CREATE,)
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,15 @@ def expected_pods(jobset: Mapping[str, Any]) -> int:
 
 
 def pod_failure(pods: Sequence[Mapping[str, Any]]) -> str:
-    """`pod P: exit code 3 (OOMKilled): message` for the first failed pod, else ''."""
-    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+    """`pod P: exit code 3 (OOMKilled): message` for the first failed pod, else ''. Pods that
+    failed on their own come first: a pod deleted while running (a restart, an eviction) also
+    ends Failed, but is a consequence, not the cause."""
+
+    def order(pod: Mapping[str, Any]) -> tuple[bool, str]:
+        meta = pod.get("metadata") or {}
+        return (bool(meta.get("deletionTimestamp")), meta.get("name", ""))
+
+    for pod in sorted(pods, key=order):
         status = pod.get("status") or {}
         if status.get("phase") != "Failed":
             continue
@@ -112,15 +129,53 @@ def pod_failure(pods: Sequence[Mapping[str, Any]]) -> str:
     return ""
 
 
+def exit_code_of(pods: Sequence[Mapping[str, Any]], code: int) -> bool:
+    """Whether a failed pod's container exited with `code`."""
+    return any(
+        ((cs.get("state") or {}).get("terminated") or {}).get("exitCode") == code
+        for pod in pods
+        if (pod.get("status") or {}).get("phase") == "Failed"
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []
+    )
+
+
+def create_failure_fix(message: str, namespace: str) -> str:
+    """What to do about a pod the Job controller could not create, from its FailedCreate
+    Event's message (`Error creating: pods "..." is forbidden: ...`)."""
+    if sa := re.search(r'serviceaccount "([^"]+)" not found', message):
+        return (
+            f"create the ServiceAccount {sa.group(1)} in namespace {namespace} (the Helm chart "
+            "does, for each namespace in trainer.namespaces), or set spec.serviceAccountName"
+        )
+    if "exceeded quota" in message:
+        return "raise the namespace's ResourceQuota, or ask for less in spec.resources"
+    if "admission webhook" in message:
+        return "an admission webhook refused the pods: see its message above"
+    if "violates PodSecurity" in message:
+        return "the namespace's Pod Security level refuses the trainer pods"
+    return "see the message above"
+
+
 def phase_of(
     *,
     suspend: bool,
     queue_name: str | None,
     jobset: Mapping[str, Any] | None,
     pods: Sequence[Mapping[str, Any]],
+    create_failure: str | None = None,
+    deleted_jobset: str | None = None,
 ) -> Outcome:
-    """What the job is doing, from its JobSet and the JobSet's pods (see the module's table)."""
+    """What the job is doing, from its JobSet and the JobSet's pods (see the module's table).
+    `create_failure`: the last FailedCreate message of the job's Jobs, with its fix;
+    `deleted_jobset`: the JobSet's name when it existed once (status.jobSetName) and is gone."""
     if jobset is None:
+        if deleted_jobset:
+            return Outcome(
+                "Failed",
+                JOBSET_DELETED,
+                f"JobSet {deleted_jobset} was deleted; it is not made again (that would reset its "
+                "restart count): delete the PostTrainJob and create it again to rerun",
+            )
         if suspend:
             return Outcome("Suspended", "Suspended", "suspended (spec.suspend) before starting")
         return Outcome("Pending", "Creating", "creating the JobSet")
@@ -134,9 +189,15 @@ def phase_of(
     if failed:
         message = failed.get("message") or "failed"
         cause = pod_failure([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
-        return Outcome(
-            "Failed", failed.get("reason") or "Failed", f"{message}; {cause}" if cause else message
-        )
+        reason = failed.get("reason") or "Failed"
+        if exit_code_of(pods, runtime.EXIT_CONFIG):
+            reason = CONFIG_ERROR
+            message = (
+                f"the trainer refused its configuration (exit code {runtime.EXIT_CONFIG}); "
+                "restarting cannot help, so no restart was spent: fix the spec and create the job "
+                "again"
+            )
+        return Outcome("Failed", reason, f"{message}; {cause}" if cause else message)
     jobset_suspended = bool((jobset.get("spec") or {}).get("suspend"))
     if suspend:
         if jobset_suspended:
@@ -144,14 +205,19 @@ def phase_of(
         return Outcome("Suspended", "Suspending", f"suspending JobSet {name}")
     if jobset_suspended:
         if queue_name:
+            # Kueue admits by unsuspending, and evicts (preemption) by suspending again.
             return Outcome(
-                "Pending", "Queued", f"waiting for Kueue to admit it (queue {queue_name})"
+                "Queued", "Queued", f"waiting for Kueue to admit it (queue {queue_name})"
             )
         return Outcome("Suspended", "Resuming", f"resuming JobSet {name}")
 
     live = current_pods(jobset, pods)
     want = expected_pods(jobset)
     if not live:
+        if create_failure:
+            return Outcome(
+                "Pending", FAILED_CREATE, f"the pods cannot be created: {create_failure}"
+            )
         return Outcome("Pending", "CreatingPods", f"waiting for the {want} pods to be created")
     waiting = [p for p in live if not _pod_scheduled(p)]
     if waiting:
@@ -271,6 +337,7 @@ def transitions(
         (c.get("reason") for c in prev.get("conditions") or [] if c.get("type") == "Running"), None
     )
     if prev.get("phase") != outcome.phase or old_reason != outcome.reason:
-        kind = "Warning" if outcome.phase == "Failed" else "Normal"
+        warn = outcome.phase == "Failed" or outcome.reason in WARNING_REASONS
+        kind = "Warning" if warn else "Normal"
         events.append(Event(kind, outcome.phase, f"{outcome.reason}: {outcome.message}"))
     return events

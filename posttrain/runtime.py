@@ -40,6 +40,9 @@ MEGASCALE_PORT_ENV = "MEGASCALE_PORT"
 COORDINATOR_PORT = 8476  # jax.distributed's coordinator (the port MaxText and GKE docs use)
 MEGASCALE_PORT = 8080  # libtpu's DCN coordination port on multislice
 RECIPE_PATH = "/etc/posttrain/recipe.yaml"
+# The trainer's exit code for a configuration error (a bad recipe, an algorithm it cannot run):
+# sysexits' EX_CONFIG. The JobSet fails at once on it instead of restarting (render.py).
+EXIT_CONFIG = 78
 
 
 @dataclass(frozen=True)

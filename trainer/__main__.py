@@ -3,7 +3,8 @@
 Reads the recipe (a PostTrainJob manifest) from ``--recipe``, $POSTTRAIN_RECIPE or
 /etc/posttrain/recipe.yaml, refuses an algorithm this trainer has not built before touching JAX,
 joins the other hosts (``distributed.initialize``), then runs the shared loop. Exit codes: 0 done
-(or preempted with a checkpoint saved), 2 bad recipe or unbuilt algorithm, 1 training failed.
+(or preempted with a checkpoint saved), 78 (runtime.EXIT_CONFIG) bad recipe or unbuilt
+algorithm, which fails the job without restarts, 1 training failed.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, JobInvalid):
             for e in err.errors:
                 print(f"  {e}", file=sys.stderr)
-        return 2
+        return runtime.EXIT_CONFIG
     output = args.output or job.spec.output.dir
     if not output:
         print(
             "posttrain trainer: spec.output.dir is not set and no --output was given",
             file=sys.stderr,
         )
-        return 2
+        return runtime.EXIT_CONFIG
 
     import jax
 

@@ -124,8 +124,23 @@ def topology_chips(topology: str) -> int:
     return math.prod(int(d) for d in topology.split("x"))
 
 
-def tpu_slice_shape(accelerator: str, topology: str) -> SliceShape:
-    """Hosts and chips for one slice; raises ValueError listing the valid topologies."""
+def chips_per_host_choices(accelerator: str, topology: str) -> tuple[int, ...]:
+    """What `resources.chipsPerHost` may be, the default first: GKE serves a single-host
+    topology of 8 chips (v5e/v6e 2x4) also as two 4-chip hosts (the shape xpk trains on)."""
+    gen = TPU_GENERATIONS[accelerator]
+    chips = topology_chips(topology)
+    if topology not in gen.single_host:
+        return (MULTI_HOST_CHIPS_PER_HOST,)
+    if chips > MULTI_HOST_CHIPS_PER_HOST:
+        return (chips, MULTI_HOST_CHIPS_PER_HOST)
+    return (chips,)
+
+
+def tpu_slice_shape(
+    accelerator: str, topology: str, chips_per_host: int | None = None
+) -> SliceShape:
+    """Hosts and chips for one slice; raises ValueError listing the valid topologies (or, for
+    `chips_per_host`, the valid host sizes)."""
     gen = TPU_GENERATIONS.get(accelerator)
     if gen is None:
         raise ValueError(f"{accelerator!r} is not a TPU; TPUs: {', '.join(TPU_GENERATIONS)}")
@@ -134,7 +149,13 @@ def tpu_slice_shape(accelerator: str, topology: str) -> SliceShape:
             f"{topology!r} is not a {accelerator} topology; valid: {', '.join(gen.topologies)}"
         )
     chips = topology_chips(topology)
-    per_host = chips if topology in gen.single_host else MULTI_HOST_CHIPS_PER_HOST
+    choices = chips_per_host_choices(accelerator, topology)
+    per_host = choices[0] if chips_per_host is None else chips_per_host
+    if per_host not in choices:
+        raise ValueError(
+            f"{accelerator} {topology} comes with {' or '.join(map(str, choices))} chips per host, "
+            f"not {per_host}"
+        )
     return SliceShape(chips=chips, hosts=chips // per_host, chips_per_host=per_host)
 
 

@@ -19,7 +19,7 @@ from posttrain.api import v1alpha1 as api
 _DROP = {"title", "$defs", "discriminator"}
 
 # Phases during which the spec (except `suspend`) is frozen: the JobSet was rendered from it.
-ACTIVE_PHASES = ("Pending", "Provisioning", "Running", "Suspended")
+ACTIVE_PHASES = ("Pending", "Queued", "Provisioning", "Running", "Suspended")
 
 
 def structural_schema(model: type[api.BaseModel]) -> dict[str, Any]:
@@ -105,6 +105,14 @@ def _spec_rules() -> list[dict[str, str]]:
                     "message": f"algorithm {' / '.join(readers)} needs spec.{block}",
                 }
             )
+    rules.append(
+        {
+            "rule": "(has(self.output) && has(self.output.dir)) || (has(self.training.checkpoint)"
+            " && has(self.training.checkpoint.dir))",
+            "message": f"spec.output.dir: {api.OUTPUT_DIR_REQUIRED}",
+            "fieldPath": ".output.dir",
+        }
+    )
     return rules
 
 
@@ -118,7 +126,7 @@ def _immutability_rule() -> dict[str, str]:
             f"!(oldSelf.status.phase in {phases}) || ({same})"
         ),
         "message": (
-            "spec is immutable while the job is active (Pending, Provisioning, Running, Suspended), "
+            "spec is immutable while the job is active (Pending, Queued, Provisioning, Running, Suspended), "
             "except spec.suspend; delete the PostTrainJob and create it again to change it"
         ),
     }

@@ -761,6 +761,13 @@ class ResourcesSpec(Spec):
     gpus_per_node: int | None = Field(
         None, ge=1, le=16, description="GPUs per node (default: 8). GPUs only."
     )
+    chips_per_host: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="TPU chips per host (pod). Default: all of a single-host slice on one host "
+        "(v5e/v6e 1x1, 2x2, 2x4), else 4. A v5e/v6e 2x4 may set 4: two 4-chip hosts. TPUs only.",
+    )
     cpu: Annotated[str, Field(max_length=32, pattern=r"^[0-9.]+m?$")] | None = Field(
         None, description="CPU request per pod (Kubernetes quantity)."
     )
@@ -781,6 +788,10 @@ class ResourcesSpec(Spec):
                 acc.tpu_slice_shape(a, self.topology)
             except ValueError as err:
                 raise FieldValueError("topology", str(err)) from None
+            try:
+                acc.tpu_slice_shape(a, self.topology, self.chips_per_host)
+            except ValueError as err:
+                raise FieldValueError("chipsPerHost", str(err)) from None
             if self.nodes != 1:
                 raise FieldValueError(
                     "nodes", "nodes is for GPU and CPU jobs; a TPU job's hosts follow from topology"
@@ -795,6 +806,8 @@ class ResourcesSpec(Spec):
                 )
             if self.slices != 1:
                 raise FieldValueError("slices", f"slices is for TPUs, not {a}; use nodes")
+            if self.chips_per_host is not None:
+                raise FieldValueError("chipsPerHost", f"chipsPerHost is for TPUs, not {a}")
             if acc.is_gpu(a):
                 limit = acc.GPU_TYPES[a][1]
                 if self.gpus_per_node is not None and self.gpus_per_node > limit:
@@ -859,11 +872,22 @@ class EnvVar(Spec):
         return self
 
 
+# A cluster job needs a lasting place for its outputs: spec.output.dir, or beside its
+# checkpoints. Said by the CRD's CEL rule, `posttrain validate` and the operator alike.
+OUTPUT_BESIDE_CHECKPOINTS = "-output"
+OUTPUT_DIR_REQUIRED = (
+    "required in a cluster, or training.checkpoint.dir (outputs then go beside it, to "
+    f"<checkpoint.dir>{OUTPUT_BESIDE_CHECKPOINTS}): a pod's own disk is gone when it ends, so "
+    "metrics and the exported model need a lasting place (gs://bucket/dir or a mounted volume path)"
+)
+
+
 class OutputSpec(Spec):
     dir: Str | None = Field(
         None,
         description="Where metrics and the exported model go (local/PVC path or gs://). "
-        "`posttrain run --output` overrides it.",
+        "`posttrain run --output` overrides it. In a cluster: this, or "
+        "`<training.checkpoint.dir>-output` when only that is set; one of the two is required.",
     )
     export: bool = Field(
         True,
@@ -993,7 +1017,7 @@ class ObjectMeta(BaseModel):
     namespace: str | None = None
 
 
-Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
 

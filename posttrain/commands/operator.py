@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="serve a liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz",
     )
+    p.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="run as one of several replicas (kopf peering): of the operators sharing the "
+        "peering object NAME one is active, the others wait and take over when it is gone",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default="plain", help="log line format")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     add_image_flags(p)
@@ -42,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import secrets
 
     if args.kubeconfig:
         # Before importing kopf: the kubernetes client reads $KUBECONFIG when first imported,
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.operator import handlers
 
     handlers.IMAGE_DEFAULTS = image_defaults(args)
+    handlers.PEERING = args.peering
     kopf.configure(
         verbose=args.verbose,
         log_format={
@@ -69,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness,
-        standalone=True,
+        standalone=not args.peering,
+        peering_name=args.peering,
+        # kopf pauses every operator of equal priority, so each replica draws its own: the
+        # highest is active, the others wait.
+        priority=secrets.randbelow(2**31) if args.peering else None,
     )
     return 0

@@ -22,8 +22,19 @@ def write(tmp_path: Path, *docs: dict) -> Path:
 
 
 def test_validate_valid(tmp_path: Path, capsys) -> None:
-    assert main(["validate", str(write(tmp_path, MINIMAL))]) == 0
+    doc = job(**{"spec.output": {"dir": "gs://b/out"}})
+    assert main(["validate", str(write(tmp_path, doc))]) == 0
     assert "t: valid" in capsys.readouterr().out
+
+
+def test_validate_refuses_what_the_operator_refuses(tmp_path: Path, capsys) -> None:
+    # neither output.dir nor checkpoint.dir: the CRD's CEL rule and the operator refuse it too
+    assert main(["validate", str(write(tmp_path, MINIMAL))]) == 1
+    assert "spec.output.dir: required in a cluster, or training.checkpoint.dir" in (
+        capsys.readouterr().err
+    )
+    beside = job(**{"spec.training.checkpoint": {"dir": "gs://b/ckpt/run"}})
+    assert main(["validate", str(write(tmp_path, beside))]) == 0
 
 
 def test_validate_multi_document_reports_each_error(tmp_path: Path, capsys) -> None:

@@ -43,6 +43,14 @@ def test_tpu_slice_shape(accelerator, topology, hosts, chips_per_host, machine):
     assert shape.chips == math.prod(dims)
 
 
+def test_a_2x4_whose_pods_ask_for_4_chips_is_two_hosts():
+    # resources.chipsPerHost: 4 renders pods asking for 4 chips each (GKE's -4t machines)
+    shape = np_.tpu_slice_shape("tpu-v5-lite-podslice", "2x4", chips_per_pod=4)
+    assert (shape.hosts, shape.chips_per_host, shape.machine_type) == (2, 4, "ct5lp-hightpu-4t")
+    assert np_.tpu_slice_shape("tpu-v6e-slice", "2x4", chips_per_pod=8).hosts == 1
+    assert np_.tpu_slice_shape("tpu-v5-lite-podslice", "2x2", chips_per_pod=4).hosts == 1
+
+
 @pytest.mark.parametrize(
     "accelerator, topology, match",
     [

@@ -30,7 +30,7 @@ class Chart:
     def template(self, *args: str, jobset: bool = True) -> subprocess.CompletedProcess:
         """`helm template` with the CRDs; `jobset`: pretend the cluster serves JobSet."""
         cmd = [self.helm, "template", self.release, str(self.path), "-n", self.namespace]
-        cmd += ["--include-crds", "--kube-version", self.kube_version]
+        cmd += ["--include-crds"]  # no --kube-version: helm is built knowing the pinned one
         if jobset:
             cmd += ["--api-versions", self.jobset_api]
         return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
@@ -61,8 +61,7 @@ class Chart:
 
     @property
     def kube_version(self) -> str:
-        """The Kubernetes the local cluster runs (hack/tools/kube); helm built from source
-        would otherwise assume v1.20 for `helm template`."""
+        """The Kubernetes the local cluster runs (hack/tools/kube)."""
         return self.pinned_version("kube", "k8s.io/kubernetes")
 
     @property

@@ -45,14 +45,32 @@ def args_of(docs: list[dict]) -> list[str]:
 def test_helm_lint_strict(chart) -> None:
     # lint renders without a cluster, so the JobSet check is off here (tested below).
     proc = subprocess.run(
-        [chart.helm, "lint", "--strict", str(CHART), "--kube-version", chart.kube_version]
-        + ["--set", "jobset.check=false"],
+        [chart.helm, "lint", "--strict", str(CHART), "--set", "jobset.check=false"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+def test_helm_templates_for_the_pinned_kubernetes(chart, tmp_path) -> None:
+    # hack/tools.sh links helm's default Kubernetes version (v1.20 when unset, which the
+    # chart's kubeVersion refuses) from helm's client-go, as upstream's release build does.
+    probe = tmp_path / "probe"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (probe / "templates/cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n"
+        "data: {kube: '{{ .Capabilities.KubeVersion.Version }}'}\n"
+    )
+    proc = subprocess.run(
+        [chart.helm, "template", str(probe)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    reported = yaml.safe_load(proc.stdout)["data"]["kube"]
+    pinned_minor = chart.kube_version.split(".")[:2]  # v1.34.4 -> v1, 34
+    assert reported.split(".")[:2] == pinned_minor, (reported, chart.kube_version)
 
 
 def test_chart_crds_equal_the_generated_ones() -> None:
@@ -100,6 +118,8 @@ def test_default_install_objects(chart) -> None:
     assert kinds == sorted(
         [
             ("CustomResourceDefinition", "posttrainjobs.posttrain.dev"),
+            ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
+            ("CustomResourceDefinition", "kopfpeerings.kopf.dev"),
             ("ServiceAccount", OPERATOR_SA),
             ("ServiceAccount", TRAINER_SA),
             ("ClusterRole", f"{FULLNAME}-operator"),
@@ -111,7 +131,7 @@ def test_default_install_objects(chart) -> None:
             ("Deployment", f"{FULLNAME}-operator"),
         ]
     )
-    crd = find(docs, "CustomResourceDefinition")[0]
+    crd = find(docs, "CustomResourceDefinition", "posttrainjobs.posttrain.dev")[0]
     generated = yaml.safe_load((REPO / "crds/posttrain.dev_posttrainjobs.yaml").read_text())
     assert crd == generated
 
@@ -331,7 +351,7 @@ def test_default_trainer_images_are_the_operators_own(chart) -> None:
     ("setting", "field"),
     [
         ("replicaCount=banana", "replicaCount"),
-        ("replicaCount=2", "replicaCount"),
+        ("replicaCount=9", "replicaCount"),
         ("logLevel=loud", "logLevel"),
         ("logFormat=xml", "logFormat"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
@@ -377,3 +397,38 @@ def test_values_table_in_docs_lists_every_value() -> None:
 
     missing = [leaf for leaf in leaves(values) if f"`{leaf}`" not in docs]
     assert not missing, f"docs/install.md's values table lacks: {missing}"
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a", "team-b"]])
+def test_two_replicas_peer(chart, watch: list[str]) -> None:
+    """replicaCount 2: kopf peering on (--peering, POD_ID), its object and RBAC, RollingUpdate."""
+    args = ["--set", "replicaCount=2"]
+    if watch:
+        args += ["--set", "watchNamespaces={" + ",".join(watch) + "}"]
+    docs = chart.render(*args)
+    (deployment,) = find(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    container = operator_container(docs)
+    assert f"--peering={FULLNAME}" in container["args"]
+    assert [e["name"] for e in container["env"]] == ["POD_ID"]
+    rules = {
+        d["metadata"]["name"]: [
+            (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in d["rules"]
+        ]
+        for d in find(docs, "ClusterRole")
+    }
+    if watch:
+        peerings = find(docs, "KopfPeering")
+        assert sorted(p["metadata"]["namespace"] for p in peerings) == watch
+        assert {p["metadata"]["name"] for p in peerings} == {FULLNAME}
+        want = (("kopf.dev",), ("kopfpeerings",), ("list", "watch", "patch"))
+        assert want in rules[f"{FULLNAME}-operator"]
+    else:
+        (peering,) = find(docs, "ClusterKopfPeering")
+        assert peering["metadata"]["name"] == FULLNAME
+        want = (("kopf.dev",), ("clusterkopfpeerings",), ("list", "watch", "patch"))
+        assert want in rules[f"{FULLNAME}-operator-cluster"]
+    # one replica: no peering at all
+    single = chart.render()
+    assert not find(single, "ClusterKopfPeering") and "env" not in operator_container(single)

@@ -382,7 +382,7 @@ def test_trainer_may_only_report_status_in_its_namespace(release: Release) -> No
         ("operator", "create", "jobsets.jobset.x-k8s.io", "other"),
         ("operator", "list", "posttrainjobs.posttrain.dev", "other"),
         ("operator", "delete", "posttrainjobs.posttrain.dev", "jobs"),
-        ("operator", "update", "configmaps", "jobs"),
+        ("operator", "delete", "configmaps", "jobs"),
         ("operator", "create", "clusterroles.rbac.authorization.k8s.io", "cluster"),
         ("operator", "impersonate", "serviceaccounts", "jobs"),
         ("trainer", "patch", "posttrainjobs.posttrain.dev", "jobs"),  # spec: only status

@@ -101,14 +101,20 @@ def operator_kubeconfig(cluster, tmp_path_factory) -> Path:
 class OperatorProcess:
     """`posttrain operator --namespace NS` as a subprocess; kill() is a SIGKILL, mid-flight."""
 
-    def __init__(self, namespace: str, kubeconfig: Path, log: Path) -> None:
+    def __init__(
+        self, namespace: str, kubeconfig: Path, log: Path, *, peering: str | None = None
+    ) -> None:
         self.namespace, self.kubeconfig, self.log = namespace, kubeconfig, log
+        self.peering = peering
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "posttrain.cli", "operator", "--namespace", self.namespace]
         cmd += ["--kubeconfig", str(self.kubeconfig), "--trainer-image-cpu", "trainer:test"]
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        if self.peering:
+            cmd += ["--peering", self.peering]
+            env["POD_ID"] = self.log.stem  # kopf's name for this replica in the peering object
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -396,6 +402,13 @@ def test_operator_killed_mid_flight_makes_no_duplicates(namespace, kubectl, oper
     ]
     assert len(api.items("jobs", "-l", f"{r.JOB_LABEL}=again")) == 1
     assert api.status("again")["restarts"] == 0
+    # 3. a finished job's JobSet deleted (as a TTL would), operator restarted: never made again
+    kubectl("delete", "jobset", "again", "--wait=true", "--timeout=30s")
+    operator.kill()
+    resumed = operator.tail(10_000).count("Resuming is processed")
+    operator.start()
+    wait_for("the resume", lambda: operator.tail(10_000).count("Resuming is processed") > resumed)
+    assert api.get("jobset", "again") is None and api.status("again")["phase"] == "Succeeded"
 
 
 def test_invalid_jobs(namespace, kubectl, operator) -> None:
@@ -465,3 +478,248 @@ def test_liveness_endpoint_and_json_logs(namespace, operator_kubeconfig, tmp_pat
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+# ---- faults --------------------------------------------------------------------------------------
+
+
+def recipe_spec(api: Api, name: str) -> dict:
+    return yaml.safe_load(api.get("configmap", f"{name}-recipe")["data"][r.RECIPE_KEY])["spec"]
+
+
+def test_killed_repeatedly_while_jobs_are_applied(namespace, kubectl, operator) -> None:
+    """SIGKILL at random points of reconciles, restart, repeat: every job ends with exactly one
+    owned JobSet, an up-to-date recipe and a status. One job starts with a stale recipe of its
+    own (as if an earlier render differed) and must get the right one."""
+    import random
+
+    api = Api(kubectl)
+    rng = random.Random(17)
+    annotations = {"posttrain.dev/fake-run-seconds": "600"}
+    names = [f"k{i}" for i in range(8)]
+    # a stale recipe, owned by the job, made while no operator runs
+    operator.kill()
+    api.apply(manifest("stale", {"accelerator": "cpu"}, annotations=annotations))
+    uid = api.get("posttrainjob", "stale")["metadata"]["uid"]
+    stale = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "stale-recipe",
+            "ownerReferences": [
+                {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainJob",
+                 "name": "stale", "uid": uid, "controller": True},
+            ],
+        },
+        "data": {r.RECIPE_KEY: "spec: {training: {steps: 1}}\n"},
+    }  # fmt: skip
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(stale))
+    operator.start()
+    for i, name in enumerate(names):
+        api.apply(manifest(name, {"accelerator": "cpu"}, annotations=annotations))
+        if i % 2:
+            time.sleep(rng.uniform(0.2, 2.5))  # start-up, mid-reconcile or idle
+            operator.kill()
+            operator.start()
+    for name in [*names, "stale"]:
+        api.wait_phase(name, "Running", operator, timeout=120)
+    jobs = {j["metadata"]["name"]: j for j in api.items("posttrainjobs")}
+    jobsets = api.items("jobsets")
+    assert sorted(js["metadata"]["name"] for js in jobsets) == sorted(jobs)
+    for js in jobsets:
+        job = jobs[js["metadata"]["name"]]
+        (ref,) = js["metadata"]["ownerReferences"]
+        assert ref["uid"] == job["metadata"]["uid"] and ref["controller"]
+        assert job["status"]["jobSetName"] == js["metadata"]["name"]
+        assert job["status"]["restarts"] == 0
+        want = r.recipe(parse_job(job_manifest(job)))["spec"]
+        assert recipe_spec(api, js["metadata"]["name"]) == want
+    assert recipe_spec(api, "stale")["training"]["steps"] == 10
+
+
+def test_faults_fail_or_wait_with_the_reason(namespace, kubectl, operator) -> None:
+    """A configuration error fails at once (no restart spent); pods that cannot be created say
+    why within seconds; a deleted JobSet is not made again, even by a restarted operator."""
+    api = Api(kubectl)
+    api.apply(
+        manifest(
+            "badcfg", {"accelerator": "cpu", "nodes": 2}, maxRestarts=3,
+            annotations={"posttrain.dev/fake-exit-code": str(runtime.EXIT_CONFIG),
+                         "posttrain.dev/fake-message": "spec.model.base: no such model"},
+        )
+    )  # fmt: skip
+    api.apply(manifest("nosa", {"accelerator": "cpu"}, serviceAccountName="missing-sa"))
+    api.apply(
+        manifest(
+            "gone", {"accelerator": "cpu"}, annotations={"posttrain.dev/fake-run-seconds": "600"}
+        )
+    )
+
+    started = time.monotonic()
+    status = api.wait_phase("nosa", "Pending", operator)
+    running = wait_for(
+        "the FailedCreatePods reason",
+        lambda: next(
+            (c for c in api.status("nosa").get("conditions", [])
+             if c["type"] == "Running" and c["reason"] == "FailedCreatePods"), None),
+        30,
+    )  # fmt: skip
+    print(f"FailedCreatePods after {time.monotonic() - started:.1f}s")
+    assert time.monotonic() - started < 30
+    assert 'serviceaccount "missing-sa" not found' in running["message"]
+    assert "create the ServiceAccount missing-sa in namespace" in running["message"]
+    assert any(
+        reason == "Pending" and "FailedCreatePods" in m for reason, m in api.events("nosa")
+    ), status
+
+    status = api.wait_phase("badcfg", "Failed", operator, timeout=90)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ConfigurationError", failed
+    assert "spec.model.base: no such model" in failed["message"]
+    assert status["restarts"] == 0
+
+    api.wait_phase("gone", "Running", operator)
+    kubectl("delete", "jobset", "gone", "--wait=true", "--timeout=30s")
+    status = api.wait_phase("gone", "Failed", operator)
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == (
+        "JobSetDeleted"
+    )
+    operator.kill()
+    resumed = operator.tail(10_000).count("Resuming is processed")
+    operator.start()  # on resume it must not make the JobSet again
+    wait_for("the resume", lambda: operator.tail(10_000).count("Resuming is processed") > resumed)
+    assert api.get("jobset", "gone") is None and api.status("gone")["phase"] == "Failed"
+
+
+def test_readme_job_is_accepted_and_a_job_without_outputs_refused(operator_kubeconfig, kubectl):
+    """The CRD's CEL rule agrees with `posttrain validate` on spec.output.dir."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    kubectl("apply", "--dry-run=server", "-f", "-", input=block)
+    doc = yaml.safe_load(block)
+    del doc["spec"]["training"]["checkpoint"]
+    refused = kubectl(
+        "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc), check=False
+    )
+    assert refused.returncode != 0
+    assert "spec.output.dir: Invalid value" in refused.stderr or "spec.output.dir" in refused.stderr
+    assert "required in a cluster, or training.checkpoint.dir" in refused.stderr
+
+
+def test_two_replicas_one_active_and_a_hand_over(
+    cluster, namespace, kubectl, operator_kubeconfig, trainer_rbac, tmp_path
+) -> None:
+    """kopf peering: of two replicas one acts, the other waits; SIGKILL the active one and the
+    other takes over within the peering lifetime (docs/operator.md)."""
+    from posttrain.operator.handlers import PEERING_LIFETIME_S
+
+    api = Api(kubectl)
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds/kopf.dev_peerings.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev")
+    (role,) = [d for d in docs_yaml("KopfPeering") if d["kind"] == "ClusterRole"]
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": role["metadata"]["name"]},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": role["metadata"]["name"]},
+        "subjects": [{"kind": "ServiceAccount", "name": "posttrain-operator",
+                      "namespace": OPERATOR_NS}],
+    }  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "pt"}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(peering))
+    ops = {
+        n: OperatorProcess(namespace, operator_kubeconfig, tmp_path / f"{n}.log", peering="pt")
+        for n in ("op-a", "op-b")
+    }
+    try:
+        for op in ops.values():
+            op.start()
+
+        def records() -> dict:
+            return (api.get("kopfpeering", "pt") or {}).get("status") or {}
+
+        wait_for("both replicas in the peering object", lambda: set(records()) >= set(ops), 60)
+        active = max(records().items(), key=lambda kv: kv[1]["priority"])[0]
+        standby = next(n for n in ops if n != active)
+        # kopf starts a peered operator paused; the highest priority resumes, a lower one
+        # pauses (again, if it was alone for a moment at start)
+        resumed, paused = "Resuming operations", "Pausing operations"
+
+        def acting(name: str) -> bool:
+            log = ops[name].log.read_text()
+            return log.rfind(resumed) > log.rfind(paused)
+
+        wait_for("one active, one waiting", lambda: acting(active) and not acting(standby), 30)
+        waiting_since = len(ops[standby].log.read_text())
+        api.apply(manifest("before", {"accelerator": "cpu"}))
+        wait_for("the JobSet of the first job", lambda: api.get("jobset", "before"), 30)
+        assert "before" not in ops[standby].log.read_text()[waiting_since:]  # it did nothing
+
+        ops[active].kill()
+        killed = time.monotonic()
+        api.apply(manifest("after", {"accelerator": "cpu"}))
+        wait_for("the standby to take over", lambda: api.get("jobset", "after"), 60)
+        hand_over = time.monotonic() - killed
+        print(f"hand-over after SIGKILL: {hand_over:.1f}s")
+        assert hand_over < PEERING_LIFETIME_S + 10
+        assert acting(standby)
+    finally:
+        for op in ops.values():
+            op.stop()
+
+
+def test_a_2x4_as_two_4_chip_hosts(namespace, kubectl, operator) -> None:
+    """resources.chipsPerHost: 4 runs a v5e 2x4 on two 4-chip hosts (GKE's ct5lp-hightpu-4t)."""
+    api = Api(kubectl)
+    resources = {"accelerator": "tpu-v5e", "topology": "2x4", "chipsPerHost": 4}
+    api.apply(manifest("two", resources, annotations={"posttrain.dev/fake-run-seconds": "600"}))
+    api.wait_phase("two", "Running", operator, timeout=90)
+    pods = api.items("pods", "-l", f"{r.JOB_LABEL}=two")
+    nodes = [api.get("node", p["spec"]["nodeName"]) for p in pods]
+    assert len(pods) == 2 and len({n["metadata"]["name"] for n in nodes}) == 2
+    for node in nodes:
+        assert node["status"]["capacity"][r.TPU_RESOURCE] == "4"
+        assert node["metadata"]["labels"]["node.kubernetes.io/instance-type"] == "ct5lp-hightpu-4t"
+
+
+def test_an_evicted_pod_restarts_the_job_without_spending_max_restarts(
+    namespace, kubectl, operator
+) -> None:
+    """Eviction (the pod's DisruptionTarget condition) restarts every pod, free: with
+    maxRestarts 0 a counted restart would fail the job."""
+    api = Api(kubectl)
+    doc = manifest("evict", {"accelerator": "cpu", "nodes": 2}, maxRestarts=0,
+                   annotations={"posttrain.dev/fake-run-seconds": "600"})  # fmt: skip
+    api.apply(doc)
+    api.wait_phase("evict", "Running", operator)
+    victim = api.items("pods", "-l", f"{r.JOB_LABEL}=evict")[0]["metadata"]["name"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim}}
+    kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{victim}/eviction",
+            "-f", "-", input=json.dumps(eviction))  # fmt: skip
+    wait_for("the restart", lambda: api.status("evict").get("restarts") == 1, 60)
+    status = api.wait_phase("evict", "Running", operator, timeout=60)
+    jobset = api.get("jobset", "evict")
+    assert jobset["status"].get("restartsCountTowardsMax", 0) == 0, jobset["status"]
+    assert status["phase"] == "Running"
+
+
+def test_a_queued_job_waits_for_admission(namespace, kubectl, operator) -> None:
+    """With spec.scheduling.queueName the JobSet starts suspended for Kueue to admit; until then
+    the phase is Queued (a column in `kubectl get`) and the spec is frozen. (Kueue itself does
+    not run on the local control plane yet: issue #18.)"""
+    api = Api(kubectl)
+    api.apply(manifest("q", {"accelerator": "cpu"}, scheduling={"queueName": "team-a"}))
+    status = api.wait_phase("q", "Queued", operator)
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "Queued" and "queue team-a" in running["message"]
+    jobset = api.get("jobset", "q")
+    assert jobset["spec"]["suspend"] is True
+    assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
+    assert api.columns("q")["PHASE"] == "Queued"
+    refused = kubectl(
+        "patch", "posttrainjob", "q", "--type=merge", "-p", '{"spec":{"maxRestarts":1}}',
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "immutable while the job is active" in refused.stderr

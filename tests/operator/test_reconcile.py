@@ -31,3 +31,11 @@ def test_owned_by_needs_the_controller_reference_with_the_uid() -> None:
     mine = {"metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}}
     other = {"metadata": {"ownerReferences": [{"uid": "u0", "controller": True}]}}
     assert owned_by(mine, owner) and not owned_by(other, owner) and not owned_by({}, owner)
+
+
+def test_job_of_child_job_reads_jobset_child_names() -> None:
+    from posttrain.operator.reconcile import job_of_child_job
+
+    assert job_of_child_job("qwen-grpo-slice-0") == "qwen-grpo"
+    assert job_of_child_job("a-node-12") == "a"
+    assert job_of_child_job("web-7f9c") is None

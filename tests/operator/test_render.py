@@ -264,7 +264,7 @@ def test_scheduling_and_service_account() -> None:
     pod = pod_spec(js)
     assert js["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
     assert js["spec"]["suspend"] is True  # Kueue admits it by unsuspending
-    assert js["spec"]["failurePolicy"] == {"maxRestarts": 5}
+    assert js["spec"]["failurePolicy"]["maxRestarts"] == 5
     assert pod["priorityClassName"] == "high"
     assert pod["nodeSelector"]["example.com/pool"] == "reserved"
     assert {"key": "example.com/reserved", "operator": "Exists"} in pod["tolerations"]
@@ -274,7 +274,7 @@ def test_scheduling_and_service_account() -> None:
     assert env["XLA_FLAGS"]["value"] == "--xla_dump_to=/tmp"
     plain = jobset_of(make())
     assert plain["spec"]["suspend"] is False and r.QUEUE_LABEL not in plain["metadata"]["labels"]
-    assert plain["spec"]["failurePolicy"] == {"maxRestarts": 3}
+    assert plain["spec"]["failurePolicy"]["maxRestarts"] == 3
 
 
 def test_suspend() -> None:
@@ -377,6 +377,95 @@ def test_a_job_without_output_dir_is_refused_in_a_cluster() -> None:
     with pytest.raises(JobInvalid) as info:
         r.render(parse_job(doc))
     assert [e.path for e in info.value.errors] == ["spec.output.dir"]
+
+
+def test_outputs_go_beside_a_checkpoint_dir() -> None:
+    doc = copy.deepcopy(BASE)
+    del doc["spec"]["output"]
+    doc["spec"]["training"]["checkpoint"] = {"dir": "gs://b/ckpt/run/"}
+    configmap, _ = r.render(parse_job(doc))
+    recipe = yaml.safe_load(configmap["data"][r.RECIPE_KEY])
+    # the trainer reads output.dir from the recipe: filled in, beside the checkpoints
+    assert recipe["spec"]["output"]["dir"] == "gs://b/ckpt/run-output"
+    assert recipe["spec"]["training"]["checkpoint"]["dir"] == "gs://b/ckpt/run/"
+    # an explicit output.dir wins
+    assert r.output_dir(make()) == "gs://b/runs/t"
+
+
+def test_readme_job_renders_as_written() -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (doc,) = [d for d in yaml.safe_load_all(block) if d]
+    assert doc["kind"] == "PostTrainJob" and "output" not in doc["spec"]
+    configmap, jobset = r.render(parse_job(doc))
+    recipe = yaml.safe_load(configmap["data"][r.RECIPE_KEY])
+    assert recipe["spec"]["output"]["dir"] == "gs://my-bucket/ckpt/qwen-grpo-output"
+
+
+def test_failure_policy_fails_config_errors_and_restarts_disruptions_for_free() -> None:
+    js = jobset_of(make())
+    child = js["spec"]["replicatedJobs"][0]["template"]["spec"]
+    rules = child["podFailurePolicy"]["rules"]
+    # the Job's rule i fails it with a message ending "matching FailJob rule at index i"
+    config = rules[0]["onExitCodes"]
+    assert config["values"] == [runtime.EXIT_CONFIG] and config["containerName"] == r.CONTAINER
+    assert rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    by_name = {rule["name"]: rule for rule in js["spec"]["failurePolicy"]["rules"]}
+    assert by_name[r.CONFIG_ERROR_RULE]["action"] == "FailJobSet"
+    assert by_name[r.CONFIG_ERROR_RULE]["onJobFailureMessagePatterns"] == [
+        "matching FailJob rule at index 0$"
+    ]
+    assert by_name[r.DISRUPTION_RULE]["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    assert by_name[r.DISRUPTION_RULE]["onJobFailureMessagePatterns"] == [
+        "matching FailJob rule at index 1$"
+    ]
+    assert child["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "chips_per_host", "hosts", "per_pod"),
+    [
+        ("tpu-v5e", None, 1, "8"),  # default: one 8-chip host (ct5lp-hightpu-8t)
+        ("tpu-v5e", 4, 2, "4"),  # two 4-chip hosts, the shape xpk trains on
+        ("tpu-v6e", 4, 2, "4"),
+        ("tpu-v6e", 8, 1, "8"),
+    ],
+)
+def test_chips_per_host_picks_the_host_shape(accelerator, chips_per_host, hosts, per_pod) -> None:
+    resources = {"accelerator": accelerator, "topology": "2x4"}
+    if chips_per_host:
+        resources["chipsPerHost"] = chips_per_host
+    js = jobset_of(make(resources))
+    child = js["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert child["parallelism"] == child["completions"] == hosts
+    limits = child["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits[r.TPU_RESOURCE] == per_pod
+    env = {e["name"]: e.get("value") for e in child["template"]["spec"]["containers"][0]["env"]}
+    assert env[runtime.HOSTS_PER_SLICE] == str(hosts)
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        (
+            {"accelerator": "tpu-v5e", "topology": "2x4", "chipsPerHost": 2},
+            "tpu-v5e 2x4 comes with 8 or 4 chips per host, not 2",
+        ),
+        (
+            {"accelerator": "tpu-v5p", "topology": "2x2x2", "chipsPerHost": 8},
+            "tpu-v5p 2x2x2 comes with 4 chips per host, not 8",
+        ),
+        ({"accelerator": "cpu", "chipsPerHost": 4}, "chipsPerHost is for TPUs, not cpu"),
+    ],
+)
+def test_chips_per_host_refused_where_gke_has_no_such_host(resources, message) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["resources"] = resources
+    with pytest.raises(JobInvalid) as info:
+        parse_job(doc)
+    assert [(e.path, e.message) for e in info.value.errors] == [
+        ("spec.resources.chipsPerHost", message)
+    ]
 
 
 def test_render_imports_neither_kopf_nor_kubernetes() -> None:

@@ -110,7 +110,7 @@ def phase(**kwargs: Any) -> tuple[str, str]:
         ({"jobset": jobset(suspend=True), "suspend": True}, ("Suspended", "Suspended")),
         ({"jobset": jobset(), "suspend": True, "pods": [pod()] * 4}, ("Suspended", "Suspending")),
         ({"jobset": jobset(suspend=True)}, ("Suspended", "Resuming")),
-        ({"jobset": jobset(suspend=True), "queue_name": "q"}, ("Pending", "Queued")),
+        ({"jobset": jobset(suspend=True), "queue_name": "q"}, ("Queued", "Queued")),
         # after a restart the old attempt's pods do not count
         ({"jobset": jobset(restarts=1), "pods": [pod(attempt=0)] * 4}, ("Pending", "CreatingPods")),
         ({"jobset": jobset(restarts=1), "pods": [pod(attempt=1)] * 4}, ("Running", "Running")),
@@ -261,3 +261,80 @@ def test_events_on_transitions_and_restarts() -> None:
     assert st.transitions(s2, s3, failed) == [
         st.Event("Warning", "Failed", "ReachedMaxRestarts: max")
     ]
+
+
+# ---- faults: configuration errors, refused pods, a deleted JobSet -------------------------------
+
+
+def test_config_error_exit_fails_with_its_own_reason() -> None:
+    from posttrain import runtime
+
+    failed = {"type": "Failed", "status": "True", "reason": "FailedJobs", "message": "job failed"}
+    bad = pod("Failed", name="j-slice-0-0", terminated={"exitCode": runtime.EXIT_CONFIG})
+    out = st.phase_of(
+        suspend=False, queue_name=None, jobset=jobset(conditions=[failed]), pods=[bad]
+    )
+    assert (out.phase, out.reason) == ("Failed", st.CONFIG_ERROR)
+    assert "refused its configuration (exit code 78)" in out.message
+    assert "exited with code 78" in out.message  # which pod
+    crash = pod("Failed", name="j-slice-0-0", terminated={"exitCode": 1})
+    out = st.phase_of(
+        suspend=False, queue_name=None, jobset=jobset(conditions=[failed]), pods=[crash]
+    )
+    assert out.reason == "FailedJobs"
+
+
+SA_MESSAGE = (
+    'Error creating: pods "j-node-0-0-abcde" is forbidden: error looking up service account '
+    'ml/posttrain-trainer: serviceaccount "posttrain-trainer" not found'
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "fix"),
+    [
+        (SA_MESSAGE, "create the ServiceAccount posttrain-trainer in namespace ml"),
+        (
+            'Error creating: pods "x" is forbidden: exceeded quota: q, requested: cpu=2',
+            "raise the namespace's ResourceQuota",
+        ),
+        (
+            'Error creating: admission webhook "v.example.com" denied the request: no',
+            "an admission webhook refused the pods",
+        ),
+        ("Error creating: something new", "see the message above"),
+    ],
+)
+def test_create_failure_fix_names_the_fix(message: str, fix: str) -> None:
+    assert st.create_failure_fix(message, "ml").startswith(fix)
+
+
+def test_pods_that_cannot_be_created_say_why_and_warn() -> None:
+    why = f"{SA_MESSAGE}. Fix: {st.create_failure_fix(SA_MESSAGE, 'ml')}"
+    out = st.phase_of(suspend=False, queue_name=None, jobset=jobset(), pods=[], create_failure=why)
+    assert (out.phase, out.reason) == ("Pending", st.FAILED_CREATE)
+    assert 'serviceaccount "posttrain-trainer" not found' in out.message
+    assert "set spec.serviceAccountName" in out.message
+    new = st.next_status({}, out, generation=1, now=NOW, jobset=jobset())
+    (event,) = st.transitions({}, new, out)
+    assert (event.type, event.reason) == ("Warning", "Pending")
+    # once pods exist the failure no longer matters
+    out = st.phase_of(
+        suspend=False, queue_name=None, jobset=jobset(), pods=[pod()], create_failure=why
+    )
+    assert out.reason != st.FAILED_CREATE
+
+
+def test_a_deleted_jobset_fails_the_job_instead_of_being_made_again() -> None:
+    out = st.phase_of(suspend=False, queue_name=None, jobset=None, pods=[], deleted_jobset="j")
+    assert (out.phase, out.reason) == ("Failed", st.JOBSET_DELETED)
+    assert "JobSet j was deleted" in out.message and "restart count" in out.message
+
+
+def test_pod_failure_names_the_cause_not_the_pods_deleted_after_it() -> None:
+    killed = pod("Failed", name="a-0", terminated={"exitCode": 143, "reason": "Error"})
+    killed["metadata"]["deletionTimestamp"] = NOW  # deleted by the restart it caused
+    cause = pod("Failed", name="b-1", terminated={"exitCode": 3, "reason": "OOMKilled"})
+    assert st.pod_failure([killed, cause]).startswith(
+        "pod b-1: container trainer exited with code 3"
+    )

@@ -23,18 +23,24 @@ No wildcards.
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
   verbs: [get, list, watch, create, patch]
-# The recipe (create-or-get: "already exists" is success).
+# The recipe: create; when it exists, read it to check owner and content, replace a stale one.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create]
+  verbs: [create, get, update]
 # Which pods wait for nodes (Provisioning).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# Events on PostTrainJobs.
+# Events on PostTrainJobs; watch FailedCreate Events of the Jobs (why pods are refused).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list, watch]
+{{- if and (gt (int .Values.replicaCount) 1) .Values.watchNamespaces }}
+# Peering (replicaCount > 1): keep-alives in the namespace's KopfPeering.
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch]
+{{- end }}
 {{- end -}}
 
 {{/* The operator, cluster-scoped: kopf notices CRDs appearing, and, when it watches named
@@ -47,6 +53,11 @@ namespaces, their creation and deletion (it never reads namespaces when watching
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
+{{- else if gt (int .Values.replicaCount) 1 }}
+# Peering (replicaCount > 1) when watching every namespace: keep-alives in the ClusterKopfPeering.
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [list, watch, patch]
 {{- end }}
 {{- end -}}
 

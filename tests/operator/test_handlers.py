@@ -1,0 +1,21 @@
+"""The kopf wiring that needs no cluster: what startup() asks the API server to filter."""
+
+from __future__ import annotations
+
+import kopf
+from kubernetes import client
+
+from posttrain.operator import handlers
+from posttrain.operator import render as r
+
+
+def test_startup_filters_pods_jobsets_and_events_server_side(monkeypatch) -> None:
+    monkeypatch.setattr(handlers, "api_client", lambda: client.ApiClient())
+    settings = kopf.OperatorSettings()
+    handlers.startup(settings=settings)
+    selectors = dict(settings.watching.label_selectors.items())
+    by_plural = {(s.group, s.any_name): value for s, value in selectors.items()}
+    assert by_plural == {("", "pods"): r.JOB_LABEL, ("jobset.x-k8s.io", "jobsets"): r.JOB_LABEL}
+    fields = {(s.group, s.any_name): v for s, v in settings.watching.field_selectors.items()}
+    assert fields == {("", "events"): "reason=FailedCreate,involvedObject.kind=Job"}
+    assert settings.peering.standalone and settings.execution.max_workers == handlers.WORKERS
