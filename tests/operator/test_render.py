@@ -478,15 +478,20 @@ def test_render_imports_neither_kopf_nor_kubernetes() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_pods_run_the_trainer_entrypoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_pods_run_the_trainer_entrypoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The rendered command is the trainer image's entrypoint, and it reads the rendered recipe.
 
     The entrypoint runs with the rendered args (the mounted path swapped for a local copy of the
-    ConfigMap's recipe); an algorithm the trainer has not built makes it stop before JAX, naming
-    the algorithm it read from that recipe.
+    ConfigMap's recipe); an algorithm the trainer lacks (here: a trainer without DPO, as an image
+    older than the API would be) makes it stop before JAX, naming the algorithm it read from
+    that recipe.
     """
+    from posttrain.trainer import algorithms
     from posttrain.trainer.__main__ import main
 
+    monkeypatch.delitem(algorithms.REGISTRY, "dpo")
     configmap, jobset = r.render(make(algorithm="dpo"))
     container = pod_spec(jobset)["containers"][0]
     assert container["command"] == ["python", "-m", "posttrain.trainer"]
@@ -494,5 +499,5 @@ def test_pods_run_the_trainer_entrypoint(tmp_path: Path, capsys: pytest.CaptureF
     local = tmp_path / "recipe.yaml"
     local.write_text(configmap["data"]["recipe.yaml"])
     args = [str(local) if a == runtime.RECIPE_PATH else a for a in container["args"]]
-    assert main(args) == 2
+    assert main(args) == runtime.EXIT_CONFIG
     assert "spec.algorithm: 'dpo' is not built" in capsys.readouterr().err
