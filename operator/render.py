@@ -168,7 +168,11 @@ def shape_of(job: PostTrainJob) -> Shape:
             "slice",
             replicas=r.slices,
             pods=s.hosts,
-            node_selector={GKE_TPU_ACCELERATOR: gen.gke_accelerator, GKE_TPU_TOPOLOGY: r.topology},
+            node_selector={
+                GKE_TPU_ACCELERATOR: gen.gke_accelerator,
+                GKE_TPU_TOPOLOGY: r.topology,
+                **acc.host_machine_selector(r.accelerator, r.topology, s.chips_per_host),
+            },
             tolerations=[{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
             accelerator_resources={TPU_RESOURCE: str(s.chips_per_host)},
         )

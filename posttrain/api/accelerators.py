@@ -124,6 +124,23 @@ def topology_chips(topology: str) -> int:
     return math.prod(int(d) for d in topology.split("x"))
 
 
+# GKE's 4-chip machine type of the generations whose 8-chip single-host topology (2x4) also
+# comes as two 4-chip hosts. Both shapes carry the same accelerator and topology labels, so a
+# job that wants two hosts must also select the machine type, or its pods could land together on
+# an idle 8-chip host.
+FOUR_CHIP_MACHINE = {"tpu-v5e": "ct5lp-hightpu-4t", "tpu-v6e": "ct6e-standard-4t"}
+GKE_INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+
+
+def host_machine_selector(accelerator: str, topology: str, chips_per_host: int) -> dict[str, str]:
+    """The extra node selector for a single-host topology run on several smaller hosts."""
+    if topology in TPU_GENERATIONS[accelerator].single_host and chips_per_host < topology_chips(
+        topology
+    ):
+        return {GKE_INSTANCE_TYPE: FOUR_CHIP_MACHINE[accelerator]}
+    return {}
+
+
 def chips_per_host_choices(accelerator: str, topology: str) -> tuple[int, ...]:
     """What `resources.chipsPerHost` may be, the default first: GKE serves a single-host
     topology of 8 chips (v5e/v6e 2x4) also as two 4-chip hosts (the shape xpk trains on)."""

@@ -423,15 +423,17 @@ def test_failure_policy_fails_config_errors_and_restarts_disruptions_for_free() 
 
 
 @pytest.mark.parametrize(
-    ("accelerator", "chips_per_host", "hosts", "per_pod"),
+    ("accelerator", "chips_per_host", "hosts", "per_pod", "machine"),
     [
-        ("tpu-v5e", None, 1, "8"),  # default: one 8-chip host (ct5lp-hightpu-8t)
-        ("tpu-v5e", 4, 2, "4"),  # two 4-chip hosts, the shape xpk trains on
-        ("tpu-v6e", 4, 2, "4"),
-        ("tpu-v6e", 8, 1, "8"),
+        ("tpu-v5e", None, 1, "8", None),  # default: one 8-chip host (ct5lp-hightpu-8t)
+        ("tpu-v5e", 4, 2, "4", "ct5lp-hightpu-4t"),  # two 4-chip hosts, the shape xpk trains on
+        ("tpu-v6e", 4, 2, "4", "ct6e-standard-4t"),
+        ("tpu-v6e", 8, 1, "8", None),
     ],
 )
-def test_chips_per_host_picks_the_host_shape(accelerator, chips_per_host, hosts, per_pod) -> None:
+def test_chips_per_host_picks_the_host_shape(
+    accelerator, chips_per_host, hosts, per_pod, machine
+) -> None:
     resources = {"accelerator": accelerator, "topology": "2x4"}
     if chips_per_host:
         resources["chipsPerHost"] = chips_per_host
@@ -442,6 +444,10 @@ def test_chips_per_host_picks_the_host_shape(accelerator, chips_per_host, hosts,
     assert limits[r.TPU_RESOURCE] == per_pod
     env = {e["name"]: e.get("value") for e in child["template"]["spec"]["containers"][0]["env"]}
     assert env[runtime.HOSTS_PER_SLICE] == str(hosts)
+    # Both host shapes share the topology label: two hosts must also pin the 4-chip machine type,
+    # or the pods could land together on an idle 8-chip host.
+    selector = child["template"]["spec"]["nodeSelector"]
+    assert selector.get("node.kubernetes.io/instance-type") == machine
 
 
 @pytest.mark.parametrize(
