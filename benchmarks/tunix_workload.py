@@ -116,7 +116,9 @@ def sft_step_time(lora: bool, remat: str = "none") -> float:
     tx = optax.adamw(LEARNING_RATE)
     opt_state = tx.init(params)
     step_fn = jax.jit(
-        make_train_step(graphdef, sft.loss, tx, optax.constant_schedule(LEARNING_RATE), num_micro=1),
+        make_train_step(
+            graphdef, sft.loss, tx, optax.constant_schedule(LEARNING_RATE), num_micro=1
+        ),
         donate_argnums=(0, 2),
     )
     tokens = sft_tokens()

@@ -156,6 +156,9 @@ def train(
     num_micro = training.batch_size // micro
     tokenizer = load_tokenizer(spec.model)
     model = build_model(spec.model, tokenizer, mesh, training.seed)
+    from posttrain.trainer.models import set_remat
+
+    set_remat(model, training.remat)  # in the graphdef: the jitted step rematerialises
     wrt = peft.trainable_filter(spec.model.lora)
     # Two filters give exactly two states; flax types the tail as variadic, so unpack it in two steps.
     graphdef, params, *others = nnx.split(model, wrt, ...)
