@@ -34,7 +34,14 @@ VENV = Path(
         "POSTTRAIN_TUNIX_VENV", Path.home() / ".cache" / "posttrain" / f"tunix-{TUNIX_VERSION}"
     )
 )
-KEYS = ("sft_full_step_s", "sft_lora_step_s", "decode_tokens_per_s")
+KEYS = (
+    "sft_full_step_s",
+    "sft_full_step_cpu_s",
+    "sft_lora_step_s",
+    "sft_lora_step_cpu_s",
+    "decode_tokens_per_s",
+    "decode_tokens_per_s_cpu",
+)
 
 
 def tunix_python() -> Path:
@@ -88,11 +95,11 @@ def tunix_run(parts: list[str]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     if "sft_full" in parts:
-        out["sft_full_step_s"] = _tunix_sft(w, lora=False)
+        out |= w.results("sft_full_step", _tunix_sft(w, lora=False))
     if "sft_lora" in parts:
-        out["sft_lora_step_s"] = _tunix_sft(w, lora=True)
+        out |= w.results("sft_lora_step", _tunix_sft(w, lora=True))
     if "decode" in parts:
-        out["decode_tokens_per_s"] = _tunix_decode(w)
+        out |= w.results("decode_tokens_per_s", _tunix_decode(w), per=w.PROMPTS * w.NEW_TOKENS)
     return out
 
 
@@ -115,11 +122,12 @@ def _tunix_model(w):
     return llama3.Llama3(config, rngs=nnx.Rngs(0))
 
 
-def _tunix_sft(w, lora: bool) -> float:
+def _tunix_sft(w, lora: bool) -> tuple[float, float]:
     import jax
     import jax.numpy as jnp
     import optax
     import qwix
+    from flax import nnx
     from tunix.sft import peft_trainer, utils
 
     model = _tunix_model(w)
@@ -129,7 +137,9 @@ def _tunix_sft(w, lora: bool) -> float:
             rank=w.LORA_RANK,
             alpha=float(w.LORA_ALPHA),
         )
-        model = qwix.apply_lora_to_model(model, provider, **model.get_model_input())
+        model = qwix.apply_lora_to_model(
+            model, provider, rngs=nnx.Rngs(1), **model.get_model_input()
+        )
     trainer = peft_trainer.PeftTrainer(
         model,
         optax.adamw(w.LEARNING_RATE),
@@ -179,7 +189,7 @@ class _IdsTokenizer:
         return 0
 
 
-def _tunix_decode(w) -> float:
+def _tunix_decode(w) -> tuple[float, float]:
     from tunix.generate import sampler as sampler_lib
 
     sampler = sampler_lib.Sampler(
@@ -204,7 +214,7 @@ def _tunix_decode(w) -> float:
         )
         assert len(out.tokens) == w.PROMPTS
 
-    return w.PROMPTS * w.NEW_TOKENS / w.median_call_time(call)
+    return w.median_call_time(call)
 
 
 def main() -> None:

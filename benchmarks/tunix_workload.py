@@ -13,7 +13,8 @@ median of 3 calls (prefill + decode + tokens on the host).
 
 The constants and the data (numpy only, at module level) are shared with the Tunix side of
 ``compare_tunix.py``, which imports this file in Tunix's own environment. The last line printed
-is one JSON object with ``sft_full_step_s``, ``sft_lora_step_s`` and ``decode_tokens_per_s``.
+is one JSON object with ``sft_full_step_s``, ``sft_lora_step_s`` and ``decode_tokens_per_s``
+(wall clock), and the same measured in this process's CPU seconds (``*_cpu_s``, ``*_cpu``).
 """
 
 from __future__ import annotations
@@ -49,26 +50,37 @@ def decode_prompts() -> np.ndarray:
     return rng.integers(1, VOCAB, size=(PROMPTS, PROMPT_LEN)).astype(np.int32)
 
 
-def median_step_time(step: Callable[[int], Any]) -> float:
-    """Warm-up steps, then the median wall time of the timed ones; ``step(i)`` must block."""
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds over all threads) of one blocking call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def median_step_time(step: Callable[[int], Any]) -> tuple[float, float]:
+    """Warm-up steps, then the medians of wall and CPU time of the timed ones; ``step(i)`` blocks.
+
+    CPU time is reported beside wall time because on a shared machine other jobs stretch the
+    wall clock; it does not count the time this process waited for a core.
+    """
     for i in range(WARMUP_STEPS):
         step(i)
-    times = []
-    for i in range(WARMUP_STEPS, WARMUP_STEPS + TIMED_STEPS):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [_timed(lambda i=i: step(i)) for i in range(WARMUP_STEPS, WARMUP_STEPS + TIMED_STEPS)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
-def median_call_time(call: Callable[[], Any]) -> float:
+def median_call_time(call: Callable[[], Any]) -> tuple[float, float]:
     call()
-    times = []
-    for _ in range(DECODE_CALLS):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [_timed(call) for _ in range(DECODE_CALLS)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def results(name: str, wall_cpu: tuple[float, float], per: float = 0.0) -> dict[str, float]:
+    """``{name}_s`` and ``{name}_cpu_s``; with ``per`` (tokens/call) also ``{name}`` tokens/s."""
+    wall, cpu = wall_cpu
+    if per:
+        return {name: per / wall, f"{name}_cpu": per / cpu}
+    return {f"{name}_s": wall, f"{name}_cpu_s": cpu}
 
 
 # --------------------------------------------------------------------------- posttrain side
@@ -92,7 +104,7 @@ def model_config():
     )
 
 
-def sft_step_time(lora: bool, remat: str = "none") -> float:
+def sft_step_time(lora: bool, remat: str = "none") -> tuple[float, float]:
     """Median step time of the trainer's own jitted step (``loop_step.make_train_step``)."""
     import jax
     import jax.numpy as jnp
@@ -111,7 +123,7 @@ def sft_step_time(lora: bool, remat: str = "none") -> float:
     if remat != "none":
         from posttrain.trainer.models import set_remat
 
-        set_remat(model, remat)
+        set_remat(model, remat)  # the trainer does this from spec.training.remat
     graphdef, params, frozen = nnx.split(model, peft.trainable_filter(spec), ...)
     tx = optax.adamw(LEARNING_RATE)
     opt_state = tx.init(params)
@@ -146,7 +158,7 @@ def sft_step_time(lora: bool, remat: str = "none") -> float:
     return median_step_time(step)
 
 
-def decode_tokens_per_s() -> float:
+def decode_time() -> tuple[float, float]:
     from flax import nnx
 
     from posttrain.trainer.models import create_model
@@ -159,17 +171,17 @@ def decode_tokens_per_s() -> float:
         gen = generate(model, prompts, NEW_TOKENS, temperature=0.0, eos_id=None)
         np.asarray(gen.tokens)  # tokens on the host
 
-    return PROMPTS * NEW_TOKENS / median_call_time(call)
+    return median_call_time(call)
 
 
 def run(parts: tuple[str, ...], remat: str = "none") -> dict[str, float]:
     out: dict[str, float] = {}
     if "sft_full" in parts:
-        out["sft_full_step_s"] = sft_step_time(lora=False, remat=remat)
+        out |= results("sft_full_step", sft_step_time(lora=False, remat=remat))
     if "sft_lora" in parts:
-        out["sft_lora_step_s"] = sft_step_time(lora=True, remat=remat)
+        out |= results("sft_lora_step", sft_step_time(lora=True, remat=remat))
     if "decode" in parts:
-        out["decode_tokens_per_s"] = decode_tokens_per_s()
+        out |= results("decode_tokens_per_s", decode_time(), per=PROMPTS * NEW_TOKENS)
     return out
 
 
