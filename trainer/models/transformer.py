@@ -491,9 +491,17 @@ def _remat_layer(policy: str):
     jax_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
 
     def call(layer, x, positions, full_mask, sliding_mask):
-        return layer(x, positions, full_mask, sliding_mask)
+        # jax.checkpoint on a pure function of the layer's state, not nnx.remat: nnx.remat writes
+        # the state back to the module, which fails when the module was merged inside another
+        # trace (the trainer merges it inside the micro-batch scan).
+        graphdef, state = nnx.split(layer)
 
-    return nnx.remat(call, policy=jax_policy)
+        def pure(state, x, positions, full_mask, sliding_mask):
+            return nnx.merge(graphdef, state)(x, positions, full_mask, sliding_mask)
+
+        return jax.checkpoint(pure, policy=jax_policy)(state, x, positions, full_mask, sliding_mask)
+
+    return call
 
 
 def set_remat(model: CausalLM, policy: str) -> None:
