@@ -188,6 +188,9 @@ def train(
     num_micro = training.batch_size // micro
     tokenizer = load_tokenizer(spec.model)
     model = build_model(spec.model, tokenizer, mesh, training.seed)
+    from posttrain.trainer.models import set_remat
+
+    set_remat(model, training.remat)  # in the graphdef: the jitted step rematerialises
 
     # The algorithm is built before the split: it may bring heads and declare frozen models.
     # Its hooks (ctx.model, ctx.forward) read the live weights bound below.

@@ -734,6 +734,12 @@ class TrainingSpec(Spec):
         default_factory=MeshSpec,
         description="Device mesh; defaults shard parameters over all devices (FSDP).",
     )
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = Field(
+        "none",
+        description="Rematerialisation per decoder layer: none keeps all activations for the "
+        "backward pass; full keeps only each layer's input and recomputes the rest; the others "
+        "are jax.checkpoint_policies that also keep matmul outputs. Trades compute for memory.",
+    )
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSpec:

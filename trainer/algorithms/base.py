@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
+from posttrain.trainer.models.logprobs import chunked_logprobs
 
 if TYPE_CHECKING:
     from posttrain.trainer.models import CausalLM
@@ -72,10 +73,11 @@ def token_logprobs(
     ``targets`` is usually ``input_ids`` shifted left by one (the next token); positions whose
     target does not matter are masked by the caller. ``segment_ids`` (packed rows, see the model)
     restrict the context to the token's own example. Computed as ``logit[target] - logsumexp``
-    so no second [B, T, V] array is materialised.
+    over chunks of tokens from the final hidden states (``models/logprobs.py``), so no [B, T, V]
+    float32 logits array is materialised for large batches or vocabularies.
     """
-    logits = model(input_ids, attention_mask, segment_ids=segment_ids)
-    return logprobs_from_logits(logits, targets, temperature=temperature)
+    hidden, _ = model.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # type: ignore[attr-defined]
+    return chunked_logprobs(hidden, model.logits, targets, temperature=temperature)  # type: ignore[attr-defined]
 
 
 def logprobs_from_logits(

@@ -21,11 +21,19 @@ from posttrain.trainer.models.sharding import (
     param_shardings,
     shard_model,
 )
-from posttrain.trainer.models.transformer import CausalLM, KVCache, create_model
+from posttrain.trainer.models.transformer import (
+    REMAT_POLICIES,
+    CausalLM,
+    KVCache,
+    create_model,
+    set_attention,
+    set_remat,
+)
 
 __all__ = [
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "REMAT_POLICIES",
     "SUPPORTED_MODEL_TYPES",
     "CausalLM",
     "KVCache",
@@ -41,5 +49,7 @@ __all__ = [
     "make_mesh",
     "param_shardings",
     "save_pretrained",
+    "set_attention",
+    "set_remat",
     "shard_model",
 ]

@@ -11,7 +11,7 @@ E hidden, V vocab.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,64 @@ def attention_masks(
     return full, full & in_window_ts[None]
 
 
+def reference_attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    mask_bts: jax.Array,
+    scale: float,
+    logit_cap: float | None,
+    *,
+    return_probs: bool = False,
+) -> Any:
+    """Grouped-query attention in plain XLA ops, [B, T, H, D]: the reference every kernel must match.
+
+    The only path with attention-logit soft-capping (Gemma 2), and the only one that can return
+    the probabilities ([B, H, T, S] float32, query head h = kv head h // G; distillation).
+    """
+    B, T, H, D = q_bthd.shape
+    K = k_bskd.shape[2]
+    q = q_bthd.reshape(B, T, K, H // K, D)  # query head h uses kv head h // G (grouped, not tiled)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
+    scores = softcap(scores, logit_cap)
+    # Most negative finite float, not -inf: a query whose window holds only padding then gets
+    # uniform (ignored) weights instead of NaN, which would leak into valid positions via 0 * NaN.
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd).reshape(B, T, H, D)
+    if return_probs:  # float32, not the compute dtype: bf16 maps are too coarse to match
+        return out, probs.reshape(B, H, T, -1)
+    return out
+
+
+def fused_attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    mask_bts: jax.Array,
+    scale: float,
+    implementation: str,
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with our boolean mask (causal, padding, segments, window).
+
+    ``implementation``: "auto" picks cuDNN's fused kernel on a GPU for 16-bit activations and XLA
+    otherwise (cuDNN has no float32 kernel); "xla" or "cudnn" force one.
+    """
+    kernel: Literal["xla", "cudnn"] = "cudnn" if implementation == "cudnn" else "xla"
+    if implementation == "auto":
+        cudnn = jax.default_backend() == "gpu" and q_bthd.dtype in (jnp.bfloat16, jnp.float16)
+        kernel = "cudnn" if cudnn else "xla"
+    dtype = q_bthd.dtype  # the cache may hold another dtype; the kernel wants one
+    return jax.nn.dot_product_attention(
+        q_bthd,
+        k_bskd.astype(dtype),
+        v_bskd.astype(dtype),
+        mask=mask_bts[:, None],  # [B, 1, T, S], broadcast over heads
+        scale=scale,
+        implementation=kernel,
+    )
+
+
 def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """RoPE positions [B, T] that restart at 0 where each segment begins.
 
@@ -105,12 +163,15 @@ class KVCache:
 
     ``keys``/``values``: one [B, S, K, D] array per layer. ``key_mask`` [B, S]: slot holds a real
     token (False for padding and for slots not yet written). ``index``: next slot to write (int32).
+    ``real_tokens`` [B] int32: real tokens written so far (the next token's default position),
+    kept so a decode step does no work that grows with the cache outside attention.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     key_mask: jax.Array
     index: jax.Array
+    real_tokens: jax.Array
 
     @classmethod
     def create(
@@ -123,6 +184,7 @@ class KVCache:
             values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
             key_mask=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
+            real_tokens=jnp.zeros((batch,), jnp.int32),
         )
 
     @property
@@ -211,6 +273,7 @@ class Attention(nnx.Module):
         self.qk_norm = c.qk_norm
         self.scale = c.attention_scale
         self.logit_cap = c.attn_logit_softcapping
+        self.implementation = "auto"  # see fused_attention; "reference" for the plain XLA maths
         self.inv_freq = tuple(
             float(f) for f in c.rope_for(self.layer_type).inv_freq(D)
         )  # static, hashable
@@ -246,20 +309,16 @@ class Attention(nnx.Module):
             new_kv = (k, v)
         else:
             new_kv = None
-        q = q.reshape(B, T, K, H // K, D)  # query head h uses kv head h // G (grouped, not tiled)
-        scores = (
-            jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
-        )
-        scores = softcap(scores, self.logit_cap)
-        # Most negative finite float, not -inf: a query whose window holds only padding then gets
-        # uniform (ignored) weights instead of NaN, which would leak into valid positions via 0 * NaN.
-        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
-        if return_probs:  # float32, not the compute dtype: bf16 maps are too coarse to match
-            probs_bhts = jax.nn.softmax(scores, axis=-1).reshape(B, H, T, -1)
-            return self.o_proj(out), new_kv, probs_bhts
-        return self.o_proj(out), new_kv
+        if return_probs:
+            out, probs_bhts = reference_attention(
+                q, k, v, mask_bts, self.scale, self.logit_cap, return_probs=True
+            )
+            return self.o_proj(out.reshape(B, T, H * D)), new_kv, probs_bhts
+        if self.logit_cap is None and self.implementation != "reference":
+            out = fused_attention(q, k, v, mask_bts, self.scale, self.implementation)
+        else:
+            out = reference_attention(q, k, v, mask_bts, self.scale, self.logit_cap)
+        return self.o_proj(out.reshape(B, T, H * D)), new_kv
 
 
 class MLP(nnx.Module):
@@ -363,6 +422,7 @@ class CausalLM(nnx.Module):
         self.config = config
         self.compute_dtype = jnp.dtype(dtype)
         self.model = Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.remat = "none"  # see set_remat
         if not config.tie_word_embeddings:
             self.lm_head = _linear(
                 config.hidden_size,
@@ -478,7 +538,7 @@ class CausalLM(nnx.Module):
             new_mask_bt = jnp.ones((B, T), bool)
         if cache is not None:
             start = cache.index
-            prior_bt = jnp.sum(cache.key_mask, axis=-1, keepdims=True)
+            prior_bt = cache.real_tokens[:, None]
             key_mask_bs = jax.lax.dynamic_update_slice(cache.key_mask, new_mask_bt, (0, start))
         else:
             start = jnp.zeros((), jnp.int32)
@@ -499,6 +559,13 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             wants_probs = taps is not None and i in taps.attention_probs_layers
+            # Remat only where a backward pass gains from it, and not on a layer whose attention
+            # maps are read (they come from the explicit path, outside the checkpointed call).
+            if cache is None and self.remat != "none" and not wants_probs:
+                x, _ = _remat_layer(self.remat)(layer, x, positions, full_mask, sliding_mask)
+                if taps is not None:
+                    taps.collect(i, x, [])
+                continue
             x, new_kv, *probs = layer(
                 x, positions, full_mask, sliding_mask, kv, start, return_probs=wants_probs
             )
@@ -511,7 +578,8 @@ class CausalLM(nnx.Module):
         if cache is None:
             return hidden, None
         index = (start + T).astype(jnp.int32)
-        return hidden, KVCache(tuple(new_keys), tuple(new_values), key_mask_bs, index)
+        real_tokens = cache.real_tokens + jnp.sum(new_mask_bt, axis=-1, dtype=jnp.int32)
+        return hidden, KVCache(tuple(new_keys), tuple(new_values), key_mask_bs, index, real_tokens)
 
     def logits(self, hidden_bte: jax.Array) -> jax.Array:
         """LM head (tied or not) and final soft-capping on final-norm outputs; float32."""
@@ -520,6 +588,49 @@ class CausalLM(nnx.Module):
         else:
             logits = self.lm_head(hidden_bte)
         return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
+
+
+# --------------------------------------------------------------------------- rematerialisation
+
+# spec.training.remat: "none" keeps every activation for the backward pass; "full" keeps only
+# each layer's input and recomputes the layer; the others are jax.checkpoint_policies names.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def _remat_layer(policy: str):
+    """A decoder layer call, rematerialised per ``policy``, for training (no cache)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} unknown; known: {', '.join(REMAT_POLICIES)}")
+    jax_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+
+    def call(layer, x, positions, full_mask, sliding_mask):
+        # jax.checkpoint on a pure function of the layer's state, not nnx.remat: nnx.remat writes
+        # the state back to the module, which fails when the module was merged inside another
+        # trace (the trainer merges it inside the micro-batch scan).
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, x, positions, full_mask, sliding_mask):
+            return nnx.merge(graphdef, state)(x, positions, full_mask, sliding_mask)
+
+        return jax.checkpoint(pure, policy=jax_policy)(state, x, positions, full_mask, sliding_mask)
+
+    return call
+
+
+def set_remat(model: CausalLM, policy: str) -> None:
+    """Choose what the backward pass keeps (``REMAT_POLICIES``); generation is never affected."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} unknown; known: {', '.join(REMAT_POLICIES)}")
+    model.remat = policy
+
+
+def set_attention(model: CausalLM, implementation: str) -> None:
+    """Attention kernel of every layer: "auto", "xla", "cudnn" (``fused_attention``) or "reference"."""
+    allowed = ("auto", "xla", "cudnn", "reference")
+    if implementation not in allowed:
+        raise ValueError(f"attention {implementation!r} unknown; known: {', '.join(allowed)}")
+    for layer in model.model.layers:
+        layer.self_attn.implementation = implementation
 
 
 def create_model(
