@@ -207,7 +207,7 @@ def plan_job(job: Any, config_json: dict[str, Any], n_devices: int) -> Plan:
     from posttrain.trainer import peft
     from posttrain.trainer.algorithms import sft
     from posttrain.trainer.loop_optim import optimizer, schedule
-    from posttrain.trainer.loop_step import batch_sharding, make_train_step
+    from posttrain.trainer.loop_step import batch_sharding, make_train_step, policy_view
     from posttrain.trainer.models import ModelConfig, create_model, make_mesh, set_remat
 
     spec, training = job.spec, job.spec.training
@@ -256,7 +256,9 @@ def plan_job(job: Any, config_json: dict[str, Any], n_devices: int) -> Plan:
 
     micro = training.micro_batch_size or training.batch_size
     num_micro = training.batch_size // micro
-    step = make_train_step(graphdef, sft.loss, tx, schedule(training), num_micro=num_micro)
+    step = make_train_step(
+        policy_view(graphdef), sft.loss, tx, schedule(training), num_micro=num_micro
+    )
     row_sharding = batch_sharding(mesh, 2)
     batch = {
         name: jax.ShapeDtypeStruct((rows, seq), kind, sharding=row_sharding)
