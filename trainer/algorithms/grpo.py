@@ -59,7 +59,6 @@ from posttrain.trainer.algorithms.rollout import (
     SamplingSettings,
     decode_array,
     encode_array,
-    rollout_arrays,
 )
 from posttrain.trainer.data.prompts import load_prompts
 
@@ -131,17 +130,8 @@ class RolloutSource:
 
     def _warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
-        R, e = self.rows, self.engine
-        rows = [e.prompt(step * R + r) for r in range(R)]
-        N = self.g.max_new_tokens
-        completion = np.full((R, N), e.pad_id, np.int32)
-        mask = np.zeros((R, N), np.float32)
-        for r, p in enumerate(rows):
-            target = p.completion[:N]
-            completion[r, : len(target)] = target
-            mask[r, : len(target)] = 1
-        batch = rollout_arrays([p.ids for p in rows], completion, mask, e.prompt_len, e.pad_id)
-        return self._finish_batch(batch, np.zeros(R, np.float32), sft=True)
+        batch = self.engine.teacher_forced(step * self.rows, self.rows)
+        return self._finish_batch(batch, np.zeros(self.rows, np.float32), sft=True)
 
     def _finish_batch(
         self, batch: dict[str, np.ndarray], adv: np.ndarray, *, sft: bool

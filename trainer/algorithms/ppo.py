@@ -57,7 +57,6 @@ from posttrain.trainer.algorithms.rollout import (
     decode_array,
     encode_array,
     group_seed,
-    rollout_arrays,
 )
 from posttrain.trainer.data.prompts import load_prompts
 
@@ -180,16 +179,7 @@ class PpoSource:
 
     def _warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
-        R, e = self.rows, self.engine
-        rows = [e.prompt(step * R + r) for r in range(R)]
-        N = self.p.max_new_tokens
-        completion = np.full((R, N), e.pad_id, np.int32)
-        mask = np.zeros((R, N), np.float32)
-        for r, p in enumerate(rows):
-            target = p.completion[:N]
-            completion[r, : len(target)] = target
-            mask[r, : len(target)] = 1
-        batch = rollout_arrays([p.ids for p in rows], completion, mask, e.prompt_len, e.pad_id)
+        batch = self.engine.teacher_forced(step * self.rows, self.rows)
         return self._per_token_share(self._columns(batch, sft=True))
 
     def _rollouts(self, group: int) -> dict[str, np.ndarray]:

@@ -230,6 +230,21 @@ class RolloutEngine:
         arrays = rollout_arrays([p.ids for p in rows], tokens, mask, self.prompt_len, self.pad_id)
         return Rollout(arrays, total, each, mask.sum(axis=1), seconds)
 
+    def teacher_forced(self, first: int, rows: int) -> dict[str, np.ndarray]:
+        """SFT warm-up rows: prompts ``first .. first + rows - 1`` of the run followed by the data's
+        completion (+ EOS), cut to maxNewTokens, in the rollout layout (one step serves both)."""
+        prompts = [self.prompt(first + r) for r in range(rows)]
+        N = self.settings.max_new_tokens
+        completion = np.full((rows, N), self.pad_id, np.int32)
+        mask = np.zeros((rows, N), np.float32)
+        for r, p in enumerate(prompts):
+            target = p.completion[:N]
+            completion[r, : len(target)] = target
+            mask[r, : len(target)] = 1
+        return rollout_arrays(
+            [p.ids for p in prompts], completion, mask, self.prompt_len, self.pad_id
+        )
+
     def evaluate(self, model: Any, width: int) -> float:
         """Mean total reward of greedy completions to every data.eval prompt, ``width`` rows at a
         time (the rollout batch's row count, so the sampler is compiled already)."""
