@@ -9,6 +9,7 @@ this file, so docs/operator.md's RBAC list can be checked against it:
     configmaps             create, get, update      (the recipe; update: a stale one of ours)
     jobsets                create, get, patch       (patch: spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
+    workloads (Kueue)      list                     (Queued: why Kueue holds the JobSet)
 
 Crash safety: every step is create-or-check by deterministic name, so an operator killed at any
 point and started again finds what it made and goes on. What it finds is checked: a child not
@@ -44,6 +45,9 @@ from posttrain.operator import status as st
 log = logging.getLogger("posttrain.operator")
 
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
+# Kueue labels the Workload it makes for a job (our JobSet) with the job's uid.
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 Emit = Callable[[Mapping[str, Any], st.Event], None]
 
@@ -100,6 +104,27 @@ class Operator:
             namespace, label_selector=f"{r.JOB_LABEL}={name}", _preload_content=False
         )
         return list(json.loads(cast(Any, pods).data).get("items") or [])
+
+    def get_workload(self, jobset: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Kueue's Workload of a JobSet (the newest, if several), or None: none yet, or no
+        Kueue in the cluster (its CRD absent), or no permission to read Workloads."""
+        meta = jobset.get("metadata") or {}
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                str(meta.get("namespace")),
+                WORKLOAD_PLURAL,
+                label_selector=f"{KUEUE_JOB_UID}={meta.get('uid')}",
+            )
+        except ApiException as err:
+            if err.status in (403, 404):
+                log.warning("cannot read Kueue Workloads (%s): %s", err.status, _message(err))
+                return None
+            raise
+        items = cast(dict[str, Any], found).get("items") or []
+        items.sort(key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "")
+        return items[-1] if items else None
 
     # ---- create / resume / update ---------------------------------------------------------
 
@@ -308,6 +333,14 @@ class Operator:
             else:
                 jobset, pods = children
             key = (namespace, name)
+            workload = None
+            if (
+                jobset is not None
+                and job.spec.scheduling.queue_name
+                and not job.spec.suspend
+                and (jobset.get("spec") or {}).get("suspend")
+            ):
+                workload = self.get_workload(jobset)  # why Kueue holds it (Queued)
             if st.current_pods(jobset or {}, pods):
                 self.create_failures.pop(key, None)
             outcome = st.phase_of(
@@ -317,6 +350,7 @@ class Operator:
                 pods=pods,
                 create_failure=self.create_failures.get(key),
                 deleted_jobset=prev.get("jobSetName") if jobset is None else None,
+                workload=workload,
             )
             summary = {
                 "model": display_model(job.spec.model.base),

@@ -707,13 +707,19 @@ def test_an_evicted_pod_restarts_the_job_without_spending_max_restarts(
 
 def test_a_queued_job_waits_for_admission(namespace, kubectl, operator) -> None:
     """With spec.scheduling.queueName the JobSet starts suspended for Kueue to admit; until then
-    the phase is Queued (a column in `kubectl get`) and the spec is frozen. (Kueue itself does
-    not run on the local control plane yet: issue #18.)"""
+    the phase is Queued (a column in `kubectl get`) with Kueue's reason (here: no such
+    LocalQueue), and the spec is frozen."""
     api = Api(kubectl)
     api.apply(manifest("q", {"accelerator": "cpu"}, scheduling={"queueName": "team-a"}))
-    status = api.wait_phase("q", "Queued", operator)
-    running = next(c for c in status["conditions"] if c["type"] == "Running")
-    assert running["reason"] == "Queued" and "queue team-a" in running["message"]
+    api.wait_phase("q", "Queued", operator)
+    running = wait_for(
+        "Kueue's reason",
+        lambda: (c := running_condition(api.status("q")))["reason"] == "Inadmissible" and c,
+        30,
+    )
+    print(running["message"])
+    assert "queue team-a" in running["message"], running
+    assert "LocalQueue team-a doesn't exist" in running["message"], running
     jobset = api.get("jobset", "q")
     assert jobset["spec"]["suspend"] is True
     assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
@@ -723,3 +729,94 @@ def test_a_queued_job_waits_for_admission(namespace, kubectl, operator) -> None:
         check=False,
     )  # fmt: skip
     assert refused.returncode != 0 and "immutable while the job is active" in refused.stderr
+
+
+# ---- Kueue -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kueue_queue(cluster, namespace, kubectl) -> Iterator[dict[str, str]]:
+    """docs/operator.md's Kueue set-up (quota for one v5e 2x4 slice, two PriorityClasses), its
+    cluster-scoped objects renamed for this test; returns {docs name: name here}."""
+    docs = docs_yaml("ClusterQueue")
+    names = {}
+    for doc in docs:
+        if doc["kind"] in ("ResourceFlavor", "ClusterQueue", "PriorityClass"):
+            names[doc["metadata"]["name"]] = f"{namespace}-{doc['metadata']['name']}"
+    for doc in docs:
+        if doc["kind"] == "LocalQueue":
+            names[doc["metadata"]["name"]] = doc["metadata"]["name"]
+            doc["spec"]["clusterQueue"] = names[doc["spec"]["clusterQueue"]]
+        else:
+            doc["metadata"]["name"] = names[doc["metadata"]["name"]]
+        if doc["kind"] == "ClusterQueue":
+            for group in doc["spec"]["resourceGroups"]:
+                for flavor in group["flavors"]:
+                    flavor["name"] = names[flavor["name"]]
+    cluster_scoped = [d for d in docs if d["kind"] != "LocalQueue"]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(cluster_scoped))
+    kubectl(
+        "apply", "-f", "-", input=yaml.safe_dump_all([d for d in docs if d["kind"] == "LocalQueue"])
+    )
+    yield names
+    for doc in cluster_scoped:
+        cluster.kubectl("delete", doc["kind"], doc["metadata"]["name"], "--wait=false", check=False)
+
+
+def running_condition(status: dict) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == "Running")
+
+
+def test_kueue_quota_and_preemption(namespace, kubectl, operator, kueue_queue) -> None:
+    """Real Kueue, quota for one v5e 2x4 slice: the first job runs, the second is Queued with
+    Kueue's reason; deleting the first admits the second; a higher-priority job preempts it
+    (Queued/Preempted, same JobSet, no restart spent) and it runs again once that one is gone."""
+    api = Api(kubectl)
+    slice_ = {"accelerator": "tpu-v5e", "topology": "2x4"}
+    long_run = {"posttrain.dev/fake-run-seconds": "600"}
+
+    def job(name: str, priority: str) -> dict:
+        scheduling = {
+            "queueName": kueue_queue["team-a"],
+            "priorityClassName": kueue_queue[priority],
+        }
+        return manifest(name, slice_, annotations=long_run, scheduling=scheduling)
+
+    api.apply(job("first", "training-low"))
+    api.wait_phase("first", "Running", operator, timeout=90)
+    api.apply(job("second", "training-low"))
+    status = api.wait_phase("second", "Queued", operator)
+    cond = wait_for(
+        "Kueue's reason on the second job",
+        lambda: (c := running_condition(api.status("second")))["reason"] == "WaitingForQuota" and c,
+        30,
+    )
+    assert "insufficient unused quota" in cond["message"], cond
+    assert api.columns("second")["PHASE"] == "Queued"
+    assert api.get("jobset", "second")["spec"]["suspend"] is True
+    assert not api.items("pods", "-l", f"{r.JOB_LABEL}=second")
+
+    kubectl("delete", "posttrainjob", "first", "--wait=false")
+    api.wait_phase("second", "Running", operator, timeout=90)
+    uid = api.get("jobset", "second")["metadata"]["uid"]
+
+    api.apply(job("urgent", "training-high"))
+    status = api.wait_phase("second", "Queued", operator, timeout=60)
+    cond = wait_for(
+        "the preemption reason",
+        lambda: (c := running_condition(api.status("second")))["reason"] == "Preempted" and c,
+        30,
+    )
+    assert "evicted by Kueue (Preempted)" in cond["message"], cond
+    api.wait_phase("urgent", "Running", operator, timeout=90)
+    jobset = api.get("jobset", "second")
+    assert jobset["metadata"]["uid"] == uid and jobset["spec"]["suspend"] is True
+    wait_for(
+        "the preempted pods to go", lambda: not api.items("pods", "-l", f"{r.JOB_LABEL}=second"), 30
+    )
+    assert any(reason == "Queued" and "Preempted" in msg for reason, msg in api.events("second"))
+
+    kubectl("delete", "posttrainjob", "urgent", "--wait=false")
+    status = api.wait_phase("second", "Running", operator, timeout=90)
+    assert api.get("jobset", "second")["metadata"]["uid"] == uid
+    assert status["restarts"] == 0

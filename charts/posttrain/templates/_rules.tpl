@@ -31,6 +31,10 @@ No wildcards.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# Kueue: why a queued job waits (its JobSet's Workload's conditions), and when that changes.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch]
 # Events on PostTrainJobs; watch FailedCreate Events of the Jobs (why pods are refused).
 - apiGroups: [""]
   resources: [events]
