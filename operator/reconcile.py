@@ -9,7 +9,8 @@ this file, so docs/operator.md's RBAC list can be checked against it:
     configmaps             create, get, update      (the recipe; update: a stale one of ours)
     jobsets                create, get, patch       (patch: spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
-    workloads (Kueue)      list                     (Queued: why Kueue holds the JobSet)
+    workloads (Kueue)      list, patch              (why Kueue holds the JobSet; patch: spec.active
+                                                     only, which is how a queued job suspends)
 
 Crash safety: every step is create-or-check by deterministic name, so an operator killed at any
 point and started again finds what it made and goes on. What it finds is checked: a child not
@@ -244,11 +245,15 @@ class Operator:
         return found, False
 
     def _ensure_suspend(self, job: PostTrainJob, jobset: dict[str, Any]) -> None:
-        """spec.suspend -> JobSet spec.suspend. With a Kueue queue only suspending is ours:
-        resuming is Kueue's (it admits the workload by unsuspending it)."""
+        """spec.suspend -> JobSet spec.suspend, for a job without a Kueue queue. A queued job's
+        JobSet is Kueue's to suspend and resume (it would undo ours at once, an admitted Workload
+        being "running"): its spec.suspend goes to the Workload's spec.active instead
+        (_ensure_workload_active, on every sync, since the Workload comes after the JobSet)."""
+        if job.spec.scheduling.queue_name:
+            return
         want = job.spec.suspend
         have = bool((jobset.get("spec") or {}).get("suspend"))
-        if want == have or (not want and job.spec.scheduling.queue_name):
+        if want == have:
             return
         if _condition_true(jobset, "Completed") or _condition_true(jobset, "Failed"):
             return
@@ -264,6 +269,30 @@ class Operator:
         jobset.setdefault("spec", {})["suspend"] = want
         log.info(
             "%s/%s: JobSet %s", meta["namespace"], meta["name"], "suspended" if want else "resumed"
+        )
+
+    def _ensure_workload_active(self, job: PostTrainJob, workload: dict[str, Any]) -> None:
+        """spec.suspend -> the Workload's spec.active (false: Kueue evicts the job and suspends
+        its JobSet; true again: Kueue queues it and admits it when there is quota)."""
+        want = not job.spec.suspend
+        if bool((workload.get("spec") or {}).get("active", True)) == want:
+            return
+        meta = workload["metadata"]
+        self.custom.patch_namespaced_custom_object(
+            KUEUE_GROUP,
+            KUEUE_VERSION,
+            meta["namespace"],
+            WORKLOAD_PLURAL,
+            meta["name"],
+            {"spec": {"active": want}},
+        )
+        workload.setdefault("spec", {})["active"] = want
+        log.info(
+            "%s/%s: Kueue Workload %s %s",
+            meta["namespace"],
+            job.metadata.name,
+            meta["name"],
+            "activated" if want else "deactivated (spec.suspend)",
         )
 
     # ---- status ---------------------------------------------------------------------------
@@ -337,10 +366,13 @@ class Operator:
             if (
                 jobset is not None
                 and job.spec.scheduling.queue_name
-                and not job.spec.suspend
-                and (jobset.get("spec") or {}).get("suspend")
+                and not _condition_true(jobset, "Completed")
+                and not _condition_true(jobset, "Failed")
             ):
-                workload = self.get_workload(jobset)  # why Kueue holds it (Queued)
+                # why Kueue holds it (Queued); and where a queued job's spec.suspend goes
+                workload = self.get_workload(jobset)
+                if workload is not None:
+                    self._ensure_workload_active(job, workload)
             if st.current_pods(jobset or {}, pods):
                 self.create_failures.pop(key, None)
             outcome = st.phase_of(

@@ -820,3 +820,39 @@ def test_kueue_quota_and_preemption(namespace, kubectl, operator, kueue_queue) -
     status = api.wait_phase("second", "Running", operator, timeout=90)
     assert api.get("jobset", "second")["metadata"]["uid"] == uid
     assert status["restarts"] == 0
+
+
+def test_a_queued_job_suspends_through_its_workload(namespace, kubectl, operator, kueue_queue):
+    """spec.suspend on a queued job deactivates its Workload (Kueue would undo a suspended
+    JobSet at once): Kueue evicts it and suspends the JobSet; resuming reactivates it."""
+    api = Api(kubectl)
+    resources = {"accelerator": "tpu-v5e", "topology": "2x4"}
+    doc = manifest(
+        "hold",
+        resources,
+        annotations={"posttrain.dev/fake-run-seconds": "600"},
+        scheduling={"queueName": kueue_queue["team-a"]},
+    )
+    api.apply(doc)
+    api.wait_phase("hold", "Running", operator, timeout=90)
+    uid = api.get("jobset", "hold")["metadata"]["uid"]
+
+    kubectl("patch", "posttrainjob", "hold", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_for(
+        "Suspended with the JobSet suspended and no pods",
+        lambda: (
+            api.status("hold").get("phase") == "Suspended"
+            and running_condition(api.status("hold"))["reason"] == "Suspended"
+            and not api.items("pods", "-l", f"{r.JOB_LABEL}=hold")
+        ),
+        60,
+    )
+    (workload,) = api.items("workloads")
+    assert workload["spec"]["active"] is False
+    jobset = api.get("jobset", "hold")
+    assert jobset["spec"]["suspend"] is True and jobset["metadata"]["uid"] == uid
+
+    kubectl("patch", "posttrainjob", "hold", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = api.wait_phase("hold", "Running", operator, timeout=90)
+    assert api.items("workloads")[0]["spec"]["active"] is True
+    assert api.get("jobset", "hold")["metadata"]["uid"] == uid and status["restarts"] == 0
