@@ -182,6 +182,9 @@ versions() {
       helm) "$p" version --short ;;
       kwok) "$p" --version ;;
       jobset) echo "jobset $(module_version jobset) (controller has no --version flag)" ;;
+      # no --version flag either: the module version recorded in the binary, and the version
+      # the ldflags set, which it logs at start ("Initializing", gitVersion)
+      kueue) echo "kueue $(go version -m "$p" | awk '$1 == "mod" { print $3 }') (logs gitVersion $(module_version kueue) at start)" ;;
       *) "$p" --version ;;
     esac
   done
