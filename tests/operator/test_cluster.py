@@ -440,10 +440,11 @@ def test_invalid_jobs(namespace, kubectl, operator) -> None:
     )
     assert api.get("jobset", "topo") is None
 
-    # a failed job's spec may change; fixed, it starts
+    # a failed job's spec may change; fixed, it starts (2x2: no 8-chip 2x4 pool is left behind
+    # for test_a_2x4_as_two_4_chip_hosts, whose 4-chip pods would fit on it)
     kubectl(
         "patch", "posttrainjob", "topo", "--type=merge",
-        "-p", '{"spec":{"resources":{"topology":"2x4"}}}',
+        "-p", '{"spec":{"resources":{"topology":"2x2"}}}',
     )  # fmt: skip
     wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "topo"), 30)
     status = api.status("topo")
@@ -674,6 +675,17 @@ def test_a_2x4_as_two_4_chip_hosts(namespace, kubectl, operator) -> None:
     """resources.chipsPerHost: 4 runs a v5e 2x4 on two 4-chip hosts (GKE's ct5lp-hightpu-4t)."""
     api = Api(kubectl)
     resources = {"accelerator": "tpu-v5e", "topology": "2x4", "chipsPerHost": 4}
+
+    def eight_chip_2x4_nodes() -> list[str]:
+        return [
+            n["metadata"]["name"]
+            for n in api.items("nodes", "-l", f"{r.GKE_TPU_TOPOLOGY}=2x4")
+            if n["status"]["capacity"].get(r.TPU_RESOURCE) == "8"
+        ]
+
+    # Two 4-chip pods also fit one 8-chip 2x4 host: wait out one left by an earlier test (the
+    # provisioner deletes a pool 60 s after its last pod).
+    wait_for("earlier tests' 8-chip 2x4 nodes to go", lambda: not eight_chip_2x4_nodes(), 120, 1)
     api.apply(manifest("two", resources, annotations={"posttrain.dev/fake-run-seconds": "600"}))
     api.wait_phase("two", "Running", operator, timeout=90)
     pods = api.items("pods", "-l", f"{r.JOB_LABEL}=two")
