@@ -36,7 +36,7 @@ test: lint ## lint, then the whole test suite (brings the local cluster up for t
 # ---- local Kubernetes (hack/, docs/development.md) ----
 
 .PHONY: tools
-tools: ## build the pinned etcd, kube-*, jobset, kwok and helm binaries (cached in ~/.cache/posttrain)
+tools: ## build the pinned etcd, kube-*, jobset, kueue, kwok and helm binaries (cached in ~/.cache/posttrain)
 	hack/tools.sh build
 
 .PHONY: tool-versions

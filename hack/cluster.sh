@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real local Kubernetes control plane on loopback: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, the JobSet controller (with its webhooks),
-# kwok (fake nodes and pod lifecycle) and a GKE-like node-pool provisioner.
+# kube-controller-manager, kube-scheduler, the JobSet controller (with its webhooks), Kueue's
+# controller manager (with its webhooks; JobSet integration), kwok (fake nodes and pod
+# lifecycle) and a GKE-like node-pool provisioner.
 #
 #   hack/cluster.sh up       start it (idempotent: a healthy cluster is left alone)
 #   hack/cluster.sh down     stop every process it started and remove its state
@@ -9,7 +10,7 @@
 #
 # Environment:
 #   CLUSTER_DIR        state directory (default: <repo>/.cluster); kubeconfig is $CLUSTER_DIR/kubeconfig
-#   CLUSTER_PORT_BASE  first of 8 consecutive loopback ports (default 16443 = kube-apiserver)
+#   CLUSTER_PORT_BASE  first of 11 consecutive loopback ports (default 16443 = kube-apiserver)
 #   DEFAULT_POOL_NODES plain nodes in the default pool (default 4)
 #   PYTHON             interpreter with the kubernetes client (default: <repo>/.venv/bin/python)
 #
@@ -39,13 +40,16 @@ SCHED_PORT=$((PORT_BASE + 4))
 JOBSET_WEBHOOK_PORT=$((PORT_BASE + 5))
 JOBSET_METRICS_PORT=$((PORT_BASE + 6))
 JOBSET_HEALTH_PORT=$((PORT_BASE + 7))
+KUEUE_WEBHOOK_PORT=$((PORT_BASE + 8))
+KUEUE_METRICS_PORT=$((PORT_BASE + 9))
+KUEUE_HEALTH_PORT=$((PORT_BASE + 10))
 
 PKI=$CLUSTER_DIR/pki
 LOGS=$CLUSTER_DIR/logs
 PIDS=$CLUSTER_DIR/pids
 KUBECONFIG_FILE=$CLUSTER_DIR/kubeconfig
 # start order; `down` stops in reverse
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler jobset kwok provisioner)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler jobset kueue kwok provisioner)
 
 log() { echo "[cluster $(date +%H:%M:%S)] $*" >&2; }
 die() {
@@ -166,6 +170,10 @@ subjectAltName=IP:127.0.0.1,DNS:localhost"
     mkdir -p jobset-certs
     cp jobset-webhook.crt jobset-certs/tls.crt
     cp jobset-webhook.key jobset-certs/tls.key
+    # Kueue serves its webhooks (and metrics) with the same loopback serving certificate
+    mkdir -p kueue-certs
+    cp jobset-webhook.crt kueue-certs/tls.crt
+    cp jobset-webhook.key kueue-certs/tls.key
   )
 }
 
@@ -204,7 +212,7 @@ cmd_up() {
   local t0=$SECONDS
   declare -A BIN
   local name
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler jobset kwok; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler jobset kueue kwok; do
     BIN[$name]=$("$HACK/tools.sh" path "$name") || die "could not build $name; see the output above"
   done
   local jobset_src
@@ -212,6 +220,10 @@ cmd_up() {
   jobset_src=$(cd "$HACK/tools/jobset" && go mod download sigs.k8s.io/jobset &&
     go list -m -f '{{.Dir}}' sigs.k8s.io/jobset) ||
     die "cannot locate the sigs.k8s.io/jobset module source (go mod download failed?)"
+  local kueue_src
+  kueue_src=$(cd "$HACK/tools/kueue" && go mod download sigs.k8s.io/kueue &&
+    go list -m -f '{{.Dir}}' sigs.k8s.io/kueue) ||
+    die "cannot locate the sigs.k8s.io/kueue module source (go mod download failed?)"
 
   rm -rf "${CLUSTER_DIR:?}/etcd-data" "$PKI" "$LOGS" "$KUBECONFIG_FILE" "$CLUSTER_DIR"/*.kubeconfig
   mkdir -p "$LOGS" "$PIDS"
@@ -259,7 +271,18 @@ cmd_up() {
   "$PYTHON" "$HACK/jobset_webhooks.py" --jobset-src "$jobset_src" --ca "$PKI/ca.crt" \
     --url "https://127.0.0.1:$JOBSET_WEBHOOK_PORT" | kctl apply --server-side --force-conflicts -f - >/dev/null
 
-  log "starting kube-controller-manager, kube-scheduler, jobset, kwok"
+  # Kueue's CRDs (with their v1beta1<->v1beta2 conversion webhook pointed at the manager on
+  # loopback) before its manager starts, and its webhooks: JobSet (suspend a JobSet with a queue
+  # label until admitted) and its own kinds.
+  log "applying Kueue's CRDs and webhook configurations"
+  "$PYTHON" "$HACK/kueue_manifests.py" crds --kueue-src "$kueue_src" --ca "$PKI/ca.crt" \
+    --url "https://127.0.0.1:$KUEUE_WEBHOOK_PORT" | kctl apply --server-side --force-conflicts -f - >/dev/null
+  wait_for "Kueue's Workload CRD to be established" 60 kube-apiserver crd_established workloads.kueue.x-k8s.io
+  "$PYTHON" "$HACK/kueue_manifests.py" webhooks --kueue-src "$kueue_src" --ca "$PKI/ca.crt" \
+    --url "https://127.0.0.1:$KUEUE_WEBHOOK_PORT" | kctl apply --server-side --force-conflicts -f - >/dev/null
+  kctl create namespace kueue-system >/dev/null
+
+  log "starting kube-controller-manager, kube-scheduler, jobset, kueue, kwok"
   # Each controller runs as its own service account (as kubeadm does): the
   # system:kube-controller-manager role alone cannot, e.g., create pods for Jobs.
   # Default controllers include the job controller, the garbage collector (ownerReference
@@ -300,6 +323,42 @@ EOF
   start jobset "${BIN[jobset]}" --kubeconfig "$KUBECONFIG_FILE" --config "$CLUSTER_DIR/jobset-config.yaml" \
     --zap-log-level info
 
+  cat >"$CLUSTER_DIR/kueue-config.yaml" <<EOF
+apiVersion: config.kueue.x-k8s.io/v1beta2
+kind: Configuration
+namespace: kueue-system
+leaderElection:
+  leaderElect: false
+# certificates come from hack/cluster.sh, not from the in-cluster cert rotator
+internalCertManagement:
+  enable: false
+webhook:
+  host: 127.0.0.1
+  port: $KUEUE_WEBHOOK_PORT
+  certDir: $PKI/kueue-certs
+metrics:
+  bindAddress: 127.0.0.1:$KUEUE_METRICS_PORT
+health:
+  healthProbeBindAddress: 127.0.0.1:$KUEUE_HEALTH_PORT
+integrations:
+  frameworks:
+  - jobset.x-k8s.io/jobset
+# the pending-workloads API is an aggregated API server with its certificate at a fixed path
+# (/visibility) and an APIService; not served here
+featureGates:
+  VisibilityOnDemand: false
+EOF
+  # With internal certificates off, the manager reads its metrics certificate from a fixed path,
+  # /etc/kueue/metrics/certs (a mounted Secret in upstream's Deployment). It runs in a private
+  # mount namespace where /etc is an overlay holding that directory: nothing is written to the
+  # host's /etc, and clusters side by side each see their own.
+  local userns=()
+  [[ $EUID -eq 0 ]] || userns=(--user --map-root-user)
+  start kueue unshare "${userns[@]}" --mount --propagation private -- "$HACK/kueue_etc.sh" \
+    "$CLUSTER_DIR/kueue-etc" "$PKI/kueue-certs" \
+    "${BIN[kueue]}" --kubeconfig "$KUBECONFIG_FILE" --config "$CLUSTER_DIR/kueue-config.yaml" \
+    --zap-log-level info
+
   start kwok "${BIN[kwok]}" --kubeconfig "$KUBECONFIG_FILE" --config "$HACK/kwok-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-lease-duration-seconds 40 --cidr 10.244.0.0/16 --node-ip 127.0.0.1
@@ -312,6 +371,8 @@ EOF
   wait_for "kube-scheduler /healthz" 60 kube-scheduler curl -skf --max-time 3 "https://127.0.0.1:$SCHED_PORT/healthz"
   wait_for "JobSet controller /readyz (webhooks serving)" 60 jobset \
     curl -sf --max-time 3 "http://127.0.0.1:$JOBSET_HEALTH_PORT/readyz"
+  wait_for "Kueue /readyz (webhooks serving)" 120 kueue \
+    curl -sf --max-time 3 "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz"
   wait_for "$DEFAULT_POOL_NODES Ready nodes in the default pool" 60 provisioner default_pool_ready
   wait_for "the default service account" 60 kube-controller-manager kctl -n default get serviceaccount default
   log "up in $((SECONDS - t0))s: export KUBECONFIG=$KUBECONFIG_FILE"
@@ -335,7 +396,8 @@ cmd_down() {
   fi
   # Keep logs/ for post-mortems; everything else is state of the stopped cluster.
   rm -rf "${CLUSTER_DIR:?}/etcd-data" "$PKI" "$PIDS" "$KUBECONFIG_FILE" "$CLUSTER_DIR"/*.kubeconfig \
-    "$CLUSTER_DIR/jobset-config.yaml" "$CLUSTER_DIR/port-base"
+    "$CLUSTER_DIR/jobset-config.yaml" "$CLUSTER_DIR/kueue-config.yaml" "$CLUSTER_DIR/kueue-etc" \
+    "$CLUSTER_DIR/port-base"
   log "down"
 }
 

@@ -22,7 +22,7 @@ CACHE_ROOT="${POSTTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/posttrain}"
 declare -A GROUP=(
   [etcd]=etcd
   [kube-apiserver]=kube [kube-controller-manager]=kube [kube-scheduler]=kube
-  [jobset]=jobset [kwok]=kwok [helm]=helm
+  [jobset]=jobset [kueue]=kueue [kwok]=kwok [helm]=helm
 )
 declare -A PKG=(
   [etcd]=go.etcd.io/etcd/server/v3
@@ -30,15 +30,16 @@ declare -A PKG=(
   [kube-controller-manager]=k8s.io/kubernetes/cmd/kube-controller-manager
   [kube-scheduler]=k8s.io/kubernetes/cmd/kube-scheduler
   [jobset]=sigs.k8s.io/jobset
+  [kueue]=sigs.k8s.io/kueue/cmd/kueue
   [kwok]=sigs.k8s.io/kwok/cmd/kwok
   [helm]=helm.sh/helm/v3/cmd/helm
 )
 # the upstream module whose version names the group
 declare -A MODULE=(
   [etcd]=go.etcd.io/etcd/server/v3 [kube]=k8s.io/kubernetes [jobset]=sigs.k8s.io/jobset
-  [kwok]=sigs.k8s.io/kwok [helm]=helm.sh/helm/v3
+  [kueue]=sigs.k8s.io/kueue [kwok]=sigs.k8s.io/kwok [helm]=helm.sh/helm/v3
 )
-ALL=(etcd kube-apiserver kube-controller-manager kube-scheduler jobset kwok helm)
+ALL=(etcd kube-apiserver kube-controller-manager kube-scheduler jobset kueue kwok helm)
 
 die() { echo "hack/tools.sh: $*" >&2; exit 1; }
 
@@ -65,6 +66,8 @@ ldflags() {
       done ;;
     etcd) f+=" -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$v" ;;  # Version is a constant upstream
     jobset) f+=" -X sigs.k8s.io/jobset/pkg/version.GitVersion=$v -X sigs.k8s.io/jobset/pkg/version.GitCommit=module-$v" ;;
+    # Kueue's manager has no --version flag: it logs these at start ("Initializing", gitVersion)
+    kueue) f+=" -X sigs.k8s.io/kueue/pkg/version.GitVersion=$v -X sigs.k8s.io/kueue/pkg/version.GitCommit=module-$v -X sigs.k8s.io/kueue/pkg/version.BuildDate=module" ;;
     kwok) f+=" -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" ;;
     helm)
       # The Kubernetes version `helm template` reports (.Capabilities.KubeVersion) is a link-time
@@ -164,7 +167,7 @@ build() {
     [[ -n ${GROUP[$name]:-} ]] || die "unknown binary '$name' (known: ${ALL[*]})"
     want[${GROUP[$name]}]+=" $name"
   done
-  for group in etcd kube jobset kwok helm; do
+  for group in etcd kube jobset kueue kwok helm; do
     # shellcheck disable=SC2086
     [[ -n ${want[$group]:-} ]] && build_group "$group" ${want[$group]}
   done
@@ -179,6 +182,9 @@ versions() {
       helm) "$p" version --short ;;
       kwok) "$p" --version ;;
       jobset) echo "jobset $(module_version jobset) (controller has no --version flag)" ;;
+      # no --version flag either: the module version recorded in the binary, and the version
+      # the ldflags set, which it logs at start ("Initializing", gitVersion)
+      kueue) echo "kueue $(go version -m "$p" | awk '$1 == "mod" { print $3 }') (logs gitVersion $(module_version kueue) at start)" ;;
       *) "$p" --version ;;
     esac
   done

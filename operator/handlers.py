@@ -4,6 +4,7 @@
     JobSet event (label posttrain.dev/job)                         -> Operator.sync_status
     pod event (label posttrain.dev/job), while the job starts      -> Operator.sync_status
     Event FailedCreate on one of its Jobs (pods refused)           -> Operator.pods_not_created
+    Kueue Workload event (owned by one of our JobSets)             -> Operator.sync_status
 
 JobSets and pods are watched with a server-side label selector (posttrain.dev/job), Events with
 a field selector (reason FailedCreate, on Jobs): the operator never receives the cluster's
@@ -33,6 +34,9 @@ from posttrain.operator.reconcile import (
     JOBSET_GROUP,
     JOBSET_PLURAL,
     JOBSET_VERSION,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    WORKLOAD_PLURAL,
     Operator,
     Retry,
     job_of_child_job,
@@ -114,6 +118,27 @@ def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> No
 def jobset_event(namespace: str | None, labels: Mapping[str, str], type: str, **_: Any) -> None:
     if type is not None and namespace:  # None: the initial listing, which on.resume covers
         operator().sync_status(namespace, labels[r.JOB_LABEL])
+
+
+def job_of_workload(body: Mapping[str, Any]) -> str | None:
+    """The PostTrainJob behind a Kueue Workload: its owner JobSet carries the job's name."""
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "JobSet" and str(ref.get("apiVersion", "")).startswith(
+            JOBSET_GROUP + "/"
+        ):
+            return str(ref.get("name") or "") or None
+    return None
+
+
+# Kueue's reasons (quota, preemption) change the Workload, not the JobSet. Without Kueue in the
+# cluster its CRD is absent and kopf watches nothing here (it starts when the CRD appears).
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL)
+def workload_event(
+    namespace: str | None, body: Mapping[str, Any], type: str | None, **_: Any
+) -> None:
+    job = job_of_workload(body)
+    if type is not None and type != "DELETED" and namespace and job:
+        operator().sync_status(namespace, job)
 
 
 @kopf.on.event("v1", "events")

@@ -9,6 +9,8 @@ this file, so docs/operator.md's RBAC list can be checked against it:
     configmaps             create, get, update      (the recipe; update: a stale one of ours)
     jobsets                create, get, patch       (patch: spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
+    workloads (Kueue)      list, patch              (why Kueue holds the JobSet; patch: spec.active
+                                                     only, which is how a queued job suspends)
 
 Crash safety: every step is create-or-check by deterministic name, so an operator killed at any
 point and started again finds what it made and goes on. What it finds is checked: a child not
@@ -44,6 +46,9 @@ from posttrain.operator import status as st
 log = logging.getLogger("posttrain.operator")
 
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
+# Kueue labels the Workload it makes for a job (our JobSet) with the job's uid.
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 Emit = Callable[[Mapping[str, Any], st.Event], None]
 
@@ -100,6 +105,27 @@ class Operator:
             namespace, label_selector=f"{r.JOB_LABEL}={name}", _preload_content=False
         )
         return list(json.loads(cast(Any, pods).data).get("items") or [])
+
+    def get_workload(self, jobset: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Kueue's Workload of a JobSet (the newest, if several), or None: none yet, or no
+        Kueue in the cluster (its CRD absent), or no permission to read Workloads."""
+        meta = jobset.get("metadata") or {}
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                str(meta.get("namespace")),
+                WORKLOAD_PLURAL,
+                label_selector=f"{KUEUE_JOB_UID}={meta.get('uid')}",
+            )
+        except ApiException as err:
+            if err.status in (403, 404):
+                log.warning("cannot read Kueue Workloads (%s): %s", err.status, _message(err))
+                return None
+            raise
+        items = cast(dict[str, Any], found).get("items") or []
+        items.sort(key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "")
+        return items[-1] if items else None
 
     # ---- create / resume / update ---------------------------------------------------------
 
@@ -219,11 +245,15 @@ class Operator:
         return found, False
 
     def _ensure_suspend(self, job: PostTrainJob, jobset: dict[str, Any]) -> None:
-        """spec.suspend -> JobSet spec.suspend. With a Kueue queue only suspending is ours:
-        resuming is Kueue's (it admits the workload by unsuspending it)."""
+        """spec.suspend -> JobSet spec.suspend, for a job without a Kueue queue. A queued job's
+        JobSet is Kueue's to suspend and resume (it would undo ours at once, an admitted Workload
+        being "running"): its spec.suspend goes to the Workload's spec.active instead
+        (_ensure_workload_active, on every sync, since the Workload comes after the JobSet)."""
+        if job.spec.scheduling.queue_name:
+            return
         want = job.spec.suspend
         have = bool((jobset.get("spec") or {}).get("suspend"))
-        if want == have or (not want and job.spec.scheduling.queue_name):
+        if want == have:
             return
         if _condition_true(jobset, "Completed") or _condition_true(jobset, "Failed"):
             return
@@ -239,6 +269,30 @@ class Operator:
         jobset.setdefault("spec", {})["suspend"] = want
         log.info(
             "%s/%s: JobSet %s", meta["namespace"], meta["name"], "suspended" if want else "resumed"
+        )
+
+    def _ensure_workload_active(self, job: PostTrainJob, workload: dict[str, Any]) -> None:
+        """spec.suspend -> the Workload's spec.active (false: Kueue evicts the job and suspends
+        its JobSet; true again: Kueue queues it and admits it when there is quota)."""
+        want = not job.spec.suspend
+        if bool((workload.get("spec") or {}).get("active", True)) == want:
+            return
+        meta = workload["metadata"]
+        self.custom.patch_namespaced_custom_object(
+            KUEUE_GROUP,
+            KUEUE_VERSION,
+            meta["namespace"],
+            WORKLOAD_PLURAL,
+            meta["name"],
+            {"spec": {"active": want}},
+        )
+        workload.setdefault("spec", {})["active"] = want
+        log.info(
+            "%s/%s: Kueue Workload %s %s",
+            meta["namespace"],
+            job.metadata.name,
+            meta["name"],
+            "activated" if want else "deactivated (spec.suspend)",
         )
 
     # ---- status ---------------------------------------------------------------------------
@@ -308,6 +362,17 @@ class Operator:
             else:
                 jobset, pods = children
             key = (namespace, name)
+            workload = None
+            if (
+                jobset is not None
+                and job.spec.scheduling.queue_name
+                and not _condition_true(jobset, "Completed")
+                and not _condition_true(jobset, "Failed")
+            ):
+                # why Kueue holds it (Queued); and where a queued job's spec.suspend goes
+                workload = self.get_workload(jobset)
+                if workload is not None:
+                    self._ensure_workload_active(job, workload)
             if st.current_pods(jobset or {}, pods):
                 self.create_failures.pop(key, None)
             outcome = st.phase_of(
@@ -317,6 +382,7 @@ class Operator:
                 pods=pods,
                 create_failure=self.create_failures.get(key),
                 deleted_jobset=prev.get("jobSetName") if jobset is None else None,
+                workload=workload,
             )
             summary = {
                 "model": display_model(job.spec.model.base),

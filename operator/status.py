@@ -14,7 +14,13 @@
 | JobSet condition Failed=True, a pod exited with EXIT_CONFIG (78) | Failed       | ConfigurationError |
 | JobSet condition Failed=True                                     | Failed       | JobSet's reason    |
 | spec.suspend (JobSet suspended, or being suspended)              | Suspended    | Suspended          |
-| JobSet suspended with a Kueue queue, spec.suspend false          | Queued       | Queued             |
+| JobSet suspended with a Kueue queue, spec.suspend false:         | Queued       | (Kueue's, below)   |
+|   no Workload yet                                                |              | Queued             |
+|   evicted (Workload Evicted=True; preempted: reason Preempted)   |              | Evicted's reason   |
+|   Workload QuotaReserved=False (no quota free)                   |              | WaitingForQuota    |
+|   QuotaReserved=False, another reason (no such LocalQueue, ...)  |              | Kueue's reason     |
+|   quota reserved, admission checks pending                       |              | WaitingForAdmission|
+|   admitted; Kueue is about to unsuspend the JobSet               |              | Admitted           |
 | JobSet suspended, spec.suspend false, no queue                   | Suspended    | Resuming           |
 | no pods of the current attempt, the Job controller cannot create | Pending      | FailedCreatePods   |
 | no pods of the current attempt yet                               | Pending      | CreatingPods       |
@@ -164,10 +170,12 @@ def phase_of(
     pods: Sequence[Mapping[str, Any]],
     create_failure: str | None = None,
     deleted_jobset: str | None = None,
+    workload: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """What the job is doing, from its JobSet and the JobSet's pods (see the module's table).
     `create_failure`: the last FailedCreate message of the job's Jobs, with its fix;
-    `deleted_jobset`: the JobSet's name when it existed once (status.jobSetName) and is gone."""
+    `deleted_jobset`: the JobSet's name when it existed once (status.jobSetName) and is gone;
+    `workload`: Kueue's Workload of the JobSet, when it has a queue and Kueue made one."""
     if jobset is None:
         if deleted_jobset:
             return Outcome(
@@ -206,9 +214,7 @@ def phase_of(
     if jobset_suspended:
         if queue_name:
             # Kueue admits by unsuspending, and evicts (preemption) by suspending again.
-            return Outcome(
-                "Queued", "Queued", f"waiting for Kueue to admit it (queue {queue_name})"
-            )
+            return queued_outcome(queue_name, workload)
         return Outcome("Suspended", "Resuming", f"resuming JobSet {name}")
 
     live = current_pods(jobset, pods)
@@ -228,6 +234,53 @@ def phase_of(
     if len(running) >= want:
         return Outcome("Running", "Running", f"all {want} pods running")
     return Outcome("Provisioning", "StartingPods", f"{len(running)} of {want} pods running")
+
+
+def _kueue_condition(workload: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for c in (workload.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def queued_outcome(queue_name: str, workload: Mapping[str, Any] | None) -> Outcome:
+    """Why Kueue holds the job's JobSet suspended, from the Workload's conditions (Kueue's
+    reason and message): evicted (preempted), no quota free, admission checks, or admitted and
+    about to start."""
+    if workload is None:
+        return Outcome("Queued", "Queued", f"waiting for Kueue to admit it (queue {queue_name})")
+    wl_name = (workload.get("metadata") or {}).get("name", "")
+    where = f"queue {queue_name}, Workload {wl_name}"
+    status = workload.get("status") or {}
+    reserved = _kueue_condition(workload, "QuotaReserved") or {}
+    admitted = _kueue_condition(workload, "Admitted") or {}
+    evicted = _kueue_condition(workload, "Evicted") or {}
+    if admitted.get("status") == "True":
+        cq = (status.get("admission") or {}).get("clusterQueue", "")
+        return Outcome(
+            "Queued", "Admitted", f"admitted by Kueue (ClusterQueue {cq}); starting ({where})"
+        )
+    pending = str(reserved.get("message") or "") if reserved.get("status") == "False" else ""
+    if evicted.get("status") == "True":
+        reason = str(evicted.get("reason") or "Evicted")
+        message = f"evicted by Kueue ({reason}): {evicted.get('message') or reason}"
+        if pending:
+            message += f"; waiting to be admitted again: {pending}"
+        return Outcome("Queued", reason, f"{message} ({where})")
+    if reserved.get("status") == "True":
+        return Outcome(
+            "Queued",
+            "WaitingForAdmission",
+            f"quota reserved; waiting for admission checks: {admitted.get('message') or ''} "
+            f"({where})",
+        )
+    if pending:
+        # Kueue's "Pending": no quota free now; others (e.g. "Inadmissible": the LocalQueue or
+        # its ClusterQueue is missing or stopped) are passed on as they are.
+        kueue_reason = str(reserved.get("reason") or "Pending")
+        reason = "WaitingForQuota" if kueue_reason == "Pending" else kueue_reason
+        return Outcome("Queued", reason, f"Kueue: {pending} ({where})")
+    return Outcome("Queued", "Queued", f"waiting for Kueue to admit it ({where})")
 
 
 def invalid_outcome(errors: Sequence[FieldError]) -> Outcome:

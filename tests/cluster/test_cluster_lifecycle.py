@@ -18,7 +18,7 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port_base(count: int = 8) -> int:
+def free_port_base(count: int = 11) -> int:
     """A base port with `count` free consecutive loopback ports after it."""
     for base in range(27443, 40000, 97):
         try:
@@ -89,6 +89,7 @@ def test_up_is_idempotent_and_down_leaves_nothing_running(cluster, tmp_path):
             "kube-controller-manager",
             "kube-scheduler",
             "jobset",
+            "kueue",
             "kwok",
             "provisioner",
         }

@@ -440,10 +440,11 @@ def test_invalid_jobs(namespace, kubectl, operator) -> None:
     )
     assert api.get("jobset", "topo") is None
 
-    # a failed job's spec may change; fixed, it starts
+    # a failed job's spec may change; fixed, it starts (2x2: no 8-chip 2x4 pool is left behind
+    # for test_a_2x4_as_two_4_chip_hosts, whose 4-chip pods would fit on it)
     kubectl(
         "patch", "posttrainjob", "topo", "--type=merge",
-        "-p", '{"spec":{"resources":{"topology":"2x4"}}}',
+        "-p", '{"spec":{"resources":{"topology":"2x2"}}}',
     )  # fmt: skip
     wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "topo"), 30)
     status = api.status("topo")
@@ -674,6 +675,17 @@ def test_a_2x4_as_two_4_chip_hosts(namespace, kubectl, operator) -> None:
     """resources.chipsPerHost: 4 runs a v5e 2x4 on two 4-chip hosts (GKE's ct5lp-hightpu-4t)."""
     api = Api(kubectl)
     resources = {"accelerator": "tpu-v5e", "topology": "2x4", "chipsPerHost": 4}
+
+    def eight_chip_2x4_nodes() -> list[str]:
+        return [
+            n["metadata"]["name"]
+            for n in api.items("nodes", "-l", f"{r.GKE_TPU_TOPOLOGY}=2x4")
+            if n["status"]["capacity"].get(r.TPU_RESOURCE) == "8"
+        ]
+
+    # Two 4-chip pods also fit one 8-chip 2x4 host: wait out one left by an earlier test (the
+    # provisioner deletes a pool 60 s after its last pod).
+    wait_for("earlier tests' 8-chip 2x4 nodes to go", lambda: not eight_chip_2x4_nodes(), 120, 1)
     api.apply(manifest("two", resources, annotations={"posttrain.dev/fake-run-seconds": "600"}))
     api.wait_phase("two", "Running", operator, timeout=90)
     pods = api.items("pods", "-l", f"{r.JOB_LABEL}=two")
@@ -707,13 +719,19 @@ def test_an_evicted_pod_restarts_the_job_without_spending_max_restarts(
 
 def test_a_queued_job_waits_for_admission(namespace, kubectl, operator) -> None:
     """With spec.scheduling.queueName the JobSet starts suspended for Kueue to admit; until then
-    the phase is Queued (a column in `kubectl get`) and the spec is frozen. (Kueue itself does
-    not run on the local control plane yet: issue #18.)"""
+    the phase is Queued (a column in `kubectl get`) with Kueue's reason (here: no such
+    LocalQueue), and the spec is frozen."""
     api = Api(kubectl)
     api.apply(manifest("q", {"accelerator": "cpu"}, scheduling={"queueName": "team-a"}))
-    status = api.wait_phase("q", "Queued", operator)
-    running = next(c for c in status["conditions"] if c["type"] == "Running")
-    assert running["reason"] == "Queued" and "queue team-a" in running["message"]
+    api.wait_phase("q", "Queued", operator)
+    running = wait_for(
+        "Kueue's reason",
+        lambda: (c := running_condition(api.status("q")))["reason"] == "Inadmissible" and c,
+        30,
+    )
+    print(running["message"])
+    assert "queue team-a" in running["message"], running
+    assert "LocalQueue team-a doesn't exist" in running["message"], running
     jobset = api.get("jobset", "q")
     assert jobset["spec"]["suspend"] is True
     assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
@@ -723,3 +741,130 @@ def test_a_queued_job_waits_for_admission(namespace, kubectl, operator) -> None:
         check=False,
     )  # fmt: skip
     assert refused.returncode != 0 and "immutable while the job is active" in refused.stderr
+
+
+# ---- Kueue -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kueue_queue(cluster, namespace, kubectl) -> Iterator[dict[str, str]]:
+    """docs/operator.md's Kueue set-up (quota for one v5e 2x4 slice, two PriorityClasses), its
+    cluster-scoped objects renamed for this test; returns {docs name: name here}."""
+    docs = docs_yaml("ClusterQueue")
+    names = {}
+    for doc in docs:
+        if doc["kind"] in ("ResourceFlavor", "ClusterQueue", "PriorityClass"):
+            names[doc["metadata"]["name"]] = f"{namespace}-{doc['metadata']['name']}"
+    for doc in docs:
+        if doc["kind"] == "LocalQueue":
+            names[doc["metadata"]["name"]] = doc["metadata"]["name"]
+            doc["spec"]["clusterQueue"] = names[doc["spec"]["clusterQueue"]]
+        else:
+            doc["metadata"]["name"] = names[doc["metadata"]["name"]]
+        if doc["kind"] == "ClusterQueue":
+            for group in doc["spec"]["resourceGroups"]:
+                for flavor in group["flavors"]:
+                    flavor["name"] = names[flavor["name"]]
+    cluster_scoped = [d for d in docs if d["kind"] != "LocalQueue"]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(cluster_scoped))
+    kubectl(
+        "apply", "-f", "-", input=yaml.safe_dump_all([d for d in docs if d["kind"] == "LocalQueue"])
+    )
+    yield names
+    for doc in cluster_scoped:
+        cluster.kubectl("delete", doc["kind"], doc["metadata"]["name"], "--wait=false", check=False)
+
+
+def running_condition(status: dict) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == "Running")
+
+
+def test_kueue_quota_and_preemption(namespace, kubectl, operator, kueue_queue) -> None:
+    """Real Kueue, quota for one v5e 2x4 slice: the first job runs, the second is Queued with
+    Kueue's reason; deleting the first admits the second; a higher-priority job preempts it
+    (Queued/Preempted, same JobSet, no restart spent) and it runs again once that one is gone."""
+    api = Api(kubectl)
+    slice_ = {"accelerator": "tpu-v5e", "topology": "2x4"}
+    long_run = {"posttrain.dev/fake-run-seconds": "600"}
+
+    def job(name: str, priority: str) -> dict:
+        scheduling = {
+            "queueName": kueue_queue["team-a"],
+            "priorityClassName": kueue_queue[priority],
+        }
+        return manifest(name, slice_, annotations=long_run, scheduling=scheduling)
+
+    api.apply(job("first", "training-low"))
+    api.wait_phase("first", "Running", operator, timeout=90)
+    api.apply(job("second", "training-low"))
+    status = api.wait_phase("second", "Queued", operator)
+    cond = wait_for(
+        "Kueue's reason on the second job",
+        lambda: (c := running_condition(api.status("second")))["reason"] == "WaitingForQuota" and c,
+        30,
+    )
+    assert "insufficient unused quota" in cond["message"], cond
+    assert api.columns("second")["PHASE"] == "Queued"
+    assert api.get("jobset", "second")["spec"]["suspend"] is True
+    assert not api.items("pods", "-l", f"{r.JOB_LABEL}=second")
+
+    kubectl("delete", "posttrainjob", "first", "--wait=false")
+    api.wait_phase("second", "Running", operator, timeout=90)
+    uid = api.get("jobset", "second")["metadata"]["uid"]
+
+    api.apply(job("urgent", "training-high"))
+    status = api.wait_phase("second", "Queued", operator, timeout=60)
+    cond = wait_for(
+        "the preemption reason",
+        lambda: (c := running_condition(api.status("second")))["reason"] == "Preempted" and c,
+        30,
+    )
+    assert "evicted by Kueue (Preempted)" in cond["message"], cond
+    api.wait_phase("urgent", "Running", operator, timeout=90)
+    jobset = api.get("jobset", "second")
+    assert jobset["metadata"]["uid"] == uid and jobset["spec"]["suspend"] is True
+    wait_for(
+        "the preempted pods to go", lambda: not api.items("pods", "-l", f"{r.JOB_LABEL}=second"), 30
+    )
+    assert any(reason == "Queued" and "Preempted" in msg for reason, msg in api.events("second"))
+
+    kubectl("delete", "posttrainjob", "urgent", "--wait=false")
+    status = api.wait_phase("second", "Running", operator, timeout=90)
+    assert api.get("jobset", "second")["metadata"]["uid"] == uid
+    assert status["restarts"] == 0
+
+
+def test_a_queued_job_suspends_through_its_workload(namespace, kubectl, operator, kueue_queue):
+    """spec.suspend on a queued job deactivates its Workload (Kueue would undo a suspended
+    JobSet at once): Kueue evicts it and suspends the JobSet; resuming reactivates it."""
+    api = Api(kubectl)
+    resources = {"accelerator": "tpu-v5e", "topology": "2x4"}
+    doc = manifest(
+        "hold",
+        resources,
+        annotations={"posttrain.dev/fake-run-seconds": "600"},
+        scheduling={"queueName": kueue_queue["team-a"]},
+    )
+    api.apply(doc)
+    api.wait_phase("hold", "Running", operator, timeout=90)
+    uid = api.get("jobset", "hold")["metadata"]["uid"]
+
+    kubectl("patch", "posttrainjob", "hold", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_for(
+        "Suspended with the JobSet suspended and no pods",
+        lambda: (
+            api.status("hold").get("phase") == "Suspended"
+            and running_condition(api.status("hold"))["reason"] == "Suspended"
+            and not api.items("pods", "-l", f"{r.JOB_LABEL}=hold")
+        ),
+        60,
+    )
+    (workload,) = api.items("workloads")
+    assert workload["spec"]["active"] is False
+    jobset = api.get("jobset", "hold")
+    assert jobset["spec"]["suspend"] is True and jobset["metadata"]["uid"] == uid
+
+    kubectl("patch", "posttrainjob", "hold", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = api.wait_phase("hold", "Running", operator, timeout=90)
+    assert api.items("workloads")[0]["spec"]["active"] is True
+    assert api.get("jobset", "hold")["metadata"]["uid"] == uid and status["restarts"] == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import kopf
 from kubernetes import client
 
@@ -19,3 +22,14 @@ def test_startup_filters_pods_jobsets_and_events_server_side(monkeypatch) -> Non
     fields = {(s.group, s.any_name): v for s, v in settings.watching.field_selectors.items()}
     assert fields == {("", "events"): "reason=FailedCreate,involvedObject.kind=Job"}
     assert settings.peering.standalone and settings.execution.max_workers == handlers.WORKERS
+
+
+def test_a_workload_names_its_job_through_its_owner_jobset() -> None:
+    """Workload events (Kueue's quota and preemption reasons) reach the job their JobSet is of."""
+    recorded = json.loads((Path(__file__).parent / "kueue/workload-preempted.json").read_text())
+    assert handlers.job_of_workload(recorded) == "second"
+    other = {
+        "metadata": {"ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "x"}]}
+    }
+    assert handlers.job_of_workload(other) is None
+    assert handlers.job_of_workload({"metadata": {}}) is None

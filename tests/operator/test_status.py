@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -338,3 +340,82 @@ def test_pod_failure_names_the_cause_not_the_pods_deleted_after_it() -> None:
     assert st.pod_failure([killed, cause]).startswith(
         "pod b-1: container trainer exited with code 3"
     )
+
+
+# ---- Kueue: why a queued job waits (Workloads recorded from the local control plane's Kueue) ----
+
+KUEUE = Path(__file__).parent / "kueue"
+
+
+def workload(name: str) -> dict[str, Any]:
+    return json.loads((KUEUE / f"workload-{name}.json").read_text())
+
+
+def queued(wl: dict[str, Any] | None) -> st.Outcome:
+    return st.phase_of(
+        suspend=False, queue_name="team-a", jobset=jobset(suspend=True), pods=[], workload=wl
+    )
+
+
+def test_queued_without_a_workload_yet() -> None:
+    assert queued(None) == st.Outcome(
+        "Queued", "Queued", "waiting for Kueue to admit it (queue team-a)"
+    )
+
+
+def test_queued_waiting_for_quota_quotes_kueue() -> None:
+    out = queued(workload("waiting-for-quota"))
+    assert (out.phase, out.reason) == ("Queued", "WaitingForQuota")
+    assert out.message.startswith(
+        "Kueue: couldn't assign flavors to pod set slice: insufficient unused quota for "
+        "google.com/tpu in flavor "
+    ), out.message
+    assert out.message.endswith("8 more needed (queue team-a, Workload jobset-second-a127d)")
+
+
+def test_queued_after_preemption_says_why_and_what_it_waits_for() -> None:
+    out = queued(workload("preempted"))
+    assert (out.phase, out.reason) == ("Queued", "Preempted")
+    assert out.message.startswith(
+        "evicted by Kueue (Preempted): Preempted to accommodate a workload (UID: "
+    ), out.message
+    assert "due to prioritization in the ClusterQueue" in out.message
+    assert "; waiting to be admitted again: couldn't assign flavors" in out.message
+
+
+def test_queued_but_admitted_is_about_to_start() -> None:
+    out = queued(workload("admitted"))
+    assert (out.phase, out.reason) == ("Queued", "Admitted")
+    assert out.message.startswith("admitted by Kueue (ClusterQueue t-test-kueue-quota"), out.message
+
+
+def test_kueue_reasons_other_than_pending_pass_through() -> None:
+    wl = {
+        "metadata": {"name": "jobset-q-1"},
+        "status": {
+            "conditions": [
+                {
+                    "type": "QuotaReserved",
+                    "status": "False",
+                    "reason": "Inadmissible",
+                    "message": "LocalQueue team-a doesn't exist",
+                }
+            ]
+        },
+    }
+    assert queued(wl) == st.Outcome(
+        "Queued",
+        "Inadmissible",
+        "Kueue: LocalQueue team-a doesn't exist (queue team-a, Workload jobset-q-1)",
+    )
+
+
+def test_a_workload_does_not_matter_once_the_jobset_runs() -> None:
+    out = st.phase_of(
+        suspend=False,
+        queue_name="team-a",
+        jobset=jobset(),
+        pods=[pod()] * 4,
+        workload=workload("preempted"),
+    )
+    assert (out.phase, out.reason) == ("Running", "Running")

@@ -31,6 +31,11 @@ No wildcards.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# Kueue: why a queued job waits (its JobSet's Workload's conditions), and when that changes;
+# patch spec.active, which is how a queued job is suspended (spec.suspend).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch, patch]
 # Events on PostTrainJobs; watch FailedCreate Events of the Jobs (why pods are refused).
 - apiGroups: [""]
   resources: [events]
