@@ -212,8 +212,9 @@ def train(
     place_on_mesh(trainee, mesh)
     graphdef, params, frozen = split_trainable(trainee, spec.model.lora)
     del model, trainee  # from here on the arrays live in params / frozen / extras
-    # Frozen models, only those the algorithm declared. The reference: with LoRA the base
-    # (adapters zeroed, no copy of the weights); otherwise a copy of the initial weights.
+    # Frozen models, only those the algorithm declared. The reference is the policy's part of
+    # the trainable tree only (heads, e.g. a separate critic, need no frozen copy): with LoRA the
+    # base (adapters zeroed, no copy of the weights); otherwise a copy of the initial weights.
     extras: dict[str, Any] = {}
     if algo.reference:
         compute = jnp.dtype(spec.model.dtype)  # frozen: no master copy needed
@@ -221,7 +222,7 @@ def train(
             jnp.zeros_like
             if spec.model.lora is not None
             else lambda x: jnp.array(x, dtype=compute, copy=True),  # never aliases donated params
-            params,
+            params["policy"],
         )
     teacher_graphdef = None
     if algo.teacher is not None:

@@ -74,15 +74,17 @@ class Trainee(nnx.Module):
 
 
 def trainee_view(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None = None) -> View:
-    """The view of a split ``Trainee``. ``extras`` may hold ``reference`` (params of the same
-    graph, e.g. zeroed adapters: the base) and ``teacher`` (the full state of its own graph)."""
+    """The view of a split ``Trainee``. ``extras`` may hold ``reference`` (the ``policy`` part of
+    the params, e.g. zeroed adapters: the base) and ``teacher`` (the full state of its own graph)."""
 
     def view(params: Any, frozen: Any, extras: Any) -> Models:
         extras = extras or {}
         trainee = nnx.merge(graphdef, params, frozen)
         reference = teacher = None
         if "reference" in extras:
-            reference = nnx.merge(graphdef, extras["reference"], frozen).policy
+            # The heads' leaves only complete the graph: the reference is the policy alone.
+            ref_params = nnx.State({**dict(params.items()), "policy": extras["reference"]})
+            reference = nnx.merge(graphdef, ref_params, frozen).policy
         if "teacher" in extras:
             assert teacher_graphdef is not None, "a teacher state needs the teacher's graphdef"
             teacher = nnx.merge(teacher_graphdef, extras["teacher"])

@@ -82,7 +82,7 @@ def test_reference_under_lora_is_the_base_and_frozen_models_reach_the_loss():
     _, _, teacher = tiny()
     graphdef, params, frozen = split_trainable(Trainee(model, {}), spec.lora)
     t_graphdef, t_state = nnx.split(teacher)
-    extras = {"reference": jax.tree.map(jnp.zeros_like, params), "teacher": t_state}
+    extras = {"reference": jax.tree.map(jnp.zeros_like, params["policy"]), "teacher": t_state}
     view = trainee_view(graphdef, t_graphdef)
     ids = jnp.asarray([[tok.bos_token_id, *tok.encode("12+7=19")]])
     # Train the adapters a little so policy and reference differ.
