@@ -26,6 +26,7 @@ from posttrain.trainer.algorithms.base import (
 )
 from posttrain.trainer.algorithms.preference_loss import dpo_loss, sequence_logps
 from posttrain.trainer.data import preference as data
+from posttrain.trainer.data.text import pad_id_of
 
 
 def pair_token_logprobs(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -104,40 +105,49 @@ def reference_scorer(ctx: Context, rows: int, average: bool) -> Callable[[Batch]
     return score
 
 
+def preference_pairs(ctx: Context) -> tuple[data.PreferenceSource, list[data.Pair] | None]:
+    """The training pairs as a batch source and the held-out pairs (None without data.eval),
+    shared by DPO and ORPO; bad rows skipped are logged."""
+    spec = ctx.spec
+    d, t, name = spec.data, spec.training, spec.algorithm
+    tok = ctx.tokenizer
+    train = data.load_pairs(d.train, tok, d)
+    if train.skipped:
+        ctx.log(
+            f"{name}: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
+        )
+    ctx.log(
+        f"{name}: {len(train.pairs)} preference pairs from {d.train}, sequences of "
+        f"{d.max_length} tokens"
+    )
+    source = data.PreferenceSource(
+        train.pairs,
+        batch_size=t.batch_size,
+        seq_len=d.max_length,
+        pad_id=pad_id_of(tok),
+        seed=t.seed,
+        shuffle=d.shuffle,
+    )
+    held_out = data.load_pairs(d.eval, tok, d).pairs if d.eval is not None else None
+    return source, held_out
+
+
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
     d, t = spec.data, spec.training
     dpo = spec.block
     assert isinstance(dpo, DpoSpec)
     tok = ctx.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_id_of(tok)
     micro = t.micro_batch_size or t.batch_size
     average = dpo.loss_type == "ipo"
     score = reference_scorer(ctx, micro, average)
 
-    train = data.load_pairs(d.train, tok, d)
-    if train.skipped:
-        ctx.log(
-            f"dpo: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
-        )
-    ctx.log(
-        f"dpo: {len(train.pairs)} preference pairs from {d.train}, sequences of {d.max_length} tokens"
-    )
-    source = ReferenceScored(
-        data.PreferenceSource(
-            train.pairs,
-            batch_size=t.batch_size,
-            seq_len=d.max_length,
-            pad_id=pad_id,
-            seed=t.seed,
-            shuffle=d.shuffle,
-        ),
-        score,
-    )
+    pairs, held_out = preference_pairs(ctx)
+    source = ReferenceScored(pairs, score)
 
     eval_batches = None
-    if d.eval is not None:
-        held_out = data.load_pairs(d.eval, tok, d).pairs
+    if held_out is not None:
         scored: list[dict[str, np.ndarray]] = []  # the reference never changes: score once
 
         def eval_batches():

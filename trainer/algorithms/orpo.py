@@ -15,9 +15,10 @@ import jax.numpy as jnp
 
 from posttrain.api.v1alpha1 import OrpoSpec
 from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models
-from posttrain.trainer.algorithms.dpo import pair_token_logprobs
+from posttrain.trainer.algorithms.dpo import pair_token_logprobs, preference_pairs
 from posttrain.trainer.algorithms.preference_loss import orpo_loss, sequence_logps
 from posttrain.trainer.data import preference as data
+from posttrain.trainer.data.text import pad_id_of
 
 
 def make_loss(lam: float):
@@ -36,26 +37,10 @@ def build(ctx: Context) -> Algorithm:
     assert isinstance(orpo, OrpoSpec)
     d, t = spec.data, spec.training
     tok = ctx.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train = data.load_pairs(d.train, tok, d)
-    if train.skipped:
-        ctx.log(
-            f"orpo: skipped {len(train.skipped)} bad rows of {d.train}, first: {train.skipped[0]}"
-        )
-    ctx.log(
-        f"orpo: {len(train.pairs)} preference pairs from {d.train}, sequences of {d.max_length} tokens"
-    )
-    source = data.PreferenceSource(
-        train.pairs,
-        batch_size=t.batch_size,
-        seq_len=d.max_length,
-        pad_id=pad_id,
-        seed=t.seed,
-        shuffle=d.shuffle,
-    )
+    pad_id = pad_id_of(tok)
+    source, held_out = preference_pairs(ctx)
     eval_batches = None
-    if d.eval is not None:
-        held_out = data.load_pairs(d.eval, tok, d).pairs
+    if held_out is not None:
         micro = t.micro_batch_size or t.batch_size
 
         def eval_batches():

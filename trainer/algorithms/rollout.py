@@ -18,6 +18,7 @@ import numpy as np
 
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.data.prompts import Prompt, PromptStream
+from posttrain.trainer.data.text import pad_id_of
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -169,7 +170,7 @@ class RolloutEngine:
         self.stream = PromptStream(prompts, spec.training.seed, spec.data.shuffle)
         tok = ctx.tokenizer
         self.eos_id = tok.eos_token_id
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id_of(tok)
         # One prompt width for the whole run (rounded up for friendlier shapes, never past
         # maxPromptLength), so the jitted sampler and step compile once.
         longest = max(len(p.ids) for p in [*prompts, *(eval_prompts or [])])

@@ -17,6 +17,7 @@ import numpy as np
 from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models, token_logprobs
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.data.readers import BadRow, read_rows
+from posttrain.trainer.data.text import pad_id_of
 from posttrain.trainer.sampling import generate
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def supervised(ctx: Context, name: str, *, completion_only: bool) -> Algorithm:
     spec = ctx.spec
     d, t = spec.data, spec.training
     tok = ctx.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_id_of(tok)
     train = data.load_examples(d.train, tok, d, completion_only=completion_only)
     if train.skipped:
         ctx.log(

@@ -24,6 +24,11 @@ TOKENIZER_FILES = (
 )
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS (Llama 3 has no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def prepend_bos(ids: Sequence[int], bos_id: int | None) -> list[int]:
     """``[bos] + ids``, unless there is no BOS or ``ids`` already start with it: chat templates
     that write ``{{ bos_token }}`` (Llama 3, Gemma) must not get a second one."""
