@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from posttrain.trainer.algorithms import sft
+from posttrain.trainer.algorithms.base import Models
 from posttrain.trainer.models import ModelConfig, RopeConfig, create_model, set_remat
 from posttrain.trainer.sampling import generate
 
@@ -55,7 +56,8 @@ def timed(fn, warmup=2, runs=5):
 
 
 # ------------------------------------------------------------------ SFT
-model = create_model(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
+# The trainer's mixed precision: float32 master weights, bfloat16 compute (nnx param_dtype/dtype).
+model = create_model(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
 set_remat(model, REMAT)
 graphdef, params = nnx.split(model, nnx.Param)
 n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -64,8 +66,7 @@ opt_state = tx.init(params)
 
 
 def loss_fn(p32, batch):
-    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)  # bf16 compute, fp32 master
-    return sft.loss(nnx.merge(graphdef, p16), batch)[0]
+    return sft.loss(Models(policy=nnx.merge(graphdef, p32)), batch)[0]
 
 
 @jax.jit

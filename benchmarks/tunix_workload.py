@@ -114,7 +114,7 @@ def sft_step_time(lora: bool, remat: str = "none") -> tuple[float, float]:
     from posttrain.api.v1alpha1 import LoraSpec
     from posttrain.trainer import peft
     from posttrain.trainer.algorithms import sft
-    from posttrain.trainer.loop_step import make_train_step
+    from posttrain.trainer.loop_step import make_train_step, policy_view
     from posttrain.trainer.models import create_model
 
     model = create_model(model_config(), rngs=nnx.Rngs(0))
@@ -129,7 +129,11 @@ def sft_step_time(lora: bool, remat: str = "none") -> tuple[float, float]:
     opt_state = tx.init(params)
     step_fn = jax.jit(
         make_train_step(
-            graphdef, sft.loss, tx, optax.constant_schedule(LEARNING_RATE), num_micro=1
+            policy_view(graphdef),
+            sft.loss,
+            tx,
+            optax.constant_schedule(LEARNING_RATE),
+            num_micro=1,
         ),
         donate_argnums=(0, 2),
     )
