@@ -44,6 +44,7 @@ from posttrain.operator.reconcile import (
     JOBSET_VERSION,
     KUEUE_GROUP,
     KUEUE_VERSION,
+    WORKERS,
     WORKLOAD_PLURAL,
     Operator,
     Retry,
@@ -55,7 +56,6 @@ FAILED_CREATE_SELECTOR = "reason=FailedCreate,involvedObject.kind=Job"
 # Set by `posttrain operator` before kopf starts (image defaults and --peering from its flags).
 IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
 PEERING: str | None = None
-WORKERS = 32  # threads running the (blocking) handlers
 # How long a replica's peering record outlives its last keep-alive (kopf sends one every
 # lifetime - 5..10 s): a SIGKILLed active replica is replaced this long after its last one. One
 # that exits normally removes its record, and a waiting replica takes over at once.
@@ -101,7 +101,9 @@ def api_client() -> client.ApiClient:
         # explicit: the client's default path was read from the environment at import time
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = WORKERS  # a connection per handler thread
+    # a connection per handler thread and per side thread (reconcile.WORKERS); fewer, and
+    # urllib3 opens (TLS handshake) and drops connections beyond the pool in a burst
+    configuration.connection_pool_maxsize = 2 * WORKERS
     return client.ApiClient(configuration)
 
 

@@ -49,6 +49,10 @@ from posttrain.operator import status as st
 
 log = logging.getLogger("posttrain.operator")
 
+# Threads running the (blocking) handlers; each may run one more call at once on a side thread
+# (a new job's Pending status beside its recipe), so the client needs 2 * WORKERS connections.
+WORKERS = 32
+
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 # Kueue labels the Workload it makes for a job (our JobSet) with the job's uid.
@@ -84,7 +88,7 @@ class Operator:
     _synced_jobset: dict[tuple[str, str], str] = field(default_factory=dict)
     # A new job's Pending status is written on one of these while its thread makes the recipe.
     _side: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(32, thread_name_prefix="pending")
+        default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="side")
     )
 
     def __post_init__(self) -> None:
