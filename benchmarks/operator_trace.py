@@ -4,7 +4,7 @@ Run inside the operator process (operator_scale.py starts it through `run()`): w
 kubernetes client's REST calls and the Operator's reconcile and sync_status, and at exit
 writes one JSON line per call to FILE: {"what", "job", "start", "end", "thread"}, times on the
 system's monotonic clock (the benchmark's too). `what` is e.g. "PATCH posttrainjobs/status",
-"POST jobsets", "reconcile", "reconcile:locked" (the per-job lock taken), "sync_status".
+"POST jobsets", "reconcile", "sync_status", "lock-wait" (waiting for the per-job lock).
 Not a part of the product: kopf's own requests (aiohttp: watches, Events) are not seen.
 """
 
