@@ -12,8 +12,9 @@ last, one JSON line:
 `stages`: where a job's time goes, p50 and p99 over the jobs, each from the create sent, all on
 this process's monotonic clock: `created` (the create call returned), `pending` (its status
 phase seen on a watch of PostTrainJobs), `recipe` (its ConfigMap seen on a watch), `jobset` (the
-latency above). Every watch is started, and has delivered its initial listing, before the first
-create. At the end the benchmark deletes its namespace and waits for it to go (up to 2 min), so
+latency above); `n`: how many jobs the stage saw (a watch the API server ends early under load
+sees fewer). Every watch lists first and watches from that resourceVersion, so it misses no
+event of the burst. At the end the benchmark deletes its namespace and waits for it to go (up to 2 min), so
 that runs back to back start from the same, quiet cluster.
 
     .venv/bin/python -P benchmarks/operator_scale.py --jobs 200 --json
