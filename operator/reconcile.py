@@ -211,8 +211,8 @@ class Operator:
             self._sync(body, job=job, children=(existing, []) if created else None)
 
     def _both(self, first: Callable[[], None], second: Callable[[], None]) -> None:
-        """Run `first` on a side thread and `second` here; wait for both, raise the first error
-        (first's, if both fail)."""
+        """Run `first` on a side thread and `second` here; wait for both, then raise the error
+        of either (second's, if both fail)."""
         side = self._side.submit(first)
         try:
             second()
