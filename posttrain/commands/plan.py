@@ -355,7 +355,7 @@ def _learning_rates(spec: Any) -> dict[str, float]:
     return {}
 
 
-def _heads(spec: Any, config: Any, dtype: Any) -> dict[str, Any]:
+def _heads(spec: Any, config: Any, dtype: Any, master: Any) -> dict[str, Any]:
     """The algorithm's trainable heads, as the trainer builds them (PPO's critic)."""
     from flax import nnx
 
@@ -367,7 +367,7 @@ def _heads(spec: Any, config: Any, dtype: Any) -> dict[str, Any]:
     rngs = nnx.Rngs(2)
     if spec.ppo.critic == "value-head":
         return {ppo.VALUE: ppo.ValueHead(config.hidden_size, rngs=rngs)}
-    trunk = create_model(config, rngs=rngs, dtype=dtype)  # a full copy, trained in full
+    trunk = create_model(config, rngs=rngs, dtype=dtype, param_dtype=master)  # trained in full
     return {ppo.VALUE: ppo.SeparateCritic(trunk, config.hidden_size, rngs=rngs)}
 
 
@@ -376,6 +376,13 @@ def _peak_bytes(compiled: Any) -> int:
     if memory is None:  # a backend without memory analysis
         raise RuntimeError("XLA gave no memory analysis for the compiled program")
     return int(memory.temp_size_in_bytes)
+
+
+def _as_dtype(tree: Any, dtype: Any) -> Any:
+    """Abstract arrays of ``tree`` in ``dtype`` (the reference copy is kept in the compute dtype)."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)
 
 
 def kv_cache_bytes(config: Any, rows: int, slots: int, itemsize: int) -> int:
@@ -434,7 +441,7 @@ def plan_job(job: Any, config_json: dict[str, Any], n_devices: int) -> Plan:
     from flax import nnx
 
     from posttrain.trainer import peft
-    from posttrain.trainer.loop import split_trainable
+    from posttrain.trainer.loop import model_dtypes, split_trainable
     from posttrain.trainer.loop_optim import optimizer, schedule
     from posttrain.trainer.loop_step import Trainee, batch_sharding, make_train_step, trainee_view
     from posttrain.trainer.models import ModelConfig, create_model, make_mesh, set_remat
@@ -443,16 +450,18 @@ def plan_job(job: Any, config_json: dict[str, Any], n_devices: int) -> Plan:
     spec, training = job.spec, job.spec.training
     hbm, peak = CHIPS[spec.resources.accelerator]
     config = ModelConfig.from_hf(config_json)
-    dtype = jnp.dtype(spec.model.dtype)
+    dtype, base_dtype, master = model_dtypes(spec.model)
     m = training.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[:n_devices])
     shapes = job_shapes(spec)
 
-    def build():
-        model = create_model(config, rngs=nnx.Rngs(0), dtype=dtype)
-        peft.apply_peft(model, spec.model.lora, spec.model.quantization, rngs=nnx.Rngs(1))
+    def build():  # the dtypes of the trainer's build_model: float32 master weights by default
+        model = create_model(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=base_dtype)
+        peft.apply_peft(
+            model, spec.model.lora, spec.model.quantization, rngs=nnx.Rngs(1), param_dtype=master
+        )
         set_remat(model, training.remat)
-        return Trainee(model, _heads(spec, config, dtype))  # split as the trainer splits it
+        return Trainee(model, _heads(spec, config, dtype, master))  # split as the trainer does
 
     abstract = nnx.eval_shape(build)
     graphdef, params, frozen = split_trainable(abstract, spec.model.lora)
@@ -490,7 +499,7 @@ def plan_job(job: Any, config_json: dict[str, Any], n_devices: int) -> Plan:
         peak_flops=peak,
         loss=shapes.loss,
         # With LoRA the reference is the base with adapters off: no copy.
-        reference=_nbytes_per_device(params["policy"], p_sh["policy"])
+        reference=_nbytes_per_device(_as_dtype(params["policy"], dtype), p_sh["policy"])
         if shapes.reference and spec.model.lora is None
         else 0,
         kv_cache=kv_cache_bytes(config, shapes.rollout_rows, rollout_slots, dtype.itemsize),
