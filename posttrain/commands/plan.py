@@ -544,9 +544,8 @@ def report(job: Any, plan: Plan) -> str:
     if plan.activations is None:
         lines.append(f"  {'activations/temporaries':<32}   (not compiled: the state alone is over)")
     step_loss = "SFT's loss" if plan.loss == "sft" else f"the {plan.loss} loss"
-    lines.append(
-        f"  {'training step':<32} {plan.train_total / GIB:8.2f} GiB ({step_loss} compiled)"
-    )
+    step_loss = f"{step_loss} compiled" if plan.activations is not None else "state only"
+    lines.append(f"  {'training step':<32} {plan.train_total / GIB:8.2f} GiB ({step_loss})")
     if plan.rollout is not None:
         lines.append(
             f"  {'rollout':<32} {plan.rollout_total / GIB:8.2f} GiB (KV cache of the whole "

@@ -97,3 +97,75 @@ def test_entropy_of_logits_matches_the_grpo_helper():
         _numpy_entropy(logits.reshape(6, 11), 0.5),
         rtol=1e-5,
     )
+
+
+def _grpo_batch(vocab=64, B=4, T=12, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(1, vocab, size=(B, T)), jnp.int32)
+    completion = np.zeros((B, T), np.float32)
+    completion[:, 5:-1] = 1.0
+    return {
+        "input_ids": ids,
+        "attention_mask": jnp.ones((B, T), jnp.int32),
+        "targets": jnp.roll(ids, -1, axis=1),
+        "completion_mask": jnp.asarray(completion),
+        "advantages": jnp.asarray(rng.normal(size=B), jnp.float32),
+        "tokens_per_row": jnp.full((B,), completion.sum() / B, jnp.float32),
+        "old_logp": jnp.asarray(rng.normal(size=(B, T)) * 0.1 - 4.0, jnp.float32),
+    }
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, None])
+def test_grpo_loss_value_gradients_and_entropy_equal_the_full_logits_loss(
+    monkeypatch, chunk_tokens
+):
+    """The GRPO loss through the chunked path equals the same loss on materialised logits."""
+    from flax import nnx
+
+    from posttrain.api.v1alpha1 import GrpoSpec
+    from posttrain.trainer.algorithms import grpo
+    from posttrain.trainer.algorithms.base import Models, logprobs_from_logits
+    from posttrain.trainer.models import builtin_config, create_model
+    from posttrain.trainer.models import entropy as entropy_module
+
+    if chunk_tokens is not None:
+        monkeypatch.setattr(entropy_module, "chunk_tokens_for", lambda vocab: chunk_tokens)
+    g = GrpoSpec.model_validate(
+        {"temperature": 0.7, "beta": 0.0, "rewards": [{"builtin": "regex-format", "pattern": "x"}]}
+    ).resolved("grpo")
+    model = create_model(builtin_config("tiny", vocab_size=64), rngs=nnx.Rngs(0))
+    batch = _grpo_batch()
+    graphdef, params = nnx.split(model)
+
+    def chunked(params):
+        return grpo.make_loss(g, "grpo")(Models(policy=nnx.merge(graphdef, params)), batch)
+
+    def full(params):
+        logits = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"])
+        logp = logprobs_from_logits(logits, batch["targets"], temperature=g.temperature)
+        eps, eps_high = g.clip_range("grpo")
+        aggregation, denominator = grpo.aggregation_args(
+            g.loss_aggregation, 4, batch["tokens_per_row"], g.max_new_tokens
+        )
+        value, _ = gl.grpo_loss(
+            logp,
+            batch["old_logp"],
+            None,
+            batch["advantages"],
+            batch["completion_mask"],
+            eps=eps,
+            eps_high=eps_high,
+            beta=g.beta,
+            aggregation=aggregation,
+            num_tokens=denominator,
+        )
+        mask = batch["completion_mask"]
+        entropy = gl.entropy_from_logits(logits / g.temperature)
+        return value, (entropy * mask).sum() / mask.sum()
+
+    (value, metrics), grads = jax.value_and_grad(chunked, has_aux=True)(params)
+    (want, want_entropy), want_grads = jax.value_and_grad(full, has_aux=True)(params)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(metrics["entropy"], want_entropy, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)

@@ -22,8 +22,9 @@ Per rollout batch (``PpoSource._rollouts``):
    GAE with gamma and lambda, returns = advantages + old values, then advantages whitened over the
    rollout batch's completion tokens (``ppo_loss``).
 
-The loss (``make_loss``) runs one forward for log-probs and values (``return_hidden``; a second
-one with a separate critic) and applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps
+The loss (``make_loss``) runs one policy forward to its hidden states, which feed the chunked
+LM head (log-probs and entropy, ``models/entropy.py``: no [B, T, V] logits) and the value head (a
+second forward with a separate critic), and applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps
 are teacher-forced SFT on the data's completions instead (the ``sft`` column), as GRPO's warm-up.
 """
 
