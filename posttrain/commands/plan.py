@@ -1,23 +1,22 @@
 """`posttrain plan FILE`: will this job fit its accelerators, and how fast can a step go?
 
 From the model's config.json alone (no weights), on simulated host devices (one per chip of the
-job's slice), it builds the model abstractly, shards it over the job's mesh, and compiles the
-training step ahead of time for the job's shapes. Printed per device: parameters, optimizer
-state, activations and temporaries (XLA's memory analysis of the compiled step), the total and
-the chip's HBM; then FLOPs per step and the step time at 100% and 50% MFU. Exit 0 when it fits,
-2 when it does not (naming the biggest consumer), 1 when the job is invalid.
+job's slice), it builds the model abstractly with the trainer's dtypes and split (policy plus the
+algorithm's heads), shards it over the job's mesh, and compiles the training step ahead of time
+for the job's shapes, and for RL jobs the rollout too. Printed per device: parameters, frozen
+parameters, optimizer state, a frozen reference copy (KL or DPO with full fine-tuning),
+activations and temporaries of the step and of the rollout (XLA's memory analysis of each
+compiled program), the step's and the rollout's totals and the chip's HBM; then FLOPs per step
+and the step time at 100% and 50% MFU. Exit 0 when both fit, 2 when not (naming the biggest
+consumer), 1 when the job is invalid.
 
-The step compiled is the algorithm's own loss where plan knows its batch: GRPO, GSPO-token, DAPO
-and Dr. GRPO compile their clipped loss (log-probs and entropy chunk by chunk) over
-``batchSize x numGenerations`` rows of ``maxPromptLength + maxNewTokens`` tokens; every other
-algorithm (SFT, DPO, ORPO, PPO, distillation) compiles the SFT step (next-token loss over
-``batchSize`` rows of ``maxLength`` tokens; PPO: of ``maxPromptLength + maxNewTokens``), which the
-report names, so a pair loss or a critic comes on top of it. RL algorithms also compile the
-rollout (``sampling.generate`` for ``batchSize x numGenerations`` prompts, PPO's
-``batchSize x numMiniBatches``, of ``maxPromptLength`` tokens, ``maxNewTokens`` new): its KV
-cache and temporaries come on top of the resident weights and optimizer state, and the job fits
-only if both the step and the rollout do. A frozen reference copy (KL with full fine-tuning) is
-counted as its own line. When the resident state alone exceeds the chip, it says so without
+The step runs the algorithm's own loss on the columns its batch source writes: GRPO, GSPO-token,
+DAPO and Dr. GRPO over ``batchSize x numGenerations`` rows of ``maxPromptLength + maxNewTokens``
+tokens; PPO with its critic over ``batchSize`` such rows; DPO and ORPO over ``batchSize`` pairs
+of ``maxLength``; SFT and distillation the SFT step over ``batchSize x maxLength`` (without the
+teacher's forward). The rollout is ``sampling.generate``'s program for ``batchSize x
+numGenerations`` prompts (PPO: ``batchSize x numMiniBatches``) of ``maxPromptLength`` tokens and
+``maxNewTokens`` new ones. When the resident state alone exceeds the chip, it says so without
 compiling.
 """
 
