@@ -122,14 +122,23 @@ def test_splash_gradients_equal_the_reference():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
-def test_splash_reference_mask_is_the_models_mask_on_real_tokens():
+def _splash_mask(segment_ids_bt: np.ndarray, sliding_window: int | None) -> np.ndarray:
+    """The boolean [B, T, T] mask splash applies: causal (within the window), same segment."""
+    q, k = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= q - k < sliding_window
+    return allowed[None] & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+
+
+def test_splash_masks_are_the_models_masks_on_real_tokens():
     mask, segments = _padded_and_packed()
     ids = np.asarray(ak.kernel_segment_ids(jnp.asarray(mask), jnp.asarray(segments)))
     for window in (None, 9):
         full, sliding = attention_masks(jnp.arange(T), jnp.asarray(mask), window, segments)
         model_mask = np.asarray(full if window is None else sliding)
         real = ids > 0
-        np.testing.assert_array_equal(ak.splash_reference_mask(ids, window)[real], model_mask[real])
+        np.testing.assert_array_equal(_splash_mask(ids, window)[real], model_mask[real])
 
 
 def test_a_model_forced_to_splash_equals_the_reference():

@@ -32,7 +32,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
 SPLASH_BLOCK = 128  # the kernel's query and key tile, forward and backward (its default)
@@ -103,9 +102,8 @@ def _splash_kernel(
     )
 
     shape = (seq, seq)
-    if window is None:
-        one_head = sm.CausalMask(shape)
-    else:  # transformers keeps key k for query q when q - window < k <= q
+    one_head: sm.Mask = sm.CausalMask(shape)
+    if window is not None:  # transformers keeps key k for query q when q - window < k <= q
         one_head = sm.LocalMask(shape, window_size=(window - 1, 0), offset=0)
     b = SPLASH_BLOCK
     blocks = sk.BlockSizes(
@@ -161,17 +159,3 @@ def splash_attention(
     segments = sk.SegmentIds(q=segment_ids_bt, kv=segment_ids_bt)
     out_bhtd = jax.vmap(kernel)(q_bhtd, k_bksd, v_bksd, segment_ids=segments)
     return out_bhtd.transpose(0, 2, 1, 3)
-
-
-def splash_reference_mask(
-    segment_ids_bt: np.ndarray, sliding_window: int | None = None
-) -> np.ndarray:
-    """The boolean [B, T, T] mask splash applies (for tests): causal (within the window) and
-    same segment id."""
-    T = segment_ids_bt.shape[1]
-    q, k = np.arange(T)[:, None], np.arange(T)[None, :]
-    allowed = k <= q
-    if sliding_window is not None:
-        allowed &= q - k < sliding_window
-    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return allowed[None] & same
