@@ -159,6 +159,18 @@ def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Arra
     return real_before_bt - segment_base_bt
 
 
+def project(layer: Any, x: jax.Array) -> jax.Array:
+    """``layer(x)`` for a projection (Linear, LoRA-adapted, quantized) on [..., d_in], applied
+    to the tokens flattened to [N, d_in].
+
+    Why: the weight gradient of a projection on [B, T, d_in] is a dot contracting two axes, which
+    XLA:CPU computes after transposing a whole activation ([B*T, d_out]) into a copy; on [N, d_in]
+    it contracts one axis and needs no copy (the SFT step: ~20% less CPU time).
+    """
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 # --------------------------------------------------------------------------- KV cache
 
 
@@ -303,9 +315,10 @@ class Attention(nnx.Module):
         uses instead of ``mask_bts`` (the mask stays what every other kernel reads)."""
         B, T, _ = x_bte.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x_bte).reshape(B, T, H, D)
-        k = self.k_proj(x_bte).reshape(B, T, K, D)
-        v = self.v_proj(x_bte).reshape(B, T, K, D)
+        x_ne = x_bte.reshape(B * T, -1)  # see project: 2-D projections
+        q = self.q_proj(x_ne).reshape(B, T, H, D)
+        k = self.k_proj(x_ne).reshape(B, T, K, D)
+        v = self.v_proj(x_ne).reshape(B, T, K, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = np.asarray(self.inv_freq, np.float32)
@@ -324,7 +337,7 @@ class Attention(nnx.Module):
             out, probs_bhts = reference_attention(
                 q, k, v, mask_bts, self.scale, self.logit_cap, return_probs=True
             )
-            return self.o_proj(out.reshape(B, T, H * D)), new_kv, probs_bhts
+            return project(self.o_proj, out.reshape(B, T, H * D)), new_kv, probs_bhts
         kernel = choose_kernel(
             self.implementation,
             dtype=q.dtype,
@@ -348,7 +361,7 @@ class Attention(nnx.Module):
             out = reference_attention(q, k, v, mask_bts, self.scale, self.logit_cap)
         else:
             out = fused_attention(q, k, v, mask_bts, self.scale, kernel)
-        return self.o_proj(out.reshape(B, T, H * D)), new_kv
+        return project(self.o_proj, out.reshape(B, T, H * D)), new_kv
 
 
 class MLP(nnx.Module):
@@ -361,7 +374,9 @@ class MLP(nnx.Module):
         self.act = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        x_ne = x.reshape(-1, x.shape[-1])  # see project: 2-D projections
+        h_nf = activation(self.act, self.gate_proj(x_ne)) * self.up_proj(x_ne)
+        return self.down_proj(h_nf).reshape(x.shape)
 
 
 class DecoderLayer(nnx.Module):
