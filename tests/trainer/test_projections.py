@@ -3,6 +3,7 @@ and on XLA:CPU weight gradients that need no transposed copy of an activation.""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -99,5 +100,22 @@ def test_layer_gradients_on_cpu_transpose_no_token_axis_activation(kind):
 
     x = jnp.ones((B, T, E), jnp.float32)
     hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+    transposed = sorted(set(re.findall(rf"f32\[(\d+),{B * T}\]", hlo)))
+    assert transposed == [], f"[d, B*T] arrays for d in {transposed}"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layout choice")
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_logits_gradient_on_cpu_transposes_no_token_axis_array(tied):
+    """The LM head (untied, or the tied embedding's ``attend``) also runs on flat tokens: losses
+    on full [B, T, V] logits (GRPO, distillation) need no [V, B*T] copy of their gradient."""
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
+    graphdef, state = nnx.split(create_model(config, rngs=nnx.Rngs(0)))
+    ids = jnp.ones((B, T), jnp.int32)
+
+    def loss(state):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(ids)))
+
+    hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
     transposed = sorted(set(re.findall(rf"f32\[(\d+),{B * T}\]", hlo)))
     assert transposed == [], f"[d, B*T] arrays for d in {transposed}"

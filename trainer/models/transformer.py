@@ -646,10 +646,8 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden_bte: jax.Array) -> jax.Array:
         """LM head (tied or not) and final soft-capping on final-norm outputs; float32."""
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(hidden_bte)
-        else:
-            logits = self.lm_head(hidden_bte)
+        head = self.model.embed_tokens.attend if self.config.tie_word_embeddings else self.lm_head
+        logits = project(head, hidden_bte)  # flat tokens: no transposed [V, B*T] gradient copy
         return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
 
 
