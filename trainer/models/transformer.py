@@ -137,6 +137,49 @@ def fused_attention(
     )
 
 
+def cached_attention(
+    q_bthd: jax.Array,
+    k_bksd: jax.Array,
+    v_bksd: jax.Array,
+    mask_bts: jax.Array,
+    scale: float,
+    logit_cap: float | None,
+    *,
+    return_probs: bool = False,
+) -> Any:
+    """Grouped-query attention of T new queries over a KV cache laid out [B, K, S, D]: the maths of
+    ``reference_attention``, for generation (prefill and decode steps).
+
+    With the cache's slots next to head_dim, both einsums are batched over (B, K) and read the
+    cache as it is stored; a [B, S, K, D] cache made XLA transpose every layer's whole cache on
+    every decode step. Returns [B, T, H, D], plus with ``return_probs`` the probabilities
+    [B, H, T, S] float32 (query head h = kv head h // G).
+    """
+    B, T, H, D = q_bthd.shape
+    K = k_bksd.shape[1]
+    q = q_bthd.reshape(B, T, K, H // K, D)
+    k, v = k_bksd.astype(q.dtype), v_bksd.astype(q.dtype)  # no-ops unless the cache dtype differs
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap(scores, logit_cap)
+    # Most negative finite float, not -inf, as in reference_attention.
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v).reshape(B, T, H, D)
+    if return_probs:
+        return out, probs.reshape(B, H, T, -1)
+    return out
+
+
+def write_kv(
+    kv: tuple[jax.Array, jax.Array], k_btkd: jax.Array, v_btkd: jax.Array, slot: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The [B, K, S, D] cache with the T new keys/values written at slots [slot, slot + T)."""
+    at = (0, 0, slot, 0)
+    keys = jax.lax.dynamic_update_slice(kv[0], k_btkd.swapaxes(1, 2).astype(kv[0].dtype), at)
+    values = jax.lax.dynamic_update_slice(kv[1], v_btkd.swapaxes(1, 2).astype(kv[1].dtype), at)
+    return keys, values
+
+
 def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """RoPE positions [B, T] that restart at 0 where each segment begins.
 
@@ -161,7 +204,8 @@ def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Arra
 class KVCache:
     """Functional KV cache: passed into the model and returned updated.
 
-    ``keys``/``values``: one [B, S, K, D] array per layer. ``key_mask`` [B, S]: slot holds a real
+    ``keys``/``values``: one [B, K, S, D] array per layer (slots next to head_dim, so attention
+    reads them as stored; see ``cached_attention``). ``key_mask`` [B, S]: slot holds a real
     token (False for padding and for slots not yet written). ``index``: next slot to write (int32).
     ``real_tokens`` [B] int32: real tokens written so far (the next token's default position),
     kept so a decode step does no work that grows with the cache outside attention.
@@ -177,7 +221,7 @@ class KVCache:
     def create(
         cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32
     ) -> KVCache:
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(
             keys=zeros,
@@ -299,16 +343,16 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = np.asarray(self.inv_freq, np.float32)
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-        if (
-            kv is not None
-        ):  # write this step's keys/values at their slots, attend over the whole cache
+        if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
-            at = (0, write_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)  # type: ignore[arg-type]
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)  # type: ignore[arg-type]
-            new_kv = (k, v)
-        else:
-            new_kv = None
+            new_kv = write_kv(kv, k, v, write_index)
+            attended = cached_attention(
+                q, *new_kv, mask_bts, self.scale, self.logit_cap, return_probs=return_probs
+            )
+            out, probs = attended if return_probs else (attended, None)
+            projected = self.o_proj(out.reshape(B, T, H * D))
+            return (projected, new_kv, probs) if return_probs else (projected, new_kv)
+        new_kv = None
         if return_probs:
             out, probs_bhts = reference_attention(
                 q, k, v, mask_bts, self.scale, self.logit_cap, return_probs=True
