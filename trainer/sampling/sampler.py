@@ -63,6 +63,24 @@ def filter_top_p(logits: jax.Array, p: jax.Array | float) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def first_argmax(logits_bv: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` (first maximum; first NaN if any) as two plain reductions.
+
+    XLA:CPU lowers argmax to one variadic (value, index) reduction, which measured ~7x slower than
+    a max followed by a min over the indices that hold it, on [8, 8192] logits.
+    """
+    top_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+    is_top = (logits_bv == top_b1) | jnp.isnan(logits_bv)
+    vocab = logits_bv.shape[-1]
+    return jnp.min(jnp.where(is_top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
+def token_logprob(logits_bv: jax.Array, token_b: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[token]`` without materialising the [B, V] log-softmax."""
+    chosen = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0]
+    return chosen - jax.nn.logsumexp(logits_bv, axis=-1)
+
+
 def sample_token(
     logits_bv: jax.Array,
     key: jax.Array,
@@ -76,7 +94,7 @@ def sample_token(
     """(token [B] int32, log_softmax(logits)[token] [B]) for one step."""
     logits_bv = logits_bv.astype(jnp.float32)
     if greedy:
-        token = jnp.argmax(logits_bv, axis=-1)
+        token = first_argmax(logits_bv)
     else:
         scaled = logits_bv / temperature
         if top_k is not None:
@@ -84,10 +102,8 @@ def sample_token(
         if use_top_p:
             scaled = filter_top_p(scaled, top_p)
         token = jax.random.categorical(key, scaled, axis=-1)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), token[:, None], axis=-1)[
-        :, 0
-    ]
-    return token.astype(jnp.int32), logp
+    token = token.astype(jnp.int32)
+    return token, token_logprob(logits_bv, token)
 
 
 def _left_pad(prompt_ids: Any, prompt_mask: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
