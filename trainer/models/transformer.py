@@ -139,7 +139,7 @@ def fused_attention(
 
 def cached_attention(
     q_bthd: jax.Array,
-    k_bksd: jax.Array,
+    k_bkds: jax.Array,
     v_bksd: jax.Array,
     mask_bts: jax.Array,
     scale: float,
@@ -147,22 +147,23 @@ def cached_attention(
     *,
     return_probs: bool = False,
 ) -> Any:
-    """Grouped-query attention of T new queries over a KV cache laid out [B, K, S, D]: the maths of
-    ``reference_attention``, for generation (prefill and decode steps).
+    """Grouped-query attention of T new queries over a KV cache (keys [B, K, D, S], values
+    [B, K, S, D]): the maths of ``reference_attention``, for generation (prefill and decode steps).
 
-    Both einsums are plain batched matmuls over (B, K) with X = T * G query rows per kv head, on
-    the cache as it is stored. Measured on the CPU decode benchmark: a [B, S, K, D] cache made XLA
-    transpose every layer's whole cache on every step, and einsums with T between B and K made it
-    pick slow dot layouts (4x slower attention). For a decode step (T = 1) the reshapes of q and
-    the output are free. Returns [B, T, H, D], plus with ``return_probs`` the probabilities
-    [B, H, T, S] float32 (query head h = kv head h // G).
+    Both einsums are plain [X, D] @ [D, S] and [X, S] @ [S, D] matmuls batched over (B, K), with
+    X = T * G query rows per kv head, on the cache as it is stored. Measured on the CPU decode
+    benchmark: a [B, S, K, D] cache made XLA transpose every layer's whole cache on every step,
+    einsums with T between B and K got slow dot layouts, and keys stored [B, K, S, D] (a
+    transposed operand) made the score matmuls slower than with [B, K, D, S]. For a decode step
+    (T = 1) the reshapes of q and the output are free. Returns [B, T, H, D], plus with
+    ``return_probs`` the probabilities [B, H, T, S] float32 (query head h = kv head h // G).
     """
     B, T, H, D = q_bthd.shape
-    K = k_bksd.shape[1]
+    K = k_bkds.shape[1]
     G = H // K
     q_bkxd = q_bthd.reshape(B, T, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, D)
-    k, v = k_bksd.astype(q_bkxd.dtype), v_bksd.astype(q_bkxd.dtype)  # no-ops unless they differ
-    scores = jnp.einsum("bkxd,bksd->bkxs", q_bkxd, k, preferred_element_type=jnp.float32) * scale
+    k, v = k_bkds.astype(q_bkxd.dtype), v_bksd.astype(q_bkxd.dtype)  # no-ops unless they differ
+    scores = jnp.einsum("bkxd,bkds->bkxs", q_bkxd, k, preferred_element_type=jnp.float32) * scale
     scores = softcap(scores, logit_cap).reshape(B, K, T, G, -1)
     # Most negative finite float, not -inf, as in reference_attention.
     scores = jnp.where(mask_bts[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
@@ -178,10 +179,12 @@ def cached_attention(
 def write_kv(
     kv: tuple[jax.Array, jax.Array], k_btkd: jax.Array, v_btkd: jax.Array, slot: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """The [B, K, S, D] cache with the T new keys/values written at slots [slot, slot + T)."""
-    at = (0, 0, slot, 0)
-    keys = jax.lax.dynamic_update_slice(kv[0], k_btkd.swapaxes(1, 2).astype(kv[0].dtype), at)
-    values = jax.lax.dynamic_update_slice(kv[1], v_btkd.swapaxes(1, 2).astype(kv[1].dtype), at)
+    """The cache (keys [B, K, D, S], values [B, K, S, D]) with the T new keys/values written at
+    slots [slot, slot + T)."""
+    k_bkdt = k_btkd.transpose(0, 2, 3, 1).astype(kv[0].dtype)
+    v_bktd = v_btkd.transpose(0, 2, 1, 3).astype(kv[1].dtype)
+    keys = jax.lax.dynamic_update_slice(kv[0], k_bkdt, (0, 0, 0, slot))
+    values = jax.lax.dynamic_update_slice(kv[1], v_bktd, (0, 0, slot, 0))
     return keys, values
 
 
@@ -209,8 +212,8 @@ def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Arra
 class KVCache:
     """Functional KV cache: passed into the model and returned updated.
 
-    ``keys``/``values``: one [B, K, S, D] array per layer (slots next to head_dim, so attention
-    reads them as stored; see ``cached_attention``). ``key_mask`` [B, S]: slot holds a real
+    ``keys``: one [B, K, D, S] array per layer, ``values``: one [B, K, S, D] array per layer
+    (the layouts ``cached_attention``'s matmuls read as stored). ``key_mask`` [B, S]: slot holds a real
     token (False for padding and for slots not yet written). ``index``: next slot to write (int32).
     ``real_tokens`` [B] int32: real tokens written so far (the next token's default position),
     kept so a decode step does no work that grows with the cache outside attention.
@@ -226,11 +229,10 @@ class KVCache:
     def create(
         cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32
     ) -> KVCache:
-        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        K, D, L = config.num_kv_heads, config.head_dim, config.num_layers
         return cls(
-            keys=zeros,
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            keys=tuple(jnp.zeros((batch, K, D, max_len), dtype) for _ in range(L)),
+            values=tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L)),
             key_mask=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
             real_tokens=jnp.zeros((batch,), jnp.int32),
