@@ -352,13 +352,13 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
         if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
-            new_kv = write_kv(kv, k, v, write_index)
+            cache_kv = write_kv(kv, k, v, write_index)
             attended = cached_attention(
-                q, *new_kv, mask_bts, self.scale, self.logit_cap, return_probs=return_probs
+                q, *cache_kv, mask_bts, self.scale, self.logit_cap, return_probs=return_probs
             )
             out, probs = attended if return_probs else (attended, None)
             projected = self.o_proj(out.reshape(B, T, H * D))
-            return (projected, new_kv, probs) if return_probs else (projected, new_kv)
+            return (projected, cache_kv, probs) if return_probs else (projected, cache_kv)
         new_kv = None
         if return_probs:
             out, probs_bhts = reference_attention(
