@@ -18,7 +18,7 @@ from posttrain.trainer import peft
 from posttrain.trainer.models import builtin_config, create_model, load_pretrained
 from posttrain.trainer.models.transformer import cached_attention, reference_attention, write_kv
 from posttrain.trainer.sampling import generate
-from posttrain.trainer.sampling.sampler import first_argmax, token_logprob
+from posttrain.trainer.sampling.sampler import first_argmax, sample_token, token_logprob
 
 from .hf_reference import HF_REFERENCE
 
@@ -180,3 +180,14 @@ def test_token_logprob_is_log_softmax_at_the_token():
     np.testing.assert_allclose(
         np.asarray(token_logprob(logits, tokens)), np.asarray(want), atol=1e-6
     )
+
+
+def test_sampled_tokens_are_jax_categorical_draws():
+    """The sampler's Gumbel-max draw is jax.random.categorical's, key for key."""
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(5, 40)), jnp.float32)
+    for seed in range(4):
+        key = jax.random.key(seed)
+        token, _ = sample_token(logits, key, 1.0, 1.0, greedy=False, top_k=None, use_top_p=False)
+        np.testing.assert_array_equal(
+            np.asarray(token), np.asarray(jax.random.categorical(key, logits, axis=-1))
+        )
