@@ -191,3 +191,29 @@ def test_sampled_tokens_are_jax_categorical_draws():
         np.testing.assert_array_equal(
             np.asarray(token), np.asarray(jax.random.categorical(key, logits, axis=-1))
         )
+
+
+def test_prefill_through_the_fused_kernel_on_accelerators(monkeypatch):
+    """On GPU/TPU a prompt's prefill reads the cache through fused_attention (XLA's kernel here,
+    for float32): same logits as the full forward, and decode steps still use cached_attention."""
+    from posttrain.trainer.models import transformer
+
+    model = load_pretrained(HF_REFERENCE / "llama3-gqa")
+    layer = model.model.layers[0].self_attn
+    monkeypatch.setattr(transformer.jax, "default_backend", lambda: "gpu")
+    assert layer._fused_prefill(5, False) and not layer._fused_prefill(1, False)
+    traced_shapes = []
+    fused = transformer.fused_attention
+
+    def spy(q, k, *args):
+        traced_shapes.append((q.shape[1], k.shape[1]))
+        return fused(q, k, *args)
+
+    ids = np.asarray(np.load(HF_REFERENCE / "llama3-gqa" / "reference.npz")["input_ids"][:2, :13])
+    ids, mask = _left_padded(ids, 3)
+    full = np.asarray(_forward(model, ids, mask))
+    monkeypatch.setattr(transformer, "fused_attention", spy)
+    steps, _ = _stepwise(model, ids, mask, prefill=7)
+    assert set(traced_shapes) == {(7, 16)}  # the prefill only, over the whole cache
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(steps[real], full[real], atol=1e-4, rtol=1e-4)

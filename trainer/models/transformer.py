@@ -353,6 +353,15 @@ class Attention(nnx.Module):
         if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
             cache_kv = write_kv(kv, k, v, write_index)
+            if self._fused_prefill(T, return_probs):
+                keys_bskd, values_bskd = (
+                    cache_kv[0].transpose(0, 3, 1, 2),
+                    cache_kv[1].swapaxes(1, 2),
+                )
+                out = fused_attention(
+                    q, keys_bskd, values_bskd, mask_bts, self.scale, self.implementation
+                )
+                return self.o_proj(out.reshape(B, T, H * D)), cache_kv
             attended = cached_attention(
                 q, *cache_kv, mask_bts, self.scale, self.logit_cap, return_probs=return_probs
             )
@@ -370,6 +379,14 @@ class Attention(nnx.Module):
         else:
             out = reference_attention(q, k, v, mask_bts, self.scale, self.logit_cap)
         return self.o_proj(out.reshape(B, T, H * D)), new_kv
+
+    def _fused_prefill(self, T: int, return_probs: bool) -> bool:
+        """Whether a prompt's attention through the cache uses ``fused_attention``: on GPU/TPU for
+        T > 1, whose kernels keep the [B, H, T, S] scores out of memory (worth one transpose of the
+        cache per prompt). On CPU XLA's kernel materialises them anyway, and for decode steps
+        (T = 1) ``cached_attention`` measured faster."""
+        fused_allowed = self.logit_cap is None and self.implementation != "reference"
+        return T > 1 and not return_probs and fused_allowed and jax.default_backend() != "cpu"
 
 
 class MLP(nnx.Module):
