@@ -64,6 +64,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # -P leaves the script's folder out
     import tunix_workload as w
+
     from posttrain.trainer.models import create_model
     from posttrain.trainer.sampling import generate
 

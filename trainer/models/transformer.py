@@ -213,8 +213,8 @@ class KVCache:
     """Functional KV cache: passed into the model and returned updated.
 
     ``keys``: one [B, K, D, S] array per layer, ``values``: one [B, K, S, D] array per layer
-    (the layouts ``cached_attention``'s matmuls read as stored). ``key_mask`` [B, S]: slot holds a real
-    token (False for padding and for slots not yet written). ``index``: next slot to write (int32).
+    (the layouts ``cached_attention``'s matmuls read as stored). ``key_mask`` [B, S]: slot holds a
+    real token (False for padding and for slots not yet written). ``index``: next slot to write.
     ``real_tokens`` [B] int32: real tokens written so far (the next token's default position),
     kept so a decode step does no work that grows with the cache outside attention.
     """
