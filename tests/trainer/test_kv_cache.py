@@ -217,3 +217,17 @@ def test_prefill_through_the_fused_kernel_on_accelerators(monkeypatch):
     assert set(traced_shapes) == {(7, 16)}  # the prefill only, over the whole cache
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(steps[real], full[real], atol=1e-4, rtol=1e-4)
+
+
+def test_new_weights_reuse_the_compiled_generate():
+    """The RL loop updates the policy in place and generates every step: no recompilation."""
+    from posttrain.trainer.sampling import sampler
+
+    model = create_model(builtin_config("tiny", vocab_size=64), rngs=nnx.Rngs(0))
+    before = generate(model, [[1, 2, 3]], max_new_tokens=4)
+    compiled = sampler._generate_jit._cache_size()
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p * 1.5, params))
+    after = generate(model, [[1, 2, 3]], max_new_tokens=4)
+    assert sampler._generate_jit._cache_size() == compiled
+    assert not np.allclose(np.asarray(before.logprobs), np.asarray(after.logprobs))
