@@ -7,7 +7,15 @@ the PostTrainJob sent). The operator's peak RSS is its VmHWM at the end. Prints 
 last, one JSON line:
 
     {"jobs": 200, "clients": 16, "p50_s": ..., "p99_s": ..., "max_s": ..., "rss_mb": ...,
-     "wall_s": ..., "all_created": true}
+     "wall_s": ..., "all_created": true, "stages": {...}}
+
+`stages`: where a job's time goes, p50 and p99 over the jobs, each from the create sent, all on
+this process's monotonic clock: `created` (the create call returned), `pending` (its status
+phase seen on a watch of PostTrainJobs), `recipe` (its ConfigMap seen on a watch), `jobset` (the
+latency above); `n`: how many jobs the stage saw (a watch the API server ends early under load
+sees fewer). Every watch lists first and watches from that resourceVersion, so it misses no
+event of the burst. At the end the benchmark deletes its namespace and waits for it to go (up to 2 min), so
+that runs back to back start from the same, quiet cluster.
 
     .venv/bin/python -P benchmarks/operator_scale.py --jobs 200 --json
 """
@@ -68,6 +76,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def trace_summary(path: Path, sent: dict[str, float]) -> dict:
+    """From operator_trace.py's records: when the operator first took up each job (its first
+    reconcile began), how long each kind of call took (count, mean, p50, p99), and how many
+    calls ran at once on average while the burst lasted."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    first: dict[str, float] = {}
+    for rec in records:
+        if rec["what"] == "reconcile" and rec["job"] in sent:
+            first[rec["job"]] = min(first.get(rec["job"], rec["start"]), rec["start"])
+    taken = [first[n] - sent[n] for n in first]
+    by_what: dict[str, list[float]] = {}
+    for rec in records:
+        by_what.setdefault(rec["what"], []).append(rec["end"] - rec["start"])
+    calls = {
+        what: {
+            "n": len(d),
+            "mean_s": round(statistics.fmean(d), 3),
+            "p50_s": round(statistics.median(d), 3),
+            "p99_s": round(percentile(d, 0.99), 3),
+        }
+        for what, d in sorted(by_what.items())
+    }
+    api = [r for r in records if r["what"][:1].isupper()]  # "GET ...", "POST ..."
+    if api:
+        span = max(r["end"] for r in api) - min(r["start"] for r in api)
+        busy = sum(r["end"] - r["start"] for r in api)
+        in_flight = round(busy / span, 1) if span > 0 else None
+    else:
+        in_flight = None
+    return {
+        "first_reconcile": {
+            "p50_s": round(statistics.median(taken), 3) if taken else None,
+            "p99_s": round(percentile(taken, 0.99), 3) if taken else None,
+        },
+        "calls": calls,
+        "api_calls_in_flight_mean": in_flight,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=200)
@@ -78,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         "--kubeconfig", default=os.environ.get("KUBECONFIG", str(REPO / ".cluster/kubeconfig"))
     )
     p.add_argument("--json", action="store_true", help="print the JSON summary line last")
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="time the operator's API calls and handlers (benchmarks/operator_trace.py) into "
+        "FILE, and add a summary of them to the JSON as `trace`",
+    )
     args = p.parse_args(argv)
 
     kubectl = ["kubectl", "--kubeconfig", args.kubeconfig]
@@ -96,31 +149,69 @@ def main(argv: list[str] | None = None) -> int:
     api.configuration.connection_pool_maxsize = args.clients * 2  # type: ignore[attr-defined]
     custom = client.CustomObjectsApi(api)
 
-    seen: dict[str, float] = {}
+    core = client.CoreV1Api(api)
+    seen: dict[str, float] = {}  # JobSet ADDED
+    pending: dict[str, float] = {}  # PostTrainJob with a status phase
+    recipes: dict[str, float] = {}  # ConfigMap <job>-recipe ADDED
     done = threading.Event()
+    listening: list[threading.Event] = []
 
-    def watch_jobsets() -> None:
-        w = watch.Watch()
-        for event in w.stream(custom.list_namespaced_custom_object, "jobset.x-k8s.io", "v1alpha2",
-                              ns, "jobsets", timeout_seconds=int(args.timeout) + 60):  # fmt: skip
-            name = event["object"]["metadata"]["name"]
-            seen.setdefault(name, time.monotonic())
-            if len(seen) >= args.jobs or done.is_set():
-                w.stop()
+    def watch_into(record: dict[str, float], key, list_call, *list_args, **kw) -> threading.Thread:
+        """Watch from the current resourceVersion (listed first), recording the first time
+        key(event) is not None per name."""
+        ready = threading.Event()
+        listening.append(ready)
+
+        def run() -> None:
+            listed = list_call(*list_args, **kw)
+            rv = listed["metadata"]["resourceVersion"] if isinstance(listed, dict) else (
+                listed.metadata.resource_version)  # fmt: skip
+            ready.set()
+            w = watch.Watch()
+            for event in w.stream(list_call, *list_args, resource_version=rv,
+                                  timeout_seconds=int(args.timeout) + 60, **kw):  # fmt: skip
+                name = key(event)
+                if name is not None:
+                    record.setdefault(name, time.monotonic())
+                if len(record) >= args.jobs or done.is_set():
+                    w.stop()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def jobset_key(event: dict) -> str:
+        return event["object"]["metadata"]["name"]
+
+    def pending_key(event: dict) -> str | None:
+        obj = event["object"]
+        return obj["metadata"]["name"] if (obj.get("status") or {}).get("phase") else None
+
+    def recipe_key(event: dict) -> str | None:
+        return event["object"].metadata.name.removesuffix("-recipe")
 
     log = Path(f"/tmp/operator-scale-{ns}.log")
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     cmd = [sys.executable, "-P", "-m", "posttrain.cli", "operator", "--namespace", ns,
            "--kubeconfig", args.kubeconfig, "--trainer-image-cpu", "trainer:bench"]  # fmt: skip
+    if args.trace:
+        cmd[2:4] = [str(REPO / "benchmarks/operator_trace.py"), args.trace]
     with log.open("w") as out:
         operator = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         time.sleep(5)  # the operator's start-up (imports, kopf's initial listing)
         cpu_start = cpu_seconds(operator.pid)
-        watcher = threading.Thread(target=watch_jobsets, daemon=True)
-        watcher.start()
-        time.sleep(0.5)
+        watch_into(seen, jobset_key, custom.list_namespaced_custom_object,
+                   "jobset.x-k8s.io", "v1alpha2", ns, "jobsets")  # fmt: skip
+        watch_into(pending, pending_key, custom.list_namespaced_custom_object,
+                   GROUP, VERSION, ns, PLURAL)  # fmt: skip
+        watch_into(recipes, recipe_key, core.list_namespaced_config_map, ns,
+                   label_selector="posttrain.dev/job")  # fmt: skip
+        for ready in listening:
+            ready.wait(30)
+        time.sleep(0.5)  # the watch requests themselves, sent after the listings
         sent: dict[str, float] = {}
+        created: dict[str, float] = {}
 
         def create(i: int) -> None:
             name = f"j{i:04d}"
@@ -128,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             custom.create_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, job(name, args.run_seconds)
             )
+            created[name] = time.monotonic()
 
         start = time.monotonic()
         with ThreadPoolExecutor(args.clients) as pool:
@@ -143,8 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         operator.terminate()
         operator.wait(30)
-        subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=false"], capture_output=True)
+        subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=true", "--timeout=120s"],
+                       capture_output=True)  # fmt: skip
     latencies = [seen[n] - sent[n] for n in sent if n in seen]
+
+    def stage(record: dict[str, float]) -> dict[str, float] | None:
+        values = [record[n] - sent[n] for n in sent if n in record]
+        if not values:
+            return None
+        return {"p50_s": round(statistics.median(values), 3),
+                "p99_s": round(percentile(values, 0.99), 3), "n": len(values)}  # fmt: skip
+
     summary = {
         "jobs": args.jobs,
         "clients": args.clients,
@@ -155,7 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         "operator_cpu_s": round(cpu, 1),
         "wall_s": round(wall, 1),
         "all_created": len(latencies) == args.jobs,
+        "stages": {
+            "created": stage(created),
+            "pending": stage(pending),
+            "recipe": stage(recipes),
+            "jobset": stage(seen),
+        },
     }
+    if args.trace:
+        summary["trace"] = trace_summary(Path(args.trace), sent)
     print(f"operator log: {log}", file=sys.stderr)
     print(json.dumps(summary) if args.json else summary)
     return 0 if summary["all_created"] else 1

@@ -12,9 +12,17 @@ other pods.
 
 No timers or daemons (kopf would put a finalizer on every PostTrainJob for them, and deletion
 would hang while the operator is down) and no deletion handler: children go with their owner
-through ownerReferences and the garbage collector. kopf keeps its bookkeeping in annotations
-under operator.posttrain.dev/ (the status schema is strict), and handlers return None, so
-nothing of kopf's lands in status.
+through ownerReferences and the garbage collector. Handlers return None, so nothing of kopf's
+lands in status (its schema is strict).
+
+kopf's bookkeeping writes nothing in the normal case: the last-handled configuration (kopf's
+"diff-base", what on.update diffs against) is kept in memory (MemoryDiffBase), not in an
+annotation, which saves a PATCH of every PostTrainJob after its first reconcile, and the
+watch event that PATCH causes. After a restart the memory is empty, so kopf sees every job as
+new and runs reconcile for it (the `create` cause instead of `resume`: the same handler, and it
+is idempotent). A handler that fails and is retried has its progress (retry count, delay) in
+annotations under operator.posttrain.dev/, written only then: a retry needs a write to the
+object, which is what wakes kopf up for it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from posttrain.operator.reconcile import (
     JOBSET_VERSION,
     KUEUE_GROUP,
     KUEUE_VERSION,
+    WORKERS,
     WORKLOAD_PLURAL,
     Operator,
     Retry,
@@ -47,13 +56,41 @@ FAILED_CREATE_SELECTOR = "reason=FailedCreate,involvedObject.kind=Job"
 # Set by `posttrain operator` before kopf starts (image defaults and --peering from its flags).
 IMAGE_DEFAULTS: r.ImageDefaults = r.ImageDefaults.from_env(os.environ)
 PEERING: str | None = None
-WORKERS = 32  # threads running the (blocking) handlers
 # How long a replica's peering record outlives its last keep-alive (kopf sends one every
 # lifetime - 5..10 s): a SIGKILLed active replica is replaced this long after its last one. One
 # that exits normally removes its record, and a waiting replica takes over at once.
 PEERING_LIFETIME_S = 15
 
 _operator: Operator | None = None
+
+
+class MemoryDiffBase(kopf.DiffBaseStorage):
+    """kopf's last-handled configuration per object (by uid), in this process only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._essences: dict[str, kopf.BodyEssence] = {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return self._essences.get(str(body.metadata.uid))
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self._essences[str(body.metadata.uid)] = essence
+
+    def forget(self, uid: str) -> None:
+        self._essences.pop(uid, None)
+
+
+class ProgressAnnotations(kopf.AnnotationsProgressStorage):
+    """kopf's per-handler progress in annotations, without kopf's `<prefix>/kopf-managed`
+    marker (which marks the prefix for other kopf operators, and would be a PATCH of every
+    object on its first handling: the record itself is only written for a retry)."""
+
+    def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
+        pass
+
+
+DIFFBASE = MemoryDiffBase()
 
 
 def api_client() -> client.ApiClient:
@@ -64,7 +101,9 @@ def api_client() -> client.ApiClient:
         # explicit: the client's default path was read from the environment at import time
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = WORKERS  # a connection per handler thread
+    # a connection per handler thread and per side thread (reconcile.WORKERS); fewer, and
+    # urllib3 opens (TLS handshake) and drops connections beyond the pool in a burst
+    configuration.connection_pool_maxsize = 2 * WORKERS
     return client.ApiClient(configuration)
 
 
@@ -80,12 +119,8 @@ def operator() -> Operator:
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _operator
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=ANNOTATION_PREFIX
-    )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
+    settings.persistence.progress_storage = ProgressAnnotations(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = DIFFBASE
     if PEERING:
         settings.peering.lifetime = PEERING_LIFETIME_S
     else:
@@ -114,10 +149,23 @@ def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> No
         raise kopf.TemporaryError(str(err), delay=5) from None
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_event(
+    type: str | None, uid: str | None, namespace: str | None, name: str | None, **_: Any
+) -> None:
+    if type == "DELETED":
+        DIFFBASE.forget(str(uid))
+        if namespace and name:
+            operator().forget(namespace, name)
+
+
 @kopf.on.event(JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL, labels={r.JOB_LABEL: kopf.PRESENT})
-def jobset_event(namespace: str | None, labels: Mapping[str, str], type: str, **_: Any) -> None:
-    if type is not None and namespace:  # None: the initial listing, which on.resume covers
-        operator().sync_status(namespace, labels[r.JOB_LABEL])
+def jobset_event(
+    namespace: str | None, labels: Mapping[str, str], type: str, meta: kopf.Meta, **_: Any
+) -> None:
+    if type is not None and namespace:  # None: the initial listing, which reconcile covers
+        version = meta.get("resourceVersion")
+        operator().sync_status(namespace, labels[r.JOB_LABEL], jobset_version=version)
 
 
 def job_of_workload(body: Mapping[str, Any]) -> str | None:

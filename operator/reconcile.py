@@ -12,6 +12,9 @@ this file, so docs/operator.md's RBAC list can be checked against it:
     workloads (Kueue)      list, patch              (why Kueue holds the JobSet; patch: spec.active
                                                      only, which is how a queued job suspends)
 
+A new job takes three writes: status `Pending` (from then on the CRD's CEL rule freezes the
+spec) and the recipe, both at once, then the JobSet, after both.
+
 Crash safety: every step is create-or-check by deterministic name, so an operator killed at any
 point and started again finds what it made and goes on. What it finds is checked: a child not
 owned (controller ownerReference with the job's uid) is an earlier job's of the same name, on
@@ -31,6 +34,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -44,6 +48,10 @@ from posttrain.operator import render as r
 from posttrain.operator import status as st
 
 log = logging.getLogger("posttrain.operator")
+
+# Threads running the (blocking) handlers; each may run one more call at once on a side thread
+# (a new job's Pending status beside its recipe), so the client needs 2 * WORKERS connections.
+WORKERS = 32
 
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
@@ -75,6 +83,13 @@ class Operator:
     # Jobs with a status sync waiting for the job's lock, not yet reading: a new event for one
     # of them needs no sync of its own (see sync_status).
     _queued: set[tuple[str, str]] = field(default_factory=set)
+    # The JobSet resourceVersion each job's status was last computed from: a JobSet event of
+    # that version (e.g. the ADDED of a JobSet this operator just made) needs no sync.
+    _synced_jobset: dict[tuple[str, str], str] = field(default_factory=dict)
+    # A new job's Pending status is written on one of these while its thread makes the recipe.
+    _side: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="side")
+    )
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api)
@@ -170,11 +185,16 @@ class Operator:
             created = False
             try:
                 if existing is None:
-                    # Pending first: from now on the CRD's CEL rule freezes the spec.
-                    self._sync(body, job=job, children=(None, []), quiet=True)
-                self._ensure_configmap(body, configmap, replace_stale=existing is None)
-                if existing is None:
+                    # Pending (from then on the CRD's CEL rule freezes the spec) and the recipe
+                    # at once, the JobSet after both: a crash in between leaves no phase or a
+                    # recipe without a JobSet, which the next reconcile checks and goes on from.
+                    self._both(
+                        lambda: self._sync(body, job=job, children=(None, []), quiet=True),
+                        lambda: self._ensure_configmap(body, configmap, replace_stale=True),
+                    )
                     existing, created = self._create_or_get_jobset(namespace, jobset)
+                else:
+                    self._ensure_configmap(body, configmap, replace_stale=False)
             except ApiException as err:
                 if err.status not in (400, 422):  # others: kopf retries with backoff
                     raise
@@ -189,6 +209,17 @@ class Operator:
             self._ensure_suspend(job, existing)
             # A JobSet made just now has no pods yet: no need to list them.
             self._sync(body, job=job, children=(existing, []) if created else None)
+
+    def _both(self, first: Callable[[], None], second: Callable[[], None]) -> None:
+        """Run `first` on a side thread and `second` here; wait for both, then raise the error
+        of either (second's, if both fail)."""
+        side = self._side.submit(first)
+        try:
+            second()
+        finally:
+            err = side.exception()  # waits
+        if err is not None:
+            raise err
 
     def _ensure_configmap(
         self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
@@ -297,20 +328,34 @@ class Operator:
 
     # ---- status ---------------------------------------------------------------------------
 
+    def forget(self, namespace: str, name: str) -> None:
+        """The job is gone (its DELETED event): drop what is kept about it."""
+        key = (namespace, name)
+        self.phases.pop(key, None)
+        self.create_failures.pop(key, None)
+        self._synced_jobset.pop(key, None)
+
     def pods_not_created(self, namespace: str, name: str, message: str) -> None:
         """A FailedCreate Event of one of the job's Jobs: say why in the job's status."""
         fix = st.create_failure_fix(message, namespace)
         self.create_failures[(namespace, name)] = f"{message.strip()}. Fix: {fix}"
         self.sync_status(namespace, name)
 
-    def sync_status(self, namespace: str, name: str) -> None:
+    def sync_status(self, namespace: str, name: str, jobset_version: str | None = None) -> None:
         """Recompute the job's status from its JobSet and pods (JobSet and pod events).
+
+        `jobset_version`: the resourceVersion of the JobSet of the event; when the status was
+        last computed from that very version (the ADDED event of the JobSet reconcile just made
+        and synced from), there is nothing new: pods, the job and Kueue's Workload have events
+        of their own.
 
         Coalesced: while a sync of the job waits for its lock and has not read anything yet,
         further events need none of their own (that sync reads the state after them), so a
         burst of pod and JobSet events costs a few syncs, not one each, and frees the workers
         for the jobs being created."""
         key = (namespace, name)
+        if jobset_version is not None and self._synced_jobset.get(key) == jobset_version:
+            return
         with self._guard:
             if key in self._queued:
                 return
@@ -322,6 +367,7 @@ class Operator:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.phases.pop((namespace, name), None)
                 self.create_failures.pop((namespace, name), None)
+                self._synced_jobset.pop((namespace, name), None)
                 return
             prev = body.get("status") or {}
             if prev.get("phase") in st.TERMINAL:
@@ -399,9 +445,15 @@ class Operator:
             total_steps=total,
         )
         self.phases[(namespace, name)] = outcome.phase
+        if st.changed(prev, new):
+            self._patch_status(body, new)
+        version = ((jobset or {}).get("metadata") or {}).get("resourceVersion")
+        if version:
+            self._synced_jobset[(namespace, name)] = version
+        else:
+            self._synced_jobset.pop((namespace, name), None)
         if not st.changed(prev, new):
             return
-        self._patch_status(body, new)
         for event in [] if quiet else st.transitions(prev, new, outcome):
             self.emit(body, event)
         if outcome.phase != prev.get("phase"):

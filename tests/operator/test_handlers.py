@@ -33,3 +33,28 @@ def test_a_workload_names_its_job_through_its_owner_jobset() -> None:
     }
     assert handlers.job_of_workload(other) is None
     assert handlers.job_of_workload({"metadata": {}}) is None
+
+
+def test_kopf_bookkeeping_writes_nothing_for_a_handled_job(monkeypatch) -> None:
+    """kopf's diff-base lives in memory, and its progress store adds no marker annotation: a
+    handler that succeeds at once leaves kopf nothing to patch on the object."""
+    monkeypatch.setattr(handlers, "api_client", lambda: client.ApiClient())
+    settings = kopf.OperatorSettings()
+    handlers.startup(settings=settings)
+    diffbase, progress = (
+        settings.persistence.diffbase_storage,
+        settings.persistence.progress_storage,
+    )
+    assert isinstance(diffbase, handlers.MemoryDiffBase)
+    body = kopf.Body({"metadata": {"uid": "u1", "name": "j", "annotations": {}}, "spec": {"a": 1}})
+    patch = kopf.Patch()
+    assert diffbase.fetch(body=body) is None  # not seen by this process: kopf's "create"
+    essence = diffbase.build(body=body)
+    diffbase.store(body=body, patch=patch, essence=essence)
+    assert diffbase.fetch(body=body) == essence and not patch
+    # a handler's progress stored and purged in one cycle (success at the first try)
+    progress.store(key=kopf.HandlerId("reconcile"), record={"started": "t"}, body=body, patch=patch)
+    progress.purge(key=kopf.HandlerId("reconcile"), body=body, patch=patch)
+    assert not patch
+    diffbase.forget("u1")
+    assert diffbase.fetch(body=body) is None

@@ -39,3 +39,41 @@ def test_job_of_child_job_reads_jobset_child_names() -> None:
     assert job_of_child_job("qwen-grpo-slice-0") == "qwen-grpo"
     assert job_of_child_job("a-node-12") == "a"
     assert job_of_child_job("web-7f9c") is None
+
+
+def test_a_jobset_event_already_synced_from_reads_nothing() -> None:
+    from kubernetes import client
+
+    from posttrain.operator.reconcile import Operator
+
+    op = Operator(client.ApiClient())
+
+    def no_reads(*_a, **_k):
+        raise AssertionError("read the job")
+
+    op.get_job = no_reads  # type: ignore[method-assign]
+    op._synced_jobset[("ns", "j")] = "41"
+    op.sync_status("ns", "j", jobset_version="41")  # the ADDED of the JobSet it made: no sync
+    op.get_job = lambda *_a: None  # type: ignore[method-assign,assignment]
+    op.sync_status("ns", "j", jobset_version="42")  # a newer one: synced (the job is gone)
+
+
+def test_both_runs_the_two_at_once_and_raises_an_error_of_either() -> None:
+    import threading
+
+    import pytest
+    from kubernetes import client
+
+    from posttrain.operator.reconcile import Operator
+
+    op = Operator(client.ApiClient())
+    barrier = threading.Barrier(2, timeout=5)  # each waits for the other: at once, or a timeout
+    op._both(barrier.wait, barrier.wait)
+
+    def fail() -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        op._both(fail, lambda: None)
+    with pytest.raises(ValueError):
+        op._both(lambda: None, fail)

@@ -50,7 +50,6 @@ from posttrain.trainer.algorithms.base import (
     LossFn,
     Metrics,
     Models,
-    logprobs_from_logits,
 )
 from posttrain.trainer.algorithms.report import rl_finish
 from posttrain.trainer.algorithms.rollout import (
@@ -61,6 +60,7 @@ from posttrain.trainer.algorithms.rollout import (
     encode_array,
 )
 from posttrain.trainer.data.prompts import load_prompts
+from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 
 METRIC = "metric/"
 OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
@@ -301,18 +301,26 @@ def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
     eps, eps_high = g.clip_range(algorithm)
 
     def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
-        logits_btv = models.policy(batch["input_ids"], batch["attention_mask"])
-        # One forward for both log-probs and entropy: the shared log-prob maths on these logits.
-        # At the sampling temperature: the ratio and the KL must see the policy that sampled.
-        logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=g.temperature)
+        # SFT warm-up rows (flag `sft`) have no rollout: they train at temperature 1.
+        sft = batch["sft"].mean() > 0 if "sft" in batch else None
+        # One forward; log-probs and entropy chunk by chunk from its hidden states, never as
+        # [B, T, V] logits. At the sampling temperature: the ratio and the KL must see the policy
+        # that sampled, and the entropy is the sampling distribution's.
+        hidden_bte, _ = models.policy.hidden_states(batch["input_ids"], batch["attention_mask"])
+        (logp_bt, *plain), entropy_bt = chunked_logprobs_and_entropy(
+            hidden_bte,
+            models.policy.logits,
+            batch["targets"],
+            temperatures=(g.temperature, 1.0) if sft is not None else (g.temperature,),
+            entropy_temperature=g.temperature,
+        )
         mask_bt = batch["completion_mask"]
         rows = mask_bt.shape[0]
         num_tokens = batch["tokens_per_row"].mean() * rows  # token-mean's (the SFT warm-up's)
         aggregation, denominator = aggregation_args(
             g.loss_aggregation, rows, batch["tokens_per_row"], g.max_new_tokens
         )
-        # SFT warm-up rows (flag `sft`) have no rollout: their old log-probs are the current ones.
-        sft = batch["sft"].mean() > 0 if "sft" in batch else None
+        # SFT warm-up rows have no old log-probs either: theirs are the current ones.
         current_bt = jax.lax.stop_gradient(logp_bt)
         old_logp_bt = batch["old_logp"] if "old_logp" in batch else current_bt
         if sft is not None:
@@ -334,12 +342,10 @@ def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
             scale = sequence_mean_share(mask_bt, batch["sequences_per_row"])
             value, metrics["policy_loss"] = value * scale, metrics["policy_loss"] * scale
         if sft is not None:
-            plain_bt = logprobs_from_logits(logits_btv, batch["targets"])  # SFT: temperature 1
-            nll = gl.aggregate(-plain_bt, mask_bt, "token-mean", num_tokens)
+            nll = gl.aggregate(-plain[0], mask_bt, "token-mean", num_tokens)
             value = jnp.where(sft, nll, value)
             metrics = {k: jnp.where(sft, jnp.nan, v) for k, v in metrics.items()}
             metrics["sft_loss"] = jnp.where(sft, jax.lax.stop_gradient(nll), jnp.nan)
-        entropy_bt = gl.entropy_from_logits(logits_btv)
         metrics["entropy"] = (entropy_bt * mask_bt).sum() / jnp.maximum(mask_bt.sum(), 1.0)
         for key, column in batch.items():
             if key.startswith(METRIC):

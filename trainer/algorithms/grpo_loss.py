@@ -23,6 +23,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from posttrain.trainer.models.entropy import entropy_of_logits
+
 Array = jax.Array
 Advantage = Literal["group-std", "group-mean"]
 Aggregation = Literal["token-mean", "sequence-mean"]
@@ -230,7 +232,8 @@ def gspo_token_loss(
 
 
 def entropy_from_logits(logits_btv: Array) -> Array:
-    """Per-token entropy of the softmax over the vocabulary, [B, T] (a metric, never differentiated)."""
-    logits_btv = jax.lax.stop_gradient(logits_btv.astype(jnp.float32))
-    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-    return -(jnp.exp(logp_btv) * logp_btv).sum(axis=-1)
+    """Per-token entropy of the softmax over the vocabulary, [B, T] (a metric, never differentiated).
+
+    The losses compute it chunk by chunk from hidden states (``models/entropy.py``); this is the
+    same maths on logits already materialised."""
+    return entropy_of_logits(logits_btv)

@@ -22,8 +22,9 @@ Per rollout batch (``PpoSource._rollouts``):
    GAE with gamma and lambda, returns = advantages + old values, then advantages whitened over the
    rollout batch's completion tokens (``ppo_loss``).
 
-The loss (``make_loss``) runs one forward for log-probs and values (``return_hidden``; a second
-one with a separate critic) and applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps
+The loss (``make_loss``) runs one policy forward to its hidden states, which feed the chunked
+LM head (log-probs and entropy, ``models/entropy.py``: no [B, T, V] logits) and the value head (a
+second forward with a separate critic), and applies ``ppo_loss.ppo_loss``. The first `sftWarmupSteps` steps
 are teacher-forced SFT on the data's completions instead (the ``sft`` column), as GRPO's warm-up.
 """
 
@@ -48,7 +49,6 @@ from posttrain.trainer.algorithms.base import (
     LossFn,
     Metrics,
     Models,
-    logprobs_from_logits,
 )
 from posttrain.trainer.algorithms.report import rl_finish
 from posttrain.trainer.algorithms.rollout import (
@@ -59,6 +59,7 @@ from posttrain.trainer.algorithms.rollout import (
     group_seed,
 )
 from posttrain.trainer.data.prompts import load_prompts
+from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 
 if TYPE_CHECKING:
     from posttrain.trainer.models import CausalLM
@@ -98,21 +99,29 @@ class SeparateCritic(nnx.Module):
 
 
 def policy_and_values(
-    models: Models, batch: Mapping[str, jax.Array], temperature: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(logits [B, T, V], log-probs of the targets at `temperature`, values [B, T]): one forward
-    with a value head on the trunk, or the policy's and the separate critic's."""
+    models: Models,
+    batch: Mapping[str, jax.Array],
+    temperature: float,
+    *,
+    with_plain: bool = False,
+) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+    """((log-probs of the targets at `temperature`, and with `with_plain` at temperature 1),
+    entropy at `temperature`, values [B, T]): one policy forward whose LM head runs chunk by chunk
+    (no [B, T, V] logits), with the value head on its hidden states or the separate critic's."""
     critic = models.heads[VALUE]
+    hidden_bte, _ = models.policy.hidden_states(batch["input_ids"], batch["attention_mask"])
     if isinstance(critic, SeparateCritic):
-        logits_btv = models.policy(batch["input_ids"], batch["attention_mask"])
         values_bt = critic(batch["input_ids"], batch["attention_mask"])
     else:
-        logits_btv, hidden_bte = models.policy(
-            batch["input_ids"], batch["attention_mask"], return_hidden=True
-        )
         values_bt = critic(hidden_bte)
-    logp_bt = logprobs_from_logits(logits_btv, batch["targets"], temperature=temperature)
-    return logits_btv, logp_bt, values_bt
+    logps, entropy_bt = chunked_logprobs_and_entropy(
+        hidden_bte,
+        models.policy.logits,
+        batch["targets"],
+        temperatures=(temperature, 1.0) if with_plain else (temperature,),
+        entropy_temperature=temperature,
+    )
+    return logps, entropy_bt, values_bt
 
 
 # --------------------------------------------------------------------------- the batch source
@@ -237,7 +246,7 @@ class PpoSource:
 
 def _old_logp_and_values(temperature: float):
     def fn(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        _, logp_bt, values_bt = policy_and_values(models, batch, temperature)
+        (logp_bt,), _, values_bt = policy_and_values(models, batch, temperature)
         return logp_bt, values_bt
 
     return fn
@@ -254,7 +263,9 @@ def mini_batch_order(rows: int, seed: int, group: int, epoch: int) -> np.ndarray
 
 def make_loss(p: PpoSpec) -> LossFn:
     def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
-        logits_btv, logp_bt, values_bt = policy_and_values(models, batch, p.temperature)
+        (logp_bt, *plain), entropy_bt, values_bt = policy_and_values(
+            models, batch, p.temperature, with_plain="sft" in batch
+        )
         mask_bt = batch["completion_mask"]
         num_tokens = batch["tokens_per_row"].mean() * mask_bt.shape[0]
         value, metrics = pl.ppo_loss(
@@ -273,16 +284,10 @@ def make_loss(p: PpoSpec) -> LossFn:
         )
         if "sft" in batch:  # warm-up rows: SFT at temperature 1, the RL metrics are null
             sft = batch["sft"].mean() > 0
-            nll = gl.aggregate(
-                -logprobs_from_logits(logits_btv, batch["targets"]),
-                mask_bt,
-                "token-mean",
-                num_tokens,
-            )
+            nll = gl.aggregate(-plain[0], mask_bt, "token-mean", num_tokens)
             value = jnp.where(sft, nll, value)
             metrics = {k: jnp.where(sft, jnp.nan, v) for k, v in metrics.items()}
             metrics["sft_loss"] = jnp.where(sft, jax.lax.stop_gradient(nll), jnp.nan)
-        entropy_bt = gl.entropy_from_logits(logits_btv / p.temperature)
         metrics["entropy"] = pl.masked_mean(entropy_bt, mask_bt)
         for key, column in batch.items():
             if key.startswith(METRIC):

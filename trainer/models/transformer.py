@@ -18,6 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from posttrain.trainer.models.attention_kernels import (
+    IMPLEMENTATIONS,
+    choose_kernel,
+    kernel_segment_ids,
+    splash_attention,
+)
 from posttrain.trainer.models.config import ModelConfig
 
 # --------------------------------------------------------------------------- pure functions
@@ -324,7 +330,8 @@ class Attention(nnx.Module):
         self.qk_norm = c.qk_norm
         self.scale = c.attention_scale
         self.logit_cap = c.attn_logit_softcapping
-        self.implementation = "auto"  # see fused_attention; "reference" for the plain XLA maths
+        self.implementation = "auto"  # see attention_kernels.choose_kernel
+        self.sliding_window = c.sliding_window if self.layer_type == "sliding_attention" else None
         self.inv_freq = tuple(
             float(f) for f in c.rope_for(self.layer_type).inv_freq(D)
         )  # static, hashable
@@ -338,9 +345,13 @@ class Attention(nnx.Module):
         write_index: jax.Array | None = None,
         *,
         return_probs: bool = False,
+        segments_bt: jax.Array | None = None,
     ) -> tuple[Any, ...]:
         """(output [B, T, E], updated kv or None), plus with ``return_probs`` the attention
-        probabilities [B, H, T, S] float32 (query head h = kv head h // G), e.g. for distillation."""
+        probabilities [B, H, T, S] float32 (query head h = kv head h // G), e.g. for distillation.
+
+        ``segments_bt`` (no cache): ``kernel_segment_ids`` of the call, which the splash kernel
+        uses instead of ``mask_bts`` (the mask stays what every other kernel reads)."""
         B, T, _ = x_bte.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x_bte).reshape(B, T, H, D)
@@ -374,10 +385,29 @@ class Attention(nnx.Module):
                 q, k, v, mask_bts, self.scale, self.logit_cap, return_probs=True
             )
             return self.o_proj(out.reshape(B, T, H * D)), new_kv, probs_bhts
-        if self.logit_cap is None and self.implementation != "reference":
-            out = fused_attention(q, k, v, mask_bts, self.scale, self.implementation)
-        else:
+        kernel = choose_kernel(
+            self.implementation,
+            dtype=q.dtype,
+            q_len=T,
+            kv_len=k.shape[1],
+            cached=kv is not None or segments_bt is None,
+            logit_cap=self.logit_cap,
+        )
+        if kernel == "splash":
+            assert segments_bt is not None
+            out = splash_attention(
+                q,
+                k,
+                v,
+                segments_bt,
+                self.scale,
+                sliding_window=self.sliding_window,
+                logit_cap=self.logit_cap,
+            )
+        elif kernel == "reference":
             out = reference_attention(q, k, v, mask_bts, self.scale, self.logit_cap)
+        else:
+            out = fused_attention(q, k, v, mask_bts, self.scale, kernel)
         return self.o_proj(out.reshape(B, T, H * D)), new_kv
 
     def _fused_prefill(self, T: int, return_probs: bool) -> bool:
@@ -430,11 +460,18 @@ class DecoderLayer(nnx.Module):
         write_index=None,
         *,
         return_probs=False,
+        segments=None,
     ):
         """(x, new_kv), plus the attention probabilities with ``return_probs`` (see Attention)."""
         mask = sliding_mask if self.sliding else full_mask
         attn, new_kv, *probs = self.self_attn(
-            self.input_layernorm(x), positions, mask, kv, write_index, return_probs=return_probs
+            self.input_layernorm(x),
+            positions,
+            mask,
+            kv,
+            write_index,
+            return_probs=return_probs,
+            segments_bt=segments,
         )
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
@@ -619,6 +656,8 @@ class CausalLM(nnx.Module):
         q_slots_t = start + jnp.arange(T)
         sliding = c.sliding_window if "sliding_attention" in c.layer_types else None
         full_mask, sliding_mask = attention_masks(q_slots_t, key_mask_bs, sliding, segment_ids)
+        # What the splash kernel reads instead of the masks (training and scoring only).
+        segments = kernel_segment_ids(new_mask_bt, segment_ids) if cache is None else None
 
         x = self.model.embed_tokens(input_ids)
         if c.scale_embeddings:  # HF rounds the normaliser to the activation dtype
@@ -630,12 +669,21 @@ class CausalLM(nnx.Module):
             # Remat only where a backward pass gains from it, and not on a layer whose attention
             # maps are read (they come from the explicit path, outside the checkpointed call).
             if cache is None and self.remat != "none" and not wants_probs:
-                x, _ = _remat_layer(self.remat)(layer, x, positions, full_mask, sliding_mask)
+                x, _ = _remat_layer(self.remat)(
+                    layer, x, positions, full_mask, sliding_mask, segments
+                )
                 if taps is not None:
                     taps.collect(i, x, [])
                 continue
             x, new_kv, *probs = layer(
-                x, positions, full_mask, sliding_mask, kv, start, return_probs=wants_probs
+                x,
+                positions,
+                full_mask,
+                sliding_mask,
+                kv,
+                start,
+                return_probs=wants_probs,
+                segments=segments,
             )
             if taps is not None:
                 taps.collect(i, x, probs)
@@ -671,16 +719,19 @@ def _remat_layer(policy: str):
         raise ValueError(f"remat policy {policy!r} unknown; known: {', '.join(REMAT_POLICIES)}")
     jax_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
 
-    def call(layer, x, positions, full_mask, sliding_mask):
+    def call(layer, x, positions, full_mask, sliding_mask, segments=None):
         # jax.checkpoint on a pure function of the layer's state, not nnx.remat: nnx.remat writes
         # the state back to the module, which fails when the module was merged inside another
         # trace (the trainer merges it inside the micro-batch scan).
         graphdef, state = nnx.split(layer)
 
-        def pure(state, x, positions, full_mask, sliding_mask):
-            return nnx.merge(graphdef, state)(x, positions, full_mask, sliding_mask)
+        def pure(state, x, positions, full_mask, sliding_mask, segments):
+            layer = nnx.merge(graphdef, state)
+            return layer(x, positions, full_mask, sliding_mask, segments=segments)
 
-        return jax.checkpoint(pure, policy=jax_policy)(state, x, positions, full_mask, sliding_mask)
+        return jax.checkpoint(pure, policy=jax_policy)(
+            state, x, positions, full_mask, sliding_mask, segments
+        )
 
     return call
 
@@ -693,10 +744,12 @@ def set_remat(model: CausalLM, policy: str) -> None:
 
 
 def set_attention(model: CausalLM, implementation: str) -> None:
-    """Attention kernel of every layer: "auto", "xla", "cudnn" (``fused_attention``) or "reference"."""
-    allowed = ("auto", "xla", "cudnn", "reference")
-    if implementation not in allowed:
-        raise ValueError(f"attention {implementation!r} unknown; known: {', '.join(allowed)}")
+    """Attention kernel of every layer: "auto", "xla", "cudnn" (``fused_attention``), "splash"
+    (Pallas, TPU) or "reference"; see ``attention_kernels.choose_kernel``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention {implementation!r} unknown; known: {', '.join(IMPLEMENTATIONS)}"
+        )
     for layer in model.model.layers:
         layer.self_attn.implementation = implementation
 

@@ -1,0 +1,161 @@
+"""Which attention kernel runs, and the Pallas splash-attention kernel for TPUs.
+
+``choose_kernel`` turns a layer's ``implementation`` ("auto", "xla", "cudnn", "splash",
+"reference") into the kernel for this call:
+
+- "auto": splash on a single-device TPU backend when the call is supported (below), cuDNN on a
+  GPU for 16-bit activations, else XLA (``jax.nn.dot_product_attention``); attention soft-capping
+  (Gemma 2) goes to splash when supported, else to the plain-XLA reference.
+- "splash" forces splash where supported and falls back as "auto" does otherwise.
+
+Splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) takes structured masks,
+not a [B, T, S] boolean array: the causal mask (``CausalMask``) or, on sliding-window layers,
+``LocalMask`` with window (w - 1, 0), and ``SegmentIds`` that carry both packed segments and
+padding (padding tokens get segment 0, so real tokens never see them). It supports
+grouped-query attention (K kv heads dividing H query heads) and attention-logit soft-capping.
+It is used only when:
+
+- there is no KV cache (training, scoring): cached attention is generation's, whose query slots
+  start at the cache index and whose keys include slots never written;
+- the sequence length is a multiple of ``SPLASH_BLOCK`` (the kernel's tile);
+- "auto" only: one device. The Pallas call has no SPMD partitioning rule here, so under a
+  multi-device mesh XLA would gather q, k and v onto every device; a ``shard_map`` around it
+  over the batch axes is not done yet. Force it with "splash" to try it anyway.
+
+Not run on a TPU by this repository's tests: they run the same kernel in Pallas interpret mode on
+the CPU and compare it with ``reference_attention`` (``tests/trainer/test_attention_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
+SPLASH_BLOCK = 128  # the kernel's query and key tile, forward and backward (its default)
+
+
+def kernel_segment_ids(mask_bt: jax.Array, segment_ids_bt: jax.Array | None) -> jax.Array:
+    """Segment id per token for the kernel, int32 [B, T]: the packed example's id (1 without
+    packing) on real tokens, 0 on padding, so a real query never attends to padding or to
+    another example. A padding query sees only padding at or before it (itself at least), so no
+    row of the mask is empty; its output is ignored downstream."""
+    real_bt = mask_bt.astype(bool)
+    ids_bt = jnp.ones_like(real_bt, jnp.int32) if segment_ids_bt is None else segment_ids_bt
+    return jnp.where(real_bt, ids_bt.astype(jnp.int32), 0)
+
+
+def splash_supported(q_len: int, kv_len: int, *, cached: bool) -> bool:
+    """Whether splash attention can run this call (see the module docstring)."""
+    return not cached and q_len == kv_len and q_len % SPLASH_BLOCK == 0
+
+
+def choose_kernel(
+    implementation: str,
+    *,
+    dtype: jnp.dtype,
+    q_len: int,
+    kv_len: int,
+    cached: bool,
+    logit_cap: float | None,
+    backend: str | None = None,
+    devices: int | None = None,
+) -> str:
+    """ "splash", "cudnn", "xla" or "reference" for this call (see the module docstring)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention {implementation!r} unknown; known: {', '.join(IMPLEMENTATIONS)}"
+        )
+    if implementation == "reference":
+        return "reference"
+    backend = jax.default_backend() if backend is None else backend
+    devices = jax.device_count() if devices is None else devices
+    splash_ok = splash_supported(q_len, kv_len, cached=cached)
+    if implementation == "splash" and splash_ok:
+        return "splash"
+    if implementation == "auto" and backend == "tpu" and devices == 1 and splash_ok:
+        return "splash"
+    if logit_cap is not None:  # jax.nn.dot_product_attention has no soft-capping
+        return "reference"
+    if implementation in ("xla", "cudnn"):
+        return implementation
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend == "gpu" and sixteen_bit else "xla"
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(
+    heads: int,
+    seq: int,
+    window: int | None,
+    logit_cap: float | None,
+    interpret: bool,
+):
+    """One example's kernel: q [H, T, D], k/v [K, T, D], SegmentIds([T], [T]) -> [H, T, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
+
+    shape = (seq, seq)
+    one_head: sm.Mask = sm.CausalMask(shape)
+    if window is not None:  # transformers keeps key k for query q when q - window < k <= q
+        one_head = sm.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    b = SPLASH_BLOCK
+    blocks = sk.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
+    return sk.make_splash_mha(
+        sm.MultiHeadMask([one_head] * heads),
+        block_sizes=blocks,
+        attn_logits_soft_cap=logit_cap,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+
+
+def splash_attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    segment_ids_bt: jax.Array,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    logit_cap: float | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Causal (or sliding-window) grouped-query attention with segment ids, [B, T, H, D], as
+    ``reference_attention`` computes it on the mask ``attention_masks`` builds (equal on real
+    tokens). ``segment_ids_bt`` from ``kernel_segment_ids``. ``interpret`` (default: not on a
+    TPU) runs the Pallas kernel in interpret mode, e.g. on the CPU for tests."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+
+    B, T, H, D = q_bthd.shape
+    if not splash_supported(T, k_bskd.shape[1], cached=False):
+        raise ValueError(f"splash attention needs T == S, a multiple of {SPLASH_BLOCK}; got {T}")
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    kernel = _splash_kernel(H, T, sliding_window, logit_cap, interpret)
+    dtype = q_bthd.dtype
+    # The kernel has no scale argument: scaling q scales the logits (before soft-capping, as
+    # the reference does).
+    q_bhtd = (q_bthd * jnp.asarray(scale, dtype)).transpose(0, 2, 1, 3)
+    k_bksd = k_bskd.astype(dtype).transpose(0, 2, 1, 3)
+    v_bksd = v_bskd.astype(dtype).transpose(0, 2, 1, 3)
+    segments = sk.SegmentIds(q=segment_ids_bt, kv=segment_ids_bt)
+    out_bhtd = jax.vmap(kernel)(q_bhtd, k_bksd, v_bksd, segment_ids=segments)
+    return out_bhtd.transpose(0, 2, 1, 3)
