@@ -201,7 +201,10 @@ def test_prefill_through_the_fused_kernel_on_accelerators(monkeypatch):
     model = load_pretrained(HF_REFERENCE / "llama3-gqa")
     layer = model.model.layers[0].self_attn
     monkeypatch.setattr(transformer.jax, "default_backend", lambda: "gpu")
-    assert layer._fused_prefill(5, False) and not layer._fused_prefill(1, False)
+    q = jnp.zeros((2, 5, layer.num_heads, layer.head_dim))
+    assert layer._prefill_kernel(q, 16, False) == "xla"
+    assert layer._prefill_kernel(q[:, :1], 16, False) is None
+    assert layer._prefill_kernel(q, 16, True) is None
     traced_shapes = []
     fused = transformer.fused_attention
 

@@ -364,13 +364,14 @@ class Attention(nnx.Module):
         if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
             cache_kv = write_kv(kv, k, v, write_index)
-            if self._fused_prefill(T, return_probs):
+            prefill_kernel = self._prefill_kernel(q, cache_kv[1].shape[2], return_probs)
+            if prefill_kernel is not None:
                 keys_bskd, values_bskd = (
                     cache_kv[0].transpose(0, 3, 1, 2),
                     cache_kv[1].swapaxes(1, 2),
                 )
                 out = fused_attention(
-                    q, keys_bskd, values_bskd, mask_bts, self.scale, self.implementation
+                    q, keys_bskd, values_bskd, mask_bts, self.scale, prefill_kernel
                 )
                 return self.o_proj(out.reshape(B, T, H * D)), cache_kv
             attended = cached_attention(
@@ -410,13 +411,24 @@ class Attention(nnx.Module):
             out = fused_attention(q, k, v, mask_bts, self.scale, kernel)
         return self.o_proj(out.reshape(B, T, H * D)), new_kv
 
-    def _fused_prefill(self, T: int, return_probs: bool) -> bool:
-        """Whether a prompt's attention through the cache uses ``fused_attention``: on GPU/TPU for
-        T > 1, whose kernels keep the [B, H, T, S] scores out of memory (worth one transpose of the
-        cache per prompt). On CPU XLA's kernel materialises them anyway, and for decode steps
-        (T = 1) ``cached_attention`` measured faster."""
-        fused_allowed = self.logit_cap is None and self.implementation != "reference"
-        return T > 1 and not return_probs and fused_allowed and jax.default_backend() != "cpu"
+    def _prefill_kernel(self, q_bthd: jax.Array, slots: int, return_probs: bool) -> str | None:
+        """The ``fused_attention`` kernel ("xla" or "cudnn") for a prompt's attention through the
+        cache on GPU/TPU (T > 1), whose kernels keep the [B, H, T, S] scores out of memory (worth
+        one transpose of the cache per prompt); None means ``cached_attention``: on CPU, where
+        XLA's kernel materialises the scores anyway, for decode steps (T = 1, measured faster),
+        and where only the reference maths apply (soft-capping, attention maps)."""
+        T = q_bthd.shape[1]
+        if T == 1 or return_probs or jax.default_backend() == "cpu":
+            return None
+        kernel = choose_kernel(
+            self.implementation,
+            dtype=q_bthd.dtype,
+            q_len=T,
+            kv_len=slots,
+            cached=True,
+            logit_cap=self.logit_cap,
+        )
+        return kernel if kernel in ("xla", "cudnn") else None
 
 
 class MLP(nnx.Module):
