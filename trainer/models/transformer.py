@@ -143,6 +143,57 @@ def fused_attention(
     )
 
 
+def cached_attention(
+    q_bthd: jax.Array,
+    k_bkds: jax.Array,
+    v_bksd: jax.Array,
+    mask_bts: jax.Array,
+    scale: float,
+    logit_cap: float | None,
+    *,
+    return_probs: bool = False,
+) -> Any:
+    """Grouped-query attention of T new queries over a KV cache (keys [B, K, D, S], values
+    [B, K, S, D]): the maths of ``reference_attention``, for generation (prefill and decode steps).
+
+    Both einsums are plain [X, D] @ [D, S] and [X, S] @ [S, D] matmuls batched over (B, K), with
+    X = T * G query rows per kv head, on the cache as it is stored. Measured on the CPU decode
+    benchmark: a [B, S, K, D] cache made XLA transpose every layer's whole cache on every step,
+    einsums with T between B and K got slow dot layouts, and keys stored [B, K, S, D] (a
+    transposed operand) made the score matmuls slower than with [B, K, D, S]. For a decode step
+    (T = 1) the reshapes of q and the output are free. Returns [B, T, H, D], plus with
+    ``return_probs`` the probabilities [B, H, T, S] float32 (query head h = kv head h // G).
+    """
+    B, T, H, D = q_bthd.shape
+    K = k_bkds.shape[1]
+    G = H // K
+    q_bkxd = q_bthd.reshape(B, T, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, D)
+    k, v = k_bkds.astype(q_bkxd.dtype), v_bksd.astype(q_bkxd.dtype)  # no-ops unless they differ
+    scores = jnp.einsum("bkxd,bkds->bkxs", q_bkxd, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap(scores, logit_cap).reshape(B, K, T, G, -1)
+    # Most negative finite float, not -inf, as in reference_attention.
+    scores = jnp.where(mask_bts[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs_bktgs = jax.nn.softmax(scores, axis=-1)
+    probs_bkxs = probs_bktgs.reshape(B, K, T * G, -1).astype(v.dtype)
+    out = jnp.einsum("bkxs,bksd->bkxd", probs_bkxs, v).reshape(B, K, T, G, D)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
+    if return_probs:
+        return out, probs_bktgs.transpose(0, 1, 3, 2, 4).reshape(B, H, T, -1)
+    return out
+
+
+def write_kv(
+    kv: tuple[jax.Array, jax.Array], k_btkd: jax.Array, v_btkd: jax.Array, slot: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The cache (keys [B, K, D, S], values [B, K, S, D]) with the T new keys/values written at
+    slots [slot, slot + T)."""
+    k_bkdt = k_btkd.transpose(0, 2, 3, 1).astype(kv[0].dtype)
+    v_bktd = v_btkd.transpose(0, 2, 1, 3).astype(kv[1].dtype)
+    keys = jax.lax.dynamic_update_slice(kv[0], k_bkdt, (0, 0, 0, slot))
+    values = jax.lax.dynamic_update_slice(kv[1], v_bktd, (0, 0, slot, 0))
+    return keys, values
+
+
 def segment_positions(segment_ids_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """RoPE positions [B, T] that restart at 0 where each segment begins.
 
@@ -180,8 +231,9 @@ def project(layer: Any, x: jax.Array) -> jax.Array:
 class KVCache:
     """Functional KV cache: passed into the model and returned updated.
 
-    ``keys``/``values``: one [B, S, K, D] array per layer. ``key_mask`` [B, S]: slot holds a real
-    token (False for padding and for slots not yet written). ``index``: next slot to write (int32).
+    ``keys``: one [B, K, D, S] array per layer, ``values``: one [B, K, S, D] array per layer
+    (the layouts ``cached_attention``'s matmuls read as stored). ``key_mask`` [B, S]: slot holds a
+    real token (False for padding and for slots not yet written). ``index``: next slot to write.
     ``real_tokens`` [B] int32: real tokens written so far (the next token's default position),
     kept so a decode step does no work that grows with the cache outside attention.
     """
@@ -196,11 +248,10 @@ class KVCache:
     def create(
         cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32
     ) -> KVCache:
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        K, D, L = config.num_kv_heads, config.head_dim, config.num_layers
         return cls(
-            keys=zeros,
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            keys=tuple(jnp.zeros((batch, K, D, max_len), dtype) for _ in range(L)),
+            values=tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L)),
             key_mask=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
             real_tokens=jnp.zeros((batch,), jnp.int32),
@@ -323,16 +374,26 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = np.asarray(self.inv_freq, np.float32)
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-        if (
-            kv is not None
-        ):  # write this step's keys/values at their slots, attend over the whole cache
+        if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
-            at = (0, write_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)  # type: ignore[arg-type]
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)  # type: ignore[arg-type]
-            new_kv = (k, v)
-        else:
-            new_kv = None
+            cache_kv = write_kv(kv, k, v, write_index)
+            prefill_kernel = self._prefill_kernel(q, cache_kv[1].shape[2], return_probs)
+            if prefill_kernel is not None:
+                keys_bskd, values_bskd = (
+                    cache_kv[0].transpose(0, 3, 1, 2),
+                    cache_kv[1].swapaxes(1, 2),
+                )
+                out = fused_attention(
+                    q, keys_bskd, values_bskd, mask_bts, self.scale, prefill_kernel
+                )
+                return self.o_proj(out.reshape(B, T, H * D)), cache_kv
+            attended = cached_attention(
+                q, *cache_kv, mask_bts, self.scale, self.logit_cap, return_probs=return_probs
+            )
+            out, probs = attended if return_probs else (attended, None)
+            projected = self.o_proj(out.reshape(B, T, H * D))
+            return (projected, cache_kv, probs) if return_probs else (projected, cache_kv)
+        new_kv = None
         if return_probs:
             out, probs_bhts = reference_attention(
                 q, k, v, mask_bts, self.scale, self.logit_cap, return_probs=True
@@ -362,6 +423,25 @@ class Attention(nnx.Module):
         else:
             out = fused_attention(q, k, v, mask_bts, self.scale, kernel)
         return project(self.o_proj, out.reshape(B, T, H * D)), new_kv
+
+    def _prefill_kernel(self, q_bthd: jax.Array, slots: int, return_probs: bool) -> str | None:
+        """The ``fused_attention`` kernel ("xla" or "cudnn") for a prompt's attention through the
+        cache on GPU/TPU (T > 1), whose kernels keep the [B, H, T, S] scores out of memory (worth
+        one transpose of the cache per prompt); None means ``cached_attention``: on CPU, where
+        XLA's kernel materialises the scores anyway, for decode steps (T = 1, measured faster),
+        and where only the reference maths apply (soft-capping, attention maps)."""
+        T = q_bthd.shape[1]
+        if T == 1 or return_probs or jax.default_backend() == "cpu":
+            return None
+        kernel = choose_kernel(
+            self.implementation,
+            dtype=q_bthd.dtype,
+            q_len=T,
+            kv_len=slots,
+            cached=True,
+            logit_cap=self.logit_cap,
+        )
+        return kernel if kernel in ("xla", "cudnn") else None
 
 
 class MLP(nnx.Module):

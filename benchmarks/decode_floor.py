@@ -1,0 +1,111 @@
+"""Greedy decode of the issue #12 workload against its matmul floor, alternating in one process.
+
+    .venv/bin/python -P benchmarks/decode_floor.py            # 7 rounds
+
+Measures, per round: ``generate`` with 64 and with 1 new token (the same prompts as
+``tunix_workload.py``), so a decode step costs (t64 - t1) / 63; and the floor: a jitted loop of
+63 steps that does only one decode step's weight matmuls (every layer's seven projections and
+the LM head, 8 rows, the model's own float32 weights), each depending on the previous one as in
+the model. Prints the minimum over rounds of each (the least-disturbed measurement on a shared
+machine) and their ratio, as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def matmul_floor(model, steps: int):
+    """A jitted function running ``steps`` steps of the model's weight matmuls only."""
+    import jax
+    import jax.numpy as jnp
+
+    layers = [
+        {
+            name: getattr(getattr(layer, part), name).kernel[...]
+            for part, names in (
+                ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                ("mlp", ("gate_proj", "up_proj", "down_proj")),
+            )
+            for name in names
+        }
+        for layer in model.model.layers
+    ]
+    head = model.lm_head.kernel[...]
+
+    def step(x):
+        for w in layers:
+            q, k, v = x @ w["q_proj"], x @ w["k_proj"], x @ w["v_proj"]
+            x = x + (q + jnp.concatenate([k, v], axis=-1)) @ w["o_proj"]
+            x = x + (jax.nn.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])) @ w["down_proj"]
+        logits = x @ head
+        return x + 1e-3 * logits[:, : x.shape[1]]  # the next step depends on the logits
+
+    @jax.jit
+    def run(x):
+        return jax.lax.fori_loop(0, steps, lambda _, x: step(x), x)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # -P leaves the script's folder out
+    import tunix_workload as w
+
+    from posttrain.trainer.models import create_model
+    from posttrain.trainer.sampling import generate
+
+    model = create_model(w.model_config(), rngs=nnx.Rngs(0))
+    prompts = w.decode_prompts()
+    steps = w.NEW_TOKENS - 1
+    floor = matmul_floor(model, steps)
+    x = jnp.ones((w.PROMPTS, w.HIDDEN), jnp.float32)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    calls = {
+        "generate_64": lambda: np.asarray(generate(model, prompts, w.NEW_TOKENS).tokens),
+        "generate_1": lambda: np.asarray(generate(model, prompts, 1).tokens),
+        "matmul_floor": lambda: jax.block_until_ready(floor(x)),
+    }
+    for call in calls.values():
+        call()  # compile
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    best = {name: min(t) for name, t in times.items()}
+    step_ms = (best["generate_64"] - best["generate_1"]) / steps * 1e3
+    floor_ms = best["matmul_floor"] / steps * 1e3
+    print(
+        json.dumps(
+            {
+                "call_s": best["generate_64"],
+                "prefill_call_s": best["generate_1"],
+                "decode_step_ms": step_ms,
+                "matmul_floor_step_ms": floor_ms,
+                "step_over_floor": step_ms / floor_ms,
+                "tokens_per_s": w.PROMPTS * w.NEW_TOKENS / best["generate_64"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
