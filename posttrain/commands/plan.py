@@ -394,10 +394,9 @@ def _compile_rollout(
 ) -> int:
     """XLA's temporaries per device for one rollout (prefill + decode loop) on the sharded
     weights, as the trainer generates: prompts replicated, weights as trained."""
-    import functools
-
     import jax
     import jax.numpy as jnp
+    from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
     from posttrain.trainer.sampling import sampler
@@ -406,14 +405,15 @@ def _compile_rollout(
     prompt_len = sampler.bucket(shapes.prompt_len, sampler.MIN_PROMPT_BUCKET)
     new_len = sampler.bucket(g.max_new_tokens, sampler.MIN_NEW_TOKENS_BUCKET)
     rep = NamedSharding(mesh, PartitionSpec())
-    generate = functools.partial(
-        sampler._generate_jit,
-        graphdef,
+    options = dict(
         new_len=new_len,
         greedy=g.temperature == 0.0,
         top_k=None if g.top_k is None or g.top_k >= vocab else int(g.top_k),
         use_top_p=g.top_p < 1.0,
     )
+
+    def generate(state: Any, *inputs: Any) -> Any:  # the sampler takes the model as a pytree
+        return sampler._generate_jit(nnx.merge(graphdef, state), *inputs, **options)
 
     def scalar(dtype: Any) -> Any:
         return jax.ShapeDtypeStruct((), dtype)
