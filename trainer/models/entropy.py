@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from posttrain.trainer.models.logprobs import chunk_tokens_for, picked_logprobs
+from posttrain.trainer.models.logprobs import (
+    chunk_tokens_for,
+    map_token_chunks,
+    picked_logprobs,
+    vocab_of,
+)
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [N, E] -> logits [N, V]
 
@@ -30,11 +35,6 @@ def entropy_of_logits(logits_nv: jax.Array, temperature: float = 1.0) -> jax.Arr
         logits_nv = logits_nv / temperature
     logp_nv = jax.nn.log_softmax(logits_nv, axis=-1)
     return -(jnp.exp(logp_nv) * logp_nv).sum(axis=-1)
-
-
-def _vocab_of(head: Head, hidden_bte: jax.Array) -> int:
-    probe = jax.ShapeDtypeStruct((1, hidden_bte.shape[-1]), hidden_bte.dtype)
-    return jax.eval_shape(head, probe).shape[-1]
 
 
 def chunked_logprobs_and_entropy(
@@ -54,8 +54,6 @@ def chunked_logprobs_and_entropy(
     for the whole batch, as the unchunked maths would. Only the log-probs carry gradients.
     """
     B, T, E = hidden_bte.shape
-    n = B * T
-    hidden_ne, targets_n = hidden_bte.reshape(n, E), targets_bt.reshape(n)
     temperatures = tuple(temperatures)
 
     def stats(h_ne: jax.Array, t_n: jax.Array) -> tuple[jax.Array, ...]:
@@ -64,17 +62,10 @@ def chunked_logprobs_and_entropy(
         return (*logps, entropy_of_logits(logits_nv, entropy_temperature))
 
     if chunk_tokens is None:
-        chunk_tokens = chunk_tokens_for(_vocab_of(head, hidden_bte))
-    if n <= chunk_tokens:
-        outputs = stats(hidden_ne, targets_n)
-    else:
-        chunks = -(-n // chunk_tokens)
-        pad = chunks * chunk_tokens - n
-        hidden_cce = jnp.pad(hidden_ne, ((0, pad), (0, 0))).reshape(chunks, chunk_tokens, E)
-        targets_cc = jnp.pad(targets_n, (0, pad)).reshape(chunks, chunk_tokens)
-        # keep only each chunk's inputs for the backward pass, not its logits
-        one_chunk = jax.checkpoint(lambda args: stats(*args))
-        outputs = tuple(o.reshape(-1)[:n] for o in jax.lax.map(one_chunk, (hidden_cce, targets_cc)))
+        chunk_tokens = chunk_tokens_for(vocab_of(head, hidden_bte))
+    outputs = map_token_chunks(
+        stats, hidden_bte.reshape(B * T, E), targets_bt.reshape(B * T), chunk_tokens
+    )
     *logps, entropy = (o.reshape(B, T) for o in outputs)
     return tuple(logps), entropy
 

@@ -33,6 +33,12 @@ def picked_logprobs(
     return picked - jax.nn.logsumexp(logits_nv, axis=-1)
 
 
+def vocab_of(head: Callable[[jax.Array], jax.Array], hidden_bte: jax.Array) -> int:
+    """The vocabulary size of ``head``'s logits, from its shapes alone (no compute)."""
+    probe = jax.ShapeDtypeStruct((1, hidden_bte.shape[-1]), hidden_bte.dtype)
+    return int(jax.eval_shape(head, probe).shape[-1])
+
+
 def chunked_logprobs(
     hidden_bte: jax.Array,
     head: Callable[[jax.Array], jax.Array],
@@ -48,23 +54,34 @@ def chunked_logprobs(
     the logits are computed once, as the unchunked maths would.
     """
     B, T, E = hidden_bte.shape
-    n = B * T
-    hidden_ne, targets_n = hidden_bte.reshape(n, E), targets_bt.reshape(n)
     if chunk_tokens is None:
-        vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, E), hidden_bte.dtype)).shape[-1]
-        chunk_tokens = chunk_tokens_for(vocab)
-    if n <= chunk_tokens:
-        return picked_logprobs(head(hidden_ne), targets_n, temperature).reshape(B, T)
+        chunk_tokens = chunk_tokens_for(vocab_of(head, hidden_bte))
+    (logp_n,) = map_token_chunks(
+        lambda h_ne, t_n: (picked_logprobs(head(h_ne), t_n, temperature),),
+        hidden_bte.reshape(B * T, E),
+        targets_bt.reshape(B * T),
+        chunk_tokens,
+    )
+    return logp_n.reshape(B, T)
 
+
+def map_token_chunks(
+    fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]],
+    hidden_ne: jax.Array,
+    targets_n: jax.Array,
+    chunk_tokens: int,
+) -> tuple[jax.Array, ...]:
+    """``fn(hidden [c, E], targets [c])`` -> per-token outputs ([c] each), over chunks of at most
+    ``chunk_tokens`` tokens; returns them for all N tokens ([N] each). All N in one chunk: ``fn``
+    runs once on the whole batch. Otherwise a loop over chunks whose backward pass recomputes each
+    chunk (``jax.checkpoint``), so only one chunk's logits are ever alive."""
+    n, E = hidden_ne.shape
+    if n <= chunk_tokens:
+        return fn(hidden_ne, targets_n)
     chunks = -(-n // chunk_tokens)
     pad = chunks * chunk_tokens - n
     hidden_cce = jnp.pad(hidden_ne, ((0, pad), (0, 0))).reshape(chunks, chunk_tokens, E)
     targets_cc = jnp.pad(targets_n, (0, pad)).reshape(chunks, chunk_tokens)
-
-    @jax.checkpoint  # keep only the chunk's inputs for the backward pass, not its logits
-    def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        h_ce, t_c = args
-        return picked_logprobs(head(h_ce), t_c, temperature)
-
-    logp_cc = jax.lax.map(one_chunk, (hidden_cce, targets_cc))
-    return logp_cc.reshape(-1)[:n].reshape(B, T)
+    one_chunk = jax.checkpoint(lambda args: fn(*args))  # keep the chunk's inputs, not its logits
+    outputs_cc = jax.lax.map(one_chunk, (hidden_cce, targets_cc))
+    return tuple(o.reshape(-1)[:n] for o in outputs_cc)
