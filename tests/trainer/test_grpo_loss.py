@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from posttrain.trainer.algorithms import grpo_loss as gl
+from posttrain.trainer.models.entropy import entropy_of_logits
 
 # ------------------------------------------------------------------ numpy references
 
@@ -290,11 +291,11 @@ def test_gspo_token_equals_grpo_on_policy_and_differs_off_policy():
     assert grpo_rows_partly_clipped
 
 
-def test_entropy_from_logits():
+def test_entropy_of_logits():
     uniform = jnp.zeros((2, 3, 8))
-    np.testing.assert_allclose(gl.entropy_from_logits(uniform), np.log(8), rtol=1e-6)
+    np.testing.assert_allclose(entropy_of_logits(uniform), np.log(8), rtol=1e-6)
     peaked = jnp.array([[[100.0, 0, 0, 0]]])
-    assert float(gl.entropy_from_logits(peaked)[0, 0]) < 1e-6
+    assert float(entropy_of_logits(peaked)[0, 0]) < 1e-6
 
 
 @pytest.mark.parametrize("loss_fn", [gl.grpo_loss, gl.gspo_token_loss])

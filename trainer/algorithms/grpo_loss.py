@@ -23,8 +23,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from posttrain.trainer.models.entropy import entropy_of_logits
-
 Array = jax.Array
 Advantage = Literal["group-std", "group-mean"]
 Aggregation = Literal["token-mean", "sequence-mean"]
@@ -229,11 +227,3 @@ def gspo_token_loss(
         aggregation=aggregation,
         num_tokens=num_tokens,
     )
-
-
-def entropy_from_logits(logits_btv: Array) -> Array:
-    """Per-token entropy of the softmax over the vocabulary, [B, T] (a metric, never differentiated).
-
-    The losses compute it chunk by chunk from hidden states (``models/entropy.py``); this is the
-    same maths on logits already materialised."""
-    return entropy_of_logits(logits_btv)

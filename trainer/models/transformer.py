@@ -404,7 +404,7 @@ class Attention(nnx.Module):
             dtype=q.dtype,
             q_len=T,
             kv_len=k.shape[1],
-            cached=kv is not None or segments_bt is None,
+            cached=segments_bt is None,  # only a forward without a cache computes them
             logit_cap=self.logit_cap,
         )
         if kernel == "splash":
