@@ -19,36 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from posttrain.trainer.algorithms.base import LossFn, Models
-
-BATCH_AXES = ("data", "fsdp")  # the batch's rows shard over both data-parallel axes
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def _shard_reader(array: Any) -> Callable[[Any], Any]:
-    """The ``data_callback`` of ``jax.make_array_from_callback`` for a host array: index -> slice.
-
-    A function (not a lambda in the caller's loop) so each callback keeps its own ``array``.
-    """
-
-    def read(index: Any) -> Any:  # a tuple of slices, one per axis
-        return array[index]
-
-    return read
-
-
-def device_batch(host: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host global batch on the mesh; each process copies only the rows its devices own."""
-    out: dict[str, jax.Array] = {}
-    for name, array in host.items():
-        sharding = batch_sharding(mesh, array.ndim)
-        out[name] = jax.make_array_from_callback(array.shape, sharding, _shard_reader(array))
-    return out
+from posttrain.trainer.placement import BATCH_AXES, batch_sharding, device_batch  # noqa: F401
 
 
 def split_micro(batch: Mapping[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from posttrain.api import v1alpha1 as api
+from posttrain.api.algorithms import REGISTRY
 
 # Keys pydantic emits that a structural schema must not carry (or that add only noise).
 _DROP = {"title", "$defs", "discriminator"}
@@ -88,21 +89,19 @@ def _has_equal(path_new: str, path_old: str, field: str) -> str:
 def _spec_rules() -> list[dict[str, str]]:
     """What the API server can check of the algorithm blocks without our code."""
     rules = []
-    for block in dict.fromkeys(api.ALGORITHM_BLOCK.values()):
-        readers = [a for a, b in api.ALGORITHM_BLOCK.items() if b == block]
-        readers_cel = "[" + ", ".join(f"'{a}'" for a in readers) + "]"
+    for e in REGISTRY.values():
         rules.append(
             {
-                "rule": f"!has(self.{block}) || self.algorithm in {readers_cel}",
-                "message": f"spec.{block} is read only by algorithm {' or '.join(readers)}",
-                "fieldPath": f".{block}",
+                "rule": f"!has(self.{e.block}) || self.algorithm == '{e.name}'",
+                "message": f"spec.{e.block} is read only by algorithm {e.name}",
+                "fieldPath": f".{e.block}",
             }
         )
-        if block in api.REQUIRED_BLOCKS:
+        if e.required:
             rules.append(
                 {
-                    "rule": f"!(self.algorithm in {readers_cel}) || has(self.{block})",
-                    "message": f"algorithm {' / '.join(readers)} needs spec.{block}",
+                    "rule": f"self.algorithm != '{e.name}' || has(self.{e.block})",
+                    "message": f"algorithm {e.name} needs spec.{e.block}",
                 }
             )
     rules.append(

@@ -74,9 +74,11 @@ def reference() -> str:
         "# PostTrainJob field reference",
         "",
         f"`apiVersion: {api.API_VERSION}`, `kind: {api.KIND}`. Generated from "
-        "`posttrain/api/v1alpha1.py` by `python -m posttrain.api.reference`; do not edit by hand.",
-        "Unknown fields are errors. The block named after `spec.algorithm` configures it "
-        "(`gspo-token`, `dapo` and `dr-grpo` read `spec.grpo`); blocks of other algorithms are refused.",
+        "`posttrain/api/v1alpha1.py` and the settings in `posttrain/api/settings/` by "
+        "`python -m posttrain.api.reference`; do not edit by hand.",
+        "Unknown fields are errors. Each algorithm reads its own block, named after it in "
+        "camelCase (`dr-grpo` reads `spec.drGrpo`), whose defaults are that algorithm's; "
+        "blocks of other algorithms are refused.",
         "",
         "| field | type | default | description |",
         "| --- | --- | --- | --- |",

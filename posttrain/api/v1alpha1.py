@@ -8,13 +8,13 @@ This module imports neither JAX nor kopf.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from posttrain.api import accelerators as acc
+from posttrain.api.algorithms import ALGORITHMS, REGISTRY
+from posttrain.api.base import MAX_LIST, MAX_STR, FieldValueError, ModelRef, Spec, Str
 
 GROUP = "posttrain.dev"
 VERSION = "v1alpha1"
@@ -22,62 +22,11 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "PostTrainJob"
 PLURAL = "posttrainjobs"
 
-Algorithm = Literal["sft", "ppo", "grpo", "gspo-token", "dapo", "dr-grpo", "dpo", "orpo", "distill"]
-ALGORITHMS: tuple[str, ...] = Algorithm.__args__  # type: ignore[attr-defined]
-
-# The spec block each algorithm reads (gspo-token, dapo and dr-grpo share GRPO's block).
-ALGORITHM_BLOCK: dict[str, str] = {
-    "sft": "sft",
-    "ppo": "ppo",
-    "grpo": "grpo",
-    "gspo-token": "grpo",
-    "dapo": "grpo",
-    "dr-grpo": "grpo",
-    "dpo": "dpo",
-    "orpo": "orpo",
-    "distill": "distill",
-}
-# Blocks with required fields: the job is meaningless without them.
-REQUIRED_BLOCKS = ("ppo", "grpo", "distill")
-
-
-class FieldValueError(ValueError):
-    """A cross-field check's failure, pinned to the field (YAML name) the user should change."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
-
-
-# Bounds keep CEL cost estimates finite and stop absurd inputs early.
-MAX_STR = 4096
-MAX_LIST = 64
-
-Str = Annotated[str, Field(min_length=1, max_length=MAX_STR)]
-ModelRef = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=MAX_STR,
-        pattern=r"^(gs://[^/]+(/.*)?|hf://[^/]+/[^/]+.*|builtin:[a-z0-9-]+|/.*|\./.*|[^:]+)$",
-        description=(
-            "Where the weights are: a local or mounted path, gs://bucket/dir, hf://org/name, "
-            "or builtin:NAME for the small built-in model (local runs and tests)."
-        ),
-    ),
-]
-
-
-class Spec(BaseModel):
-    """Base for every API object: camelCase in YAML, unknown fields forbidden, immutable."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
-        validate_default=True,
-    )
+# spec.algorithm: the registered names (posttrain/api/algorithms.py), an enum in the schema.
+if TYPE_CHECKING:
+    Algorithm = str
+else:
+    Algorithm = Literal[ALGORITHMS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,449 +145,6 @@ class DataSpec(Spec):
                 "maxPromptLength",
                 f"maxPromptLength ({self.max_prompt_length}) must be less than maxLength "
                 f"({self.max_length}): the completion needs room",
-            )
-        return self
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards (GRPO, GSPO-token, PPO)
-
-BuiltinReward = Literal["math-answer", "regex-format", "length-penalty"]
-
-
-class RewardSpec(Spec):
-    """One reward term: a built-in by name, or the user's function, with a weight."""
-
-    builtin: BuiltinReward | None = Field(None, description="A built-in reward.")
-    function: (
-        Annotated[str, Field(max_length=MAX_STR, pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")] | None
-    ) = Field(
-        None,
-        description=(
-            'The user\'s reward: "module.path:name" or "/path/file.py:name", called as '
-            "fn(prompts, completions, **columns) -> list[float]."
-        ),
-    )
-    name: Annotated[str, Field(max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")] | None = Field(
-        None, description="Name used in metrics (default: the builtin or function name)."
-    )
-    weight: float = Field(1.0, description="Weight of this term in the summed reward.")
-    answer_field: Str = Field("answer", description="math-answer: column with the expected answer.")
-    pattern: Annotated[str, Field(max_length=MAX_STR)] | None = Field(
-        None,
-        description="regex-format: the regular expression a completion must match (re.search).",
-    )
-    target_length: int = Field(
-        128,
-        ge=1,
-        description="length-penalty: completions longer than this many characters lose reward.",
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> RewardSpec:
-        if (self.builtin is None) == (self.function is None):
-            raise ValueError("give exactly one of builtin or function")
-        if self.builtin == "regex-format":
-            if self.pattern is None:
-                raise FieldValueError("pattern", "builtin regex-format needs pattern")
-            try:
-                re.compile(self.pattern)
-            except re.error as err:
-                raise FieldValueError(
-                    "pattern", f"pattern is not a valid regular expression: {err}"
-                ) from err
-        return self
-
-    @property
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        if self.builtin:
-            return self.builtin
-        assert self.function is not None
-        return self.function.rsplit(":", 1)[1]
-
-
-Rewards = Annotated[list[RewardSpec], Field(min_length=1, max_length=MAX_LIST)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Algorithm blocks
-
-
-class SftSpec(Spec):
-    completion_only_loss: bool = Field(
-        True,
-        description="Loss on completion (assistant) tokens only; false trains on prompt tokens too.",
-    )
-
-
-Advantage = Literal["group-std", "group-mean"]
-LossAggregation = Literal["sequence-mean", "token-mean", "constant-normalizer"]
-
-
-OVERLONG_REWARD = "overlong"  # the soft overlong penalty's name among the reward terms
-
-
-class OverlongSpec(Spec):
-    """What happens to completions that reach maxNewTokens (DAPO section 3.4)."""
-
-    mode: Literal["none", "filter", "penalty"] = Field(
-        "penalty",
-        description=(
-            "none: truncated completions train like any other; filter: a completion cut at "
-            "maxNewTokens (no EOS) carries no loss (DAPO's overlong filtering, TRL's "
-            "mask_truncated_completions); penalty: DAPO's soft overlong punishment, a reward that "
-            "falls linearly from 0 to -penaltyFactor over the last `buffer` tokens before "
-            "maxNewTokens (logged as reward/overlong)."
-        ),
-    )
-    buffer: int | None = Field(
-        None,
-        ge=1,
-        description=(
-            "penalty: length of the soft-penalty interval in tokens (DAPO's L_cache). Default: "
-            "maxNewTokens / 5, the paper's 4096 of 20480."
-        ),
-    )
-    penalty_factor: float = Field(
-        1.0, gt=0, description="penalty: the reward at maxNewTokens is -penaltyFactor (verl's)."
-    )
-
-
-class GrpoSpec(Spec):
-    """GRPO (DeepSeekMath) and the algorithms that read this block: gspo-token, dapo, dr-grpo.
-    Symbols follow the papers. A field left unset takes its algorithm's default (GRPO_DEFAULTS)."""
-
-    num_generations: int = Field(8, ge=2, le=1024, description="G: completions sampled per prompt.")
-    beta: float | None = Field(
-        None,
-        ge=0,
-        description=(
-            "KL weight to the reference policy; 0 skips the reference. Default: 0.04 for grpo "
-            "and gspo-token, 0 for dapo and dr-grpo."
-        ),
-    )
-    epsilon: float | None = Field(
-        None,
-        gt=0,
-        lt=1,
-        description=(
-            "Clip range of the importance ratio (lower side). Default: 0.2 for grpo, dapo and "
-            "dr-grpo, 3e-4 for gspo-token (the GSPO paper's: its ratio is a per-token geometric "
-            "mean)."
-        ),
-    )
-    epsilon_high: float | None = Field(
-        None,
-        gt=0,
-        lt=10,
-        description=(
-            "Upper clip range (DAPO's clip-higher). Default: 0.28 for dapo; 4e-4 for gspo-token "
-            "when epsilon is unset too (the paper's pair); else epsilon."
-        ),
-    )
-    num_iterations: int = Field(
-        1, ge=1, le=64, description="mu: optimisation passes over each batch of rollouts."
-    )
-    max_new_tokens: int = Field(256, ge=1, le=1_048_576, description="Longest completion.")
-    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(
-        None, ge=1, description="Keep only the k most likely tokens when sampling."
-    )
-    advantage: Advantage | None = Field(
-        None,
-        description=(
-            "group-std: (r - mean) / (std + 1e-4) within each prompt's group (DeepSeekMath); "
-            "group-mean: r - mean (Dr. GRPO). Default: group-mean for dr-grpo, else group-std."
-        ),
-    )
-    loss_aggregation: LossAggregation | None = Field(
-        None,
-        description=(
-            "sequence-mean: mean over each completion's tokens, then over completions "
-            "(DeepSeekMath); token-mean: mean over all completion tokens of the batch (DAPO); "
-            "constant-normalizer: each completion's token sum / maxNewTokens, then the mean over "
-            "completions (Dr. GRPO). Default: token-mean for dapo, constant-normalizer for "
-            "dr-grpo, else sequence-mean."
-        ),
-    )
-    dynamic_sampling: bool | None = Field(
-        None,
-        description=(
-            "DAPO's dynamic sampling: drop prompts whose G rewards are all equal (no signal) and "
-            "sample more prompts until the batch is full, for at most maxSamplingRounds rounds. "
-            "Default: true for dapo, else false."
-        ),
-    )
-    max_sampling_rounds: int = Field(
-        10,
-        ge=1,
-        le=1000,
-        description=(
-            "dynamicSampling: rollout rounds (of batchSize prompts each) per step at most; if the "
-            "batch is still short, it is filled with equal-reward groups (advantage 0) and the run "
-            "says so (verl's max_num_gen_batches)."
-        ),
-    )
-    overlong: OverlongSpec | None = Field(
-        None,
-        description=(
-            "Truncated completions: filter or penalty (DAPO). Default: {mode: penalty} for dapo, "
-            "else {mode: none}."
-        ),
-    )
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k3",
-        description="KL estimator (Schulman): k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, >= 0.",
-    )
-    sft_warmup_steps: int = Field(
-        0,
-        ge=0,
-        description=(
-            "Steps of supervised fine-tuning on data.completionField before RL starts (a cold "
-            "start, counted in training.steps); 0 = none. Needs beta 0: the reference policy is "
-            "the model before the warm-up."
-        ),
-    )
-    rewards: Rewards
-
-    @model_validator(mode="after")
-    def _overlong_buffer_fits(self) -> GrpoSpec:
-        o = self.overlong
-        if o is None:
-            return self
-        # Checked by value, not by "was it written": a manifest written back lists every default.
-        stray = {"buffer": o.buffer is not None, "penaltyFactor": o.penalty_factor != 1.0}
-        for field, given in stray.items():
-            if given and o.mode != "penalty":
-                raise FieldValueError(
-                    f"overlong.{field}", f"overlong.{field} is for mode penalty, not {o.mode}"
-                )
-        if o.buffer is not None and o.buffer > self.max_new_tokens:
-            raise FieldValueError(
-                "overlong.buffer",
-                f"overlong.buffer ({o.buffer}) must be at most maxNewTokens ({self.max_new_tokens}): "
-                "the penalty interval ends at maxNewTokens",
-            )
-        return self
-
-    def clip_range(self, algorithm: str) -> tuple[float, float]:
-        """(epsilon, epsilonHigh) as `algorithm` runs them (see ``resolved``)."""
-        settings = self.resolved(algorithm)
-        return settings.epsilon, settings.epsilon_high
-
-    def resolved(self, algorithm: str) -> GrpoSettings:
-        """This block as `algorithm` runs it: every unset field takes GRPO_DEFAULTS[algorithm]."""
-        defaults = GRPO_DEFAULTS[algorithm]
-        fill: dict[str, Any] = {
-            k: v
-            for k, v in defaults.items()
-            if k in GrpoSpec.model_fields and getattr(self, k) is None
-        }
-        if self.epsilon_high is None and "epsilon_high" not in fill:
-            # GSPO's (3e-4, 4e-4) is a pair: it holds only when the user set neither bound.
-            paired = defaults.get("paired_epsilon_high")
-            mine = self.epsilon is not None
-            fill["epsilon_high"] = (
-                paired if paired and not mine else fill.get("epsilon", self.epsilon)
-            )
-        overlong = OverlongSpec.model_validate(fill.pop("overlong", None) or self.overlong)
-        if overlong.mode == "penalty" and overlong.buffer is None:
-            overlong = overlong.model_copy(update={"buffer": max(1, self.max_new_tokens // 5)})
-        return GrpoSettings.model_validate({**self.model_dump(), **fill, "overlong": overlong})
-
-
-# Each algorithm's defaults for the spec.grpo fields left unset: its paper's settings (Dr. GRPO's
-# beta 0 is the authors' recipe, `--beta 0` in sail-sg/understand-r1-zero). The one place.
-GRPO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "grpo": {
-        "beta": 0.04,
-        "epsilon": 0.2,
-        "advantage": "group-std",
-        "loss_aggregation": "sequence-mean",
-        "dynamic_sampling": False,
-        "overlong": {"mode": "none"},
-    },
-    "dapo": {
-        "beta": 0.0,
-        "epsilon": 0.2,
-        "epsilon_high": 0.28,
-        "advantage": "group-std",
-        "loss_aggregation": "token-mean",
-        "dynamic_sampling": True,
-        "overlong": {"mode": "penalty"},
-    },
-    "dr-grpo": {
-        "beta": 0.0,
-        "epsilon": 0.2,
-        "advantage": "group-mean",
-        "loss_aggregation": "constant-normalizer",
-        "dynamic_sampling": False,
-        "overlong": {"mode": "none"},
-    },
-}
-# GSPO-token: the GSPO paper's clip ranges (its ratio is a per-token geometric mean, near 1).
-GRPO_DEFAULTS["gspo-token"] = {
-    **GRPO_DEFAULTS["grpo"],
-    "epsilon": 3e-4,
-    "paired_epsilon_high": 4e-4,
-}
-
-
-class GrpoSettings(GrpoSpec):
-    """spec.grpo with its algorithm's defaults filled in (``GrpoSpec.resolved``): what runs."""
-
-    beta: float
-    epsilon: float
-    epsilon_high: float
-    advantage: Advantage
-    loss_aggregation: LossAggregation
-    dynamic_sampling: bool
-    overlong: OverlongSpec
-
-
-class PpoSpec(Spec):
-    """PPO (Schulman et al., 2017) with a learned value head and GAE, as in verl / TRL's PPOTrainer.
-    Symbols follow the GRPO block where the concept is the same (epsilon, numIterations)."""
-
-    renamed: ClassVar[dict[str, str]] = {"clipRange": "epsilon", "lam": "lambda"}
-
-    rewards: Rewards
-    max_new_tokens: int = Field(256, ge=1, le=1_048_576, description="Longest completion.")
-    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(
-        None, ge=1, description="Keep only the k most likely tokens when sampling."
-    )
-    num_iterations: int = Field(
-        4, ge=1, le=64, description="PPO epochs over each batch of rollouts."
-    )
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
-    lambda_: float = Field(0.95, alias="lambda", ge=0, le=1, description="GAE lambda.")
-    epsilon: float = Field(
-        0.2, gt=0, lt=1, description="Clip range of the policy ratio (lower side)."
-    )
-    epsilon_high: float | None = Field(
-        None, gt=0, lt=10, description="Upper clip range of the policy ratio; default: epsilon."
-    )
-    value_clip_range: float = Field(0.2, gt=0, description="Value function clip.")
-    value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    kl_coef: float = Field(
-        0.05,
-        ge=0,
-        description="Per-token KL penalty to the reference, folded into rewards; 0 keeps no reference.",
-    )
-    critic: Literal["value-head", "separate"] = Field(
-        "value-head",
-        description=(
-            "value-head: a linear value head on the policy's trunk (one shared forward); "
-            "separate: a copy of model.base with a value head, trained in full in every mode."
-        ),
-    )
-    num_mini_batches: int = Field(
-        1,
-        ge=1,
-        le=1024,
-        description=(
-            "Mini-batches per rollout batch: each rollout batch has training.batchSize x "
-            "numMiniBatches completions and gives numIterations x numMiniBatches optimizer steps."
-        ),
-    )
-    value_learning_rate: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Peak learning rate of the critic; default: training.learningRate.",
-    )
-    sft_warmup_steps: int = Field(
-        0,
-        ge=0,
-        description=(
-            "Steps of supervised fine-tuning on data.completionField before RL starts (counted in "
-            "training.steps); 0 = none. Needs klCoef 0, as grpo.sftWarmupSteps needs beta 0."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _warmup_without_reference(self) -> PpoSpec:
-        if self.sft_warmup_steps and self.kl_coef:
-            raise FieldValueError(
-                "klCoef",
-                f"klCoef ({self.kl_coef}) must be 0 with sftWarmupSteps ({self.sft_warmup_steps}): "
-                "the reference policy is the model before the warm-up; or run SFT as its own job "
-                "and start PPO from its export",
-            )
-        return self
-
-
-class DpoSpec(Spec):
-    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
-        "sigmoid", description="DPO loss variant."
-    )
-    label_smoothing: float = Field(
-        0.0,
-        ge=0,
-        lt=0.5,
-        description="Conservative DPO label smoothing: the share of pairs taken to be mislabelled "
-        "(lossType sigmoid only).",
-    )
-
-    @model_validator(mode="after")
-    def _smoothing_is_for_sigmoid(self) -> DpoSpec:
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise FieldValueError(
-                "labelSmoothing",
-                f"labelSmoothing applies to lossType sigmoid (conservative DPO), not "
-                f"{self.loss_type}; remove it or use lossType sigmoid",
-            )
-        return self
-
-
-class OrpoSpec(Spec):
-    lambda_: float = Field(
-        0.1, alias="lambda", ge=0, description="Weight of the odds-ratio term (lambda)."
-    )
-
-
-class DistillSpec(Spec):
-    teacher: ModelRef = Field(description="The teacher model, same sources as spec.model.base.")
-    strategy: Literal["logit", "attention", "feature"] = Field(
-        "logit",
-        description="logit: KL to the teacher's token distribution; attention: match attention maps; "
-        "feature: match projected hidden states.",
-    )
-    temperature: float = Field(
-        2.0, gt=0, le=100, description="Softmax temperature for logit distillation."
-    )
-    alpha: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Weight of the distillation loss; 1 - alpha weights the task (SFT) loss.",
-    )
-    layers: (
-        list[
-            Annotated[list[Annotated[int, Field(ge=0, le=4096)]], Field(min_length=2, max_length=2)]
-        ]
-        | None
-    ) = Field(
-        None,
-        min_length=1,
-        max_length=MAX_LIST,
-        description="[student, teacher] layer pairs the attention and feature strategies match "
-        "(0-based); default: student layer i to teacher layer round((i + 1) * Lt / Ls) - 1.",
-    )
-
-    @model_validator(mode="after")
-    def _layers_need_a_layer_strategy(self) -> DistillSpec:
-        if self.layers is not None and self.strategy == "logit":
-            raise FieldValueError(
-                "layers",
-                "layers pairs are read by strategy attention or feature only; strategy logit "
-                "matches the output distributions (remove layers or change strategy)",
             )
         return self
 
@@ -912,22 +418,15 @@ class OutputSpec(Spec):
 # The job
 
 
-class PostTrainJobSpec(Spec):
+class JobSpecBase(Spec):
+    """The job spec's fields every algorithm has; ``PostTrainJobSpec`` adds one optional block per
+    registered algorithm (``spec.<block>``, see ``posttrain/api/algorithms.py``)."""
+
     algorithm: Algorithm = Field(description="Which post-training algorithm runs.")
     model: ModelSpec = Field(
         description="The model to train: base weights, tokenizer, dtype, LoRA, QLoRA."
     )
     data: DataSpec = Field(description="Training and evaluation data and how it becomes sequences.")
-    sft: SftSpec | None = Field(None, description="SFT settings (optional; defaults apply).")
-    ppo: PpoSpec | None = Field(None, description="PPO settings; required by algorithm ppo.")
-    grpo: GrpoSpec | None = Field(
-        None, description="GRPO settings; also read by gspo-token, dapo and dr-grpo."
-    )
-    dpo: DpoSpec | None = Field(None, description="DPO settings (optional; defaults apply).")
-    orpo: OrpoSpec | None = Field(None, description="ORPO settings (optional; defaults apply).")
-    distill: DistillSpec | None = Field(
-        None, description="Distillation settings; required by algorithm distill."
-    )
     training: TrainingSpec = Field(
         description="Steps, batch, optimizer, schedule, checkpoints, mesh."
     )
@@ -953,61 +452,74 @@ class PostTrainJobSpec(Spec):
         default_factory=list, max_length=MAX_LIST, description="Extra environment for the trainer."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_blocks(cls, data: Any) -> Any:
+        """Before v0.2 dapo, dr-grpo and gspo-token read spec.grpo, whose defaults were filled
+        late per algorithm. Each now has its own block with its own defaults: say what to write."""
+        if not isinstance(data, dict) or "grpo" not in data:
+            return data
+        algorithm = data.get("algorithm")
+        if algorithm in REGISTRY and algorithm != "grpo":
+            block = REGISTRY[algorithm].block
+            raise FieldValueError(
+                "grpo",
+                f"algorithm {algorithm} reads spec.{block}, with {algorithm}'s own defaults; "
+                f"rename the block `grpo:` to `{block}:` (its fields are the same)",
+            )
+        return data
+
     @model_validator(mode="after")
-    def _blocks_match_algorithm(self) -> PostTrainJobSpec:
-        wanted = ALGORITHM_BLOCK[self.algorithm]
-        given = [b for b in set(ALGORITHM_BLOCK.values()) if getattr(self, b) is not None]
-        stray = sorted(b for b in given if b != wanted)
+    def _blocks_match_algorithm(self) -> JobSpecBase:
+        wanted = REGISTRY[self.algorithm]
+        stray = sorted(
+            e.block for e in REGISTRY.values() if e is not wanted and getattr(self, e.field, None)
+        )
         if stray:
             raise FieldValueError(
                 stray[0],
                 f"{', '.join(stray)} given but algorithm is {self.algorithm}, which reads only "
-                f"spec.{wanted}",
+                f"spec.{wanted.block}",
             )
-        if wanted in REQUIRED_BLOCKS and getattr(self, wanted) is None:
-            raise FieldValueError(wanted, f"algorithm {self.algorithm} needs spec.{wanted}")
-        return self
-
-    @model_validator(mode="after")
-    def _grpo_settings_agree(self) -> PostTrainJobSpec:
-        g = self.grpo_settings
-        if g is None:
-            return self
-        if g.sft_warmup_steps and g.beta:
-            unset = (
-                "" if self.grpo and self.grpo.beta is not None else f"{self.algorithm}'s default "
-            )
+        if wanted.required and getattr(self, wanted.field) is None:
             raise FieldValueError(
-                "grpo.beta",
-                f"{unset}beta ({g.beta}) must be 0 with sftWarmupSteps ({g.sft_warmup_steps}): the "
-                "reference policy is the model before the warm-up, so the KL term would pull RL "
-                "back towards it; set beta: 0, or run SFT as its own job and start RL from its export",
+                wanted.block, f"algorithm {self.algorithm} needs spec.{wanted.block}"
             )
-        if g.overlong.mode == "penalty":
-            for i, reward in enumerate(g.rewards):
-                if reward.display_name == OVERLONG_REWARD:
-                    raise FieldValueError(
-                        f"grpo.rewards[{i}].name",
-                        f"{OVERLONG_REWARD!r} names the overlong penalty in the metrics "
-                        "(reward/overlong); give this reward another name",
-                    )
         return self
 
     @property
-    def grpo_settings(self) -> GrpoSettings | None:
-        """spec.grpo with the algorithm's defaults filled in; None for algorithms without it."""
-        if self.grpo is None or ALGORITHM_BLOCK[self.algorithm] != "grpo":
-            return None
-        return self.grpo.resolved(self.algorithm)
+    def settings(self) -> Spec:
+        """The chosen algorithm's settings: its block, or its defaults when the block is optional
+        and absent."""
+        entry = REGISTRY[self.algorithm]
+        value = getattr(self, entry.field)
+        return entry.settings() if value is None else value
 
-    @property
-    def block(self) -> BaseModel | None:
-        """The settings block the chosen algorithm reads (defaults filled for optional blocks)."""
-        name = ALGORITHM_BLOCK[self.algorithm]
-        value = getattr(self, name)
-        if value is None:
-            return {"sft": SftSpec, "dpo": DpoSpec, "orpo": OrpoSpec}[name]()
-        return value
+    # Kept for callers that read "the block": the same as ``settings``.
+    block = settings
+
+
+def _job_spec_type() -> type[JobSpecBase]:
+    blocks: dict[str, Any] = {
+        e.field: (
+            e.settings | None,
+            Field(
+                None,
+                description=f"{e.summary} (spec.algorithm {e.name}); "
+                + ("required by it." if e.required else "optional, defaults apply."),
+            ),
+        )
+        for e in REGISTRY.values()
+    }
+    model = create_model("PostTrainJobSpec", __base__=JobSpecBase, **blocks)
+    model.__doc__ = "What a PostTrainJob runs: the algorithm, its block, model, data, training."
+    return model
+
+
+if TYPE_CHECKING:
+    PostTrainJobSpec = JobSpecBase
+else:
+    PostTrainJobSpec = _job_spec_type()
 
 
 class ObjectMeta(BaseModel):

@@ -115,10 +115,13 @@ def test_minimal_accepted_by_both() -> None:
 def test_cel_rules_in_crd() -> None:
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec_rules = [r["rule"] for r in schema["properties"]["spec"]["x-kubernetes-validations"]]
-    grpo_family = "['grpo', 'gspo-token', 'dapo', 'dr-grpo']"
-    assert f"!(self.algorithm in {grpo_family}) || has(self.grpo)" in spec_rules
-    assert f"!has(self.grpo) || self.algorithm in {grpo_family}" in spec_rules
-    assert "!has(self.dpo) || self.algorithm in ['dpo']" in spec_rules
+    # Every algorithm reads its own block: required ones must be present, others refused.
+    assert "self.algorithm != 'grpo' || has(self.grpo)" in spec_rules
+    assert "self.algorithm != 'dapo' || has(self.dapo)" in spec_rules
+    assert "!has(self.grpo) || self.algorithm == 'grpo'" in spec_rules
+    assert "!has(self.drGrpo) || self.algorithm == 'dr-grpo'" in spec_rules
+    assert "!has(self.dpo) || self.algorithm == 'dpo'" in spec_rules
+    assert not any("has(self.dpo)" in r and "||" in r and r.startswith("self.") for r in spec_rules)
     (immutable,) = schema["x-kubernetes-validations"]
     assert "oldSelf.status.phase" in immutable["rule"] and "suspend" not in immutable["rule"]
 

@@ -1,8 +1,8 @@
-"""Algorithms, registered by the name used in ``spec.algorithm`` (one name in YAML, registry, module).
+"""The trainer's view of the algorithm registry (``posttrain/api/algorithms.py``, one line per
+algorithm: its settings type and the module here with ``declare`` and ``build``).
 
-The registry maps each built algorithm to the module defining ``build(ctx) -> Algorithm``
-(see ``base.py``). Looking one up imports nothing heavy, so an algorithm that is not built yet
-fails at once, before JAX touches an accelerator.
+Looking one up imports nothing heavy, so an algorithm that is not built into this trainer fails at
+once, before JAX touches an accelerator.
 """
 
 from __future__ import annotations
@@ -11,20 +11,11 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from posttrain.api.v1alpha1 import ALGORITHMS
+from posttrain.api.algorithms import ALGORITHMS
+from posttrain.api.algorithms import REGISTRY as API_REGISTRY
 
-# spec.algorithm -> module. Add a line here when an algorithm lands.
-REGISTRY: dict[str, str] = {
-    "sft": "posttrain.trainer.algorithms.sft",
-    "grpo": "posttrain.trainer.algorithms.grpo",
-    "gspo-token": "posttrain.trainer.algorithms.gspo_token",
-    "ppo": "posttrain.trainer.algorithms.ppo",
-    "dapo": "posttrain.trainer.algorithms.dapo",
-    "dr-grpo": "posttrain.trainer.algorithms.dr_grpo",
-    "dpo": "posttrain.trainer.algorithms.dpo",
-    "orpo": "posttrain.trainer.algorithms.orpo",
-    "distill": "posttrain.trainer.algorithms.distill",
-}
+# spec.algorithm -> module, from the API's registry (tests may remove an entry).
+REGISTRY: dict[str, str] = {name: e.module for name, e in API_REGISTRY.items()}
 
 
 class AlgorithmNotBuilt(ValueError):

@@ -1,41 +1,36 @@
-"""The plug-in interface between the one training loop and each algorithm.
+"""The plug-in interface between the one training loop (and ``posttrain plan``) and an algorithm.
 
-An algorithm is a module in ``posttrain.trainer.algorithms`` that exposes ``build(ctx) -> Algorithm``
-(see ``registry``). The loop owns everything shared: the model and its trainable/frozen split
-(full, LoRA, QLoRA), the optimizer, gradient accumulation, clipping, checkpoints, metrics and
-progress. ``build`` runs *before* the split, so the ``Algorithm`` it returns can declare:
+An algorithm is its settings (``posttrain/api/settings/<name>.py``), a module here and one
+registry line (``posttrain/api/algorithms.py``). The module has two functions:
 
-- ``heads``: trainable modules the algorithm owns (PPO's value head, distillation's projection),
-  built on ``ctx.config`` with ``ctx.rngs``. They train in every mode (also under LoRA/QLoRA), are
-  checkpointed with the policy, and are not exported.
-- ``reference``: keep a frozen copy of the initial policy (with LoRA: the base with adapters off,
-  no copy of the weights). ``teacher``: a second frozen model, loaded like ``spec.model.base``.
-  Nothing is kept unless declared, so e.g. GRPO with beta 0 or ORPO holds no reference.
-- ``learning_rates``: a peak learning rate per head (e.g. the critic's), with the run's schedule.
+- ``declare(spec, configs) -> Declaration``: what it needs, as data, before anything is built:
+  its ``loss`` (a pure function of the models and a micro-batch), the step's batch ``columns``
+  (name -> (shape, dtype) of the global batch its source writes), ``heads`` (trainable modules
+  it owns: PPO's critic, distillation's projection, built by a ``HeadBuilder`` so ``plan`` can
+  build them abstractly), ``reference`` (a frozen initial policy; with LoRA the base with
+  adapters off, no copy), ``teacher`` (a second frozen model), ``learning_rates`` per head and
+  the ``rollout`` it samples. ``trainer/setup.py`` reads it to build the run, for real or under
+  ``eval_shape`` for ``plan``; nothing reads an algorithm's name.
+- ``build(ctx) -> Algorithm``: the run-time parts that need data: the batch ``source``, optional
+  ``eval_batches`` and a ``finish`` report. ``ctx.weights`` is a typed handle on the live train
+  state (``policy()``, ``forward(fn)``), for sampling and no-gradient passes.
 
-and brings:
+The loss: ``loss(models, batch) -> (loss, metrics)`` is traced inside the jitted step once per
+micro-batch. ``models`` (``Models``) holds the policy, the heads and the frozen models merged from
+the step's pytrees; ``batch`` holds this micro-batch's arrays (leading axis = rows). One forward
+(``models.policy(..., return_hidden=True)`` when a head needs hidden states), then the maths is a
+pure function of arrays (``sft_loss``, ``grpo_loss``, ...) tested against numpy. The loop averages
+``loss``, its gradients and ``metrics`` over the micro-batches of a step, so a micro-batch's loss
+must be its *mean over rows*; token-level normalisation over the whole batch goes into per-token
+weights the batch source computes (see ``sft.py``), which keeps gradient accumulation exactly
+equal to one big batch. A row may hold a group (DPO's [B, 2, T] pairs), so what must stay
+together is never split across micro-batches.
 
-- ``loss(models, batch) -> (loss, metrics)``: traced inside the jitted step, once per micro-batch.
-  ``models`` (``Models``) holds the policy, the heads and the frozen models as NNX modules merged
-  from the step's pytrees; ``batch`` holds this micro-batch's arrays (leading axis = rows). One
-  forward (``models.policy(..., return_hidden=True)`` when a head needs the hidden states), then
-  the maths is a pure function of arrays (``sft_loss``, ``grpo_loss``, ...) tested against numpy.
-  The loop averages ``loss``, its gradients and ``metrics`` over the micro-batches of a step, so a
-  micro-batch's loss must be its *mean over rows*; token-level normalisation over the whole batch
-  goes into per-token weights the batch source computes (see ``sft.py``), which keeps gradient
-  accumulation exactly equal to one big batch. A row may hold a group (DPO's [B, 2, T] pairs), so
-  what must stay together is never split across micro-batches.
-- ``source``: a ``BatchSource`` giving one global batch per optimizer step as host numpy arrays of
-  fixed shape (same on every process; each process places the rows its devices own). Its
-  ``state()`` goes into every checkpoint and ``restore(state)`` puts it back on resume, so the data
-  order continues exactly. A source that wants several optimisation passes over one batch (GRPO's
-  numIterations) simply returns the same batch for that many steps. While building a batch it may
-  run any forward on the current weights outside the gradient with ``ctx.forward(fn)(batch)``
-  (old/reference log-probs, PPO's values), or the shortcuts ``ctx.policy_logprobs`` /
-  ``ctx.reference_logprobs``.
-
-Optional: ``eval_batches()`` (held-out batches for ``loss``, averaged and logged as ``eval_*``) and
-``finish(model) -> metrics`` (a final report, e.g. task accuracy; printed and logged).
+The source: a ``BatchSource`` gives one global batch per optimizer step as host numpy arrays with
+the declared columns (same keys and dtypes every step; each dimension at most the declared one,
+which is the job's worst case that ``plan`` compiles), plus ``metric/...`` columns of one float32
+per row that the loss averages into metrics. Its ``state()`` goes into every checkpoint and
+``restore(state)`` puts it back on resume, so the data order continues exactly.
 """
 
 from __future__ import annotations
@@ -127,49 +122,87 @@ LossFn = Callable[[Models, Mapping[str, jax.Array]], tuple[jax.Array, Metrics]]
 ForwardFn = Callable[[Models, Mapping[str, jax.Array]], Any]  # -> a pytree of arrays
 
 
-@dataclass
-class Algorithm:
-    """What an algorithm module's ``build(ctx)`` returns (see the module docstring)."""
+Column = tuple[tuple[int, ...], Any]  # (shape, dtype) of a global batch column
 
-    name: str
+
+@dataclass(frozen=True)
+class RolloutShape:
+    """What an RL algorithm samples per rollout batch: rows of ``prompt_len`` prompt tokens."""
+
+    rows: int
+    prompt_len: int
+    sampling: Any  # rollout.SamplingSettings
+
+
+@dataclass(frozen=True)
+class HeadBuilder:
+    """What an algorithm's ``heads`` get: the policy's config, seeded rngs, and ``model(spec)``,
+    which builds a model as the run does (loaded weights for real, abstract for ``plan``)."""
+
+    config: Any  # ModelConfig of the policy
+    rngs: nnx.Rngs
+    model: Callable[[ModelSpec], Any]
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The policy's ModelConfig, and ``of(ref)`` for another model's (a teacher's), read from
+    config.json (or the built-in size) before any weights load."""
+
+    policy: Any
+    of: Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What an algorithm needs, declared before anything is built (see the module docstring)."""
+
     loss: LossFn
-    source: BatchSource
-    eval_batches: Callable[[], Iterable[Batch]] | None = None
-    finish: Callable[[CausalLM], dict[str, float]] | None = None
-    heads: Mapping[str, nnx.Module] = field(default_factory=dict)
+    columns: Mapping[str, Column]
+    heads: Callable[[HeadBuilder], Mapping[str, nnx.Module]] | None = None
     reference: bool = False
     teacher: ModelSpec | None = None
     learning_rates: Mapping[str, float] = field(default_factory=dict)
+    rollout: RolloutShape | None = None
+    sequences_per_row: int = 1  # DPO's pairs: 2 sequences of columns' last axis per row
 
-    def __post_init__(self) -> None:
-        unknown = set(self.learning_rates) - set(self.heads)
-        if unknown:
-            raise ValueError(f"learning_rates for unknown heads {sorted(unknown)}")
+
+@dataclass
+class Algorithm:
+    """What an algorithm module's ``build(ctx)`` returns: the parts that need data."""
+
+    source: BatchSource
+    eval_batches: Callable[[], Iterable[Batch]] | None = None
+    finish: Callable[[CausalLM], dict[str, float]] | None = None
+
+
+class Weights(Protocol):
+    """The live train state, as algorithms may read it (``trainer/setup.py``'s ``LiveWeights``)."""
+
+    def policy(self) -> CausalLM:
+        """The current policy as an NNX module (for sampling)."""
+        ...
+
+    def forward(self, fn: ForwardFn) -> Callable[[Batch], Any]:
+        """``fn(models, batch)`` jitted once, run on the current weights outside any gradient;
+        returns host numpy arrays (the whole batch on every process)."""
+        ...
 
 
 @dataclass
 class Context:
-    """What the loop hands an algorithm when building it.
-
-    ``config`` is the policy's model config and ``rngs`` a seeded source for the algorithm's
-    heads. The hooks below may be called only after ``build`` returned (the loop wires them to the
-    live weights): ``forward(fn)`` jit-compiles ``fn(models, batch)`` once and returns a function
-    of a host batch that runs it on the current weights outside any gradient and returns host
-    numpy arrays (the whole batch on every process). ``policy_logprobs(batch)`` and
-    ``reference_logprobs(batch)`` are that for ``token_logprobs`` of a batch with ``input_ids``,
-    ``attention_mask`` and ``targets`` (and ``segment_ids`` if it has them) at ``temperature``;
-    ``model()`` is the current policy as an NNX module (for sampling).
-    """
+    """What ``build`` gets: the job, the tokenizer, where outputs go, the policy's config, the
+    handle on the live weights and a logger (rank 0 only). ``policy_logprobs(batch)`` and
+    ``reference_logprobs(batch)`` run ``token_logprobs`` on a batch with ``input_ids``,
+    ``attention_mask`` and ``targets`` (and ``segment_ids`` if it has them) at ``temperature``."""
 
     job: PostTrainJob
     tokenizer: Any
     output_dir: str
     config: Any = None  # ModelConfig of the policy
-    rngs: nnx.Rngs = field(default_factory=lambda: nnx.Rngs(0))
+    weights: Weights | None = None
     process_index: int = 0
     process_count: int = 1
-    model: Callable[[], CausalLM] = field(default=lambda: None)  # type: ignore[assignment]
-    forward: Callable[[ForwardFn], Callable[[Batch], Any]] | None = None
     log: Callable[[str], None] = print
 
     @property
@@ -180,6 +213,17 @@ class Context:
     def rank0(self) -> bool:
         return self.process_index == 0
 
+    def model(self) -> CausalLM:
+        return self._weights().policy()
+
+    def forward(self, fn: ForwardFn) -> Callable[[Batch], Any]:
+        return self._weights().forward(fn)
+
+    def _weights(self) -> Weights:
+        if self.weights is None:
+            raise RuntimeError("this Context has no weights (a test's, or plan's)")
+        return self.weights
+
     def policy_logprobs(self, batch: Batch, temperature: float = 1.0) -> np.ndarray:
         return self._logprobs(batch, temperature, reference=False)
 
@@ -187,8 +231,6 @@ class Context:
         return self._logprobs(batch, temperature, reference=True)
 
     def _logprobs(self, batch: Batch, temperature: float, *, reference: bool) -> np.ndarray:
-        if self.forward is None:
-            raise RuntimeError("the loop has not wired ctx.forward yet (call it after build)")
         key = (temperature, reference)
         cache = self.__dict__.setdefault("_logprob_fns", {})
         if key not in cache:
@@ -216,6 +258,12 @@ def _logprob_fn(temperature: float, reference: bool) -> ForwardFn:
 
 __all__ = [
     "Algorithm",
+    "Column",
+    "Declaration",
+    "HeadBuilder",
+    "ModelConfigs",
+    "RolloutShape",
+    "Weights",
     "Batch",
     "BatchSource",
     "Context",

@@ -1,14 +1,9 @@
-"""DAPO (Yu et al., 2025): clip-higher, token-mean loss, dynamic sampling and overlong reward
-shaping; the defaults of the ``spec.grpo`` fields left unset (``GRPO_DEFAULTS``).
-It runs GRPO's rollouts, batches and loss (``grpo.py``) and reads the ``spec.grpo`` block."""
+"""DAPO (Yu et al., 2025) on the GRPO family. Its differences from GRPO are all defaults of its
+settings (``posttrain/api/settings/dapo.py``): clip-higher, token-mean loss, dynamic sampling, the
+soft overlong penalty, no KL. The parts are GRPO's."""
 
 from __future__ import annotations
 
-from posttrain.trainer.algorithms import grpo
-from posttrain.trainer.algorithms.base import Algorithm, Context
+from posttrain.trainer.algorithms.grpo import family
 
-
-def build(ctx: Context) -> Algorithm:
-    if ctx.spec.algorithm != "dapo":
-        raise ValueError(f"dapo.build got algorithm {ctx.spec.algorithm!r}")
-    return grpo.build(ctx)
+declare, build = family("grpo")

@@ -23,7 +23,6 @@ the student approaches) and ``loss``; the same as ``eval_*`` on ``spec.data.eval
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,11 +35,15 @@ from posttrain.trainer.algorithms import distill_loss as dl
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Context,
+    Declaration,
+    HeadBuilder,
     LossFn,
     Metrics,
+    ModelConfigs,
     Models,
     logprobs_from_logits,
 )
+from posttrain.trainer.algorithms.sft import columns as sft_columns
 from posttrain.trainer.algorithms.sft import sft_loss, supervised
 
 BUILTIN = "builtin:"
@@ -140,17 +143,6 @@ def make_loss(
     return loss
 
 
-def teacher_config(ref: str, tokenizer: Any) -> Any:
-    """The teacher's ModelConfig, read before any weights load (config.json, or the built-in
-    size at the tokenizer's vocabulary, as the loop builds it)."""
-    from posttrain.trainer import models, storage
-
-    if ref.startswith(BUILTIN):
-        return models.builtin_config(ref[len(BUILTIN) :], vocab_size=tokenizer.vocab_size)
-    local = storage.local_path(ref, allow_patterns=("*.json",))
-    return models.ModelConfig.from_json_file(f"{local}/config.json")
-
-
 def check_vocabularies(student: Any, teacher: Any) -> None:
     if student.vocab_size != teacher.vocab_size:
         raise ValueError(
@@ -166,29 +158,38 @@ def layer_pairs(d: DistillSpec, student: Any, teacher: Any) -> list[tuple[int, i
     return dl.check_layer_map(d.layers, student.num_layers, teacher.num_layers)
 
 
-def build(ctx: Context) -> Algorithm:
-    spec = ctx.spec
-    d: DistillSpec = spec.distill  # type: ignore[assignment]  # required by algorithm distill
-    student = ctx.config
-    teacher = teacher_config(d.teacher, ctx.tokenizer)
+def declare(spec: Any, configs: ModelConfigs) -> Declaration:
+    d = spec.settings
+    assert isinstance(d, DistillSpec)
+    student, teacher = configs.policy, configs.of(d.teacher)
     check_vocabularies(student, teacher)
     pairs = layer_pairs(d, student, teacher)
-    heads: dict[str, nnx.Module] = {}
-    if d.strategy == "feature":
-        heads["projection"] = Projections(
-            len(pairs), student.hidden_size, teacher.hidden_size, rngs=ctx.rngs
-        )
-    ctx.log(
-        f"distill: {d.strategy} from {d.teacher} ({teacher.num_layers} layers, hidden "
-        f"{teacher.hidden_size}) into {student.num_layers} layers, hidden {student.hidden_size}"
-        + (f"; layer pairs {pairs}" if d.strategy != "logit" else f"; temperature {d.temperature}")
-        + f", alpha {d.alpha}"
-    )
-    base = supervised(ctx, "distill", completion_only=True)
-    return dataclasses.replace(
-        base,
+
+    def heads(build: HeadBuilder) -> dict[str, nnx.Module]:
+        if d.strategy != "feature":
+            return {}
+        return {
+            "projection": Projections(
+                len(pairs), student.hidden_size, teacher.hidden_size, rngs=build.rngs
+            )
+        }
+
+    return Declaration(
         loss=make_loss(d.strategy, pairs, temperature=d.temperature, alpha=d.alpha),
+        columns=sft_columns(spec),
         heads=heads,
         # Frozen: stored in the compute dtype (no float32 master copy needed).
         teacher=ModelSpec(base=d.teacher, dtype=spec.model.dtype, param_dtype=spec.model.dtype),
     )
+
+
+def build(ctx: Context) -> Algorithm:
+    d = ctx.spec.settings
+    assert isinstance(d, DistillSpec)
+    ctx.log(
+        f"distill: {d.strategy} from {d.teacher} into {ctx.config.num_layers} layers, hidden "
+        f"{ctx.config.hidden_size}"
+        + (f", temperature {d.temperature}" if d.strategy == "logit" else "")
+        + f", alpha {d.alpha}"
+    )
+    return supervised(ctx, "distill", completion_only=True)

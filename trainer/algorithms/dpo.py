@@ -19,8 +19,11 @@ from posttrain.api.v1alpha1 import DpoSpec
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Batch,
+    Column,
     Context,
+    Declaration,
     Metrics,
+    ModelConfigs,
     Models,
     token_logprobs,
 )
@@ -132,10 +135,35 @@ def preference_pairs(ctx: Context) -> tuple[data.PreferenceSource, list[data.Pai
     return source, held_out
 
 
+def pair_columns(spec: Any) -> dict[str, Column]:
+    """The step's batch of preference pairs (``data/preference.py``): [batchSize, 2, maxLength]."""
+    R, L = spec.training.batch_size, spec.data.max_length
+    return {
+        "input_ids": ((R, 2, L), np.int32),
+        "attention_mask": ((R, 2, L), np.int32),
+        "targets": ((R, 2, L), np.int32),
+        "completion_mask": ((R, 2, L), np.float32),
+        "nll_weights": ((R, L), np.float32),
+        "row_weights": ((R,), np.float32),
+    }
+
+
+def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
+    dpo = spec.settings
+    assert isinstance(dpo, DpoSpec)
+    R = spec.training.batch_size
+    return Declaration(
+        loss=make_loss(dpo.beta, dpo.loss_type, dpo.label_smoothing),
+        columns={**pair_columns(spec), "reference_logps": ((R, 2), np.float32)},
+        reference=True,
+        sequences_per_row=2,
+    )
+
+
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
     d, t = spec.data, spec.training
-    dpo = spec.block
+    dpo = spec.settings
     assert isinstance(dpo, DpoSpec)
     tok = ctx.tokenizer
     pad_id = pad_id_of(tok)
@@ -158,10 +186,4 @@ def build(ctx: Context) -> Algorithm:
                     scored.append({**b, "reference_logps": score(b)})
             return scored
 
-    return Algorithm(
-        name="dpo",
-        loss=make_loss(dpo.beta, dpo.loss_type, dpo.label_smoothing),
-        source=source,
-        eval_batches=eval_batches,
-        reference=True,
-    )
+    return Algorithm(source=source, eval_batches=eval_batches)

@@ -1,14 +1,9 @@
-"""Dr. GRPO (Liu et al., 2025, "GRPO done right"): advantages r - mean without the std and the
-constant-normaliser loss; the defaults of the ``spec.grpo`` fields left unset (``GRPO_DEFAULTS``).
-It runs GRPO's rollouts, batches and loss (``grpo.py``) and reads the ``spec.grpo`` block."""
+"""Dr. GRPO (Liu et al., 2025) on the GRPO family. Its differences are defaults of its settings
+(``posttrain/api/settings/dr_grpo.py``): the group-mean advantage (no std) and the constant
+normaliser (token sums / maxNewTokens), no KL. The parts are GRPO's."""
 
 from __future__ import annotations
 
-from posttrain.trainer.algorithms import grpo
-from posttrain.trainer.algorithms.base import Algorithm, Context
+from posttrain.trainer.algorithms.grpo import family
 
-
-def build(ctx: Context) -> Algorithm:
-    if ctx.spec.algorithm != "dr-grpo":
-        raise ValueError(f"dr_grpo.build got algorithm {ctx.spec.algorithm!r}")
-    return grpo.build(ctx)
+declare, build = family("grpo")

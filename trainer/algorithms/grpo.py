@@ -1,14 +1,16 @@
-"""GRPO, GSPO-token, DAPO and Dr. GRPO on the shared loop: rollouts, rewards, group advantages,
-the clipped loss. The four read ``spec.grpo``; ``spec.grpo_settings`` fills the fields left unset
-with the algorithm's defaults (``GRPO_DEFAULTS`` in the API), so the code below never asks which
-algorithm runs, except for the GSPO-token ratio.
+"""The GRPO family on the shared loop: rollouts, rewards, advantages, the clipped loss.
 
-Each group of `numIterations` (mu) optimizer steps shares one batch of rollouts:
+GRPO and its variants (GSPO-token, DAPO, Dr. GRPO, RLOO, REINFORCE++) share this module. Each
+variant's settings type (``posttrain/api/settings/``) holds its defaults; its trainer module calls
+``family(...)`` with the parts it registered in ``parts.py`` (an advantage estimator, a policy
+objective). Nothing here asks which algorithm runs.
 
-1. take `training.batchSize` prompts (a seeded order, a pure function of the group index);
+Every `numIterations` (mu) optimizer steps share one rollout batch (index i):
+
+1. take `training.batchSize` prompts (a seeded order, a pure function of i);
 2. sample `numGenerations` (G) completions per prompt with the current policy (temperature, top-p,
    top-k, `maxNewTokens`, stop at EOS) with the shared ``RolloutEngine``; the sampler's seed is
-   derived from (training.seed, group), so a resumed run samples exactly what an uninterrupted one
+   derived from (training.seed, i), so a resumed run samples exactly what an uninterrupted one
    would;
 3. score them (`posttrain.trainer.rewards`), add DAPO's soft overlong penalty (`overlong`), and
    normalise advantages within each prompt's group. With `dynamicSampling`, steps 1-3 repeat on
@@ -24,7 +26,7 @@ Each group of `numIterations` (mu) optimizer steps shares one batch of rollouts:
 
 Per-step metrics that come from the rollouts (rewards, lengths, generation speed) ride in the
 batch as per-row columns named `metric/...`; the loss returns their means, so the loop logs them
-like any other metric. GSPO-token is registered as its own module (``gspo_token.py``) on this one.
+like any other metric. Each variant is its own module on this one (``gspo_token.py``, ``dapo.py``, ...).
 """
 
 from __future__ import annotations
@@ -38,31 +40,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain.api.v1alpha1 import OVERLONG_REWARD, GrpoSettings, LossAggregation
+from posttrain.api.settings.grpo import OVERLONG_REWARD, GrpoSpec, LossAggregation
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms import dynamic_sampling as ds
 from posttrain.trainer.algorithms import grpo_loss as gl
-from posttrain.trainer.algorithms import overlong
+from posttrain.trainer.algorithms import overlong, parts
 from posttrain.trainer.algorithms.base import (
     Algorithm,
-    Batch,
+    Column,
     Context,
+    Declaration,
     LossFn,
     Metrics,
+    ModelConfigs,
     Models,
+    RolloutShape,
 )
 from posttrain.trainer.algorithms.report import rl_finish
 from posttrain.trainer.algorithms.rollout import (
+    METRIC,
     Rollout,
+    RolloutBatchSource,
     RolloutEngine,
     SamplingSettings,
-    decode_array,
-    encode_array,
 )
 from posttrain.trainer.data.prompts import load_prompts
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 
-METRIC = "metric/"
 OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
 
 
@@ -80,45 +84,32 @@ class _Round:
 # --------------------------------------------------------------------------- the batch source
 
 
-class RolloutSource:
-    """One batch of rollouts per group of mu steps; the same batch for each step of the group.
+class RolloutSource(RolloutBatchSource):
+    """One batch of rollouts per mu (numIterations) steps; the same batch for each of them.
 
     The first `sftWarmupSteps` steps instead get teacher-forced batches of the data's completions
     (same array layout, flagged by the `sft` column), so one jitted step serves both phases.
     """
 
-    def __init__(self, ctx: Context, engine: RolloutEngine):
-        spec = ctx.spec
-        self.ctx = ctx
-        self.engine = engine
-        self.g: GrpoSettings = spec.grpo_settings
-        self.warmup = self.g.sft_warmup_steps
-        self.batch_prompts = spec.training.batch_size
-        self.rows = self.batch_prompts * self.g.num_generations
-        self._group = -1
-        self._batch: dict[str, np.ndarray] | None = None
+    def __init__(self, ctx: Context, engine: RolloutEngine, estimator: parts.Estimator):
+        g = ctx.spec.settings
+        assert isinstance(g, GrpoSpec)
+        super().__init__(ctx, engine, warmup=g.sft_warmup_steps, steps_per_rollout=g.num_iterations)
+        self.g = g
+        self.estimator = estimator
+        self.batch_prompts = ctx.spec.training.batch_size
+        self.rows = self.batch_prompts * g.num_generations
         self._next_prompt = 0  # dynamic sampling: rounds use a variable number of prompts
         self._said_short = False
         self._handed_out: float | None = None
         self._last_tokens = 0.0
-        self.eval_before: float | None = None  # greedy reward on data.eval when RL starts
 
-    def next_batch(self, step: int) -> Batch:
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
         now = time.perf_counter()
         # The loop does not time its step for us: the time from handing out the previous batch
         # to this call is that step's training time (with logging), so the figure lags one step.
         train_seconds = now - self._handed_out if self._handed_out is not None else None
-        if step < self.warmup:
-            batch = self._warmup_batch(step)
-        else:
-            if step == self.warmup and self.engine.eval_prompts and self.eval_before is None:
-                self.eval_before = self.evaluate(self.ctx.model())
-                self.ctx.log(f"greedy reward on data.eval before RL: {self.eval_before:.4f}")
-            group = (step - self.warmup) // self.g.num_iterations
-            if group != self._group or self._batch is None:
-                self._batch = self._rollouts(group)
-                self._group = group
-            batch = dict(self._batch)
+        batch = super().next_batch(step)
         speed = self._last_tokens / train_seconds if train_seconds else 0.0
         batch[METRIC + "train_tokens_per_second"] = np.full(self.rows, speed, np.float32)
         self._last_tokens = float(batch["attention_mask"].sum())
@@ -128,7 +119,7 @@ class RolloutSource:
     def evaluate(self, model: Any) -> float:
         return self.engine.evaluate(model, self.rows)
 
-    def _warmup_batch(self, step: int) -> dict[str, np.ndarray]:
+    def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
         batch = self.engine.teacher_forced(step * self.rows, self.rows)
         return self._finish_batch(batch, np.zeros(self.rows, np.float32), sft=True)
@@ -146,14 +137,19 @@ class RolloutSource:
             batch["sequences_per_row"] = np.full(R, with_loss / R, np.float32)
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
-        if self.g.num_iterations > 1:
+        needs_old = self.g.num_iterations > 1
+        if needs_old and "old_logp" not in batch:
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
                 if sft
                 else self.ctx.policy_logprobs(batch, self.g.temperature)
             )
-        if self.g.beta > 0:  # never with a warm-up (the API refuses beta > 0 there)
+        if not needs_old:
+            batch.pop("old_logp", None)
+        if self.g.beta > 0 and not self.estimator.kl_in_reward and "ref_logp" not in batch:
             batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature)
+        if self.estimator.kl_in_reward:
+            batch.pop("ref_logp", None)  # the KL is in the advantages already
         if sft:  # rollout metrics do not exist yet: logged as null
             for name in self._metric_names():
                 batch[METRIC + name] = np.full(R, np.nan, np.float32)
@@ -167,20 +163,20 @@ class RolloutSource:
             names += ["groups_filtered_fraction", "sampling_rounds"]
         return names
 
-    def _rollouts(self, group: int) -> dict[str, np.ndarray]:
-        """One step's batch: one round of rollouts, or with dynamicSampling as many rounds as it
+    def make_rollout(self, index: int) -> dict[str, np.ndarray]:
+        """One rollout batch: one round of rollouts, or with dynamicSampling as many rounds as it
         takes (at most maxSamplingRounds) to fill the batch with groups whose rewards differ."""
         G, B, e = self.g.num_generations, self.batch_prompts, self.engine
         rounds = self.g.max_sampling_rounds if self.g.dynamic_sampling else 1
         sampled: list[_Round] = []
         for round_ in range(rounds):
-            # Without dynamic sampling the prompts are a pure function of the group (as before);
+            # Without dynamic sampling the prompts are a pure function of the index;
             # with it, of the prompts used so far (saved in the checkpoint).
-            start = self._next_prompt if self.g.dynamic_sampling else group * B
+            start = self._next_prompt if self.g.dynamic_sampling else index * B
             chosen = [e.prompt(start + j) for j in range(B)]
             self._next_prompt = start + B
             rows = [p for p in chosen for _ in range(G)]  # each prompt's G completions adjacent
-            seed = ds.round_seed(self.ctx.spec.training.seed, group, round_)
+            seed = ds.round_seed(self.ctx.spec.training.seed, index, round_)
             sampled.append(self._score(e.rollout(self.ctx.model(), rows, seed)))
             if sum(int(r.informative.sum()) for r in sampled) >= B:
                 break
@@ -194,9 +190,10 @@ class RolloutSource:
         if self.g.overlong.mode == "filter":  # truncated completions carry no loss (DAPO, TRL)
             kept_rows = ~column(lambda r: r.truncated)
             arrays["completion_mask"] = arrays["completion_mask"] * kept_rows[:, None]
-        adv = np.asarray(gl.group_advantages(jnp.asarray(total, jnp.float32), G, self.g.advantage))
         equal_rows = ~column(lambda r: np.repeat(r.informative, G))
-        adv = np.where(equal_rows, 0.0, adv)  # no signal: exactly 0, whatever r - mean rounds to
+        adv = self._advantages(arrays, total)
+        if not self.estimator.kl_in_reward:  # no signal: exactly 0, whatever r - mean rounds to
+            adv = np.where(equal_rows if adv.ndim == 1 else equal_rows[:, None], 0.0, adv)
         batch = self._finish_batch(arrays, adv, sft=False)
 
         kept = sum(int(r.informative.sum()) for r in sampled)
@@ -247,26 +244,31 @@ class RolloutSource:
             total = total + penalty
         return _Round(out, total, terms, cut, ds.informative_groups(total, G))
 
-    def state(self) -> dict[str, Any]:
-        # Mid-group (mu > 1) the batch was sampled by weights that have since changed: keep it, so
-        # a resumed run trains on exactly the same rollouts. The group index gives the seeds;
-        # without dynamic sampling it gives the prompts too, with it `next_prompt` does (a step
-        # uses as many prompts as its rounds took).
-        state: dict[str, Any] = {
-            "group": self._group,
-            "eval_before": self.eval_before,
-            "next_prompt": self._next_prompt,
-        }
-        if self.g.num_iterations > 1 and self._batch is not None:
-            state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
-        return state
+    def _advantages(self, arrays: dict[str, np.ndarray], total: np.ndarray) -> np.ndarray:
+        """The registered estimator on this batch; with the KL in the reward (RLOO, REINFORCE++)
+        it gets the per-token log pi_old - log pi_ref (k1, as verl and TRL put it in the reward)."""
+        kl = None
+        if self.estimator.kl_in_reward and self.g.beta > 0:
+            old = self.ctx.policy_logprobs(arrays, self.g.temperature)
+            ref = self.ctx.reference_logprobs(arrays, self.g.temperature)
+            arrays["old_logp"] = old  # the ratio's denominator when mu > 1: no second pass
+            kl = (old - ref) * arrays["completion_mask"]
+        inputs = parts.AdvantageInputs(
+            rewards=total,
+            group_size=self.g.num_generations,
+            mask=arrays["completion_mask"],
+            kl=kl,
+            kl_coef=self.g.beta,
+        )
+        return np.asarray(self.estimator.fn(inputs), np.float32)
 
-    def restore(self, state: Mapping[str, Any]) -> None:
-        self._group = int(state.get("group", -1))
-        self.eval_before = state.get("eval_before")
+    def extra_state(self) -> dict[str, Any]:
+        # Without dynamic sampling the rollout index gives the prompts; with it `next_prompt`
+        # does (a step uses as many prompts as its rounds took).
+        return {"next_prompt": self._next_prompt}
+
+    def restore_extra(self, state: Mapping[str, Any]) -> None:
         self._next_prompt = int(state.get("next_prompt", 0))
-        saved = state.get("batch")
-        self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
 
 
 # --------------------------------------------------------------------------- the loss
@@ -296,9 +298,10 @@ def sequence_mean_share(mask_bt: jax.Array, sequences_per_row: jax.Array) -> jax
     return jnp.where(share > 0, own / jnp.maximum(share, 1e-9), 0.0)
 
 
-def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
-    objective = gl.gspo_token_loss if algorithm == "gspo-token" else gl.grpo_loss
-    eps, eps_high = g.clip_range(algorithm)
+def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool = False) -> LossFn:
+    objective = parts.objective(objective_name)
+    eps, eps_high = g.epsilon, g.clip_high
+    beta = 0.0 if kl_in_reward else g.beta  # in the reward, the advantages carry it
 
     def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
         # SFT warm-up rows (flag `sft`) have no rollout: they train at temperature 1.
@@ -333,7 +336,7 @@ def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
             mask_bt,
             eps=eps,
             eps_high=eps_high,
-            beta=g.beta,
+            beta=beta,
             kl_estimator=g.kl_estimator,
             aggregation=aggregation,
             num_tokens=denominator,
@@ -355,46 +358,93 @@ def make_loss(g: GrpoSettings, algorithm: str) -> LossFn:
     return loss
 
 
-# --------------------------------------------------------------------------- build
+# --------------------------------------------------------------------------- declare, build
 
 
-def build(ctx: Context) -> Algorithm:
+def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Column]:
+    """The step's batch (``RolloutSource._finish_batch``): batchSize x G rows of
+    maxPromptLength + maxNewTokens tokens (the run's prompt width is at most that)."""
+    R, L = spec.training.batch_size * g.num_generations, spec.data.max_prompt_length
+    L += g.max_new_tokens
+    i32, f32 = np.int32, np.float32
+    out: dict[str, Column] = {
+        "input_ids": ((R, L), i32),
+        "attention_mask": ((R, L), i32),
+        "targets": ((R, L), i32),
+        "completion_mask": ((R, L), f32),
+        "tokens_per_row": ((R,), f32),
+        "advantages": ((R, L) if estimator.per_token else (R,), f32),
+    }
+    if g.overlong.mode == "filter":
+        out["sequences_per_row"] = ((R,), f32)
+    if g.sft_warmup_steps:
+        out["sft"] = ((R,), f32)
+    if g.num_iterations > 1:
+        out["old_logp"] = ((R, L), f32)
+    if g.beta > 0 and not estimator.kl_in_reward:
+        out["ref_logp"] = ((R, L), f32)
+    return out
+
+
+def family(objective: str = "grpo") -> tuple[Any, Any]:
+    """``(declare, build)`` of a GRPO-family algorithm whose policy objective is ``objective``
+    (registered in ``parts``); its advantage estimator is the one its settings name."""
+
+    def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
+        g = spec.settings
+        assert isinstance(g, GrpoSpec)
+        estimator = parts.advantage(g.advantage)
+        rows = spec.training.batch_size * g.num_generations
+        return Declaration(
+            loss=make_loss(g, objective, kl_in_reward=estimator.kl_in_reward),
+            columns=columns(g, spec, estimator),
+            reference=g.beta > 0,  # only the KL reads it
+            rollout=RolloutShape(rows, spec.data.max_prompt_length, SamplingSettings.of(g)),
+        )
+
+    def build(ctx: Context) -> Algorithm:
+        return _build(ctx)
+
+    return declare, build
+
+
+def _build(ctx: Context) -> Algorithm:
     spec = ctx.spec
-    g = spec.grpo_settings
-    if g is None:  # the API refuses this already; keep the message if it is ever bypassed
-        raise ValueError(f"spec.grpo: algorithm {spec.algorithm} needs spec.grpo")
+    g = spec.settings
+    assert isinstance(g, GrpoSpec)
+    block = f"spec.{spec.algorithm}"
     if g.sft_warmup_steps >= spec.training.steps:
         raise ValueError(
-            f"spec.grpo.sftWarmupSteps ({g.sft_warmup_steps}) must be less than "
+            f"{block}.sftWarmupSteps ({g.sft_warmup_steps}) must be less than "
             f"spec.training.steps ({spec.training.steps}): no steps would be left for RL"
         )
-    rewards = rw.build_rewards(g.rewards)
+    rewards = rw.build_rewards(g.rewards, f"{block}.rewards")
     warmup = g.sft_warmup_steps > 0
     prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data, completion=warmup)
     eval_prompts = (
         load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
     )
-    engine = RolloutEngine(ctx, "grpo", SamplingSettings.of(g), prompts, rewards, eval_prompts)
-    source = RolloutSource(ctx, engine)
+    engine = RolloutEngine(ctx, block, SamplingSettings.of(g), prompts, rewards, eval_prompts)
+    source = RolloutSource(ctx, engine, parts.advantage(g.advantage))
     ctx.log(
         f"{spec.algorithm}: {len(prompts)} prompts, {spec.training.batch_size} per step x "
         f"G={g.num_generations}, up to {g.max_new_tokens} new tokens, rewards: "
         + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
         + (f"; {g.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
     )
-    ctx.log(  # the settings after the algorithm's defaults, so a run says what it does
-        f"{spec.algorithm}: beta {g.beta:g}, epsilon {g.epsilon:g} / {g.epsilon_high:g}, "
+    ctx.log(  # the settings as they run, so a run says what it does
+        f"{spec.algorithm}: beta {g.beta:g}, epsilon {g.epsilon:g} / {g.clip_high:g}, "
         f"advantage {g.advantage}, loss {g.loss_aggregation}, dynamic sampling "
         + (f"on (up to {g.max_sampling_rounds} rounds)" if g.dynamic_sampling else "off")
         + f", overlong {g.overlong.mode}"
         + (f" (buffer {g.overlong.buffer})" if g.overlong.mode == "penalty" else "")
     )
     return Algorithm(
-        name=spec.algorithm,
-        loss=make_loss(g, spec.algorithm),
         source=source,
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
-        reference=g.beta > 0,  # only the KL term reads it
     )
+
+
+declare, build = family("grpo")

@@ -1,13 +1,10 @@
-"""GSPO-token (Zheng et al., 2025): GRPO's rollouts and batches with the sequence-level ratio
-applied per token (``grpo_loss.gspo_token_loss``). It reads the ``spec.grpo`` block."""
+"""GSPO-token (Zheng et al., 2025) on the GRPO family: its policy objective applies the sequence-level
+ratio per token (``grpo_loss.gspo_token_loss``); its clip ranges are its settings' defaults."""
 
 from __future__ import annotations
 
-from posttrain.trainer.algorithms import grpo
-from posttrain.trainer.algorithms.base import Algorithm, Context
+from posttrain.trainer.algorithms import grpo_loss, parts
+from posttrain.trainer.algorithms.grpo import family
 
-
-def build(ctx: Context) -> Algorithm:
-    if ctx.spec.algorithm != "gspo-token":
-        raise ValueError(f"gspo_token.build got algorithm {ctx.spec.algorithm!r}")
-    return grpo.build(ctx)
+parts.register_objective("gspo-token")(grpo_loss.gspo_token_loss)
+declare, build = family("gspo-token")

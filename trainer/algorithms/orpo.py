@@ -9,13 +9,21 @@ completion's mean per-token log-prob for the odds (``orpo_loss`` in ``preference
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from posttrain.api.v1alpha1 import OrpoSpec
-from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models
-from posttrain.trainer.algorithms.dpo import pair_token_logprobs, preference_pairs
+from posttrain.trainer.algorithms.base import (
+    Algorithm,
+    Context,
+    Declaration,
+    Metrics,
+    ModelConfigs,
+    Models,
+)
+from posttrain.trainer.algorithms.dpo import pair_columns, pair_token_logprobs, preference_pairs
 from posttrain.trainer.algorithms.preference_loss import orpo_loss, sequence_logps
 from posttrain.trainer.data import preference as data
 from posttrain.trainer.data.text import pad_id_of
@@ -31,10 +39,16 @@ def make_loss(lam: float):
     return loss
 
 
+def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
+    orpo = spec.settings
+    assert isinstance(orpo, OrpoSpec)
+    return Declaration(
+        loss=make_loss(orpo.lambda_), columns=pair_columns(spec), sequences_per_row=2
+    )
+
+
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
-    orpo = spec.block
-    assert isinstance(orpo, OrpoSpec)
     d, t = spec.data, spec.training
     tok = ctx.tokenizer
     pad_id = pad_id_of(tok)
@@ -48,9 +62,4 @@ def build(ctx: Context) -> Algorithm:
                 held_out, batch_size=micro, seq_len=d.max_length, pad_id=pad_id
             )
 
-    return Algorithm(
-        name="orpo",
-        loss=make_loss(orpo.lambda_),
-        source=source,
-        eval_batches=eval_batches,
-    )
+    return Algorithm(source=source, eval_batches=eval_batches)

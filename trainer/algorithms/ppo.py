@@ -38,24 +38,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from posttrain.api.v1alpha1 import PpoSpec
+from posttrain.api.settings.ppo import PpoSpec
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms import grpo_loss as gl
 from posttrain.trainer.algorithms import ppo_loss as pl
 from posttrain.trainer.algorithms.base import (
     Algorithm,
-    Batch,
+    Column,
     Context,
+    Declaration,
+    HeadBuilder,
     LossFn,
     Metrics,
+    ModelConfigs,
     Models,
+    RolloutShape,
 )
 from posttrain.trainer.algorithms.report import rl_finish
 from posttrain.trainer.algorithms.rollout import (
+    METRIC,
+    RolloutBatchSource,
     RolloutEngine,
     SamplingSettings,
-    decode_array,
-    encode_array,
     group_seed,
 )
 from posttrain.trainer.data.prompts import load_prompts
@@ -64,7 +68,6 @@ from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 if TYPE_CHECKING:
     from posttrain.trainer.models import CausalLM
 
-METRIC = "metric/"
 VALUE = "value"  # the head's name: its parameters live under heads/value/...
 
 
@@ -127,39 +130,29 @@ def policy_and_values(
 # --------------------------------------------------------------------------- the batch source
 
 
-class PpoSource:
+class PpoSource(RolloutBatchSource):
     """A rollout batch per numIterations x numMiniBatches steps, handed out in mini-batches."""
 
     def __init__(self, ctx: Context, engine: RolloutEngine):
-        spec = ctx.spec
-        self.ctx = ctx
-        self.engine = engine
-        self.p: PpoSpec = spec.ppo
-        self.seed = spec.training.seed
-        self.warmup = self.p.sft_warmup_steps
-        self.rows = spec.training.batch_size  # one mini-batch: what a step trains on
-        self.rollout_rows = self.rows * self.p.num_mini_batches
-        self.steps_per_rollout = self.p.num_iterations * self.p.num_mini_batches
-        self._old: Any = None  # the jitted no-grad forward, made on first use (after build)
-        self._group = -1
-        self._batch: dict[str, np.ndarray] | None = None
-        self.eval_before: float | None = None
+        p = ctx.spec.settings
+        assert isinstance(p, PpoSpec)
+        super().__init__(
+            ctx,
+            engine,
+            warmup=p.sft_warmup_steps,
+            steps_per_rollout=p.num_iterations * p.num_mini_batches,
+        )
+        self.p = p
+        self.seed = ctx.spec.training.seed
+        self.rows = ctx.spec.training.batch_size  # one mini-batch: what a step trains on
+        self.rollout_rows = self.rows * p.num_mini_batches
+        self._old: Any = None  # the jitted no-grad forward, made on first use
 
-    def next_batch(self, step: int) -> Batch:
-        if step < self.warmup:
-            return self._warmup_batch(step)
-        if step == self.warmup and self.engine.eval_prompts and self.eval_before is None:
-            self.eval_before = self.evaluate(self.ctx.model())
-            self.ctx.log(f"greedy reward on data.eval before RL: {self.eval_before:.4f}")
-        group, k = divmod(step - self.warmup, self.steps_per_rollout)
-        if group != self._group or self._batch is None:
-            self._batch = self._rollouts(group)
-            self._group = group
+    def step_batch(self, batch: dict[str, np.ndarray], index: int, k: int) -> dict[str, np.ndarray]:
         epoch, mini = divmod(k, self.p.num_mini_batches)
-        order = mini_batch_order(self.rollout_rows, self.seed, group, epoch)
+        order = mini_batch_order(self.rollout_rows, self.seed, index, epoch)
         rows = order[mini * self.rows : (mini + 1) * self.rows]
-        batch = {key: value[rows] for key, value in self._batch.items()}
-        return self._per_token_share(batch)
+        return self._per_token_share({key: value[rows] for key, value in batch.items()})
 
     def evaluate(self, model: Any) -> float:
         return self.engine.evaluate(model, self.rollout_rows)
@@ -186,18 +179,17 @@ class PpoSource:
     def _metric_names(self) -> list[str]:
         return [*self.engine.metric_names(), "kl", "explained_variance", "value_mean"]
 
-    def _warmup_batch(self, step: int) -> dict[str, np.ndarray]:
+    def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
         batch = self.engine.teacher_forced(step * self.rows, self.rows)
         return self._per_token_share(self._columns(batch, sft=True))
 
-    def _rollouts(self, group: int) -> dict[str, np.ndarray]:
+    def make_rollout(self, index: int) -> dict[str, np.ndarray]:
         p, e, R = self.p, self.engine, self.rollout_rows
-        rows = [e.prompt(group * R + j) for j in range(R)]
-        out = e.rollout(self.ctx.model(), rows, group_seed(self.seed, group))
+        rows = [e.prompt(index * R + j) for j in range(R)]
+        out = e.rollout(self.ctx.model(), rows, group_seed(self.seed, index))
         batch = self._columns(dict(out.arrays), sft=False)
         if self._old is None:
-            assert self.ctx.forward is not None, "the loop wires ctx.forward after build"
             self._old = self.ctx.forward(_old_logp_and_values(p.temperature))
         old_logp, old_values = self._old(batch)
         mask = jnp.asarray(batch["completion_mask"])
@@ -229,20 +221,6 @@ class PpoSource:
         batch[METRIC + "value_mean"] = constant(pl.masked_mean(values, mask))
         return batch
 
-    def state(self) -> dict[str, Any]:
-        # The rollout batch was sampled by weights that have changed since: keep it while steps of
-        # its group remain, so a resumed run trains on exactly the same rollouts and mini-batches.
-        state: dict[str, Any] = {"group": self._group, "eval_before": self.eval_before}
-        if self.steps_per_rollout > 1 and self._batch is not None:
-            state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
-        return state
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        self._group = int(state.get("group", -1))
-        self.eval_before = state.get("eval_before")
-        saved = state.get("batch")
-        self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
-
 
 def _old_logp_and_values(temperature: float):
     def fn(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -252,10 +230,10 @@ def _old_logp_and_values(temperature: float):
     return fn
 
 
-def mini_batch_order(rows: int, seed: int, group: int, epoch: int) -> np.ndarray:
+def mini_batch_order(rows: int, seed: int, rollout: int, epoch: int) -> np.ndarray:
     """The rows of a rollout batch in epoch `epoch`'s order (a fresh permutation per epoch, as TRL
     and verl shuffle); a pure function, so resume continues exactly."""
-    return np.random.default_rng([seed, group, epoch]).permutation(rows)
+    return np.random.default_rng([seed, rollout, epoch]).permutation(rows)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -300,24 +278,46 @@ def make_loss(p: PpoSpec) -> LossFn:
 # --------------------------------------------------------------------------- build
 
 
-def make_critic(ctx: Context, p: PpoSpec) -> nnx.Module:
-    if p.critic == "value-head":
-        return ValueHead(ctx.config.hidden_size, rngs=ctx.rngs)
-    # A second copy of the base, built like the policy (same weights or the same seeded init)
-    # but without LoRA or quantization: the critic trains in full in every mode.
-    from posttrain.trainer.loop import build_model, make_mesh
+def columns(spec: Any) -> dict[str, Column]:
+    """One mini-batch (``PpoSource``): batchSize rows of maxPromptLength + maxNewTokens tokens."""
+    p = spec.settings
+    R, L = spec.training.batch_size, spec.data.max_prompt_length + p.max_new_tokens
+    i32, f32 = np.int32, np.float32
+    out: dict[str, Column] = {k: ((R, L), i32) for k in ("input_ids", "attention_mask", "targets")}
+    for name in ("completion_mask", "old_logp", "old_values", "advantages", "returns"):
+        out[name] = ((R, L), f32)
+    out["tokens_per_row"] = ((R,), f32)
+    if p.sft_warmup_steps:
+        out["sft"] = ((R,), f32)
+    return out
 
-    spec = ctx.spec
-    plain = spec.model.model_copy(update={"lora": None, "quantization": None})
-    trunk = build_model(plain, ctx.tokenizer, make_mesh(ctx.job), spec.training.seed)
-    return SeparateCritic(trunk, ctx.config.hidden_size, rngs=ctx.rngs)
+
+def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
+    p = spec.settings
+    assert isinstance(p, PpoSpec)
+
+    def heads(build: HeadBuilder) -> dict[str, nnx.Module]:
+        hidden = build.config.hidden_size
+        if p.critic == "value-head":
+            return {VALUE: ValueHead(hidden, rngs=build.rngs)}
+        plain = spec.model.model_copy(update={"lora": None, "quantization": None})
+        return {VALUE: SeparateCritic(build.model(plain), hidden, rngs=build.rngs)}
+
+    rows = spec.training.batch_size * p.num_mini_batches
+    return Declaration(
+        loss=make_loss(p),
+        columns=columns(spec),
+        heads=heads,
+        reference=p.kl_coef > 0,  # only the KL penalty reads it
+        learning_rates={VALUE: p.value_learning_rate} if p.value_learning_rate else {},
+        rollout=RolloutShape(rows, spec.data.max_prompt_length, SamplingSettings.of(p)),
+    )
 
 
 def build(ctx: Context) -> Algorithm:
     spec = ctx.spec
-    p = spec.ppo
-    if p is None:  # the API refuses this already; keep the message if it is ever bypassed
-        raise ValueError("spec.ppo: algorithm ppo needs spec.ppo")
+    p = spec.settings
+    assert isinstance(p, PpoSpec)
     if p.sft_warmup_steps >= spec.training.steps:
         raise ValueError(
             f"spec.ppo.sftWarmupSteps ({p.sft_warmup_steps}) must be less than "
@@ -330,7 +330,6 @@ def build(ctx: Context) -> Algorithm:
         load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
     )
     engine = RolloutEngine(ctx, "ppo", SamplingSettings.of(p), prompts, rewards, eval_prompts)
-    critic = make_critic(ctx, p)
     source = PpoSource(ctx, engine)
     ctx.log(
         f"ppo: {len(prompts)} prompts, rollout batch {source.rollout_rows} = "
@@ -341,13 +340,8 @@ def build(ctx: Context) -> Algorithm:
         + (f"; {p.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
     )
     return Algorithm(
-        name="ppo",
-        loss=make_loss(p),
         source=source,
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
-        heads={VALUE: critic},
-        reference=p.kl_coef > 0,  # only the KL penalty reads it
-        learning_rates={VALUE: p.value_learning_rate} if p.value_learning_rate else {},
     )

@@ -9,7 +9,7 @@ completions with the job's rewards, and evaluates greedy reward on held-out prom
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,3 +276,79 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
 
 def decode_array(d: Any) -> np.ndarray:
     return np.asarray(d["data"], dtype=d["dtype"]).reshape(d["shape"])
+
+
+# --------------------------------------------------------------------------- the shared source
+
+
+METRIC = "metric/"  # per-row columns the loss averages into metrics
+
+
+class RolloutBatchSource:
+    """What every rollout algorithm's batch source shares (GRPO's family, PPO).
+
+    The first ``warmup`` steps get teacher-forced SFT batches (``warmup_batch``); at the first RL
+    step the greedy reward on data.eval is measured once (``eval_before``); then each rollout
+    batch (``make_rollout``, given its index) serves ``steps_per_rollout`` optimizer steps
+    (``step_batch`` picks what step k of it trains on). The rollout batch rides in the checkpoint
+    while steps of it remain, so a resumed run trains on exactly the same rollouts; its index
+    gives the seeds (and, unless the subclass keeps a prompt cursor, the prompts).
+    """
+
+    def __init__(self, ctx: Any, engine: RolloutEngine, *, warmup: int, steps_per_rollout: int):
+        self.ctx = ctx
+        self.engine = engine
+        self.warmup = warmup
+        self.steps_per_rollout = steps_per_rollout
+        self.eval_before: float | None = None  # greedy reward on data.eval when RL starts
+        self._rollout = -1
+        self._batch: dict[str, np.ndarray] | None = None
+
+    # what subclasses provide
+    def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def make_rollout(self, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def step_batch(self, batch: dict[str, np.ndarray], index: int, k: int) -> dict[str, np.ndarray]:
+        return dict(batch)
+
+    def evaluate(self, model: Any) -> float:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_extra(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    # the BatchSource protocol
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        if step < self.warmup:
+            return self.warmup_batch(step)
+        if step == self.warmup and self.engine.eval_prompts and self.eval_before is None:
+            self.eval_before = self.evaluate(self.ctx.model())
+            self.ctx.log(f"greedy reward on data.eval before RL: {self.eval_before:.4f}")
+        index, k = divmod(step - self.warmup, self.steps_per_rollout)
+        if index != self._rollout or self._batch is None:
+            self._batch = self.make_rollout(index)
+            self._rollout = index
+        return self.step_batch(self._batch, index, k)
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "rollout": self._rollout,
+            "eval_before": self.eval_before,
+            **self.extra_state(),
+        }
+        if self.steps_per_rollout > 1 and self._batch is not None:
+            state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
+        return state
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._rollout = int(state.get("rollout", state.get("group", -1)))  # "group": before v0.2
+        self.eval_before = state.get("eval_before")
+        saved = state.get("batch")
+        self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
+        self.restore_extra(state)

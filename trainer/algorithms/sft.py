@@ -14,7 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain.trainer.algorithms.base import Algorithm, Context, Metrics, Models, token_logprobs
+from posttrain.api.settings.sft import SftSpec
+from posttrain.trainer.algorithms.base import (
+    Algorithm,
+    Column,
+    Context,
+    Declaration,
+    Metrics,
+    ModelConfigs,
+    Models,
+    token_logprobs,
+)
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.data.readers import BadRow, read_rows
 from posttrain.trainer.data.text import pad_id_of
@@ -46,9 +56,28 @@ def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Met
     return sft_loss(logp, batch["loss_weights"])
 
 
+def columns(spec: Any) -> dict[str, Column]:
+    """The step's batch of SFT-style rows (``data/sft.py``'s ``collate``): batchSize x maxLength."""
+    R, L = spec.training.batch_size, spec.data.max_length
+    out: dict[str, Column] = {
+        "input_ids": ((R, L), np.int32),
+        "attention_mask": ((R, L), np.int32),
+        "targets": ((R, L), np.int32),
+        "loss_weights": ((R, L), np.float32),
+    }
+    if spec.data.packing:
+        out["segment_ids"] = ((R, L), np.int32)
+    return out
+
+
+def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
+    return Declaration(loss=loss, columns=columns(spec))
+
+
 def build(ctx: Context) -> Algorithm:
-    completion_only = ctx.spec.block.completion_only_loss  # type: ignore[union-attr]
-    return supervised(ctx, "sft", completion_only=completion_only)
+    settings = ctx.spec.settings
+    assert isinstance(settings, SftSpec)
+    return supervised(ctx, "sft", completion_only=settings.completion_only_loss)
 
 
 def supervised(ctx: Context, name: str, *, completion_only: bool) -> Algorithm:
@@ -107,7 +136,7 @@ def supervised(ctx: Context, name: str, *, completion_only: bool) -> Algorithm:
                     "eval_exact_match_count": float(len(hits)),
                 }
 
-    return Algorithm(name=name, loss=loss, source=source, eval_batches=eval_batches, finish=finish)
+    return Algorithm(source=source, eval_batches=eval_batches, finish=finish)
 
 
 def _prompt_answers(path: str, d: Any) -> list[tuple[str, str]]:

@@ -1,0 +1,109 @@
+"""What the RL algorithms share: rewards, sampling, the SFT warm-up (one type, reused)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.api.base import MAX_LIST, MAX_STR, FieldValueError, Spec, Str
+
+BuiltinReward = Literal["math-answer", "regex-format", "length-penalty"]
+
+
+class RewardSpec(Spec):
+    """One reward term: a built-in by name, or the user's function, with a weight."""
+
+    builtin: BuiltinReward | None = Field(None, description="A built-in reward.")
+    function: (
+        Annotated[str, Field(max_length=MAX_STR, pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")] | None
+    ) = Field(
+        None,
+        description=(
+            'The user\'s reward: "module.path:name" or "/path/file.py:name", called as '
+            "fn(prompts, completions, **columns) -> list[float]."
+        ),
+    )
+    name: Annotated[str, Field(max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")] | None = Field(
+        None, description="Name used in metrics (default: the builtin or function name)."
+    )
+    weight: float = Field(1.0, description="Weight of this term in the summed reward.")
+    answer_field: Str = Field("answer", description="math-answer: column with the expected answer.")
+    pattern: Annotated[str, Field(max_length=MAX_STR)] | None = Field(
+        None,
+        description="regex-format: the regular expression a completion must match (re.search).",
+    )
+    target_length: int = Field(
+        128,
+        ge=1,
+        description="length-penalty: completions longer than this many characters lose reward.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.builtin is None) == (self.function is None):
+            raise ValueError("give exactly one of builtin or function")
+        if self.builtin == "regex-format":
+            if self.pattern is None:
+                raise FieldValueError("pattern", "builtin regex-format needs pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise FieldValueError(
+                    "pattern", f"pattern is not a valid regular expression: {err}"
+                ) from err
+        return self
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.builtin:
+            return self.builtin
+        assert self.function is not None
+        return self.function.rsplit(":", 1)[1]
+
+
+Rewards = Annotated[list[RewardSpec], Field(min_length=1, max_length=MAX_LIST)]
+
+
+class RolloutSpec(Spec):
+    """Sampling, rewards and the SFT warm-up: the fields every RL algorithm's block starts with."""
+
+    rewards: Rewards
+    max_new_tokens: int = Field(256, ge=1, le=1_048_576, description="Longest completion.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(
+        None, ge=1, description="Keep only the k most likely tokens when sampling."
+    )
+    sft_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Steps of supervised fine-tuning on data.completionField before RL starts (a cold "
+            "start, counted in training.steps); 0 = none. Needs the KL weight at 0: the reference "
+            "policy is the model before the warm-up."
+        ),
+    )
+
+    # The field that weights the KL to the reference (beta, klCoef): refused with a warm-up.
+    kl_field: ClassVar[str] = "beta"
+
+    @model_validator(mode="after")
+    def _warmup_without_reference(self) -> RolloutSpec:
+        kl = getattr(self, _snake(self.kl_field), 0.0)
+        if self.sft_warmup_steps and kl:
+            raise FieldValueError(
+                self.kl_field,
+                f"{self.kl_field} ({kl}) must be 0 with sftWarmupSteps ({self.sft_warmup_steps}): "
+                "the reference policy is the model before the warm-up, so the KL term would pull "
+                f"RL back towards it; set {self.kl_field}: 0, or run SFT as its own job and start "
+                "RL from its export",
+            )
+        return self
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
