@@ -12,7 +12,7 @@ from posttrain.api.base import FieldValueError, Spec
 from posttrain.api.settings.rl import RolloutSpec
 
 # Advantage estimators and loss aggregations the trainer registers (trainer/algorithms/parts.py).
-Advantage = Literal["group-std", "group-mean", "leave-one-out", "batch-std"]
+Advantage = Literal["group-std", "group-mean"]
 LossAggregation = Literal["sequence-mean", "token-mean", "constant-normalizer"]
 KlEstimator = Literal["k1", "k2", "k3"]
 
@@ -68,9 +68,7 @@ class GrpoSpec(RolloutSpec):
         "group-std",
         description=(
             "group-std: (r - mean) / (std + 1e-4) within each prompt's group (DeepSeekMath); "
-            "group-mean: r - mean (Dr. GRPO); leave-one-out: r - the mean of the group's other "
-            "rewards (RLOO); batch-std: discounted returns whitened over the whole batch "
-            "(REINFORCE++)."
+            "group-mean: r - mean (Dr. GRPO)."
         ),
     )
     loss_aggregation: LossAggregation = Field(
