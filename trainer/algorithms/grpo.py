@@ -122,7 +122,8 @@ class RolloutSource(RolloutBatchSource):
     def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
         batch = self.engine.teacher_forced(step * self.rows, self.rows)
-        return self._finish_batch(batch, np.zeros(self.rows, np.float32), sft=True)
+        shape = batch["completion_mask"].shape if self.estimator.per_token else (self.rows,)
+        return self._finish_batch(batch, np.zeros(shape, np.float32), sft=True)
 
     def _finish_batch(
         self, batch: dict[str, np.ndarray], adv: np.ndarray, *, sft: bool
