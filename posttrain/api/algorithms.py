@@ -21,6 +21,8 @@ from posttrain.api.settings.grpo import GrpoSpec
 from posttrain.api.settings.gspo_token import GspoTokenSpec
 from posttrain.api.settings.orpo import OrpoSpec
 from posttrain.api.settings.ppo import PpoSpec
+from posttrain.api.settings.reinforce_plus_plus import ReinforcePlusPlusSpec
+from posttrain.api.settings.rloo import RlooSpec
 from posttrain.api.settings.sft import SftSpec
 
 TRAINER = "posttrain.trainer.algorithms."
@@ -61,6 +63,13 @@ REGISTRY: dict[str, Entry] = {
         Entry("dpo", DpoSpec, TRAINER + "dpo", "DPO and its losses, on preference pairs"),
         Entry("orpo", OrpoSpec, TRAINER + "orpo", "ORPO: odds-ratio preference, no reference"),
         Entry("distill", DistillSpec, TRAINER + "distill", "distillation from a frozen teacher"),
+        Entry("rloo", RlooSpec, TRAINER + "rloo", "RLOO: leave-one-out baseline"),
+        Entry(
+            "reinforce-plus-plus",
+            ReinforcePlusPlusSpec,
+            TRAINER + "reinforce_plus_plus",
+            "REINFORCE++: batch-whitened returns, KL in the reward",
+        ),
     )
 }
 ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)
