@@ -196,16 +196,20 @@ def kto_reference(policy, reference, desirable, kl_policy, kl_reference, *, beta
     lam = np.where(desirable, wd, wu)
     rewards = beta * r
     good, bad = desirable, ~desirable
-    return (lam - v).mean(), z0, {
-        "kl": z0,
-        "logps/chosen": policy[good].mean(),
-        "logps/rejected": policy[bad].mean(),
-        "rewards/chosen": rewards[good].mean(),
-        "rewards/rejected": rewards[bad].mean(),
-        "rewards/margins": rewards[good].mean() - rewards[bad].mean(),
-        "count/chosen": good.sum(),
-        "count/rejected": bad.sum(),
-    }
+    return (
+        (lam - v).mean(),
+        z0,
+        {
+            "kl": z0,
+            "logps/chosen": policy[good].mean(),
+            "logps/rejected": policy[bad].mean(),
+            "rewards/chosen": rewards[good].mean(),
+            "rewards/rejected": rewards[bad].mean(),
+            "rewards/margins": rewards[good].mean() - rewards[bad].mean(),
+            "count/chosen": good.sum(),
+            "count/rejected": bad.sum(),
+        },
+    )
 
 
 def sample_unpaired(kl_shift):
