@@ -167,3 +167,12 @@ def test_the_compiled_loss_holds_one_chunk_of_logits_at_a_time():
     memory = chunked.memory_analysis()
     if memory is not None:  # the backend reports it (XLA:CPU does)
         assert memory.temp_size_in_bytes < b * t * vocab * 4
+
+
+def test_on_policy_steps_are_a_seeded_lambda_share():
+    draws = [dl.on_policy_step(3, s, 0.3) for s in range(2000)]
+    assert abs(np.mean(draws) - 0.3) < 0.04
+    assert draws[:50] == [dl.on_policy_step(3, s, 0.3) for s in range(50)]  # resumable
+    assert draws != [dl.on_policy_step(4, s, 0.3) for s in range(2000)]
+    assert not any(dl.on_policy_step(3, s, 0.0) for s in range(100))
+    assert all(dl.on_policy_step(3, s, 1.0) for s in range(100))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import xlogy
 
 from posttrain.trainer.models.logprobs import chunk_tokens_for, map_row_chunks, vocab_of
@@ -208,3 +209,13 @@ def gkd_loss(
         chunk_tokens=chunk_tokens,
     )
     return weighted_token_mean(jsd_bt, weights_bt)
+
+
+GKD_LMBDA = 0.5  # TRL's GKDConfig.lmbda: the share of steps trained on the student's own samples
+
+
+def on_policy_step(seed: int, step: int, lmbda: float = GKD_LMBDA) -> bool:
+    """Whether step ``step`` trains on sequences the student samples (GKD's on-policy fraction
+    lambda; TRL draws ``random.random() <= lmbda`` per step). Drawn from (seed, step), so a
+    resumed run makes the same choices."""
+    return bool(np.random.default_rng([seed, step]).random() < lmbda)
