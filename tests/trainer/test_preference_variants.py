@@ -12,6 +12,7 @@ from posttrain.trainer.algorithms.preference_loss import (
     SIMPO_GAMMA,
     kto_loss,
     kto_reference_point,
+    kto_weights_balanced,
     mixed_dpo_loss,
     preference_metrics,
     simpo_loss,
@@ -292,3 +293,13 @@ def test_kto_padding_rows_weigh_nothing():
     np.testing.assert_allclose(
         float(metrics["logps/chosen"]), policy[:real][desirable[:real]].mean(), rtol=1e-5
     )
+
+
+def test_kto_weight_balance_is_the_papers_range():
+    assert kto_weights_balanced(100, 100)  # balanced data, TRL's default weights
+    assert kto_weights_balanced(100, 100, 1.33, 1.0)
+    assert not kto_weights_balanced(100, 100, 1.4, 1.0)
+    assert not kto_weights_balanced(10, 100)  # few desirable rows: raise their weight
+    assert kto_weights_balanced(10, 100, 10.0, 1.0)
+    assert kto_weights_balanced(100, 80)  # 1.25
+    assert not kto_weights_balanced(100, 70)  # 1.43

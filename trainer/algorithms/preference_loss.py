@@ -255,6 +255,18 @@ KTO_DESIRABLE_WEIGHT = 1.0
 KTO_UNDESIRABLE_WEIGHT = 1.0
 
 
+def kto_weights_balanced(
+    n_desirable: int,
+    n_undesirable: int,
+    desirable_weight: float = KTO_DESIRABLE_WEIGHT,
+    undesirable_weight: float = KTO_UNDESIRABLE_WEIGHT,
+) -> bool:
+    """The KTO paper's advice (sec. 4.2, eq. 9), which TRL's KTOTrainer warns about:
+    lambda_D n_D / (lambda_U n_U) should lie in [1, 4/3]."""
+    ratio = desirable_weight * n_desirable / max(undesirable_weight * n_undesirable, 1e-12)
+    return 1.0 <= ratio <= 4.0 / 3.0
+
+
 def kto_reference_point(
     policy_kl_logps: jax.Array, reference_kl_logps: jax.Array, row_weights: jax.Array
 ) -> jax.Array:
