@@ -1,4 +1,5 @@
-"""Distillation maths on arrays: the logit, attention-map and feature terms, and the layer map.
+"""Distillation maths on arrays: the logit, attention-map and feature terms, the layer map, and
+GKD's generalised JSD computed from hidden states over chunks of tokens.
 
 Every term is a per-token quantity aggregated like ``sft_loss``: ``mean over rows of
 sum_t(term_bt * weight_bt)`` with the batch source's completion-token weights, so with those
@@ -8,11 +9,16 @@ Teacher arrays are constants here (the caller stops their gradient).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import xlogy
+
+from posttrain.trainer.models.logprobs import chunk_tokens_for, map_row_chunks, vocab_of
+
+Head = Callable[[jax.Array], jax.Array]  # hidden [N, E] -> logits [N, V]
 
 
 def weighted_token_mean(term_bt: jax.Array, weights_bt: jax.Array) -> jax.Array:
@@ -102,3 +108,114 @@ def check_layer_map(
     if errors:
         raise ValueError("; ".join(errors))
     return [(int(s), int(t)) for s, t in pairs]
+
+
+# ------------------------------------------------------------------------------ GKD's JSD
+
+
+GKD_BETA = 0.5  # TRL's GKDConfig defaults
+GKD_TEMPERATURE = 0.9
+
+
+def generalized_jsd(
+    student_logits_nv: jax.Array,
+    teacher_logits_nv: jax.Array,
+    *,
+    beta: float = GKD_BETA,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """Generalised JSD per row, float32 [N] (GKD, Agarwal et al. 2024; TRL's
+    ``generalized_jsd_loss``): with p = softmax(teacher / T), q = softmax(student / T) and the
+    mixture m = beta p + (1 - beta) q, JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m).
+
+    beta = 0 gives the forward KL(p || q), beta = 1 the reverse KL(q || p), computed directly as
+    TRL does (the mixture form vanishes there; JSD_beta / beta and JSD_beta / (1 - beta) tend to
+    them). No T^2 factor, as TRL.
+    """
+    log_q = jax.nn.log_softmax(student_logits_nv.astype(jnp.float32) / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(teacher_logits_nv.astype(jnp.float32) / temperature, axis=-1)
+
+    def kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.exp(log_a) * (log_a - log_b), axis=-1)
+
+    if beta == 0.0:
+        return kl(log_p, log_q)
+    if beta == 1.0:
+        return kl(log_q, log_p)
+    log_m = jnp.logaddexp(log_p + jnp.log(beta), log_q + jnp.log1p(-beta))
+    return beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)
+
+
+def chunked_generalized_jsd(
+    student_hidden_bte: jax.Array,
+    student_head: Head,
+    teacher_hidden_bts: jax.Array,
+    teacher_head: Head,
+    *,
+    beta: float = GKD_BETA,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> jax.Array:
+    """``generalized_jsd`` per token, float32 [B, T], from both models' final hidden states and
+    LM heads (hidden [N, E] -> logits [N, V]), a chunk of tokens at a time: the student's and the
+    teacher's [chunk, V] float32 logits exist only inside their chunk's step and are recomputed
+    in the backward pass, never [B, T, V]. The teacher is a constant (its gradient is stopped).
+
+    ``chunk_tokens`` defaults to half of ``chunk_tokens_for(V)``: two logits arrays per chunk.
+    """
+    B, T, E = student_hidden_bte.shape
+    if chunk_tokens is None:
+        chunk_tokens = max(1, chunk_tokens_for(vocab_of(student_head, student_hidden_bte)) // 2)
+
+    def one_chunk(student_ne: jax.Array, teacher_ns: jax.Array) -> tuple[jax.Array]:
+        teacher_logits = jax.lax.stop_gradient(teacher_head(teacher_ns))
+        return (
+            generalized_jsd(
+                student_head(student_ne), teacher_logits, beta=beta, temperature=temperature
+            ),
+        )
+
+    (jsd_n,) = map_row_chunks(
+        one_chunk,
+        (
+            student_hidden_bte.reshape(B * T, E),
+            jax.lax.stop_gradient(teacher_hidden_bts).reshape(B * T, -1),
+        ),
+        chunk_tokens,
+    )
+    return jsd_n.reshape(B, T)
+
+
+def gkd_loss(
+    student_hidden_bte: jax.Array,
+    student_head: Head,
+    teacher_hidden_bts: jax.Array,
+    teacher_head: Head,
+    weights_bt: jax.Array,
+    *,
+    beta: float = GKD_BETA,
+    temperature: float = GKD_TEMPERATURE,
+    chunk_tokens: int | None = None,
+) -> jax.Array:
+    """The generalised JSD aggregated like every term here (mean per trained token with the
+    batch source's weights; TRL's ``batchmean`` over the completion tokens)."""
+    jsd_bt = chunked_generalized_jsd(
+        student_hidden_bte,
+        student_head,
+        teacher_hidden_bts,
+        teacher_head,
+        beta=beta,
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+    )
+    return weighted_token_mean(jsd_bt, weights_bt)
+
+
+GKD_LMBDA = 0.5  # TRL's GKDConfig.lmbda: the share of steps trained on the student's own samples
+
+
+def on_policy_step(seed: int, step: int, lmbda: float = GKD_LMBDA) -> bool:
+    """Whether step ``step`` trains on sequences the student samples (GKD's on-policy fraction
+    lambda; TRL draws ``random.random() <= lmbda`` per step). Drawn from (seed, step), so a
+    resumed run makes the same choices."""
+    return bool(np.random.default_rng([seed, step]).random() < lmbda)

@@ -85,3 +85,27 @@ def map_token_chunks(
     one_chunk = jax.checkpoint(lambda args: fn(*args))  # keep the chunk's inputs, not its logits
     outputs_cc = jax.lax.map(one_chunk, (hidden_cce, targets_cc))
     return tuple(o.reshape(-1)[:n] for o in outputs_cc)
+
+
+def map_row_chunks(
+    fn: Callable[..., tuple[jax.Array, ...]],
+    inputs: tuple[jax.Array, ...],
+    chunk_tokens: int,
+) -> tuple[jax.Array, ...]:
+    """``map_token_chunks`` for any number of per-token inputs (each [N, ...]), e.g. a student's
+    and a teacher's hidden states of different widths: ``fn(*chunk_inputs)`` -> per-token
+    outputs ([c] each), over chunks of at most ``chunk_tokens`` tokens, each chunk recomputed in
+    the backward pass so only one chunk's logits are ever alive."""
+    n = inputs[0].shape[0]
+    if n <= chunk_tokens:
+        return fn(*inputs)
+    chunks = -(-n // chunk_tokens)
+    pad = chunks * chunk_tokens - n
+
+    def split(x: jax.Array) -> jax.Array:
+        padded = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return padded.reshape(chunks, chunk_tokens, *x.shape[1:])
+
+    one_chunk = jax.checkpoint(lambda args: fn(*args))  # keep the chunk's inputs, not its logits
+    outputs = jax.lax.map(one_chunk, tuple(split(x) for x in inputs))
+    return tuple(o.reshape(-1)[:n] for o in outputs)
