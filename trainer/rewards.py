@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.api.v1alpha1 import RewardSpec
+from posttrain.api.settings.rl import RewardSpec
 
 RewardFn = Callable[..., Sequence[float]]
 

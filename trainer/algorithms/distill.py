@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from posttrain.api.v1alpha1 import DistillSpec, ModelSpec
+from posttrain.api.settings.distill import DistillSpec
+from posttrain.api.v1alpha1 import ModelSpec
 from posttrain.trainer.algorithms import distill_loss as dl
 from posttrain.trainer.algorithms.base import (
     Algorithm,

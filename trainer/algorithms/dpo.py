@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from posttrain.api.v1alpha1 import DpoSpec
+from posttrain.api.settings.dpo import DpoSpec
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Batch,

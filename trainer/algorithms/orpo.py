@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from posttrain.api.v1alpha1 import OrpoSpec
+from posttrain.api.settings.orpo import OrpoSpec
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Context,
