@@ -10,6 +10,9 @@ import pytest
 
 from posttrain.api import JobInvalid, load_documents, parse_job
 from posttrain.api import v1alpha1 as api
+from posttrain.api.algorithms import ALGORITHMS, REGISTRY
+from posttrain.api.settings.grpo import GrpoSpec
+from posttrain.api.settings.sft import SftSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(ROOT.glob("examples/**/*.yaml"))
@@ -63,6 +66,19 @@ def test_every_example_is_valid(path: Path) -> None:
         parse_job(doc)
 
 
+def block_of(algorithm: str) -> str:
+    """The YAML name of the block an algorithm reads (``dr-grpo`` -> ``drGrpo``)."""
+    return REGISTRY[algorithm].block
+
+
+def rl_job(algorithm: str, **fields: Any) -> dict[str, Any]:
+    """MINIMAL run by ``algorithm``, its block (rewards from MINIMAL) under its own name."""
+    block = {**MINIMAL["spec"]["grpo"], **fields}
+    return job(
+        **{"spec.grpo": None, "spec.algorithm": algorithm, f"spec.{block_of(algorithm)}": block}
+    )
+
+
 def test_defaults() -> None:
     spec = parse_job(MINIMAL).spec
     assert spec.training.batch_size == 32
@@ -73,53 +89,68 @@ def test_defaults() -> None:
     assert spec.data.max_length == 1024 and spec.data.max_prompt_length == 512
     assert spec.resources.slices == 1
     assert spec.max_restarts == 3 and spec.suspend is False
-    grpo = spec.grpo_settings
-    assert grpo is not None
+    grpo = spec.settings
+    assert isinstance(grpo, GrpoSpec) and grpo is spec.grpo
     assert (grpo.num_generations, grpo.beta, grpo.kl_estimator) == (8, 0.04, "k3")
-    assert grpo.clip_range("grpo") == (0.2, 0.2)
+    assert (grpo.epsilon, grpo.clip_high) == (0.2, 0.2)
     assert (spec.model.dtype, spec.model.param_dtype) == ("bfloat16", "float32")
     assert spec.output.export_dtype is None  # the base checkpoint's dtype
     assert grpo.rewards[0].weight == 1.0
 
 
-def test_optional_blocks_default_and_gspo_reads_grpo() -> None:
+def test_optional_blocks_default_and_each_algorithm_reads_its_own_block() -> None:
     sft = parse_job(job(**{"spec.algorithm": "sft", "spec.grpo": None})).spec
-    assert sft.block == api.SftSpec()
-    gspo = parse_job(job(**{"spec.algorithm": "gspo-token"})).spec
-    assert gspo.block is gspo.grpo
+    assert sft.settings == SftSpec()
+    for algorithm in ("gspo-token", "dapo", "dr-grpo"):
+        spec = parse_job(rl_job(algorithm)).spec
+        entry = REGISTRY[algorithm]
+        assert spec.settings is getattr(spec, entry.field) and spec.grpo is None
+        assert type(spec.settings) is entry.settings
 
 
 def test_gspo_token_clip_defaults_are_the_papers_unless_set() -> None:
-    gspo = parse_job(job(**{"spec.algorithm": "gspo-token"})).spec.grpo
-    assert gspo is not None and gspo.clip_range("gspo-token") == (3e-4, 4e-4)
-    assert gspo.clip_range("grpo") == (0.2, 0.2)  # the same block read by grpo keeps GRPO's
-    low = parse_job(job(**{"spec.algorithm": "gspo-token", "spec.grpo.epsilon": 1e-3})).spec.grpo
-    assert low is not None and low.clip_range("gspo-token") == (1e-3, 1e-3)
-    both = parse_job(
-        job(**{"spec.algorithm": "grpo", "spec.grpo.epsilon": 0.1, "spec.grpo.epsilonHigh": 0.3})
-    ).spec.grpo
-    assert both is not None and both.clip_range("grpo") == (0.1, 0.3)
+    def clip(doc: dict[str, Any]) -> tuple[float, float]:
+        g = parse_job(doc).spec.settings
+        assert isinstance(g, GrpoSpec)
+        return g.epsilon, g.clip_high
+
+    assert clip(rl_job("gspo-token")) == (3e-4, 4e-4)
+    assert clip(rl_job("gspo-token", epsilon=1e-3, epsilonHigh=2e-3)) == (1e-3, 2e-3)
+    assert clip(job()) == (0.2, 0.2)  # GRPO's own
+    assert clip(job(**{"spec.grpo.epsilon": 0.1})) == (0.1, 0.1)  # unset: epsilonHigh = epsilon
+    assert clip(job(**{"spec.grpo.epsilon": 0.1, "spec.grpo.epsilonHigh": 0.3})) == (0.1, 0.3)
+    # A lower bound above the paper's upper one: the pair no longer holds, say which to set.
+    errors = errors_of(rl_job("gspo-token", epsilon=1e-3))
+    assert (
+        "epsilonHigh (0.0004) must be at least epsilon (0.001)"
+        in errors["spec.gspoToken.epsilonHigh"]
+    )
 
 
 GRPO_FAMILY = {
-    # algorithm: (beta, epsilonHigh, advantage, lossAggregation, dynamicSampling, overlong mode)
-    "grpo": (0.04, 0.2, "group-std", "sequence-mean", False, "none"),
-    "gspo-token": (0.04, 4e-4, "group-std", "sequence-mean", False, "none"),
-    "dapo": (0.0, 0.28, "group-std", "token-mean", True, "penalty"),
-    "dr-grpo": (0.0, 0.2, "group-mean", "constant-normalizer", False, "none"),
+    # algorithm: (beta, epsilon, clip_high, advantage, lossAggregation, dynamicSampling, overlong)
+    "grpo": (0.04, 0.2, 0.2, "group-std", "sequence-mean", False, "none"),
+    "gspo-token": (0.04, 3e-4, 4e-4, "group-std", "sequence-mean", False, "none"),
+    "dapo": (0.0, 0.2, 0.28, "group-std", "token-mean", True, "penalty"),
+    "dr-grpo": (0.0, 0.2, 0.2, "group-mean", "constant-normalizer", False, "none"),
 }
 
 
 @pytest.mark.parametrize("algorithm", GRPO_FAMILY)
-def test_grpo_block_defaults_follow_the_algorithm(algorithm: str) -> None:
-    spec = parse_job(job(**{"spec.algorithm": algorithm})).spec
-    assert spec.block is spec.grpo
-    g = spec.grpo_settings
-    assert g is not None
-    got = (g.beta, g.epsilon_high, g.advantage, g.loss_aggregation, g.dynamic_sampling)
+def test_each_algorithms_settings_type_holds_its_papers_defaults(algorithm: str) -> None:
+    settings = REGISTRY[algorithm].settings
+    # The type itself (no job around it) holds the paper's values, and so does a parsed job.
+    typed = settings.model_validate({"rewards": [{"builtin": "math-answer"}]})
+    g = parse_job(job() if algorithm == "grpo" else rl_job(algorithm)).spec.settings
+    assert type(g) is settings and g == typed
+    assert isinstance(g, GrpoSpec)
+    got = (g.beta, g.epsilon, g.clip_high, g.advantage, g.loss_aggregation, g.dynamic_sampling)
     assert (*got, g.overlong.mode) == GRPO_FAMILY[algorithm]
     # DAPO's soft-penalty buffer: the paper's 4096 of 20480 tokens, i.e. maxNewTokens / 5.
     assert g.overlong.buffer == (256 // 5 if algorithm == "dapo" else None)
+    if algorithm == "dapo":
+        longer = parse_job(rl_job("dapo", maxNewTokens=1000)).spec.settings
+        assert isinstance(longer, GrpoSpec) and longer.overlong.buffer == 200
 
 
 def test_explicit_values_win_over_the_algorithm_defaults() -> None:
@@ -130,24 +161,43 @@ def test_explicit_values_win_over_the_algorithm_defaults() -> None:
         "lossAggregation": "sequence-mean",
         "dynamicSampling": False,
         "overlong": {"mode": "filter"},
-        "rewards": [{"builtin": "math-answer"}],
     }
-    g = parse_job(job(**{"spec.algorithm": "dapo", "spec.grpo": mine})).spec.grpo_settings
-    assert g is not None
-    assert (g.beta, g.epsilon_high, g.advantage, g.loss_aggregation) == (
+    g = parse_job(rl_job("dapo", **mine)).spec.settings
+    assert isinstance(g, GrpoSpec)
+    assert (g.beta, g.clip_high, g.advantage, g.loss_aggregation) == (
         0.01, 0.28, "group-mean", "sequence-mean"
     )  # fmt: skip
     assert (g.dynamic_sampling, g.overlong.mode) == (False, "filter")
-    rounds = {"dynamicSampling": True, "maxSamplingRounds": 3, "overlong": {"buffer": 64}}
-    grpo = job(**{f"spec.grpo.{k}": v for k, v in rounds.items()})
-    g = parse_job(grpo).spec.grpo_settings
-    assert g is not None
+    rounds = {
+        "dynamicSampling": True,
+        "maxSamplingRounds": 3,
+        "overlong": {"mode": "penalty", "buffer": 64},
+    }
+    g = parse_job(job(**{f"spec.grpo.{k}": v for k, v in rounds.items()})).spec.settings
+    assert isinstance(g, GrpoSpec)
     assert (g.dynamic_sampling, g.max_sampling_rounds, g.overlong.mode, g.overlong.buffer) == (
         True, 3, "penalty", 64
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("overlong", [None, {"mode": "filter"}, {"buffer": 8}])
+@pytest.mark.parametrize("algorithm", ["dapo", "dr-grpo", "gspo-token"])
+def test_spec_grpo_with_another_algorithm_is_refused_saying_what_to_write(algorithm: str) -> None:
+    errors = errors_of(job(**{"spec.algorithm": algorithm}))
+    assert set(errors) == {"spec.grpo"}, errors
+    message = errors["spec.grpo"]
+    assert f"`{block_of(algorithm)}:`" in message and "`grpo:`" in message
+    assert f"algorithm {algorithm} reads spec.{block_of(algorithm)}" in message
+
+
+def test_warm_up_needs_no_kl_and_dapo_has_none_by_default() -> None:
+    assert "spec.grpo.beta" in errors_of(job(**{"spec.grpo.sftWarmupSteps": 5}))
+    warm = parse_job(rl_job("dapo", sftWarmupSteps=5)).spec.settings
+    assert isinstance(warm, GrpoSpec) and (warm.sft_warmup_steps, warm.beta) == (5, 0.0)
+
+
+@pytest.mark.parametrize(
+    "overlong", [None, {"mode": "filter"}, {"mode": "penalty"}, {"mode": "penalty", "buffer": 8}]
+)
 def test_round_trip_through_manifest(overlong: dict[str, Any] | None) -> None:
     parsed = parse_job(job(**{"spec.grpo.overlong": overlong}))
     again = parse_job(parsed.to_manifest())
@@ -155,7 +205,16 @@ def test_round_trip_through_manifest(overlong: dict[str, Any] | None) -> None:
     assert parsed.to_manifest()["spec"]["training"]["batchSize"] == 32  # camelCase out
 
 
+@pytest.mark.parametrize("algorithm", ["dapo", "dr-grpo", "gspo-token"])
+def test_round_trip_keeps_each_algorithms_block(algorithm: str) -> None:
+    parsed = parse_job(rl_job(algorithm))
+    manifest = parsed.to_manifest()
+    assert block_of(algorithm) in manifest["spec"] and "grpo" not in manifest["spec"]
+    assert parse_job(manifest) == parsed
+
+
 PPO = {"rewards": [{"builtin": "length-penalty"}]}
+RL = {"rewards": [{"builtin": "math-answer"}]}
 
 INVALID = [
     # (patches, field path, a fragment of the message)
@@ -170,7 +229,7 @@ INVALID = [
     (
         {"spec.algorithm": "rlhf"},
         "spec.algorithm",
-        "'sft', 'ppo', 'grpo', 'gspo-token', 'dapo', 'dr-grpo', 'dpo', 'orpo' or 'distill'",
+        ", ".join(repr(a) for a in ALGORITHMS[:-1]) + f" or {ALGORITHMS[-1]!r}",
     ),
     ({"spec.grpo": None}, "spec.grpo", "algorithm grpo needs spec.grpo"),
     ({"spec.dpo": {"beta": 0.1}}, "spec.dpo", "algorithm is grpo"),
@@ -220,12 +279,27 @@ INVALID = [
     (
         {
             "spec.algorithm": "dapo",
-            "spec.grpo.rewards": [{"builtin": "math-answer"}, {"function": "m:overlong"}],
+            "spec.grpo": None,
+            "spec.dapo.rewards": [{"builtin": "math-answer"}, {"function": "m:overlong"}],
         },
-        "spec.grpo.rewards[1].name",
+        "spec.dapo.rewards[1].name",
         "names the overlong penalty",
     ),
-    ({"spec.grpo.sftWarmupSteps": 5}, "spec.grpo.beta", "grpo's default beta (0.04) must be 0"),
+    (
+        {"spec.grpo.sftWarmupSteps": 5},
+        "spec.grpo.beta",
+        "beta (0.04) must be 0 with sftWarmupSteps (5)",
+    ),
+    (
+        {"spec.grpo.epsilon": 0.3, "spec.grpo.epsilonHigh": 0.25},
+        "spec.grpo.epsilonHigh",
+        "epsilonHigh (0.25) must be at least epsilon (0.3)",
+    ),
+    (  # DAPO's clip-higher 0.28 holds with its epsilon 0.2: a larger epsilon needs both set
+        {"spec.algorithm": "dapo", "spec.grpo": None, "spec.dapo": {**RL, "epsilon": 0.3}},
+        "spec.dapo.epsilonHigh",
+        "must be at least epsilon (0.3)",
+    ),
     ({"spec.resources.topology": "2x3"}, "spec.resources.topology", "valid: 1x1, 2x2, 2x4, 4x4"),
     ({"spec.resources.topology": None}, "spec.resources.topology", "required for tpu-v5e"),
     (
