@@ -249,3 +249,9 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def code_interpreter(code: str) -> str:
+    """A tool for `ToolBox` (`posttrain.trainer.tools.sandbox:code_interpreter`): the sandbox's
+    observation for `code`, with the default limits."""
+    return run_python(code).observation()
