@@ -196,3 +196,36 @@ def test_a_sandbox_that_cannot_start_is_an_error_observation():
     result = run_python("print(1)", FAST, python="/nonexistent/python")
     assert not result.ok
     assert result.observation().startswith("Error: ")
+
+
+@pytest.mark.skipif(ISO.user != "full", reason="needs root with namespaces to build the fallback")
+def test_real_uid_fallback_still_limits_processes_and_network(monkeypatch):
+    # Where uid 65534 cannot read the interpreter, only the real uid changes (euid 0, no
+    # capabilities): RLIMIT_NPROC and the network namespace must hold all the same.
+    swap = {"--reuid": "--ruid", "--regid": "--rgid"}
+    prefix = tuple(swap.get(arg, arg) for arg in ISO.prefix)
+    fallback = sandbox.Isolation(namespaces=True, user="real-uid", prefix=prefix)
+    monkeypatch.setattr(sandbox, "isolation", lambda python=None: fallback)
+    ids = run_python(
+        "import os\nprint(os.getresuid()[0], os.geteuid(), "
+        "open('/proc/self/status').read().split('CapEff:')[1].split()[0])",
+        FAST,
+    )
+    assert ids.stdout.split() == ["65534", "0", "0000000000000000"], ids.observation()
+    test_fork_bomb_through_libc_stops_at_the_process_limit()
+    test_socket_through_libc_cannot_reach_the_hosts_loopback()
+    # The weakness docs/rl.md states: euid 0 may set the real uid back to 0, and uid 0 is exempt
+    # from RLIMIT_NPROC, so here the process limit holds only against code that does not try.
+    escape = LIBC + (
+        "libc.setresuid(0, 0, 0)\nn = 0\n"
+        "while n < 20 and (pid := libc.fork()) > 0:\n    n += 1\n"
+        "if pid == 0:\n    import time; time.sleep(30)\nprint(n)\n"
+    )
+    result = run_python(escape, Limits(timeout_s=10, max_processes=8))
+    assert result.stdout.split()[-1] == "20", result.observation()
+
+
+@pytest.mark.skipif(ISO.user != "full", reason="the child does not run fully as uid 65534 here")
+def test_full_uid_drop_has_no_way_back_to_root():
+    result = run_python(LIBC + "print(libc.setuid(0), libc.setresuid(0, 0, 0))", FAST)
+    assert result.stdout.split() == ["-1", "-1"], result.observation()
