@@ -18,11 +18,12 @@ completion cannot stop training. Each call gets:
   uid 65534 with no capabilities and `no_new_privs`. RLIMIT_NPROC is never enforced for uid 0 or a
   process with CAP_SYS_RESOURCE/CAP_SYS_ADMIN, so the uid change is what makes the process limit
   real; without capabilities the code can neither raise its limits nor leave the namespaces.
-  If the interpreter is readable by uid 65534 the child runs fully as that uid ("full"), so the
-  OS also refuses writes to files it does not own. If not (a Python under /root, mode 700), only
-  the *real* uid changes and the effective uid stays 0 without capabilities ("real-uid"): limits,
-  namespaces and RLIMIT_NPROC still hold, but root-owned files are writable as far as the OS is
-  concerned and only the audit hook below stops the writes;
+  If uid 65534 can run the interpreter the child runs fully as that uid ("full"), so the OS
+  also refuses writes to files it does not own. If not, only the *real* uid changes and the
+  effective uid stays 0 without capabilities ("real-uid"): limits and namespaces hold, but code
+  that reaches libc can set its real uid back to 0 (allowed to any process whose effective uid is
+  0) and so escape RLIMIT_NPROC, and root-owned files are writable as far as the OS is concerned:
+  there the audit hook alone stops forks and writes;
 - **an audit hook** (`sys.addaudithook`, cannot be removed) installed before the code runs that
   refuses: socket creation, process creation (fork, exec, spawn, subprocess, os.system), signals
   to other processes, and file writes, renames, deletions or metadata changes outside the
