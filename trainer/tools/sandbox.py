@@ -161,14 +161,17 @@ def isolation(python: str = sys.executable) -> Isolation:
     """Probe, once per interpreter, the strongest containment this machine allows."""
     unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
     candidates: list[tuple[bool, str, list[str]]] = []
-    if unshare and os.geteuid() == 0:
-        ns = [unshare, "--net", "--pid", "--fork", "--kill-child", "--"]
+    if os.geteuid() == 0:
+        ns = [unshare, "--net", "--pid", "--fork", "--kill-child", "--"] if unshare else []
         if setpriv:
             drop = ["--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
             uid = str(SANDBOX_UID)
             full = [setpriv, "--reuid", uid, "--regid", uid, *drop, "--"]
             real = [setpriv, "--ruid", uid, "--rgid", uid, *drop, "--"]
-            candidates += [(True, "full", ns + full), (True, "real-uid", ns + real)]
+            if ns:
+                candidates += [(True, "full", ns + full), (True, "real-uid", ns + real)]
+            # Root without CAP_SYS_ADMIN (a default container): no namespaces, but the uid drop.
+            candidates += [(False, "full", full), (False, "real-uid", real)]
     elif unshare:  # unprivileged user namespaces, where the kernel allows them
         ns = [unshare, "--user", "--map-current-user", "--net", "--pid", "--fork", "--kill-child"]
         candidates.append((True, "same", [*ns, "--"]))
