@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --batch-size must be at least 1", file=sys.stderr)
         return 1
 
-    import jax
     import numpy as np
+    from flax import nnx
 
     from posttrain.trainer.data.text import HfTokenizer
     from posttrain.trainer.models.reward_model import load_reward_model
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     # Padding must use the id pooling skips; without one transformers scores a single row only.
     pad = model.config.pad_token_id
     batch = args.batch_size if pad is not None else 1
-    scores = jax.jit(lambda ids, mask: model.scores(ids, mask))
+    # The model as an argument, not a closure: its weights must not become compiled constants.
+    scores = nnx.jit(lambda m, ids, mask: m.scores(ids, mask))
     for start in range(0, len(encoded), batch):
         rows = encoded[start : start + batch]
         width = _bucket(max(len(r) for r in rows)) if pad is not None else len(rows[0])
@@ -85,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
         mask = np.zeros((len(rows), width), np.int32)
         for i, row in enumerate(rows):
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        for value in np.asarray(scores(ids, mask)):
+        for value in np.asarray(scores(model, ids, mask)):
             print(repr(float(value)))
     return 0

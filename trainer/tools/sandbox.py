@@ -243,7 +243,7 @@ def run_python(
                 timed_out=timed_out,
                 seconds=seconds,
             )
-    except OSError as err:  # could not start the process or use the temporary directory
+    except (OSError, subprocess.SubprocessError) as err:  # could not start or clean up
         return SandboxResult("", "", None, False, time.perf_counter() - start, f"{err}")
 
 
