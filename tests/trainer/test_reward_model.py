@@ -7,10 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from posttrain.cli import main
 from posttrain.trainer.models.reward_model import load_reward_model, pool_index
@@ -37,15 +37,21 @@ def loaded(request):
     return request.param, load_reward_model(REWARD_FIXTURES / request.param)
 
 
+@nnx.jit
+def forward(model, ids, mask):
+    """Pooled scores [B] and the head at every position [B, T] (positions 0..T-1, as in HF)."""
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return model.scores(ids, mask), model(ids, mask, positions=positions)[..., 0]
+
+
 def test_each_text_alone_matches_transformers(loaded):
     name, model = loaded
-    scores = jax.jit(lambda ids: model.scores(ids))
-    per_position = jax.jit(lambda ids: model(ids)[..., 0])
     for text in expected(name)["texts"]:
         ids = jnp.asarray([text["ids"]], jnp.int32)
-        np.testing.assert_allclose(scores(ids), [text["score"]], **TOL, err_msg=text["name"])
+        scores, per_position = forward(model, ids, jnp.ones_like(ids))
+        np.testing.assert_allclose(scores, [text["score"]], **TOL, err_msg=text["name"])
         np.testing.assert_allclose(
-            per_position(ids)[0], text["per_position_scores"], **TOL, err_msg=text["name"]
+            per_position[0], text["per_position_scores"], **TOL, err_msg=text["name"]
         )
         assert int(pool_index(ids, 0)[0]) == text["pooled_index"]
 
@@ -57,7 +63,7 @@ def test_padded_batches_match_transformers(loaded, side):
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     mask = jnp.asarray(batch["attention_mask"], jnp.int32)
     np.testing.assert_array_equal(pool_index(ids, 0), batch["pooled_index"])
-    np.testing.assert_allclose(model.scores(ids, mask), batch["scores"], **TOL)
+    np.testing.assert_allclose(forward(model, ids, mask)[0], batch["scores"], **TOL)
 
 
 def test_pooling_quirks_match_transformers(loaded):
@@ -70,7 +76,7 @@ def test_pooling_quirks_match_transformers(loaded):
             pool_index(ids, 0), case["pooled_index"], err_msg=case["name"]
         )
         np.testing.assert_allclose(
-            model.scores(ids, mask), case["scores"], **TOL, err_msg=case["name"]
+            forward(model, ids, mask)[0], case["scores"], **TOL, err_msg=case["name"]
         )
 
 
@@ -80,7 +86,7 @@ def test_legacy_config_layout_gives_the_same_scores(tmp_path, name):
     batch = expected(name)["right_padded"]
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     mask = jnp.asarray(batch["attention_mask"], jnp.int32)
-    np.testing.assert_allclose(model.scores(ids, mask), batch["scores"], **TOL)
+    np.testing.assert_allclose(forward(model, ids, mask)[0], batch["scores"], **TOL)
 
 
 def test_pool_index_without_pad_token():
