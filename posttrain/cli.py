@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Order is the order of `posttrain --help`.
-COMMANDS = ["validate", "render", "plan", "run", "crd", "operator"]
+COMMANDS = ["validate", "render", "plan", "run", "score", "crd", "operator"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Tools a policy can call during multi-turn rollouts: sandboxed Python and user functions."""
