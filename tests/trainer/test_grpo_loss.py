@@ -32,6 +32,9 @@ def np_advantages(rewards, G, mode):
 
 def np_kl(logp, ref, est):
     x = ref - logp  # log(pi_ref / pi)
+    if est == "k3+":  # verl's low_var_kl value: log-ratio clamped to [-20, 20], value to [-10, 10]
+        x = np.clip(x, -20, 20)
+        return np.clip(np.exp(x) - x - 1, -10, 10)
     return {"k1": -x, "k2": 0.5 * x * x, "k3": np.exp(x) - x - 1}[est]
 
 
@@ -130,7 +133,7 @@ def test_group_advantages_reject_ragged_groups():
 # ------------------------------------------------------------------ KL estimators
 
 
-@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("est", ["k1", "k2", "k3", "k3+"])
 def test_kl_estimators_match_reference(est):
     logp, _, ref, _, _ = batch()
     np.testing.assert_allclose(
@@ -152,11 +155,57 @@ def test_kl_estimators_are_unbiased_or_low_variance_as_schulman_says():
     assert float(np.min(gl.kl_penalty(logp, logq, "k3"))) >= 0
 
 
+def test_low_var_kl_clamps_as_verl():
+    logp = jnp.asarray([0.0, 0.0, 0.0, -1.0, -3.0], jnp.float32)
+    ref = jnp.asarray([25.0, -30.0, 2.0, -1.2, -2.5], jnp.float32)
+    got = np.asarray(gl.low_var_kl(logp, ref))
+    np.testing.assert_allclose(got, np_kl(np.asarray(logp), np.asarray(ref), "k3+"), rtol=1e-5)
+    assert got[0] == 10.0 and got[1] == 10.0  # e^20 - 21 and e^-20 + 19, clamped to 10
+    np.testing.assert_allclose(got[2:], gl.kl_penalty(logp, ref, "k3")[2:], rtol=1e-6)
+
+
+def test_k3_plus_has_k3s_value_and_k2s_gradient():
+    logp, _, ref, _, _ = batch(seed=2)
+    np.testing.assert_array_equal(gl.kl_k3_plus(logp, ref), gl.low_var_kl(logp, ref))
+    np.testing.assert_array_equal(gl.kl_penalty(logp, ref, "k3+"), gl.kl_k3_plus(logp, ref))
+    for wrt in (0, 1):  # per-token gradients, with respect to the policy's and the reference's
+        plus = jax.grad(lambda a, b: gl.kl_k3_plus(a, b).sum(), argnums=wrt)(logp, ref)
+        k2 = jax.grad(lambda a, b: gl.kl_penalty(a, b, "k2").sum(), argnums=wrt)(logp, ref)
+        np.testing.assert_allclose(plus, k2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("est", ["k1", "k2", "k3", "k3+"])
+def test_expected_gradient_of_each_estimator_as_a_loss_term(est):
+    """E_{a ~ pi}[grad est(a)], exact over a 6-action softmax policy: k1's is 0 (a k1 penalty
+    does nothing in expectation), k2's and k3+'s are grad KL(pi || ref), k3's grad KL(ref || pi)."""
+    rng = np.random.default_rng(5)
+    theta = jnp.asarray(rng.normal(size=6), jnp.float32)
+    log_ref = jax.nn.log_softmax(jnp.asarray(rng.normal(size=6), jnp.float32))
+
+    def expected_penalty(t):  # samples weighted by pi, the weights not differentiated
+        logp = jax.nn.log_softmax(t)
+        return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp)) * gl.kl_penalty(logp, log_ref, est))
+
+    def kl(t, reverse):
+        logp = jax.nn.log_softmax(t)
+        if reverse:  # KL(ref || pi)
+            return jnp.sum(jnp.exp(log_ref) * (log_ref - logp))
+        return jnp.sum(jnp.exp(logp) * (logp - log_ref))  # KL(pi || ref)
+
+    got = np.asarray(jax.grad(expected_penalty)(theta))
+    if est == "k1":
+        np.testing.assert_allclose(got, 0.0, atol=1e-6)
+        return
+    want = np.asarray(jax.grad(kl)(theta, est == "k3"))
+    assert np.abs(want).max() > 0.05
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------ GRPO
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "sequence-mean"])
-@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("est", ["k1", "k2", "k3", "k3+"])
 @pytest.mark.parametrize("eps_high", [None, 0.28])
 def test_grpo_loss_matches_reference(agg, est, eps_high):
     logp, old, ref, adv, mask = batch(seed=1)

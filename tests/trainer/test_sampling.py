@@ -137,3 +137,107 @@ def test_generation_sees_qwix_lora():
     logp = jax.nn.log_softmax(nnx.jit(lambda m, x: m(x))(lora, seq), axis=-1)[0]
     want = [float(logp[7 + i, seq[0, 8 + i]]) for i in range(4)]
     np.testing.assert_allclose(np.asarray(out.logprobs[0]), want, atol=1e-5)
+
+
+def _numpy_sampling_logprob(logits, token, temperature, top_k, top_p):
+    """log-prob of `token` under softmax(logits / T) restricted to top-k then top-p, renormalised."""
+    s = logits.astype(np.float64) / temperature
+    if top_k is not None:
+        s = np.where(s >= np.sort(s)[-top_k], s, -np.inf)
+    if top_p is not None:
+        probs = np.exp(s - s.max())
+        probs /= probs.sum()
+        order = np.argsort(-s, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]  # mass of strictly better tokens
+        keep = np.zeros_like(s, bool)
+        keep[order[before < top_p]] = True
+        s = np.where(keep, s, -np.inf)
+    kept = s[np.isfinite(s)]
+    return s[token] - (kept.max() + np.log(np.exp(kept - kept.max()).sum()))
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, None, None), (0.7, 10, None), (1.3, None, 0.8), (0.6, 20, 0.9)],
+)
+def test_sampling_logprobs_are_those_of_the_filtered_distribution(temperature, top_k, top_p):
+    """TRL's correction: log-softmax over the kept tokens of logits / T, not of the raw logits."""
+    logits = np.random.default_rng(3).normal(size=(6, 50)).astype(np.float32) * 2
+    for seed in range(3):
+        token, raw, sampled = sampler.sample_token_and_logprobs(
+            jnp.asarray(logits),
+            jax.random.key(seed),
+            temperature,
+            1.0 if top_p is None else top_p,
+            greedy=False,
+            top_k=top_k,
+            use_top_p=top_p is not None,
+        )
+        token = np.asarray(token)
+        want = [
+            _numpy_sampling_logprob(logits[r], token[r], temperature, top_k, top_p)
+            for r in range(6)
+        ]
+        assert np.isfinite(want).all()  # sampled tokens are among the kept ones
+        np.testing.assert_allclose(np.asarray(sampled), want, atol=1e-5)
+        raw_want = [_numpy_sampling_logprob(logits[r], token[r], 1.0, None, None) for r in range(6)]
+        np.testing.assert_allclose(np.asarray(raw), raw_want, atol=1e-5)
+
+
+def test_generate_returns_the_sampling_distributions_logprobs(llama):
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    out = generate(llama, prompts, max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    for row, prompt in enumerate(prompts):
+        seq = np.array([prompt + np.asarray(out.tokens[row]).tolist()])
+        logits = np.asarray(nnx.jit(lambda m, x: m(x))(llama, jnp.asarray(seq)))[0]
+        n = len(prompt)
+        want = [
+            _numpy_sampling_logprob(logits[n - 1 + i], seq[0, n + i], 0.8, 20, 0.9)
+            for i in range(6)
+        ]
+        np.testing.assert_allclose(np.asarray(out.sampling_logprobs[row]), want, atol=1e-4)
+    greedy = generate(llama, prompts, max_new_tokens=6)  # greedy: the raw distribution's
+    np.testing.assert_array_equal(np.asarray(greedy.sampling_logprobs), np.asarray(greedy.logprobs))
+
+
+def test_chunked_generation_gives_the_same_tokens(tiny):
+    """A row's draws come from the seed and its global row index: chunks and batch make no odds."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 64, size=int(n)).tolist() for n in rng.integers(2, 9, size=5)]
+    kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=4)
+    whole = generate(tiny, prompts, **kwargs)
+    for chunk_rows in (1, 2, 4):
+        chunked = generate(tiny, prompts, **kwargs, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(np.asarray(chunked.tokens), np.asarray(whole.tokens))
+        np.testing.assert_allclose(
+            np.asarray(chunked.sampling_logprobs), np.asarray(whole.sampling_logprobs), atol=1e-5
+        )
+    first = generate(tiny, prompts[:2], **kwargs)  # rows 0 and 1 alone: the same draws
+    np.testing.assert_array_equal(np.asarray(first.tokens), np.asarray(whole.tokens)[:2])
+
+
+def test_every_eos_id_stops_and_config_lists_generation_eos_ids(tmp_path):
+    import json
+    import shutil
+
+    from posttrain.trainer.models import ModelConfig
+    from posttrain.trainer.sampling import stop_token_ids
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(HF_REFERENCE / "llama3-gqa" / name, tmp_path / name)
+    assert ModelConfig.from_json_file(str(tmp_path / "config.json")).generation_eos_token_id is None
+    greedy = np.load(HF_REFERENCE / "llama3-gqa" / "reference.npz")["greedy_ids"][0]
+    # Two of the greedy tokens as the generation config's extra EOS ids (Llama 3 instruct style).
+    stops = [int(greedy[5]), int(greedy[2])]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [*stops, 7]}))
+    model = load_pretrained(tmp_path)
+    config_eos = model.config.eos_token_id
+    assert model.config.eos_token_ids == stop_token_ids([*stops, 7], config_eos)
+    assert model.config == ModelConfig.from_json_file(
+        str(HF_REFERENCE / "llama3-gqa" / "config.json")
+    )
+    ref = np.load(HF_REFERENCE / "llama3-gqa" / "reference.npz")
+    out = generate(model, ref["prompt_ids"], 12, eos_id=model.config.eos_token_ids)
+    first = int(np.argmax(np.isin(greedy, stops)))  # the earliest of either id
+    assert first <= 2 and out.lengths.tolist() == [first + 1]
+    assert stop_token_ids(1, [2, 1], None, np.int64(3)) == (1, 2, 3)

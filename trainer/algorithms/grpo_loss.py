@@ -26,10 +26,14 @@ import jax.numpy as jnp
 Array = jax.Array
 Advantage = Literal["group-std", "group-mean"]
 Aggregation = Literal["token-mean", "sequence-mean"]
-KlEstimator = Literal["k1", "k2", "k3"]
+KlEstimator = Literal["k1", "k2", "k3", "k3+"]
 
 # TRL's convention: divide by the group's sample std (ddof 1, torch's default) + 1e-4.
 STD_EPS = 1e-4
+# verl's clamps on its k3 ("low_var_kl"): the log-ratio before exp (no overflow) and the value
+# (one token far from the reference cannot dominate the batch's KL term).
+KL_LOG_RATIO_BOUND = 20.0
+KL_VALUE_BOUND = 10.0
 
 
 def group_advantages(rewards_b: Array, group_size: int, mode: Advantage = "group-std") -> Array:
@@ -59,7 +63,9 @@ def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: KlEstimator = "k3"
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL").
 
     With x = log pi_ref - log pi:  k1 = -x,  k2 = x^2 / 2,  k3 = exp(x) - x - 1 (unbiased, >= 0;
-    DeepSeekMath's choice).
+    DeepSeekMath's choice); k3+ = k3's value (clamped as verl) with k2's gradient (`kl_k3_plus`).
+    As loss terms their expected gradients differ: k1's is 0, k2's is grad KL(pi || pi_ref),
+    k3's is grad KL(pi_ref || pi).
     """
     x = ref_logp_bt - logp_bt
     if estimator == "k1":
@@ -68,7 +74,28 @@ def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: KlEstimator = "k3"
         return 0.5 * x * x
     if estimator == "k3":
         return jnp.expm1(x) - x  # expm1 keeps precision for small x
-    raise ValueError(f"kl estimator must be k1, k2 or k3, got {estimator!r}")
+    if estimator == "k3+":
+        return kl_k3_plus(logp_bt, ref_logp_bt)
+    raise ValueError(f"kl estimator must be k1, k2, k3 or k3+, got {estimator!r}")
+
+
+def low_var_kl(logp_bt: Array, ref_logp_bt: Array) -> Array:
+    """verl's ``low_var_kl`` (k3) with its clamps: x = clip(log pi_ref - log pi, -20, 20),
+    value clip(e^x - x - 1, -10, 10). Equal to k3 wherever |x| <= 20 and k3 <= 10."""
+    x = jnp.clip(ref_logp_bt - logp_bt, -KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
+    return jnp.clip(jnp.expm1(x) - x, -KL_VALUE_BOUND, KL_VALUE_BOUND)
+
+
+def kl_k3_plus(logp_bt: Array, ref_logp_bt: Array) -> Array:
+    """verl's ``k3+`` (``low_var_kl+``): the value of (clamped) k3, the gradient of k2.
+
+    Straight-through: k2 - sg[k2] + sg[k3]. As a loss term on samples of pi, k3's expected
+    gradient is that of KL(pi_ref || pi), k2's that of KL(pi || pi_ref), the divergence the
+    penalty is meant to minimise; k3+ logs k3's unbiased, non-negative value and follows k2's
+    gradient, (log pi - log pi_ref) grad log pi per token (not clamped).
+    """
+    k2 = 0.5 * jnp.square(logp_bt - ref_logp_bt)
+    return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(low_var_kl(logp_bt, ref_logp_bt))
 
 
 def aggregate(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,9 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 _GEMMA = ("gemma2", "gemma3_text")
+
+# Hugging Face's sampling defaults beside config.json; its eos_token_id is what generate stops on.
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # generation_config.json's eos_token_id (Llama 3 instruct: 128001, 128008, 128009), when one
+    # was read beside config.json; see eos_token_ids. Not part of equality.
+    generation_eos_token_id: int | tuple[int, ...] | None = dataclasses.field(
+        default=None, compare=False
+    )
     # The config.json it came from, written back by save_pretrained; not part of equality.
     hf_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -166,6 +175,24 @@ class ModelConfig:
             return ()
         return (
             (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+        )
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation: generation_config.json's ``eos_token_id`` (what
+        transformers' ``generate`` stops on), then config.json's, without repeats."""
+        ids: list[int] = []
+        for source in (self.generation_eos_token_id, self.eos_token_id):
+            for i in (source,) if isinstance(source, int) else source or ():
+                if i not in ids:
+                    ids.append(i)
+        return tuple(ids)
+
+    def with_generation_config(self, generation: Mapping[str, Any]) -> ModelConfig:
+        """This config with a generation_config.json's EOS ids (its other fields are not used)."""
+        eos = generation.get("eos_token_id")
+        return dataclasses.replace(
+            self, generation_eos_token_id=tuple(eos) if isinstance(eos, list) else eos
         )
 
     # ------------------------------------------------------------------ HF config.json
@@ -235,8 +262,14 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> ModelConfig:
+        """A config.json, with the EOS ids of a generation_config.json beside it if there is one."""
         with open(path) as f:
-            return cls.from_hf(json.load(f))
+            config = cls.from_hf(json.load(f))
+        generation = os.path.join(os.path.dirname(path), GENERATION_CONFIG_FILE)
+        if os.path.exists(generation):
+            with open(generation) as f:
+                config = config.with_generation_config(json.load(f))
+        return config
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json to write: the one loaded if any, else one in the transformers 5 layout."""

@@ -4,20 +4,29 @@ Prompts are left-padded (real tokens flush right), so every row's next token is 
 same cache slot. Prompt length and the number of new tokens are rounded up to buckets (powers of
 two), so prompts of different lengths reuse one compiled program; the decode loop is a
 ``lax.while_loop`` that stops early once every row has produced an EOS.
+
+Data parallel: on a mesh the rows (prompts, KV cache, logits, outputs) shard over the batch axes
+(``data``, ``fsdp``) while the weights stay as trained. Rows can be generated in chunks of
+``chunk_rows`` (TRL's ``generation_batch_size``), so the KV cache is sized for a chunk. Every
+row draws its randomness from the seed folded with its global row index, so the tokens do not
+depend on the device count or the chunking.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from posttrain.trainer.models import CausalLM
+from posttrain.trainer.models.sharding import LOGICAL_AXIS_RULES
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 8
@@ -34,12 +43,19 @@ class Generation:
         training forward pass computes for the same token); 0 where ``mask`` is False.
     mask [B, N] bool: True for generated tokens up to and including the first EOS.
     lengths [B] int32: number of True entries of ``mask`` per row.
+    sampling_logprobs [B, N] float32: log-probability of each token under the distribution it was
+        drawn from: ``log_softmax`` of ``logits / temperature`` over the tokens top-k and top-p
+        kept (renormalised over them; TRL's and vLLM's processed log-probs), the behaviour policy
+        of importance-sampling corrections. Greedy rows: the same as ``logprobs`` (the raw
+        distribution at temperature 1; the argmax's own point mass would always give 0).
+        0 where ``mask`` is False.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
     lengths: jax.Array
+    sampling_logprobs: jax.Array
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -81,6 +97,46 @@ def token_logprob(logits_bv: jax.Array, token_b: jax.Array) -> jax.Array:
     return chosen - jax.nn.logsumexp(logits_bv, axis=-1)
 
 
+def gumbel_noise(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Gumbel noise of ``shape`` [B, V]: one key for the whole array, or one key per row ([B])."""
+    if key.ndim == 0:
+        return jax.random.gumbel(key, shape, dtype)
+    return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], dtype))(key)
+
+
+def sample_token_and_logprobs(
+    logits_bv: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array | float,
+    top_p: jax.Array | float,
+    *,
+    greedy: bool,
+    top_k: int | None,
+    use_top_p: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(token [B] int32, raw log-prob [B], sampling log-prob [B]) for one step.
+
+    ``key``: one PRNG key, or one per row ([B]: what makes a row's draw independent of the
+    batch it is in). The raw log-prob is ``log_softmax(logits)[token]``; the sampling log-prob is
+    that of the distribution the token was drawn from (tempered, filtered, renormalised).
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    if greedy:
+        token = first_argmax(logits_bv).astype(jnp.int32)
+        raw = token_logprob(logits_bv, token)
+        return token, raw, raw
+    scaled = logits_bv / temperature
+    if top_k is not None:
+        scaled = filter_top_k(scaled, top_k)
+    if use_top_p:
+        scaled = filter_top_p(scaled, top_p)
+    # jax.random.categorical's Gumbel-max draw (same key, same tokens) with the faster argmax.
+    noise = gumbel_noise(key, scaled.shape, scaled.dtype)
+    token = first_argmax(scaled + noise).astype(jnp.int32)
+    # Filtered tokens are -inf in `scaled`, so its logsumexp renormalises over the kept ones.
+    return token, token_logprob(logits_bv, token), token_logprob(scaled, token)
+
+
 def sample_token(
     logits_bv: jax.Array,
     key: jax.Array,
@@ -92,19 +148,103 @@ def sample_token(
     use_top_p: bool,
 ) -> tuple[jax.Array, jax.Array]:
     """(token [B] int32, log_softmax(logits)[token] [B]) for one step."""
-    logits_bv = logits_bv.astype(jnp.float32)
-    if greedy:
-        token = first_argmax(logits_bv)
+    token, raw, _ = sample_token_and_logprobs(
+        logits_bv, key, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
+    )
+    return token, raw
+
+
+def stop_token_ids(*sources: int | Iterable[int] | None) -> tuple[int, ...]:
+    """Every EOS id of ``sources`` (an id, several, or None each), first occurrence order.
+
+    E.g. ``stop_token_ids(model.config.eos_token_ids, tokenizer.eos_token_id)``: Llama 3
+    instruct's generation config ends turns with 128009 and 128008 as well as 128001, while its
+    tokenizer names one id only.
+    """
+    ids: list[int] = []
+    for source in sources:
+        if source is None:
+            continue
+        for i in [source] if isinstance(source, (int, np.integer)) else source:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
+    """The mesh axes a batch's rows shard over (the ``batch`` rule: data, fsdp) that it has."""
+    if mesh is None:
+        return ()
+    rule = LOGICAL_AXIS_RULES["batch"]
+    names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    return tuple(a for a in names if a in mesh.shape)
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh)) if mesh is not None else 1
+
+
+def row_layout(rows: int, dp: int, chunk_rows: int | None) -> tuple[int, int]:
+    """(rows after padding, rows per chunk). A chunk is a multiple of the data-parallel size dp;
+    the batch is padded with throwaway rows up to a whole number of chunks."""
+    if chunk_rows is not None:
+        if chunk_rows < 1 or chunk_rows % dp:
+            raise ValueError(
+                f"chunk_rows ({chunk_rows}) must be a positive multiple of the data-parallel size "
+                f"({dp}: the mesh's data x fsdp)"
+            )
+        chunk = min(chunk_rows, -(-rows // dp) * dp)
     else:
-        scaled = logits_bv / temperature
-        if top_k is not None:
-            scaled = filter_top_k(scaled, top_k)
-        if use_top_p:
-            scaled = filter_top_p(scaled, top_p)
-        # jax.random.categorical's Gumbel-max draw (same key, same tokens) with the faster argmax.
-        token = first_argmax(scaled + jax.random.gumbel(key, scaled.shape, scaled.dtype))
-    token = token.astype(jnp.int32)
-    return token, token_logprob(logits_bv, token)
+        chunk = -(-rows // dp) * dp
+    return -(-rows // chunk) * chunk, chunk
+
+
+def _mesh_of(model: Any) -> Mesh | None:
+    """The mesh the model's weights are sharded on (None when they sit on one device)."""
+    for leaf in jax.tree.leaves(model):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def _rows_sharding(mesh: Mesh, ndim: int, dim: int = 0) -> NamedSharding:
+    spec: list[Any] = [PartitionSpec.UNCONSTRAINED] * ndim
+    spec[dim] = batch_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _constrain_rows(tree: Any, mesh: Mesh | None, dim: int = 0) -> Any:
+    """Pin dimension ``dim`` of every array in ``tree`` (rank > dim) to the batch axes: XLA then
+    keeps each device's rows (and their KV cache) local; other dims stay for XLA to choose."""
+    if mesh is None or data_parallel_size(mesh) == 1:
+        return tree
+
+    def pin(x: jax.Array) -> jax.Array:
+        if x.ndim <= dim:
+            return x
+        return jax.lax.with_sharding_constraint(x, _rows_sharding(mesh, x.ndim, dim))
+
+    return jax.tree.map(pin, tree)
+
+
+def _to_chunks(x: jax.Array, n_chunks: int, dp: int, mesh: Mesh | None) -> jax.Array:
+    """[R, ...] -> [C, R / C, ...] where chunk c takes the c-th slice of every device's rows, so
+    no row changes device (row r = k R/dp + c m + j goes to chunk c, place k m + j)."""
+    rows, rest = x.shape[0], x.shape[1:]
+    m = rows // (dp * n_chunks)
+    y = x.reshape(dp, n_chunks, m, *rest).swapaxes(0, 1).reshape(n_chunks, dp * m, *rest)
+    return _constrain_rows(y, mesh, dim=1)
+
+
+def _from_chunks(y: jax.Array, dp: int) -> jax.Array:
+    """Inverse of ``_to_chunks``."""
+    n_chunks, chunk, rest = y.shape[0], y.shape[1], y.shape[2:]
+    m = chunk // dp
+    return y.reshape(n_chunks, dp, m, *rest).swapaxes(0, 1).reshape(n_chunks * chunk, *rest)
 
 
 def _left_pad(prompt_ids: Any, prompt_mask: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +277,26 @@ def _left_pad(prompt_ids: Any, prompt_mask: Any, pad_id: int) -> tuple[np.ndarra
     return ids, mask
 
 
+def _put_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A host array onto the mesh with its rows sharded (each process supplies its own rows of the
+    same full array, so this also works across hosts)."""
+    if mesh is None:
+        return jnp.asarray(x)
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _options(
+    temperature: float, top_k: int | None, top_p: float | None, vocab: int
+) -> dict[str, Any]:
+    """The sampler's static switches."""
+    return dict(
+        greedy=temperature == 0.0,
+        top_k=None if top_k is None or top_k >= vocab else int(top_k),
+        use_top_p=top_p is not None and top_p < 1.0,
+    )
+
+
 def generate(
     model: CausalLM,
     prompt_ids: Any,
@@ -149,13 +309,22 @@ def generate(
     prompt_mask: Any = None,
     *,
     pad_id: int = 0,
+    mesh: Mesh | None = None,
+    chunk_rows: int | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens for a batch of prompts.
 
     prompt_ids: [B, P] left-padded ids with ``prompt_mask`` (1 = real; default all real), or a
     list of token lists of different lengths. temperature 0 is greedy (argmax); otherwise sample
     from softmax(logits / temperature) after top-k then top-p filtering. A row stops after its
-    first token in ``eos_id`` (an id or several). ``seed``: an int or a JAX PRNG key.
+    first token in ``eos_id`` (an id or several: pass every EOS id of the model's generation
+    config, see ``stop_token_ids``). ``seed``: an int or a JAX PRNG key; row r draws from the
+    seed folded with r, so a row's tokens do not depend on the mesh or the chunking.
+
+    mesh: the rows shard over its batch axes (data, fsdp), the weights stay as they are; default:
+    the mesh the model's weights are sharded on, if any. chunk_rows: generate this many rows at
+    a time (a multiple of the mesh's data x fsdp), so the KV cache holds one chunk; default: all.
+    The returned arrays are sharded like the rows (``np.asarray`` gathers them).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -168,18 +337,27 @@ def generate(
     ids, mask = _left_pad(prompt_ids, prompt_mask, pad_id)
     if not mask[:, -1].all():
         raise ValueError("prompts must be left-padded: the last column of prompt_mask has padding")
+    mesh = _mesh_of(model) if mesh is None else mesh
+    if mesh is not None and data_parallel_size(mesh) == 1 and mesh.size == 1:
+        mesh = None
     batch, length = ids.shape
+    rows, chunk = row_layout(batch, data_parallel_size(mesh), chunk_rows)
     prompt_len = bucket(length, MIN_PROMPT_BUCKET)
     new_len = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    ids = np.pad(ids, ((0, 0), (prompt_len - length, 0)), constant_values=pad_id)
-    mask = np.pad(mask, ((0, 0), (prompt_len - length, 0)))
+    # Padding rows copy the last prompt (a valid, left-padded one); their draws use row indices
+    # past the batch, so they cannot change a real row's tokens. They are dropped below.
+    ids = np.pad(ids, ((0, rows - batch), (prompt_len - length, 0)), mode="edge")
+    ids[:, : prompt_len - length] = pad_id
+    mask = np.pad(mask, ((0, rows - batch), (prompt_len - length, 0)), mode="edge")
+    mask[:, : prompt_len - length] = 0
     eos = np.asarray([-1] if eos_id is None else np.atleast_1d(eos_id), np.int32)
-    key = jax.random.key(seed) if isinstance(seed, int) else seed
-    vocab = model.config.vocab_size
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 jax.random.PRNGKey
+        key = jax.random.wrap_key_data(key)
     out = _generate_jit(
         model,  # an NNX module is a pytree: flattening it is ~10x cheaper than nnx.split per call
-        jnp.asarray(ids),
-        jnp.asarray(mask),
+        _put_rows(ids, mesh),
+        _put_rows(mask, mesh),
         jnp.asarray(max_new_tokens, jnp.int32),
         key,
         jnp.asarray(max(temperature, 1e-6), jnp.float32),
@@ -187,15 +365,88 @@ def generate(
         jnp.asarray(eos),
         jnp.asarray(pad_id, jnp.int32),
         new_len=new_len,
-        greedy=temperature == 0.0,
-        top_k=None if top_k is None or top_k >= vocab else int(top_k),
-        use_top_p=top_p is not None and top_p < 1.0,
+        mesh=mesh,
+        chunk_rows=None if chunk == rows else chunk,
+        **_options(temperature, top_k, top_p, model.config.vocab_size),
     )
     n = max_new_tokens
-    return Generation(out.tokens[:, :n], out.logprobs[:, :n], out.mask[:, :n], out.lengths)
+    if rows == batch:
+        return Generation(
+            out.tokens[:, :n],
+            out.logprobs[:, :n],
+            out.mask[:, :n],
+            out.lengths,
+            out.sampling_logprobs[:, :n],
+        )
+    return Generation(
+        out.tokens[:batch, :n],
+        out.logprobs[:batch, :n],
+        out.mask[:batch, :n],
+        out.lengths[:batch],
+        out.sampling_logprobs[:batch, :n],
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("new_len", "greedy", "top_k", "use_top_p"))
+def lower_generate(
+    graphdef: Any,
+    state: Any,
+    state_shardings: Any,
+    mesh: Mesh,
+    rows: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    chunk_rows: int | None = None,
+    *,
+    eos_count: int = 1,
+) -> jax.stages.Lowered:
+    """The rollout program ``generate`` runs, lowered ahead of time (for ``posttrain plan``).
+
+    graphdef, state: ``nnx.split(model)`` of the policy (``state`` may be abstract:
+    ``jax.ShapeDtypeStruct`` leaves); state_shardings: the weights' shardings as trained. rows
+    prompts of ``prompt_len`` tokens and ``max_new_tokens`` new ones (both rounded up to the
+    sampler's buckets, as ``generate`` does), their rows sharded over the mesh's batch axes,
+    ``chunk_rows`` at a time. ``.compile().memory_analysis()`` gives the per-device memory.
+    """
+    from flax import nnx
+
+    vocab = nnx.merge(graphdef, state).config.vocab_size
+    dp = data_parallel_size(mesh)
+    padded, chunk = row_layout(rows, dp, chunk_rows)
+    prompt_bucket = bucket(prompt_len, MIN_PROMPT_BUCKET)
+    options = dict(
+        new_len=bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET),
+        mesh=mesh,
+        chunk_rows=None if chunk == padded else chunk,
+        **_options(temperature, top_k, top_p, vocab),
+    )
+
+    def run(state: Any, *inputs: Any) -> Generation:
+        return _generate_jit(nnx.merge(graphdef, state), *inputs, **options)
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    scalar = functools.partial(jax.ShapeDtypeStruct, ())
+    args = (
+        state,
+        jax.ShapeDtypeStruct((padded, prompt_bucket), jnp.int32),  # ids
+        jax.ShapeDtypeStruct((padded, prompt_bucket), jnp.int32),  # mask
+        scalar(jnp.int32),  # max_new
+        jax.eval_shape(lambda: jax.random.key(0)),  # key
+        scalar(jnp.float32),  # temperature
+        scalar(jnp.float32),  # top_p
+        jax.ShapeDtypeStruct((eos_count,), jnp.int32),  # eos
+        scalar(jnp.int32),  # pad_id
+    )
+    in_shardings = (state_shardings, row_sharding, row_sharding, *([rep] * (len(args) - 3)))
+    return jax.jit(run, in_shardings=in_shardings).lower(*args)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("new_len", "greedy", "top_k", "use_top_p", "mesh", "chunk_rows")
+)
 def _generate_jit(
     model,
     ids,
@@ -211,11 +462,66 @@ def _generate_jit(
     greedy,
     top_k,
     use_top_p,
+    mesh=None,
+    chunk_rows=None,
 ):
+    rows = ids.shape[0]
+    chunk = rows if chunk_rows is None else chunk_rows
+    if rows % chunk:
+        raise ValueError(f"{rows} rows are not a whole number of chunks of {chunk}")
+    dp = data_parallel_size(mesh)
+    ids, mask = _constrain_rows((ids, mask), mesh)
+    row_index = _constrain_rows(jnp.arange(rows, dtype=jnp.int32), mesh)
+    run = functools.partial(
+        _generate_chunk,
+        model,
+        max_new=max_new,
+        key=key,
+        temperature=temperature,
+        top_p=top_p,
+        eos=eos,
+        pad_id=pad_id,
+        new_len=new_len,
+        greedy=greedy,
+        top_k=top_k,
+        use_top_p=use_top_p,
+        mesh=mesh,
+    )
+    if chunk == rows:
+        return run(ids, mask, row_index)
+    # One chunk after the other (lax.map is a scan): the KV cache and logits exist for one chunk.
+    n_chunks = rows // chunk
+    chunks = [_to_chunks(x, n_chunks, dp, mesh) for x in (ids, mask, row_index)]
+    out = jax.lax.map(lambda xs: run(*xs), tuple(chunks))
+    return _constrain_rows(jax.tree.map(lambda y: _from_chunks(y, dp), out), mesh)
+
+
+def _generate_chunk(
+    model,
+    ids,
+    mask,
+    row_index,
+    *,
+    max_new,
+    key,
+    temperature,
+    top_p,
+    eos,
+    pad_id,
+    new_len,
+    greedy,
+    top_k,
+    use_top_p,
+    mesh,
+):
+    """Prefill and decode loop for one chunk of rows; ``row_index`` [B]: their global indices."""
     batch, prompt_len = ids.shape
-    cache = model.init_cache(batch, prompt_len + new_len)
+    pin = functools.partial(_constrain_rows, mesh=mesh)
+    cache = pin(model.init_cache(batch, prompt_len + new_len))
+    # Row r's draws come from key(seed, r), whatever chunk or device the row is on.
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_index)
     sample = functools.partial(
-        sample_token,
+        sample_token_and_logprobs,
         temperature=temperature,
         top_p=top_p,
         greedy=greedy,
@@ -223,25 +529,32 @@ def _generate_jit(
         use_top_p=use_top_p,
     )
 
-    def record(i, token, logp, tokens, logps, valid, done):
+    def step_keys(i):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, i)
+
+    def record(i, token, logp, sample_logp, tokens, logps, sample_logps, valid, done):
         """Token i into the outputs; rows already done get pad_id and no mask."""
         live = ~done
         token = jnp.where(live, token, pad_id)
         tokens = tokens.at[:, i].set(token)
         logps = logps.at[:, i].set(jnp.where(live, logp, 0.0))
+        sample_logps = sample_logps.at[:, i].set(jnp.where(live, sample_logp, 0.0))
         valid = valid.at[:, i].set(live)
-        return token, tokens, logps, valid, done | jnp.isin(token, eos)
+        return token, tokens, logps, sample_logps, valid, done | jnp.isin(token, eos)
 
     # Always through __call__, so qwix's LoRA/quantization interception applies.
     logits, cache = model(ids, mask, cache=cache, last_only=True)
-    token, logp = sample(logits[:, 0], jax.random.fold_in(key, 0))
-    outputs = (
-        jnp.full((batch, new_len), pad_id, jnp.int32),
-        jnp.zeros((batch, new_len), jnp.float32),
-        jnp.zeros((batch, new_len), bool),
-        jnp.zeros((batch,), bool),
+    token, logp, sample_logp = sample(pin(logits[:, 0]), step_keys(0))
+    outputs = pin(
+        (
+            jnp.full((batch, new_len), pad_id, jnp.int32),
+            jnp.zeros((batch, new_len), jnp.float32),
+            jnp.zeros((batch, new_len), jnp.float32),
+            jnp.zeros((batch, new_len), bool),
+            jnp.zeros((batch,), bool),
+        )
     )
-    token, *outputs = record(0, token, logp, *outputs)
+    token, *outputs = record(0, token, logp, sample_logp, *outputs)
 
     # Token i needs the forward of token i - 1 only: max_new - 1 decode steps, none wasted after
     # the last token.
@@ -252,10 +565,11 @@ def _generate_jit(
     def body(carry):
         i, cache, token, *outputs = carry
         logits, cache = model(token[:, None], cache=cache)
-        token, logp = sample(logits[:, 0], jax.random.fold_in(key, i))
-        token, *outputs = record(i, token, logp, *outputs)
-        return (i + 1, cache, token, *outputs)
+        token, logp, sample_logp = sample(pin(logits[:, 0]), step_keys(i))
+        token, *outputs = record(i, token, logp, sample_logp, *outputs)
+        return (i + 1, pin(cache), token, *outputs)
 
     carry = (jnp.ones((), jnp.int32), cache, token, *outputs)
-    _, _, _, tokens, logps, valid, _ = jax.lax.while_loop(cond, body, carry)
-    return Generation(tokens, logps, valid, jnp.sum(valid, axis=-1, dtype=jnp.int32))
+    _, _, _, tokens, logps, sample_logps, valid, _ = jax.lax.while_loop(cond, body, carry)
+    lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    return Generation(tokens, logps, valid, lengths, sample_logps)
