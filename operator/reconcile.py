@@ -397,6 +397,7 @@ class Operator:
         summary: dict[str, str] = {}
         total = None
         jobset: dict[str, Any] | None = None
+        workload = None
         if job is None:
             outcome = st.invalid_outcome(errors or [])
         else:
@@ -408,7 +409,6 @@ class Operator:
             else:
                 jobset, pods = children
             key = (namespace, name)
-            workload = None
             queue = queue_of(job, jobset)
             if (
                 jobset is not None
@@ -444,6 +444,7 @@ class Operator:
             jobset=jobset,
             summary=summary,
             total_steps=total,
+            workload=workload,
         )
         self.phases[(namespace, name)] = outcome.phase
         if st.changed(prev, new):

@@ -292,6 +292,8 @@ def train(
             {"params": params, "opt_state": opt_state},
             {"step": step, "data": algo.source.state()},
         )
+        if reporter is not None and hasattr(reporter, "checkpointed"):
+            reporter.checkpointed(step)  # status.progress.lastCheckpointStep
 
     def evaluate() -> dict[str, float]:
         if algo.eval_batches is None:

@@ -138,7 +138,21 @@ PRINTER_COLUMNS = [
     {"name": "Accelerator", "type": "string", "jsonPath": ".status.summary.accelerator"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.summary.progress"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.summary.eta", "priority": 1},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
+    {
+        "name": "Checkpoint",
+        "type": "integer",
+        "jsonPath": ".status.progress.lastCheckpointStep",
+        "priority": 1,
+    },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {
+        "name": "Readmissions",
+        "type": "integer",
+        "jsonPath": ".status.readmissions",
+        "priority": 1,
+    },
     {"name": "JobSet", "type": "string", "jsonPath": ".status.jobSetName", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
