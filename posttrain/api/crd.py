@@ -105,6 +105,16 @@ def _spec_rules() -> list[dict[str, str]]:
                     "message": f"algorithm {' / '.join(readers)} needs spec.{block}",
                 }
             )
+    # Geometry the API server can check alone (the rest needs the accelerator catalogue:
+    # posttrain validate and the operator, posttrain/api/geometry.py). batchSize has a default.
+    rules.append(
+        {
+            "rule": "!has(self.training.microBatchSize) || "
+            "self.training.batchSize % self.training.microBatchSize == 0",
+            "message": "spec.training.microBatchSize must divide spec.training.batchSize",
+            "fieldPath": ".training.microBatchSize",
+        }
+    )
     rules.append(
         {
             "rule": "(has(self.output) && has(self.output.dir)) || (has(self.training.checkpoint)"

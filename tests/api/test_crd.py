@@ -119,6 +119,8 @@ def test_cel_rules_in_crd() -> None:
     assert f"!(self.algorithm in {grpo_family}) || has(self.grpo)" in spec_rules
     assert f"!has(self.grpo) || self.algorithm in {grpo_family}" in spec_rules
     assert "!has(self.dpo) || self.algorithm in ['dpo']" in spec_rules
+    micro = "self.training.batchSize % self.training.microBatchSize == 0"
+    assert any(micro in rule for rule in spec_rules)
     (immutable,) = schema["x-kubernetes-validations"]
     assert "oldSelf.status.phase" in immutable["rule"] and "suspend" not in immutable["rule"]
 

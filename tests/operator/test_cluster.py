@@ -950,6 +950,13 @@ def test_bad_geometry_never_creates_a_pod(namespace, kubectl, operator) -> None:
     )  # fmt: skip
     assert refused.returncode == 1 and "spec.training.batchSize" in refused.stderr
 
+    # what the API server can check alone is its CEL rule's (the model refuses it too)
+    micro = {**doc, "metadata": {"name": "micro"}}
+    micro["spec"] = {**doc["spec"], "training": {"steps": 10, "batchSize": 32, "microBatchSize": 5}}
+    refused = kubectl("apply", "-f", "-", input=yaml.safe_dump(micro), check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "spec.training.microBatchSize must divide spec.training.batchSize" in refused.stderr
+
     # fixed (a failed job's spec may change), it starts
     kubectl("patch", "posttrainjob", "geo", "--type=merge",
             "-p", '{"spec":{"training":{"steps":10,"batchSize":16}}}')  # fmt: skip
