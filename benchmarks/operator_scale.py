@@ -7,7 +7,16 @@ the PostTrainJob sent). The operator's peak RSS is its VmHWM at the end. Prints 
 last, one JSON line:
 
     {"jobs": 200, "clients": 16, "p50_s": ..., "p99_s": ..., "max_s": ..., "rss_mb": ...,
-     "wall_s": ..., "all_created": true, "stages": {...}}
+     "jobset_p50_s": ..., "jobset_p99_s": ..., "ratio": p99_s / jobset_p99_s,
+     "wall_s": ..., "all_created": true, "stages": {...}, "rounds": [...]}
+
+The JobSet controller's figure, for comparison (a Go controller under the same burst): the same
+N jobs rendered to JobSets (`posttrain render`, no operator running) are created straight from
+the same `--clients` threads into a fresh namespace, and the latency of each is (its first Job
+ADDED seen) - (create of the JobSet sent). With `--rounds R` the two runs alternate R times
+(operator, JobSet, operator, ...), each on a fresh namespace deleted at its end; `p99_s`,
+`jobset_p99_s` and `ratio` are then medians over the rounds, each round's figures in `rounds`.
+`--no-jobset` skips the comparison.
 
 `stages`: where a job's time goes, p50 and p99 over the jobs, each from the create sent, all on
 this process's monotonic clock: `created` (the create call returned), `pending` (its status
@@ -17,7 +26,7 @@ sees fewer). Every watch lists first and watches from that resourceVersion, so i
 event of the burst. At the end the benchmark deletes its namespace and waits for it to go (up to 2 min), so
 that runs back to back start from the same, quiet cluster.
 
-    .venv/bin/python -P benchmarks/operator_scale.py --jobs 200 --json
+    .venv/bin/python -P benchmarks/operator_scale.py --jobs 200 --json [--rounds 3]
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,7 +125,7 @@ def trace_summary(path: Path, sent: dict[str, float]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--clients", type=int, default=16, help="threads creating jobs at once")
@@ -131,36 +141,39 @@ def main(argv: list[str] | None = None) -> int:
         help="time the operator's API calls and handlers (benchmarks/operator_trace.py) into "
         "FILE, and add a summary of them to the JSON as `trace`",
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="operator and JobSet-controller runs, alternating"
+    )
+    p.add_argument("--no-jobset", action="store_true", help="skip the JobSet controller's run")
+    return p.parse_args(argv)
 
-    kubectl = ["kubectl", "--kubeconfig", args.kubeconfig]
-    subprocess.run([*kubectl, "apply", "--server-side", "-f", str(REPO / "crds/posttrain.dev_posttrainjobs.yaml")],
-                   check=True, capture_output=True)  # fmt: skip
-    subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/posttrainjobs.posttrain.dev"],
-                   check=True, capture_output=True)  # fmt: skip
-    ns = f"bench-{secrets.token_hex(3)}"
-    subprocess.run([*kubectl, "create", "namespace", ns], check=True, capture_output=True)
-    # the trainer's ServiceAccount, so that pods are created (as in a real namespace)
-    subprocess.run([*kubectl, "-n", ns, "create", "serviceaccount", "posttrain-trainer"], check=True,
-                   capture_output=True)  # fmt: skip
 
-    config.load_kube_config(config_file=args.kubeconfig)
-    api = client.ApiClient()
-    api.configuration.connection_pool_maxsize = args.clients * 2  # type: ignore[attr-defined]
-    custom = client.CustomObjectsApi(api)
+class Bench:
+    """One burst in a fresh namespace: watches started before it, the namespace deleted after."""
 
-    core = client.CoreV1Api(api)
-    seen: dict[str, float] = {}  # JobSet ADDED
-    pending: dict[str, float] = {}  # PostTrainJob with a status phase
-    recipes: dict[str, float] = {}  # ConfigMap <job>-recipe ADDED
-    done = threading.Event()
-    listening: list[threading.Event] = []
+    def __init__(self, args: argparse.Namespace, api: client.ApiClient, prefix: str) -> None:
+        self.args = args
+        self.kubectl = ["kubectl", "--kubeconfig", args.kubeconfig]
+        self.ns = f"{prefix}-{secrets.token_hex(3)}"
+        subprocess.run([*self.kubectl, "create", "namespace", self.ns], check=True,
+                       capture_output=True)  # fmt: skip
+        # the trainer's ServiceAccount, so that pods are created (as in a real namespace)
+        subprocess.run([*self.kubectl, "-n", self.ns, "create", "serviceaccount",
+                        "posttrain-trainer"], check=True, capture_output=True)  # fmt: skip
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.done = threading.Event()
+        self.listening: list[threading.Event] = []
+        self.sent: dict[str, float] = {}
+        self.created: dict[str, float] = {}
 
-    def watch_into(record: dict[str, float], key, list_call, *list_args, **kw) -> threading.Thread:
+    def watch_into(self, record: dict[str, float], key, list_call, *list_args, **kw) -> None:
         """Watch from the current resourceVersion (listed first), recording the first time
         key(event) is not None per name."""
+        args = self.args
         ready = threading.Event()
-        listening.append(ready)
+        self.listening.append(ready)
 
         def run() -> None:
             listed = list_call(*list_args, **kw)
@@ -173,12 +186,56 @@ def main(argv: list[str] | None = None) -> int:
                 name = key(event)
                 if name is not None:
                     record.setdefault(name, time.monotonic())
-                if len(record) >= args.jobs or done.is_set():
+                if len(record) >= args.jobs or self.done.is_set():
                     w.stop()
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
+        threading.Thread(target=run, daemon=True).start()
+
+    def wait_listening(self) -> None:
+        for ready in self.listening:
+            ready.wait(30)
+        time.sleep(0.5)  # the watch requests themselves, sent after the listings
+
+    def burst(self, make: Callable[[str], None], seen: dict[str, float]) -> float:
+        """Create the N objects from `--clients` threads; wait until `seen` has them all (or the
+        timeout); the wall time."""
+        args = self.args
+
+        def create(i: int) -> None:
+            name = f"j{i:04d}"
+            self.sent[name] = time.monotonic()
+            make(name)
+            self.created[name] = time.monotonic()
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(create, range(args.jobs)))
+        print(f"{self.ns}: created {args.jobs} in {time.monotonic() - start:.1f}s", file=sys.stderr)
+        deadline = time.monotonic() + args.timeout
+        while len(seen) < args.jobs and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.done.set()
+        return time.monotonic() - start
+
+    def delete(self) -> None:
+        subprocess.run([*self.kubectl, "delete", "namespace", self.ns, "--wait=true",
+                        "--timeout=120s"], capture_output=True)  # fmt: skip
+
+    def stage(self, record: dict[str, float]) -> dict[str, float] | None:
+        values = [record[n] - self.sent[n] for n in self.sent if n in record]
+        if not values:
+            return None
+        return {"p50_s": round(statistics.median(values), 3),
+                "p99_s": round(percentile(values, 0.99), 3), "n": len(values)}  # fmt: skip
+
+
+def operator_run(args: argparse.Namespace, api: client.ApiClient) -> dict:
+    """The operator's burst: PostTrainJob create sent -> its JobSet seen."""
+    b = Bench(args, api, "bench")
+    ns, custom, core = b.ns, b.custom, b.core
+    seen: dict[str, float] = {}  # JobSet ADDED
+    pending: dict[str, float] = {}  # PostTrainJob with a status phase
+    recipes: dict[str, float] = {}  # ConfigMap <job>-recipe ADDED
 
     def jobset_key(event: dict) -> str:
         return event["object"]["metadata"]["name"]
@@ -201,54 +258,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         time.sleep(5)  # the operator's start-up (imports, kopf's initial listing)
         cpu_start = cpu_seconds(operator.pid)
-        watch_into(seen, jobset_key, custom.list_namespaced_custom_object,
-                   "jobset.x-k8s.io", "v1alpha2", ns, "jobsets")  # fmt: skip
-        watch_into(pending, pending_key, custom.list_namespaced_custom_object,
-                   GROUP, VERSION, ns, PLURAL)  # fmt: skip
-        watch_into(recipes, recipe_key, core.list_namespaced_config_map, ns,
-                   label_selector="posttrain.dev/job")  # fmt: skip
-        for ready in listening:
-            ready.wait(30)
-        time.sleep(0.5)  # the watch requests themselves, sent after the listings
-        sent: dict[str, float] = {}
-        created: dict[str, float] = {}
-
-        def create(i: int) -> None:
-            name = f"j{i:04d}"
-            sent[name] = time.monotonic()
-            custom.create_namespaced_custom_object(
+        b.watch_into(seen, jobset_key, custom.list_namespaced_custom_object,
+                     "jobset.x-k8s.io", "v1alpha2", ns, "jobsets")  # fmt: skip
+        b.watch_into(pending, pending_key, custom.list_namespaced_custom_object,
+                     GROUP, VERSION, ns, PLURAL)  # fmt: skip
+        b.watch_into(recipes, recipe_key, core.list_namespaced_config_map, ns,
+                     label_selector="posttrain.dev/job")  # fmt: skip
+        b.wait_listening()
+        wall = b.burst(
+            lambda name: custom.create_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, job(name, args.run_seconds)
-            )
-            created[name] = time.monotonic()
-
-        start = time.monotonic()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(create, range(args.jobs)))
-        print(f"created {args.jobs} jobs in {time.monotonic() - start:.1f}s", file=sys.stderr)
-        deadline = time.monotonic() + args.timeout
-        while len(seen) < args.jobs and time.monotonic() < deadline:
-            time.sleep(0.5)
-        done.set()
-        wall = time.monotonic() - start
+            ),
+            seen,
+        )
         rss = peak_rss_mb(operator.pid)
         cpu = cpu_seconds(operator.pid) - cpu_start
     finally:
         operator.terminate()
         operator.wait(30)
-        subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=true", "--timeout=120s"],
-                       capture_output=True)  # fmt: skip
-    latencies = [seen[n] - sent[n] for n in sent if n in seen]
-
-    def stage(record: dict[str, float]) -> dict[str, float] | None:
-        values = [record[n] - sent[n] for n in sent if n in record]
-        if not values:
-            return None
-        return {"p50_s": round(statistics.median(values), 3),
-                "p99_s": round(percentile(values, 0.99), 3), "n": len(values)}  # fmt: skip
-
-    summary = {
-        "jobs": args.jobs,
-        "clients": args.clients,
+        b.delete()
+    latencies = [seen[n] - b.sent[n] for n in b.sent if n in seen]
+    print(f"operator log: {log}", file=sys.stderr)
+    out = {
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "p99_s": round(percentile(latencies, 0.99), 3) if latencies else None,
         "max_s": round(max(latencies), 3) if latencies else None,
@@ -257,15 +288,109 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1),
         "all_created": len(latencies) == args.jobs,
         "stages": {
-            "created": stage(created),
-            "pending": stage(pending),
-            "recipe": stage(recipes),
-            "jobset": stage(seen),
+            "created": b.stage(b.created),
+            "pending": b.stage(pending),
+            "recipe": b.stage(recipes),
+            "jobset": b.stage(seen),
         },
     }
     if args.trace:
-        summary["trace"] = trace_summary(Path(args.trace), sent)
-    print(f"operator log: {log}", file=sys.stderr)
+        out["trace"] = trace_summary(Path(args.trace), b.sent)
+    return out
+
+
+def jobset_manifest(name: str, namespace: str, run_seconds: int) -> dict:
+    """What the operator would make for `job(name)`: its rendered JobSet (no owner)."""
+    from posttrain.api import parse_job
+    from posttrain.operator import render as r
+
+    doc = job(name, run_seconds)
+    doc["metadata"]["namespace"] = namespace
+    jobset = r.render(parse_job(doc), image_defaults=r.ImageDefaults(cpu="trainer:bench"))[1]
+    return jobset
+
+
+def jobset_run(args: argparse.Namespace, api: client.ApiClient) -> dict:
+    """The JobSet controller's burst: JobSet create sent -> its first Job seen."""
+    b = Bench(args, api, "bench-js")
+    ns = b.ns
+    first_job: dict[str, float] = {}
+
+    def job_key(event: dict) -> str | None:
+        labels = event["object"].metadata.labels or {}
+        return labels.get("jobset.sigs.k8s.io/jobset-name")
+
+    manifests = {f"j{i:04d}": jobset_manifest(f"j{i:04d}", ns, args.run_seconds)
+                 for i in range(args.jobs)}  # fmt: skip
+    try:
+        b.watch_into(first_job, job_key, b.batch.list_namespaced_job, ns,
+                     label_selector="jobset.sigs.k8s.io/jobset-name")  # fmt: skip
+        b.wait_listening()
+        wall = b.burst(
+            lambda name: b.custom.create_namespaced_custom_object(
+                "jobset.x-k8s.io", "v1alpha2", ns, "jobsets", manifests[name]
+            ),
+            first_job,
+        )
+    finally:
+        b.delete()
+    latencies = [first_job[n] - b.sent[n] for n in b.sent if n in first_job]
+    return {
+        "jobset_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "jobset_p99_s": round(percentile(latencies, 0.99), 3) if latencies else None,
+        "jobset_max_s": round(max(latencies), 3) if latencies else None,
+        "jobset_wall_s": round(wall, 1),
+        "jobset_all_created": len(latencies) == args.jobs,
+        "jobset_created": b.stage(b.created),
+    }
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    kubectl = ["kubectl", "--kubeconfig", args.kubeconfig]
+    subprocess.run([*kubectl, "apply", "--server-side", "-f", str(REPO / "crds/posttrain.dev_posttrainjobs.yaml")],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/posttrainjobs.posttrain.dev"],
+                   check=True, capture_output=True)  # fmt: skip
+    config.load_kube_config(config_file=args.kubeconfig)
+    api = client.ApiClient()
+    api.configuration.connection_pool_maxsize = args.clients * 2  # type: ignore[attr-defined]
+
+    rounds: list[dict] = []
+    for i in range(args.rounds):
+        result = {"round": i + 1, "load_before": round(os.getloadavg()[0], 1)}
+        result.update(operator_run(args, api))
+        if not args.no_jobset:
+            result["load_before_jobset"] = round(os.getloadavg()[0], 1)
+            result.update(jobset_run(args, api))
+            if result["p99_s"] and result["jobset_p99_s"]:
+                result["ratio"] = round(result["p99_s"] / result["jobset_p99_s"], 2)
+        print(json.dumps(result), file=sys.stderr)
+        rounds.append(result)
+
+    last = rounds[-1]
+    summary: dict = {"jobs": args.jobs, "clients": args.clients}
+    for key in ("p50_s", "p99_s", "max_s", "rss_mb", "operator_cpu_s", "wall_s"):
+        summary[key] = _median([r[key] for r in rounds])
+    summary["rss_mb"] = max(r["rss_mb"] for r in rounds)  # the worst peak
+    if not args.no_jobset:
+        for key in ("jobset_p50_s", "jobset_p99_s"):
+            summary[key] = _median([r.get(key) for r in rounds])
+        summary["ratio"] = _median([r.get("ratio") for r in rounds])
+    summary["all_created"] = all(
+        r["all_created"] and r.get("jobset_all_created", True) for r in rounds
+    )
+    summary["stages"] = last["stages"]
+    if args.trace:
+        summary["trace"] = last["trace"]
+    summary["rounds"] = [
+        {k: v for k, v in r.items() if k not in ("stages", "trace")} for r in rounds
+    ]
     print(json.dumps(summary) if args.json else summary)
     return 0 if summary["all_created"] else 1
 

@@ -1,6 +1,6 @@
 """The kopf handlers: thin. Each reads an object's name and hands it to reconcile.Operator.
 
-    PostTrainJob created, resumed (operator start), spec changed  -> Operator.reconcile
+    PostTrainJob created, resumed (operator start), spec or labels changed -> Operator.reconcile
     JobSet event (label posttrain.dev/job)                         -> Operator.sync_status
     pod event (label posttrain.dev/job), while the job starts      -> Operator.sync_status
     Event FailedCreate on one of its Jobs (pods refused)           -> Operator.pods_not_created
@@ -141,6 +141,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+# Kueue's labels (queue, priority) are read from the job's metadata: a label fixed after a
+# refusal (queue label and spec.scheduling.queueName disagreeing) starts the job.
+@kopf.on.update(GROUP, VERSION, PLURAL, field="metadata.labels")
 def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
     assert namespace is not None  # PostTrainJobs are namespaced
     try:

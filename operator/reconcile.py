@@ -280,7 +280,7 @@ class Operator:
         JobSet is Kueue's to suspend and resume (it would undo ours at once, an admitted Workload
         being "running"): its spec.suspend goes to the Workload's spec.active instead
         (_ensure_workload_active, on every sync, since the Workload comes after the JobSet)."""
-        if job.spec.scheduling.queue_name:
+        if queue_of(job, jobset):
             return
         want = job.spec.suspend
         have = bool((jobset.get("spec") or {}).get("suspend"))
@@ -397,6 +397,7 @@ class Operator:
         summary: dict[str, str] = {}
         total = None
         jobset: dict[str, Any] | None = None
+        workload = None
         if job is None:
             outcome = st.invalid_outcome(errors or [])
         else:
@@ -408,10 +409,10 @@ class Operator:
             else:
                 jobset, pods = children
             key = (namespace, name)
-            workload = None
+            queue = queue_of(job, jobset)
             if (
                 jobset is not None
-                and job.spec.scheduling.queue_name
+                and queue
                 and not _condition_true(jobset, "Completed")
                 and not _condition_true(jobset, "Failed")
             ):
@@ -423,7 +424,7 @@ class Operator:
                 self.create_failures.pop(key, None)
             outcome = st.phase_of(
                 suspend=job.spec.suspend,
-                queue_name=job.spec.scheduling.queue_name,
+                queue_name=queue,
                 jobset=jobset,
                 pods=pods,
                 create_failure=self.create_failures.get(key),
@@ -443,6 +444,7 @@ class Operator:
             jobset=jobset,
             summary=summary,
             total_steps=total,
+            workload=workload,
         )
         self.phases[(namespace, name)] = outcome.phase
         if st.changed(prev, new):
@@ -500,13 +502,23 @@ def job_manifest(body: Mapping[str, Any]) -> dict[str, Any]:
     """The part of the object the model validates: no status (the operator's own output),
     metadata cut to what the renderer reads."""
     meta = body.get("metadata") or {}
-    keep = {k: meta[k] for k in ("name", "namespace", "uid", "annotations") if meta.get(k)}
+    keep = {
+        k: meta[k] for k in ("name", "namespace", "uid", "labels", "annotations") if meta.get(k)
+    }
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
         "metadata": keep,
         "spec": body.get("spec"),
     }
+
+
+def queue_of(job: PostTrainJob, jobset: Mapping[str, Any] | None) -> str | None:
+    """The job's Kueue queue: the JobSet's label once the JobSet exists (what Kueue acts on; the
+    job's labels are not frozen like its spec), else what the job asks for (label or spec)."""
+    if jobset is not None:
+        return ((jobset.get("metadata") or {}).get("labels") or {}).get(r.QUEUE_LABEL) or None
+    return r.queue_name(job)
 
 
 def _reason(status: Mapping[str, Any]) -> str | None:

@@ -32,12 +32,14 @@ import yaml
 
 from posttrain import __version__, runtime
 from posttrain.api import accelerators as acc
+from posttrain.api.geometry import check_geometry
 from posttrain.api.load import FieldError, JobInvalid
 from posttrain.api.v1alpha1 import (
     API_VERSION,
     KIND,
     OUTPUT_BESIDE_CHECKPOINTS,
     OUTPUT_DIR_REQUIRED,
+    FieldValueError,
     PostTrainJob,
 )
 
@@ -47,7 +49,11 @@ JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 JOB_LABEL = "posttrain.dev/job"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "posttrain-operator"
+# Kueue's own convention: labels on the job object. A PostTrainJob labelled with QUEUE_LABEL is
+# queued exactly like one with spec.scheduling.queueName; both are carried to the JobSet, which
+# is what Kueue watches.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 
 # Set by the JobSet controller / Job controller on every pod; read through the downward API.
 JOBSET_JOB_INDEX = "jobset.sigs.k8s.io/job-index"
@@ -188,6 +194,18 @@ def shape_of(job: PostTrainJob) -> Shape:
     return Shape("node", replicas=1, pods=r.nodes)
 
 
+def job_labels(job: PostTrainJob) -> dict[str, str]:
+    return {
+        str(k): str(v) for k, v in ((job.metadata.model_extra or {}).get("labels") or {}).items()
+    }
+
+
+def queue_name(job: PostTrainJob) -> str | None:
+    """The Kueue LocalQueue: the job's `kueue.x-k8s.io/queue-name` label (Kueue's convention),
+    else spec.scheduling.queueName (check_renderable refuses the two disagreeing)."""
+    return job_labels(job).get(QUEUE_LABEL) or job.spec.scheduling.queue_name or None
+
+
 def jobset_name(job: PostTrainJob) -> str:
     return _name(job)
 
@@ -288,6 +306,19 @@ def check_renderable(job: PostTrainJob) -> None:
         )
     if not output_dir(job):
         errors.append(FieldError("spec.output.dir", OUTPUT_DIR_REQUIRED))
+    labelled, given = job_labels(job).get(QUEUE_LABEL), job.spec.scheduling.queue_name
+    if labelled is not None and given and labelled != given:
+        errors.append(
+            FieldError(
+                "spec.scheduling.queueName",
+                f"{given!r} disagrees with the label metadata.labels[{QUEUE_LABEL!r}] "
+                f"({labelled!r}): give the queue once (the label, as Kueue does), or the same in both",
+            )
+        )
+    try:
+        check_geometry(job.spec)
+    except FieldValueError as err:
+        errors.append(FieldError(err.field, str(err)))
     reserved = {e["name"] for e in _contract_env(job, shape)}
     for i, var in enumerate(job.spec.env):
         if var.name in reserved:
@@ -484,8 +515,12 @@ def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
     labels = _labels(job)
     annotations = {EXCLUSIVE_TOPOLOGY: NODEPOOL_LABEL} if shape.multislice else None
     meta = _metadata(job, name, annotations=annotations)
-    if spec.scheduling.queue_name:
-        meta["labels"][QUEUE_LABEL] = spec.scheduling.queue_name
+    queue = queue_name(job)
+    if queue:
+        meta["labels"][QUEUE_LABEL] = queue
+    priority = job_labels(job).get(PRIORITY_CLASS_LABEL)
+    if priority:
+        meta["labels"][PRIORITY_CLASS_LABEL] = priority
     child_job = {
         "metadata": {"labels": labels},
         "spec": {
@@ -505,7 +540,7 @@ def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
         "metadata": meta,
         "spec": {
             # With a Kueue queue the JobSet starts suspended and Kueue admits (unsuspends) it.
-            "suspend": spec.suspend or bool(spec.scheduling.queue_name),
+            "suspend": spec.suspend or bool(queue),
             "failurePolicy": {
                 "maxRestarts": spec.max_restarts,
                 "rules": [dict(rule) for rule in JOBSET_FAILURE_RULES],

@@ -41,6 +41,7 @@ from typing import Any
 
 from posttrain import runtime
 from posttrain.api.load import FieldError
+from posttrain.api.v1alpha1 import display_progress
 
 RESTART_ATTEMPT = "jobset.sigs.k8s.io/restart-attempt"
 TERMINAL = ("Succeeded", "Failed")
@@ -314,9 +315,12 @@ def next_status(
     jobset: Mapping[str, Any] | None = None,
     summary: Mapping[str, str] | None = None,
     total_steps: int | None = None,
+    workload: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status to merge-patch. `progress` is the trainer's and is never written here;
-    `summary.progress` is set to 0/total only while nobody has reported progress."""
+    `summary.progress` is set to 0% only while nobody has reported progress. `restarts` are the
+    JobSet's (failures, disruptions), `readmissions` Kueue's evictions of it back to the queue
+    (from its Workload; never lowered, a Workload can be made anew)."""
     prev = dict(previous or {})
     old = {c.get("type"): c for c in prev.get("conditions") or []}
     conditions = []
@@ -341,6 +345,9 @@ def next_status(
     if jobset is not None:
         status["jobSetName"] = (jobset.get("metadata") or {}).get("name")
         status["restarts"] = int((jobset.get("status") or {}).get("restarts") or 0)
+    readmissions = max(int(prev.get("readmissions") or 0), kueue_readmissions(workload))
+    if readmissions:
+        status["readmissions"] = readmissions
     started = prev.get("startTime")
     if not started and jobset is not None and outcome.phase in ("Running", *TERMINAL):
         started = now
@@ -357,10 +364,27 @@ def next_status(
     new_summary = dict(summary or {})
     reported = (prev.get("summary") or {}).get("progress") or prev.get("progress")
     if not reported and total_steps is not None:
-        new_summary["progress"] = f"0/{total_steps}"
+        new_summary["progress"] = display_progress(0, total_steps)
     if new_summary:
         status["summary"] = new_summary
     return status
+
+
+# Kueue evicts a Workload on spec.active false (our spec.suspend of a queued job): the user's
+# doing, not a re-admission.
+DEACTIVATED_REASONS = ("InactiveWorkload", "Deactivated")
+
+
+def kueue_readmissions(workload: Mapping[str, Any] | None) -> int:
+    """How many times Kueue evicted the Workload back to its queue (preemption, a lost node,
+    waitForPodsReady, ...), from its status.schedulingStats.evictions; spec.suspend's
+    deactivations are not counted."""
+    stats = ((workload or {}).get("status") or {}).get("schedulingStats") or {}
+    return sum(
+        int(e.get("count") or 0)
+        for e in stats.get("evictions") or []
+        if e.get("reason") not in DEACTIVATED_REASONS
+    )
 
 
 def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:

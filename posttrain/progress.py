@@ -12,8 +12,13 @@ library: plain HTTPS to the API server with the pod's service-account token).
 What it writes, as a JSON merge-patch to the `status` subresource of
 posttrain.dev/v1alpha1 PostTrainJob $POSTTRAIN_JOB_NAME in $POSTTRAIN_NAMESPACE:
 
-    status.progress = {step, totalSteps, metrics: {name: float}, updatedAt}
-    status.summary.progress = "step/total"      (the PROGRESS column of kubectl get)
+    status.progress = {step, totalSteps, metrics: {name: float}, updatedAt,
+                       lastCheckpointStep (once one is saved), etaSeconds (once it can be told)}
+    status.summary.progress = "12%"             (the PROGRESS column of kubectl get)
+    status.summary.eta = "1h05m"                (the ETA column of kubectl get -o wide)
+
+The ETA is the steps left at this process's pace since its first report (so the first step's
+compilation, or a restart's, is not counted as pace).
 
 The operator never writes either (except `summary.progress: 0/total` before the first report),
 so the two never fight. The trainer's service account needs a Role with `get` and `patch` on
@@ -30,6 +35,7 @@ Design:
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -44,7 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import runtime
-from posttrain.api.v1alpha1 import GROUP, MAX_LIST, PLURAL, VERSION, display_progress
+from posttrain.api.v1alpha1 import (
+    GROUP,
+    MAX_LIST,
+    PLURAL,
+    VERSION,
+    display_eta,
+    display_progress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,7 @@ class ProgressReporter:
 
     report(step, total, metrics=None) -> bool: True when a request went out and succeeded.
     flush() -> bool: send the latest report held back by rate limiting, if any.
+    checkpointed(step): the trainer saved a checkpoint at `step`; sent with the next report.
     enabled: False when reporting is a no-op (not in a cluster, no job, not rank 0).
     """
 
@@ -106,6 +120,9 @@ class ProgressReporter:
         self._clock = clock
         self._last_sent: float | None = None
         self._pending: dict[str, Any] | None = None
+        self._first: tuple[int, float] | None = None  # (step, clock) of this process's first report
+        self._checkpoint: int | None = None
+        self._last_body: dict[str, Any] | None = None
         self._sent_metrics: set[str] = set()
         try:
             rank0 = runtime.ProcessTopology.from_env(env).process_id == 0
@@ -127,6 +144,27 @@ class ProgressReporter:
 
     # -----------------------------------------------------------------------------------------
 
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint of `step` was saved: `progress.lastCheckpointStep` in the next report."""
+        self._checkpoint = max(0, int(step))
+        if self._pending is None and self._last_body is not None:
+            # nothing held back: the last report again, with the checkpoint (flush sends it)
+            self._pending = copy.deepcopy(self._last_body)
+        if self._pending is not None:
+            self._pending["status"]["progress"]["lastCheckpointStep"] = self._checkpoint
+            self._pending["status"]["progress"]["updatedAt"] = _now()
+
+    def eta_seconds(self, step: int, total: int) -> float | None:
+        """Seconds to `total` at the pace since this process's first report; None before two."""
+        now = self._clock()
+        if self._first is None:
+            self._first = (step, now)
+            return None
+        first_step, first_time = self._first
+        if step <= first_step:
+            return None
+        return max(0.0, (total - step) * (now - first_time) / (step - first_step))
+
     def report(self, step: int, total: int, metrics: Mapping[str, float] | None = None) -> bool:
         if not self.enabled:
             return False
@@ -143,6 +181,7 @@ class ProgressReporter:
         body, self._pending = self._pending, None
         self._last_sent = self._clock()
         ok = self._patch(body)
+        self._last_body = body
         if ok:
             self._sent_metrics = set(body["status"]["progress"]["metrics"])
         return ok
@@ -162,17 +201,20 @@ class ProgressReporter:
         for gone in self._sent_metrics - set(clean):
             clean[gone] = None
         step, total = max(0, int(step)), max(0, int(total))
-        return {
-            "status": {
-                "progress": {
-                    "step": step,
-                    "totalSteps": total,
-                    "metrics": clean,
-                    "updatedAt": _now(),
-                },
-                "summary": {"progress": display_progress(step, total)},
-            }
+        progress: dict[str, Any] = {
+            "step": step,
+            "totalSteps": total,
+            "metrics": clean,
+            "updatedAt": _now(),
         }
+        summary = {"progress": display_progress(step, total)}
+        eta = 0.0 if step >= total else self.eta_seconds(step, total)
+        if eta is not None:
+            progress["etaSeconds"] = round(eta)
+            summary["eta"] = display_eta(eta)
+        if self._checkpoint is not None:
+            progress["lastCheckpointStep"] = self._checkpoint
+        return {"status": {"progress": progress, "summary": summary}}
 
     def _patch(self, body: dict[str, Any]) -> bool:
         assert self.api_server and self.namespace and self.name

@@ -103,7 +103,7 @@ def train(
                 or stopping
                 or state.step == training.steps
             ):
-                _save(ckpt, state, algo)  # fmt: skip
+                _save(ckpt, state, algo, reporter)  # fmt: skip
             if stopping and state.step < training.steps:
                 ckpt.wait()
                 say(f"stopping at step {state.step}: checkpoint saved; run again with the same output to continue")  # fmt: skip
@@ -147,12 +147,14 @@ def _resume(ckpt: Checkpointer, state: TrainState, algo: Algorithm, say: Callabl
     return int(meta["step"])
 
 
-def _save(ckpt: Checkpointer, state: TrainState, algo: Algorithm) -> None:
+def _save(ckpt: Checkpointer, state: TrainState, algo: Algorithm, reporter: Any) -> None:
     ckpt.save(
         state.step,
         {"params": state.params, "opt_state": state.opt_state},
         {"step": state.step, "data": algo.source.state()},
     )
+    if reporter is not None and hasattr(reporter, "checkpointed"):
+        reporter.checkpointed(state.step)  # status.progress.lastCheckpointStep
 
 
 def evaluate(run: Run, state: TrainState, algo: Algorithm) -> dict[str, float]:

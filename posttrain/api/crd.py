@@ -104,6 +104,16 @@ def _spec_rules() -> list[dict[str, str]]:
                     "message": f"algorithm {e.name} needs spec.{e.block}",
                 }
             )
+    # Geometry the API server can check alone (the rest needs the accelerator catalogue:
+    # posttrain validate and the operator, posttrain/api/geometry.py). batchSize has a default.
+    rules.append(
+        {
+            "rule": "!has(self.training.microBatchSize) || "
+            "self.training.batchSize % self.training.microBatchSize == 0",
+            "message": "spec.training.microBatchSize must divide spec.training.batchSize",
+            "fieldPath": ".training.microBatchSize",
+        }
+    )
     rules.append(
         {
             "rule": "(has(self.output) && has(self.output.dir)) || (has(self.training.checkpoint)"
@@ -137,7 +147,21 @@ PRINTER_COLUMNS = [
     {"name": "Accelerator", "type": "string", "jsonPath": ".status.summary.accelerator"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.summary.progress"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.summary.eta", "priority": 1},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
+    {
+        "name": "Checkpoint",
+        "type": "integer",
+        "jsonPath": ".status.progress.lastCheckpointStep",
+        "priority": 1,
+    },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {
+        "name": "Readmissions",
+        "type": "integer",
+        "jsonPath": ".status.readmissions",
+        "priority": 1,
+    },
     {"name": "JobSet", "type": "string", "jsonPath": ".status.jobSetName", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

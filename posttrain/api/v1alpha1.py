@@ -553,6 +553,12 @@ class Progress(Spec):
     total_steps: int = Field(0, ge=0)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=MAX_LIST)
     updated_at: Annotated[str, Field(max_length=64)] | None = None
+    last_checkpoint_step: int | None = Field(
+        None, ge=0, description="Step of the last checkpoint the trainer saved."
+    )
+    eta_seconds: int | None = Field(
+        None, ge=0, description="Estimated seconds to the last step, at this run's pace so far."
+    )
 
 
 class Summary(Spec):
@@ -561,6 +567,7 @@ class Summary(Spec):
     model: Annotated[str, Field(max_length=256)] | None = None
     accelerator: Annotated[str, Field(max_length=64)] | None = None
     progress: Annotated[str, Field(max_length=64)] | None = None
+    eta: Annotated[str, Field(max_length=64)] | None = None
 
 
 class PostTrainJobStatus(Spec):
@@ -570,6 +577,12 @@ class PostTrainJobStatus(Spec):
     summary: Summary | None = None
     job_set_name: Annotated[str, Field(max_length=253)] | None = None
     restarts: int = Field(0, ge=0)
+    readmissions: int = Field(
+        0,
+        ge=0,
+        description="Times Kueue evicted the job back to its queue (preemption, ...) to admit it "
+        "again; counted apart from restarts.",
+    )
     start_time: Annotated[str, Field(max_length=64)] | None = None
     completion_time: Annotated[str, Field(max_length=64)] | None = None
     observed_generation: int | None = None
@@ -614,4 +627,17 @@ def display_accelerator(resources: ResourcesSpec) -> str:
 
 
 def display_progress(step: int, total: int) -> str:
-    return f"{step}/{total}"
+    """The PROGRESS column: a percentage of the steps, rounded down (100% only at the end)."""
+    return f"{100 * step // total if total else 0}%"
+
+
+def display_eta(seconds: float) -> str:
+    """The ETA column: `45s`, `12m`, `3h05m`, `2d04h`."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

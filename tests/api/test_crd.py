@@ -122,6 +122,8 @@ def test_cel_rules_in_crd() -> None:
     assert "!has(self.drGrpo) || self.algorithm == 'dr-grpo'" in spec_rules
     assert "!has(self.dpo) || self.algorithm == 'dpo'" in spec_rules
     assert not any("has(self.dpo)" in r and "||" in r and r.startswith("self.") for r in spec_rules)
+    micro = "self.training.batchSize % self.training.microBatchSize == 0"
+    assert any(micro in rule for rule in spec_rules)
     (immutable,) = schema["x-kubernetes-validations"]
     assert "oldSelf.status.phase" in immutable["rule"] and "suspend" not in immutable["rule"]
 

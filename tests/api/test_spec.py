@@ -398,4 +398,4 @@ def test_display_helpers() -> None:
     assert api.display_accelerator(multi) == "2xtpu-v5p-8"
     gpu = api.ResourcesSpec(accelerator="nvidia-h100", nodes=2)
     assert api.display_accelerator(gpu) == "nvidia-h100x16"
-    assert api.display_progress(120, 1000) == "120/1000"
+    assert api.display_progress(120, 1000) == "12%"

@@ -216,9 +216,9 @@ class Api:
             if e["involvedObject"].get("kind") == "PostTrainJob"
         ]
 
-    def columns(self, name: str) -> dict[str, str]:
+    def columns(self, name: str, *flags: str) -> dict[str, str]:
         """`kubectl get posttrainjobs NAME` as {COLUMN: value}."""
-        out = self.kubectl("get", "posttrainjobs", name).stdout.splitlines()
+        out = self.kubectl("get", "posttrainjobs", name, *flags).stdout.splitlines()
         header, row = out[0], out[1]
         starts = [m.start() for m in re.finditer(r"\S+", header)]
         ends = starts[1:] + [None]
@@ -260,7 +260,7 @@ def test_multislice_tpu_job_runs_to_success(cluster, namespace, kubectl, operato
     reporter = trainer_reporter(kubectl, cluster, namespace, "ms")
     assert reporter.report(5, 10, {"loss": 1.5})
     columns = api.columns("ms")
-    assert columns["PHASE"] == "Running" and columns["PROGRESS"] == "5/10", columns
+    assert columns["PHASE"] == "Running" and columns["PROGRESS"] == "50%", columns
     assert columns["ACCELERATOR"] == "2xtpu-v4-8" and columns["MODEL"] == "Qwen2.5-0.5B-Instruct"
 
     # the pods: on TPU nodes of the right shape, one node pool per slice, one distributed job
@@ -287,7 +287,7 @@ def test_multislice_tpu_job_runs_to_success(cluster, namespace, kubectl, operato
 
     status = api.wait_phase("ms", "Succeeded", operator, timeout=90)
     assert reporter.report(10, 10, {"loss": 1.0})
-    assert api.columns("ms")["PROGRESS"] == "10/10"
+    assert api.columns("ms")["PROGRESS"] == "100%"
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True"
     assert conditions["Succeeded"]["observedGeneration"] == ptj["metadata"]["generation"]
@@ -298,7 +298,7 @@ def test_multislice_tpu_job_runs_to_success(cluster, namespace, kubectl, operato
     assert progress["step"] == 10 and progress["metrics"] == {"loss": 1.0}
     # kopf kept its bookkeeping out of the (strict) status
     assert set(api.status("ms")) <= {
-        "phase", "conditions", "progress", "summary", "jobSetName", "restarts",
+        "phase", "conditions", "progress", "summary", "jobSetName", "restarts", "readmissions",
         "startTime", "completionTime", "observedGeneration",
     }  # fmt: skip
 
@@ -835,6 +835,10 @@ def test_kueue_quota_and_preemption(namespace, kubectl, operator, kueue_queue) -
     status = api.wait_phase("second", "Running", operator, timeout=90)
     assert api.get("jobset", "second")["metadata"]["uid"] == uid
     assert status["restarts"] == 0
+    # the preemption is counted apart from restarts, shown by `kubectl get -o wide`
+    assert status.get("readmissions") == 1, status
+    wide = api.columns("second", "-o", "wide")
+    assert wide["READMISSIONS"] == "1" and wide["RESTARTS"] == "0", wide
 
 
 def test_a_queued_job_suspends_through_its_workload(namespace, kubectl, operator, kueue_queue):
@@ -871,3 +875,89 @@ def test_a_queued_job_suspends_through_its_workload(namespace, kubectl, operator
     status = api.wait_phase("hold", "Running", operator, timeout=90)
     assert api.items("workloads")[0]["spec"]["active"] is True
     assert api.get("jobset", "hold")["metadata"]["uid"] == uid and status["restarts"] == 0
+
+
+def test_kueue_queue_label_on_the_job(namespace, kubectl, operator, kueue_queue) -> None:
+    """Kueue's own convention: a PostTrainJob labelled kueue.x-k8s.io/queue-name is queued like
+    one with spec.scheduling.queueName. Quota for one v5e 2x4 slice: the second of two labelled
+    jobs is Queued (no pods) and starts when the first is deleted. A job whose label and
+    spec.scheduling.queueName disagree is refused, naming both, and gets no JobSet."""
+    api = Api(kubectl)
+    queue = kueue_queue["team-a"]
+
+    def labelled(name: str, labels: dict[str, str], **spec: Any) -> dict:
+        doc = manifest(
+            name,
+            {"accelerator": "tpu-v5e", "topology": "2x4"},
+            annotations={"posttrain.dev/fake-run-seconds": "600"},
+            **spec,
+        )
+        doc["metadata"]["labels"] = labels
+        return doc
+
+    api.apply(labelled("la", {r.QUEUE_LABEL: queue}))
+    api.wait_phase("la", "Running", operator, timeout=90)
+    # Kueue made a Workload for it: the job ran through the queue, not around it
+    assert wait_for("la's Workload", lambda: api.items("workloads"), 30)
+    api.apply(labelled("lb", {r.QUEUE_LABEL: queue}))
+    api.wait_phase("lb", "Queued", operator)
+    cond = wait_for(
+        "Kueue's reason on the second job",
+        lambda: (c := running_condition(api.status("lb")))["reason"] == "WaitingForQuota" and c,
+        30,
+    )
+    assert f"queue {queue}" in cond["message"], cond
+    jobset = api.get("jobset", "lb")
+    assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == queue
+    assert jobset["spec"]["suspend"] is True
+    assert not api.items("pods", "-l", f"{r.JOB_LABEL}=lb")
+
+    kubectl("delete", "posttrainjob", "la", "--wait=false")
+    status = api.wait_phase("lb", "Running", operator, timeout=90)
+    assert status["restarts"] == 0
+    assert api.items("pods", "-l", f"{r.JOB_LABEL}=lb")
+
+    api.apply(labelled("lc", {r.QUEUE_LABEL: queue}, scheduling={"queueName": "other"}))
+    status = api.wait_phase("lc", "Failed", operator)
+    valid = next(c for c in status["conditions"] if c["type"] == "Valid")
+    assert valid["reason"] == "InvalidSpec", valid
+    assert "spec.scheduling.queueName" in valid["message"] and r.QUEUE_LABEL in valid["message"]
+    assert f"'{queue}'" in valid["message"] and "'other'" in valid["message"], valid
+    assert api.get("jobset", "lc") is None
+
+
+def test_bad_geometry_never_creates_a_pod(namespace, kubectl, operator) -> None:
+    """A batch that does not divide over its topology's chips (12 over a v5e 2x4's 8) is refused
+    before anything is held: Failed/InvalidSpec naming spec.training.batchSize; no recipe, no
+    JobSet, no pod. `posttrain validate` says the same without a cluster."""
+    api = Api(kubectl)
+    doc = manifest("geo", {"accelerator": "tpu-v5e", "topology": "2x4"})
+    doc["spec"]["training"]["batchSize"] = 12
+    api.apply(doc)
+    status = api.wait_phase("geo", "Failed", operator)
+    valid = next(c for c in status["conditions"] if c["type"] == "Valid")
+    assert valid["reason"] == "InvalidSpec", valid
+    assert valid["message"].startswith("spec.training.batchSize: "), valid
+    assert "8 data-parallel devices" in valid["message"], valid
+    time.sleep(3)  # anything made would have shown by now
+    assert api.get("jobset", "geo") is None and api.get("configmap", "geo-recipe") is None
+    assert not api.items("pods", "-l", f"{r.JOB_LABEL}=geo")
+    assert not api.items("pods")
+    assert any(reason == "Failed" and "batchSize" in m for reason, m in api.events("geo"))
+    refused = subprocess.run(
+        [sys.executable, "-P", "-m", "posttrain.cli", "validate", "-"],
+        input=yaml.safe_dump(doc), capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "spec.training.batchSize" in refused.stderr
+
+    # what the API server can check alone is its CEL rule's (the model refuses it too)
+    micro = {**doc, "metadata": {"name": "micro"}}
+    micro["spec"] = {**doc["spec"], "training": {"steps": 10, "batchSize": 32, "microBatchSize": 5}}
+    refused = kubectl("apply", "-f", "-", input=yaml.safe_dump(micro), check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "spec.training.microBatchSize must divide spec.training.batchSize" in refused.stderr
+
+    # fixed (a failed job's spec may change), it starts
+    kubectl("patch", "posttrainjob", "geo", "--type=merge",
+            "-p", '{"spec":{"training":{"steps":10,"batchSize":16}}}')  # fmt: skip
+    wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "geo"), 30)

@@ -103,6 +103,7 @@ def check_contract(jobset: dict[str, Any], pods: list[dict[str, Any]]) -> None:
 def test_rendered_env_forms_one_job(resources: dict[str, Any]) -> None:
     doc = copy.deepcopy(BASE)
     doc["spec"]["resources"] = resources
+    doc["spec"]["training"]["batchSize"] = 768  # divides over every device count above
     jobset = r.render(parse_job(doc))[1]
     check_contract(jobset, simulated_pods(jobset, "ml"))
 

@@ -79,7 +79,7 @@ def test_patches_status_with_token_and_rate_limits(api: FakeApi) -> None:
     assert status["progress"]["step"] == 1 and status["progress"]["totalSteps"] == 100
     assert status["progress"]["metrics"] == {"loss": 2.5, "reward_mean": 0.1}
     assert status["progress"]["updatedAt"].endswith("Z")
-    assert status["summary"] == {"progress": "1/100"}
+    assert status["summary"] == {"progress": "1%"}  # no pace yet: no ETA
     # a metric that disappeared is removed (merge-patch null)
     assert api.requests[1]["body"]["status"]["progress"]["metrics"] == {
         "loss": 2.3,
@@ -124,3 +124,46 @@ def test_no_op_outside_a_cluster_and_off_rank0(api: FakeApi) -> None:
         1, 1
     )
     assert api.requests == []
+
+
+def test_eta_and_last_checkpoint_step(api: FakeApi) -> None:
+    clock = Clock()
+    rep = reporter(api, clock)
+    rep.report(10, 110)  # the first report: the pace starts here (compilation not counted)
+    clock.t = 20
+    rep.report(20, 110)  # 10 steps in 20 s: 90 steps left = 180 s
+    body = api.requests[-1]["body"]["status"]
+    assert body["progress"]["etaSeconds"] == 180
+    assert body["summary"] == {"progress": "18%", "eta": "3m"}
+    assert "lastCheckpointStep" not in body["progress"]
+    rep.checkpointed(20)  # nothing held back: the last report again, with the checkpoint
+    assert rep.flush()
+    body = api.requests[-1]["body"]["status"]
+    assert body["progress"]["lastCheckpointStep"] == 20 and body["progress"]["step"] == 20
+    clock.t = 25
+    rep.report(21, 110)  # held back (rate limit), carries the checkpoint step too
+    rep.checkpointed(21)
+    assert rep.flush()
+    assert api.requests[-1]["body"]["status"]["progress"]["lastCheckpointStep"] == 21
+    clock.t = 200
+    rep.report(110, 110)
+    last = api.requests[-1]["body"]["status"]
+    assert last["summary"] == {"progress": "100%", "eta": "0s"}
+    assert last["progress"]["etaSeconds"] == 0
+
+
+def test_display_eta() -> None:
+    from posttrain.api.v1alpha1 import display_eta, display_progress
+
+    assert [
+        display_eta(s) for s in (0, 59, 60, 3599, 3600, 3 * 3600 + 5 * 60, 2 * 86400 + 7200)
+    ] == [
+        "0s",
+        "59s",
+        "1m",
+        "59m",
+        "1h00m",
+        "3h05m",
+        "2d02h",
+    ]
+    assert [display_progress(s, 1000) for s in (0, 1, 999, 1000)] == ["0%", "0%", "99%", "100%"]

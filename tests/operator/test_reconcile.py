@@ -77,3 +77,12 @@ def test_both_runs_the_two_at_once_and_raises_an_error_of_either() -> None:
         op._both(fail, lambda: None)
     with pytest.raises(ValueError):
         op._both(lambda: None, fail)
+
+
+def test_job_manifest_keeps_labels_for_kueue() -> None:
+    body = {**BASE, "metadata": {**BASE["metadata"], "labels": {"kueue.x-k8s.io/queue-name": "q"}}}
+    manifest = job_manifest(body)
+    assert manifest["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "q"}
+    from posttrain.operator import render as r
+
+    assert r.queue_name(parse_job(manifest)) == "q"

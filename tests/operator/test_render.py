@@ -114,9 +114,13 @@ TPU_CASES = [(g, t) for g in acc.TPU_GENERATIONS for t in acc.TPU_GENERATIONS[g]
 @pytest.mark.parametrize("slices", [1, 3])
 @pytest.mark.parametrize("accelerator, topology", TPU_CASES)
 def test_every_tpu_topology(accelerator: str, topology: str, slices: int) -> None:
-    job = make({"accelerator": accelerator, "topology": topology, "slices": slices})
-    js = jobset_of(job)
     chips = acc.topology_chips(topology)
+    # a batch that divides over every chip (a smaller one is refused: test_geometry.py)
+    training = {"steps": 10, "batchSize": chips * slices}
+    job = make(
+        {"accelerator": accelerator, "topology": topology, "slices": slices}, training=training
+    )
+    js = jobset_of(job)
     single_host = topology in acc.TPU_GENERATIONS[accelerator].single_host
     per_host = chips if single_host else 4
     hosts = chips // per_host
@@ -169,7 +173,9 @@ def test_gke_accelerator_values() -> None:
 @pytest.mark.parametrize("accelerator", sorted(acc.GPU_TYPES))
 def test_every_gpu_type(accelerator: str, nodes: int) -> None:
     gpus = min(4, acc.GPU_TYPES[accelerator][1])
-    js = jobset_of(make({"accelerator": accelerator, "nodes": nodes, "gpusPerNode": gpus}))
+    training = {"steps": 10, "batchSize": nodes * gpus}
+    resources = {"accelerator": accelerator, "nodes": nodes, "gpusPerNode": gpus}
+    js = jobset_of(make(resources, training=training))
     (rjob,) = js["spec"]["replicatedJobs"]
     assert rjob["name"] == "node" and rjob["replicas"] == 1
     assert (
@@ -186,12 +192,15 @@ def test_every_gpu_type(accelerator: str, nodes: int) -> None:
 
 
 def test_gpu_default_is_8_per_node() -> None:
-    pod = pod_spec(jobset_of(make({"accelerator": "nvidia-h200", "nodes": 3})))
+    training = {"steps": 10, "batchSize": 48}
+    pod = pod_spec(jobset_of(make({"accelerator": "nvidia-h200", "nodes": 3}, training=training)))
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "8"}
 
 
 def test_cpu_is_plain_pods() -> None:
-    js = jobset_of(make({"accelerator": "cpu", "nodes": 3}))
+    js = jobset_of(
+        make({"accelerator": "cpu", "nodes": 3}, training={"steps": 10, "batchSize": 33})
+    )
     pod = pod_spec(js)
     assert js["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 3
     assert "nodeSelector" not in pod and "tolerations" not in pod
@@ -507,3 +516,64 @@ def test_pods_run_the_trainer_entrypoint(
     args = [str(local) if a == runtime.RECIPE_PATH else a for a in container["args"]]
     assert main(args) == runtime.EXIT_CONFIG
     assert "spec.algorithm: 'dpo' is not built" in capsys.readouterr().err
+
+
+# ---- Kueue's labels on the job ---------------------------------------------------------------
+
+
+def labelled(labels: dict[str, str], **spec: Any) -> api.PostTrainJob:
+    doc = copy.deepcopy(BASE)
+    doc["metadata"]["labels"] = labels
+    doc["spec"].update(spec)
+    return parse_job(doc)
+
+
+def test_queue_label_on_the_job_queues_it_like_spec_queue_name() -> None:
+    by_label = jobset_of(labelled({r.QUEUE_LABEL: "team-a"}))
+    by_spec = jobset_of(make(scheduling={"queueName": "team-a"}))
+    assert by_label["metadata"]["labels"][r.QUEUE_LABEL] == "team-a"
+    assert by_label["spec"]["suspend"] is True  # Kueue admits it by unsuspending
+    assert by_label == by_spec
+    # both given and the same: fine
+    both = labelled({r.QUEUE_LABEL: "team-a"}, scheduling={"queueName": "team-a"})
+    assert jobset_of(both) == by_spec
+
+
+def test_queue_label_and_spec_disagreeing_are_refused_naming_both() -> None:
+    job = labelled({r.QUEUE_LABEL: "team-a"}, scheduling={"queueName": "team-b"})
+    with pytest.raises(JobInvalid) as info:
+        r.render(job)
+    (err,) = info.value.errors
+    assert err.path == "spec.scheduling.queueName"
+    assert "'team-b'" in err.message and "'team-a'" in err.message
+    assert r.QUEUE_LABEL in err.message
+
+
+def test_priority_class_label_is_carried_to_the_jobset() -> None:
+    js = jobset_of(labelled({r.QUEUE_LABEL: "q", r.PRIORITY_CLASS_LABEL: "high", "team": "x"}))
+    labels = js["metadata"]["labels"]
+    assert labels[r.PRIORITY_CLASS_LABEL] == "high" and labels[r.QUEUE_LABEL] == "q"
+    assert "team" not in labels  # other labels stay on the job
+    assert r.PRIORITY_CLASS_LABEL not in jobset_of(make())["metadata"]["labels"]
+
+
+def test_cli_validate_refuses_bad_geometry_and_queue_conflict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from posttrain.cli import main
+
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["resources"] = {"accelerator": "tpu-v5e", "topology": "2x4"}
+    doc["spec"]["training"]["batchSize"] = 12
+    doc["metadata"]["labels"] = {r.QUEUE_LABEL: "a"}
+    doc["spec"]["scheduling"] = {"queueName": "b"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.training.batchSize" in err and "8 data-parallel devices" in err
+    assert "spec.scheduling.queueName" in err
+    doc["spec"]["training"]["batchSize"] = 16
+    doc["spec"]["scheduling"] = {"queueName": "a"}
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 0

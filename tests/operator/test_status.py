@@ -180,7 +180,7 @@ def test_conditions_carry_reason_generation_and_keep_transition_times() -> None:
     assert first["phase"] == "Running" and first["observedGeneration"] == 3
     assert first["restarts"] == 1 and first["jobSetName"] == "j"
     assert first["startTime"] == NOW and "completionTime" not in first
-    assert first["summary"] == {"model": "m", "accelerator": "a", "progress": "0/10"}
+    assert first["summary"] == {"model": "m", "accelerator": "a", "progress": "0%"}
     by_type = {c["type"]: c for c in first["conditions"]}
     assert set(by_type) == {"Valid", "Running"}
     assert by_type["Running"] == {
@@ -419,3 +419,18 @@ def test_a_workload_does_not_matter_once_the_jobset_runs() -> None:
         workload=workload("preempted"),
     )
     assert (out.phase, out.reason) == ("Running", "Running")
+
+
+def test_readmissions_are_kueue_evictions_counted_apart_from_restarts() -> None:
+    wl = workload("preempted")
+    assert st.kueue_readmissions(wl) == 1
+    running = st.Outcome("Running", "Running", "x")
+    new = status_for(None, running, jobset=jobset(restarts=2), workload=wl)
+    assert new["restarts"] == 2 and new["readmissions"] == 1
+    # never lowered (a Workload made anew starts from 0); spec.suspend's deactivations not counted
+    fresh = {
+        "status": {"schedulingStats": {"evictions": [{"reason": "InactiveWorkload", "count": 3}]}}
+    }
+    assert st.kueue_readmissions(fresh) == 0
+    assert status_for(new, running, jobset=jobset(restarts=2), workload=fresh)["readmissions"] == 1
+    assert "readmissions" not in status_for(None, running, jobset=jobset())
