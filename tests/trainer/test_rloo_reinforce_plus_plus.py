@@ -98,7 +98,11 @@ def job(files: Path, algorithm: str, **block) -> PostTrainJob:
             "spec": {
                 "algorithm": algorithm,
                 "model": {"base": "builtin:tiny", "dtype": "float32"},
-                "data": {"train": str(files / "train.jsonl"), "maxLength": 24, "maxPromptLength": 8},
+                "data": {
+                    "train": str(files / "train.jsonl"),
+                    "maxLength": 24,
+                    "maxPromptLength": 8,
+                },
                 REGISTRY[algorithm].block: settings,
                 "training": {
                     "steps": 12,
