@@ -495,8 +495,10 @@ class JobSpecBase(Spec):
         value = getattr(self, entry.field)
         return entry.settings() if value is None else value
 
-    # Kept for callers that read "the block": the same as ``settings``.
-    block = settings
+    @property
+    def block(self) -> Spec:
+        """The same as ``settings`` (the name older callers use)."""
+        return self.settings
 
 
 def _job_spec_type() -> type[JobSpecBase]:
