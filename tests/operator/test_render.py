@@ -370,6 +370,35 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "spec.resources.topology" in err and "valid: 1x1, 2x2" in err
 
 
+def test_cli_render_of_a_dapo_job_writes_dapos_defaults_into_the_recipe(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The recipe holds the job's spec with its algorithm's defaults filled in: the trainer reads
+    DAPO's clip-higher, token-mean loss, dynamic sampling and no KL from spec.dapo, not GRPO's."""
+    from posttrain.cli import main
+
+    example = ROOT / "examples" / "dapo-job.yaml"
+    written = yaml.safe_load(example.read_text())["spec"]["dapo"]
+    assert not {"epsilonHigh", "lossAggregation", "dynamicSampling", "beta"} & set(written)
+    assert main(["render", str(example)]) == 0
+    cm, _ = yaml.safe_load_all(capsys.readouterr().out)
+    recipe = yaml.safe_load(cm["data"][r.RECIPE_KEY])
+    assert "grpo" not in recipe["spec"]
+    dapo = recipe["spec"]["dapo"]
+    assert (dapo["epsilon"], dapo["epsilonHigh"]) == (0.2, 0.28)
+    assert (dapo["lossAggregation"], dapo["dynamicSampling"], dapo["beta"]) == (
+        "token-mean",
+        True,
+        0,
+    )
+    assert dapo["overlong"] == {"mode": "penalty", "buffer": 1024, "penaltyFactor": 1.0}
+    # What the trainer parses from the recipe is the job as written, defaults and all.
+    assert (
+        parse_job(recipe).spec.settings
+        == parse_job(yaml.safe_load(example.read_text())).spec.settings
+    )
+
+
 def test_every_cluster_example_renders() -> None:
     from posttrain.api import load_documents
 
