@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from posttrain.api.v1alpha1 import DataSpec, GrpoSpec
+from posttrain.api import parse_job
+from posttrain.api.algorithms import REGISTRY
+from posttrain.api.v1alpha1 import DataSpec
+from posttrain.trainer import algorithms
 from posttrain.trainer.algorithms import grpo, report, rollout
-from posttrain.trainer.algorithms.base import Models, token_logprobs
+from posttrain.trainer.algorithms.base import LossFn, ModelConfigs, Models, token_logprobs
 from posttrain.trainer.data import prompts
 from posttrain.trainer.data.readers import BadRow
 from posttrain.trainer.models import builtin_config, create_model
@@ -102,12 +105,33 @@ def rollout_batch(tok, rng, R=4, P=8, N=6):
     return batch
 
 
+def declared_loss(algorithm: str, **block) -> LossFn:
+    """The loss ``algorithm`` declares for a job whose block holds ``block`` (its settings
+    type's defaults for the rest): what the loop and ``plan`` compile."""
+    block = {"rewards": [{"builtin": "length-penalty"}], **block}
+    job = parse_job(
+        {
+            "apiVersion": "posttrain.dev/v1alpha1",
+            "kind": "PostTrainJob",
+            "metadata": {"name": "t"},
+            "spec": {
+                "algorithm": algorithm,
+                "model": {"base": "builtin:tiny"},
+                "data": {"train": "x.jsonl", "maxLength": 32, "maxPromptLength": 8},
+                "training": {"steps": 2, "batchSize": 2},
+                "resources": {"accelerator": "cpu"},
+                REGISTRY[algorithm].block: block,
+            },
+        }
+    )
+    return algorithms.load(algorithm).declare(job.spec, ModelConfigs(None, lambda ref: None)).loss
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "gspo-token"])
 def test_loss_on_a_real_model_is_minus_mean_advantage_on_policy(tiny, algorithm):
     tok, model = tiny
     batch = {k: jnp.asarray(v) for k, v in rollout_batch(tok, np.random.default_rng(0)).items()}
-    spec = GrpoSpec(beta=0.0, rewards=[{"builtin": "length-penalty"}]).resolved(algorithm)
-    value, metrics = grpo.make_loss(spec, algorithm)(Models(policy=model), batch)
+    value, metrics = declared_loss(algorithm, beta=0.0)(Models(policy=model), batch)
     # On-policy (old = current): ratio 1, no clipping, loss = -mean advantage (sequence-mean).
     assert float(value) == pytest.approx(-float(batch["advantages"].mean()), rel=1e-5)
     assert float(metrics["clip_fraction"]) == 0.0
@@ -122,8 +146,7 @@ def test_loss_aggregation_follows_the_algorithm_on_a_real_model(tiny, algorithm)
     tok, model = tiny
     host = rollout_batch(tok, np.random.default_rng(2), N=6)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    spec = GrpoSpec(max_new_tokens=6, rewards=[{"builtin": "length-penalty"}]).resolved(algorithm)
-    value, _ = grpo.make_loss(spec, algorithm)(Models(policy=model), batch)
+    value, _ = declared_loss(algorithm, maxNewTokens=6)(Models(policy=model), batch)
     lengths = host["completion_mask"].sum(axis=1)
     summed = -(host["advantages"] * lengths).sum()
     expected = summed / lengths.sum() if algorithm == "dapo" else summed / (len(lengths) * 6)
@@ -138,10 +161,7 @@ def test_filtered_rows_keep_sequence_mean_exact_over_micro_batches(tiny):
     host["completion_mask"][[0, 2]] = 0.0
     with_loss = host["completion_mask"].sum(axis=1) > 0
     host["sequences_per_row"] = np.full(8, with_loss.mean(), np.float32)
-    spec = GrpoSpec(
-        beta=0.0, overlong={"mode": "filter"}, rewards=[{"builtin": "length-penalty"}]
-    ).resolved("grpo")
-    loss = grpo.make_loss(spec, "grpo")
+    loss = declared_loss("grpo", beta=0.0, overlong={"mode": "filter"})
 
     def value(rows):
         part = {k: jnp.asarray(v[rows]) for k, v in host.items()}
@@ -162,15 +182,15 @@ def test_loss_uses_given_old_and_reference_logprobs(tiny):
     host["old_logp"] = logp - 0.5 * host["completion_mask"]  # ratio e^0.5 > 1 + eps everywhere
     host["ref_logp"] = logp - 0.1
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    spec = GrpoSpec(beta=0.1, rewards=[{"builtin": "length-penalty"}]).resolved("grpo")
-    _, metrics = grpo.make_loss(spec, "grpo")(Models(policy=model), batch)
+    loss = declared_loss("grpo", beta=0.1)
+    _, metrics = loss(Models(policy=model), batch)
     positive = (host["advantages"] > 0).astype(np.float32)[:, None] * host["completion_mask"]
     assert float(metrics["clip_fraction"]) == pytest.approx(
         positive.sum() / host["completion_mask"].sum(), rel=1e-5
     )
     x = -0.1
     assert float(metrics["kl"]) == pytest.approx(np.expm1(x) - x, rel=1e-3)
-    grads = nnx.grad(lambda m: grpo.make_loss(spec, "grpo")(Models(policy=m), batch)[0])(model)
+    grads = nnx.grad(lambda m: loss(Models(policy=m), batch)[0])(model)
     total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads))
     assert np.isfinite(total) and total > 0
 
@@ -192,8 +212,5 @@ def test_loss_log_probs_are_at_the_sampling_temperature(tiny):
         np.float32
     )  # so the k3 KL is exactly expm1(-0.2) + 0.2
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    spec = GrpoSpec(beta=0.1, temperature=T, rewards=[{"builtin": "length-penalty"}]).resolved(
-        "grpo"
-    )
-    _, metrics = grpo.make_loss(spec, "grpo")(Models(policy=model), batch)
+    _, metrics = declared_loss("grpo", beta=0.1, temperature=T)(Models(policy=model), batch)
     assert float(metrics["kl"]) == pytest.approx(np.expm1(-0.2) + 0.2, rel=1e-3)

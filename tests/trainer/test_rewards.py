@@ -10,7 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from posttrain.api.v1alpha1 import RewardSpec
+from posttrain.api.settings.rl import RewardSpec
 from posttrain.trainer import rewards as rw
 
 
