@@ -22,7 +22,7 @@ resources model itself (`spec.resources.chipsPerHost`). There is no separate rol
 this API: rollouts run on the training mesh, on whole steps' rows, so they divide when the
 micro-batches do.
 
-Pure (no I/O, no JAX); reads the algorithm's settings generically (`spec.block`), so it does not
+Pure (no I/O, no JAX); reads the algorithm's settings generically (`spec.settings`), so it does not
 depend on how the per-algorithm settings are laid out.
 """
 
@@ -82,20 +82,17 @@ def device_count(spec: Any) -> tuple[int, str]:
 
 def _setting(spec: Any, name: str) -> int:
     """An algorithm setting that multiplies rows (numGenerations), 1 when the algorithm has
-    none. Resolved settings (an algorithm's defaults filled in) first, then the block itself."""
-    for source in (getattr(spec, "grpo_settings", None), getattr(spec, "block", None)):
-        value = getattr(source, name, None)
-        if value is not None:
-            return int(value)
-    return 1
+    none. Read from the algorithm's settings (its block, or its settings type's defaults)."""
+    value = getattr(getattr(spec, "settings", None), name, None)
+    return 1 if value is None else int(value)
 
 
 def _block_name(spec: Any) -> str:
-    block = getattr(spec, "block", None)
-    for name, value in vars(spec).items() if hasattr(spec, "__dict__") else []:
-        if value is block and block is not None:
-            return name
-    return spec.algorithm
+    """The YAML name of the algorithm's block (``dr-grpo`` reads ``drGrpo``)."""
+    from posttrain.api.algorithms import REGISTRY
+
+    entry = REGISTRY.get(spec.algorithm)
+    return entry.block if entry is not None else spec.algorithm
 
 
 def geometry(spec: Any) -> Geometry:

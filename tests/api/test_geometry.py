@@ -118,10 +118,17 @@ def test_grpo_rows_are_batch_times_generations() -> None:
     assert geometry(s).rows_per_step == 8
     check_geometry(s)
     # 3 x 4 = 12 rows: does not divide over 8; batchSize must be a multiple of 2
-    s = spec({"batchSize": 3}, algorithm="dapo", grpo={"numGenerations": 4, "rewards": rewards})
+    s = spec({"batchSize": 3}, algorithm="grpo", grpo={"numGenerations": 4, "rewards": rewards})
     err = refused(s)
     assert err.field == "spec.training.batchSize"
     assert "grpo.numGenerations 4 = 12 rows" in str(err) and "multiple of 2" in str(err)
+    # Each algorithm's block by its YAML name; DAPO's numGenerations default (8) counts too.
+    s = spec(
+        {"batchSize": 3}, algorithm="dr-grpo", drGrpo={"numGenerations": 4, "rewards": rewards}
+    )
+    assert "drGrpo.numGenerations 4 = 12 rows" in str(refused(s))
+    s = spec({"batchSize": 3}, algorithm="dapo", dapo={"rewards": rewards})
+    assert geometry(s).rows_per_step == 24
     # micro-batches of 1 prompt x 4 = 4 rows do not divide over 8
     s = spec(
         {"batchSize": 4, "microBatchSize": 1},
