@@ -122,7 +122,7 @@ def test_grpo_loss_value_gradients_and_entropy_equal_the_full_logits_loss(
     """The GRPO loss through the chunked path equals the same loss on materialised logits."""
     from flax import nnx
 
-    from posttrain.api.v1alpha1 import GrpoSpec
+    from posttrain.api.settings.grpo import GrpoSpec
     from posttrain.trainer.algorithms import grpo
     from posttrain.trainer.algorithms.base import Models, logprobs_from_logits
     from posttrain.trainer.models import builtin_config, create_model
@@ -132,7 +132,7 @@ def test_grpo_loss_value_gradients_and_entropy_equal_the_full_logits_loss(
         monkeypatch.setattr(entropy_module, "chunk_tokens_for", lambda vocab: chunk_tokens)
     g = GrpoSpec.model_validate(
         {"temperature": 0.7, "beta": 0.0, "rewards": [{"builtin": "regex-format", "pattern": "x"}]}
-    ).resolved("grpo")
+    )
     model = create_model(builtin_config("tiny", vocab_size=64), rngs=nnx.Rngs(0))
     batch = _grpo_batch()
     graphdef, params = nnx.split(model)
@@ -143,7 +143,7 @@ def test_grpo_loss_value_gradients_and_entropy_equal_the_full_logits_loss(
     def full(params):
         logits = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"])
         logp = logprobs_from_logits(logits, batch["targets"], temperature=g.temperature)
-        eps, eps_high = g.clip_range("grpo")
+        eps, eps_high = g.epsilon, g.clip_high
         aggregation, denominator = grpo.aggregation_args(
             g.loss_aggregation, 4, batch["tokens_per_row"], g.max_new_tokens
         )
