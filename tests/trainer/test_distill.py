@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,12 @@ from flax import nnx
 
 from posttrain.api.v1alpha1 import DataSpec, ModelSpec
 from posttrain.trainer.algorithms import distill, distill_loss
-from posttrain.trainer.algorithms.base import Context
+from posttrain.trainer.algorithms.base import Context, HeadBuilder, ModelConfigs
 from posttrain.trainer.data import sft as data
 from posttrain.trainer.loop import build_model, load_tokenizer, split_trainable, train
 from posttrain.trainer.loop_step import Trainee, trainee_view
 from posttrain.trainer.models import make_mesh
+from posttrain.trainer.setup import model_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 import loop_jobs  # noqa: E402
@@ -87,27 +89,35 @@ def test_gradients_reach_the_student_and_projection_never_the_teacher(strategy, 
         assert not any(k.startswith("heads/") for k in flat)
 
 
-def context(tmp_path, **distill_spec) -> Context:
+def job_and_configs(tmp_path, **distill_spec) -> tuple[Any, ModelConfigs]:
+    """The job and the model configs its declaration reads (as ``setup.build_run`` gives them)."""
     job = loop_jobs.job(tmp_path, algorithm="distill", distill=distill_spec)
     tok = load_tokenizer(job.spec.model)
-    from posttrain.trainer.models import builtin_config
-
-    config = builtin_config("tiny", vocab_size=tok.vocab_size)
-    return Context(job=job, tokenizer=tok, output_dir=str(tmp_path), config=config)
+    config_of = lambda ref: model_config(ref, tok)  # noqa: E731
+    return job, ModelConfigs(config_of(job.spec.model.base), config_of)
 
 
-def test_build_declares_the_teacher_and_the_projection_head(tmp_path):
-    algo = distill.build(context(tmp_path, teacher="builtin:small", strategy="feature"))
-    assert algo.name == "distill" and algo.teacher is not None
-    assert algo.teacher.base == "builtin:small" and algo.teacher.lora is None
-    assert list(algo.heads) == ["projection"] and len(algo.heads["projection"].maps) == 2
-    assert algo.eval_batches is not None  # spec.data.eval, as for SFT
+def test_declaration_holds_the_teacher_and_the_projection_head(tmp_path):
+    job, configs = job_and_configs(tmp_path, teacher="builtin:small", strategy="feature")
+    declared = distill.declare(job.spec, configs)
+    assert declared.teacher is not None
+    assert declared.teacher.base == "builtin:small" and declared.teacher.lora is None
+    # Frozen: the teacher is kept in the compute dtype, no float32 master copy.
+    assert declared.teacher.param_dtype == declared.teacher.dtype == job.spec.model.dtype
+    assert declared.heads is not None and not declared.reference
+    heads = declared.heads(HeadBuilder(configs.policy, nnx.Rngs(0), lambda m: None))
+    assert list(heads) == ["projection"] and len(heads["projection"].maps) == 2
+    tok = load_tokenizer(job.spec.model)
+    ctx = Context(job=job, tokenizer=tok, output_dir=str(tmp_path), config=configs.policy)
+    assert distill.build(ctx).eval_batches is not None  # spec.data.eval, as for SFT
 
 
 def test_layer_pairs_out_of_range_name_the_field(tmp_path):
-    ctx = context(tmp_path, teacher="builtin:small", strategy="attention", layers=[[0, 1], [2, 9]])
-    with pytest.raises(ValueError) as err:
-        distill.build(ctx)
+    job, configs = job_and_configs(
+        tmp_path, teacher="builtin:small", strategy="attention", layers=[[0, 1], [2, 9]]
+    )
+    with pytest.raises(ValueError) as err:  # at declaration, before any model is built
+        distill.declare(job.spec, configs)
     assert (
         "spec.distill.layers[1]: student layer 2 is out of range for a student with 2 layers"
         in str(err.value)
