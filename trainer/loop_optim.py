@@ -68,7 +68,14 @@ def head_label(head: str) -> str:
 
 
 def param_labels(params: Any, learning_rates: Mapping[str, float]) -> Any:
-    """Each leaf's group: ``heads/<name>`` for a head with its own rate, else ``policy``."""
+    """Each leaf's group: ``heads/<name>`` for a head with its own rate, else ``policy``. A rate
+    for a head the trainee does not have is refused (the optimizer's init calls this)."""
+    heads = params["heads"] if isinstance(params, Mapping) and "heads" in params else {}
+    unknown = set(learning_rates) - set(heads)
+    if unknown:
+        raise ValueError(
+            f"learning_rates for unknown heads {sorted(unknown)}; the heads: {sorted(heads)}"
+        )
 
     def label(path: tuple[Any, ...], _leaf: Any) -> str:
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from posttrain.api.v1alpha1 import ModelSpec, TrainingSpec
-from posttrain.trainer.algorithms.base import Algorithm, Models
+from posttrain.trainer.algorithms.base import Models
 from posttrain.trainer.loop import build_model, load_tokenizer, split_trainable
 from posttrain.trainer.loop_optim import optimizer, param_labels
 from posttrain.trainer.loop_step import Trainee, make_train_step, trainee_view
@@ -73,8 +73,14 @@ def test_head_learning_rate_is_its_own_group():
 
 
 def test_unknown_head_rate_is_refused():
-    with pytest.raises(ValueError, match="unknown heads"):
-        Algorithm(name="x", loss=None, source=None, learning_rates={"critic": 1e-5})  # type: ignore[arg-type]
+    """A declaration's learning rate for a head the trainee does not have: refused when the
+    optimizer state is built (``setup.build_run``), for real and under ``eval_shape`` alike."""
+    _, _, model = tiny()
+    _, params, _ = split_trainable(Trainee(model, {"value": value_head(model)}), None)
+    tx = optimizer(TrainingSpec(steps=1), {"value": 1e-4, "critic": 1e-5})
+    with pytest.raises(ValueError, match=r"unknown heads \['critic'\]; the heads: \['value'\]"):
+        jax.eval_shape(tx.init, params)
+    optimizer(TrainingSpec(steps=1), {"value": 1e-4}).init(params)  # its own heads: fine
 
 
 def test_reference_under_lora_is_the_base_and_frozen_models_reach_the_loss():
