@@ -206,9 +206,9 @@ def _mesh_of(model: Any) -> Mesh | None:
     """The mesh the model's weights are sharded on (None when they sit on one device)."""
     for leaf in jax.tree.leaves(model):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
-            if sharding.mesh.size > 1:
-                return sharding.mesh
+        mesh = getattr(sharding, "mesh", None)
+        if isinstance(sharding, NamedSharding) and isinstance(mesh, Mesh) and mesh.size > 1:
+            return mesh
     return None
 
 
