@@ -924,6 +924,11 @@ def test_kueue_queue_label_on_the_job(namespace, kubectl, operator, kueue_queue)
     assert "spec.scheduling.queueName" in valid["message"] and r.QUEUE_LABEL in valid["message"]
     assert f"'{queue}'" in valid["message"] and "'other'" in valid["message"], valid
     assert api.get("jobset", "lc") is None
+    # the label fixed (a metadata change, not the spec's): it starts, queued where both agree
+    kubectl("label", "posttrainjob", "lc", f"{r.QUEUE_LABEL}=other", "--overwrite")
+    jobset = wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "lc"), 30)
+    assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == "other"
+    api.wait_phase("lc", "Queued", operator)
 
 
 def test_bad_geometry_never_creates_a_pod(namespace, kubectl, operator) -> None:
