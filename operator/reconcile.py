@@ -169,9 +169,22 @@ class Operator:
                 return
             try:
                 job = parse_job(job_manifest(body))
-                manifests = r.render(job, image_defaults=self.images)
             except JobInvalid as err:
                 self._sync(body, job=None, errors=err.errors)
+                return
+            try:
+                manifests = r.render(job, image_defaults=self.images)
+            except JobInvalid as err:
+                if not prev.get("jobSetName"):
+                    self._sync(body, job=None, errors=err.errors)
+                    return
+                # Its JobSet was made from an earlier render, and the spec is frozen since: what
+                # changed is the job's labels (e.g. a queue label now disagreeing with
+                # spec.scheduling.queueName). The JobSet keeps its own; the job goes on.
+                message = f"not applied to the job's existing JobSet: {err}"
+                log.warning("%s/%s: %s", namespace, name, message)
+                self.emit(body, st.Event("Warning", "ChangeIgnored", message))
+                self._sync(body, job=job)
                 return
             configmap, jobset = manifests
             # Never reconciled (no phase): no JobSet of this job can exist yet, since Pending is

@@ -924,6 +924,21 @@ def test_kueue_queue_label_on_the_job(namespace, kubectl, operator, kueue_queue)
     assert "spec.scheduling.queueName" in valid["message"] and r.QUEUE_LABEL in valid["message"]
     assert f"'{queue}'" in valid["message"] and "'other'" in valid["message"], valid
     assert api.get("jobset", "lc") is None
+    # the label fixed (a metadata change, not the spec's): it starts, queued where both agree
+    kubectl("label", "posttrainjob", "lc", f"{r.QUEUE_LABEL}=other", "--overwrite")
+    jobset = wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "lc"), 30)
+    assert jobset["metadata"]["labels"][r.QUEUE_LABEL] == "other"
+    api.wait_phase("lc", "Queued", operator)
+    # once its JobSet exists, the job's queue is the JobSet's: a label now disagreeing with the
+    # spec is not applied (a Warning), and the job is not failed for it
+    kubectl("label", "posttrainjob", "lc", f"{r.QUEUE_LABEL}={queue}", "--overwrite")
+    wait_for(
+        "the ChangeIgnored Event",
+        lambda: any(reason == "ChangeIgnored" for reason, _ in api.events("lc")),
+        30,
+    )
+    assert api.status("lc")["phase"] == "Queued"
+    assert api.get("jobset", "lc")["metadata"]["labels"][r.QUEUE_LABEL] == "other"
 
 
 def test_bad_geometry_never_creates_a_pod(namespace, kubectl, operator) -> None:

@@ -122,3 +122,41 @@ def test_output_to_gcs(gcs_emulator, tmp_path):
     assert result.export_dir == f"{out}/final"
     model = load_pretrained(result.export_dir)
     assert eval_loss_of(model, job) == pytest.approx(result.final["eval_loss"], rel=1e-5)
+
+
+def test_progress_reports_the_last_checkpoint_step(tmp_path):
+    """The loop tells the trainer's ProgressReporter each checkpoint it saves; the reports (to a
+    local HTTP server standing in for the API server) carry status.progress.lastCheckpointStep,
+    the last one the final step's."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from posttrain.progress import ProgressReporter
+
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PATCH(self) -> None:  # noqa: N802
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reporter = ProgressReporter(
+            "job", "ml", api_server=f"http://127.0.0.1:{server.server_port}", token="t",
+            min_interval=0, env={},
+        )  # fmt: skip
+        job = jobs.job(tmp_path, training={"steps": 4})  # a checkpoint every 2 steps
+        train(job, str(tmp_path / "out"), say=quiet, progress_bar=False, reporter=reporter)
+    finally:
+        server.shutdown()
+    progress = [b["status"]["progress"] for b in bodies]
+    assert [p.get("lastCheckpointStep") for p in progress if p["step"] == 3] == [2]
+    assert progress[-1]["step"] == 4 and progress[-1]["lastCheckpointStep"] == 4
+    assert bodies[-1]["status"]["summary"]["progress"] == "100%"
