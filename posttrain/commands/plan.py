@@ -261,9 +261,13 @@ def config_reader(job: Any, override: str | None) -> Any:
     return read
 
 
-def plan_job(job: Any, config_json: dict[str, Any] | Any, n_devices: int) -> Plan:
+def plan_job(
+    job: Any, config_json: dict[str, Any] | Any, n_devices: int, *, state_only: bool = False
+) -> Plan:
     """Build the job's run abstractly with the trainer's setup and compile its step (and rollout).
-    ``config_json``: the policy's config.json dict, or a reader ref -> ModelConfig."""
+    ``config_json``: the policy's config.json dict, or a reader ref -> ModelConfig. With
+    ``state_only`` (or when the state alone does not fit) nothing is compiled: the resident state
+    per device (parameters, optimizer, frozen models), ``activations`` and ``rollout`` None."""
     import time
 
     import jax
@@ -323,7 +327,7 @@ def plan_job(job: Any, config_json: dict[str, Any] | Any, n_devices: int) -> Pla
         teacher=_nbytes_per_device(teacher) if teacher is not None else 0,
         kv_cache=kv_cache_bytes(config, rollout_rows, rollout_slots, dtype.itemsize),
     )
-    if not plan.fits:  # the state alone does not fit: no need to compile
+    if state_only or not plan.fits:  # the state alone does not fit: no need to compile
         return plan
     started = time.perf_counter()
     compiled = run.lower_step().compile()
@@ -346,7 +350,8 @@ def report(job: Any, plan: Plan) -> str:
     for name, n in plan.consumers().items():
         lines.append(f"  {name:<32} {n / GIB:8.2f} GiB")
     if plan.activations is None:
-        lines.append(f"  {'activations/temporaries':<32}   (not compiled: the state alone is over)")
+        why = ": the state alone is over" if not plan.fits else ", state only"
+        lines.append(f"  {'activations/temporaries':<32}   (not compiled{why})")
     step_loss = (
         f"{plan.loss}'s step compiled in {plan.compile_seconds:.1f} s"
         if plan.activations is not None and plan.compile_seconds is not None
@@ -365,7 +370,9 @@ def report(job: Any, plan: Plan) -> str:
         f"  step: {plan.flops_per_step:.3g} FLOPs; {plan.step_seconds(1.0):.3g} s at 100% MFU, "
         f"{plan.step_seconds(0.5):.3g} s at 50%"
     )
-    if plan.fits:
+    if plan.fits and plan.activations is None:  # plan_job(state_only=True)
+        lines.append("the state fits; the step was not compiled, so no verdict")
+    elif plan.fits:
         lines.append("fits")
     else:
         name, n = max(plan.consumers().items(), key=lambda kv: kv[1])

@@ -6,8 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
+
+from posttrain.api import load_documents, parse_job
+from posttrain.commands.plan import chip_count
+from posttrain.commands.plan_models import KNOWN_CONFIGS
 
 JOB = {
     "apiVersion": "posttrain.dev/v1alpha1",
@@ -22,12 +28,14 @@ JOB = {
 }
 
 
-def _plan(tmp_path, model, resources):
+def _plan(tmp_path, model, resources, *, as_json=True, **spec):
     job = json.loads(json.dumps(JOB))
     job["spec"]["model"], job["spec"]["resources"] = model, resources
+    job["spec"].update(spec)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path), "--json"]
+    cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path)]
+    cmd += ["--json"] if as_json else []
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return done.returncode, done.stdout, done.stderr
 
@@ -105,9 +113,161 @@ def test_ppo_compiles_its_loss_with_the_value_head_and_lora_keeps_no_reference_c
     ppo["rewards"] = RL["rewards"]
     plan = _plan_rl(tmp_path, "ppo", ppo, lora={"rank": 4, "alpha": 8})
     assert plan["loss"] == "ppo" and plan["rollout"] > 0
-    assert plan["reference"] == 0  # LoRA: the reference is the base with adapters off
+    # LoRA: the reference is the base with adapters off, i.e. the adapters zeroed (float32), no
+    # copy of the base; the value head trains but needs no reference copy: the parameters less
+    # the tiny model's head (hidden 64 -> 1, float32).
+    assert plan["reference"] > 0
+    assert plan["parameters"] - plan["reference"] == 4 * (64 + 1)
 
 
 def test_dpo_compiles_pairs(tmp_path):
     plan = _plan_rl(tmp_path, "dpo", None)
     assert plan["loss"] == "dpo" and plan["rollout"] is None and plan["activations"] > 0
+
+
+# ---- the examples, and distillation's teacher ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(ROOT.glob("examples/*.yaml"))
+# Examples whose base is a bucket path: the config.json of the model each one names.
+BUCKET_MODELS = {
+    "dpo-job.yaml": "Qwen/Qwen2.5-1.5B-Instruct",  # gs://.../qwen-sft/final: a Qwen SFT export
+    "gspo-token-job.yaml": "meta-llama/Llama-3.1-8B-Instruct",
+}
+
+# Plans each job in a fresh process (JAX reads the device count once): sys.argv = [-c, N, PATH,
+# CONFIG or "", "state" or "compile", ...]; prints one JSON line (the plan and its report) per job.
+RUNNER = """
+import json, sys
+from posttrain.api import load_documents, parse_job
+from posttrain.commands import plan as P
+
+n, mode, jobs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+P._simulate_devices(n)
+for path, config in zip(jobs[::2], jobs[1::2]):
+    job = parse_job(load_documents(path)[0], source=path)
+    devices = P.chip_count(job.spec.resources)
+    plan = P.plan_job(job, P.config_reader(job, config or None), devices, state_only=mode == "state")
+    print(json.dumps({"path": path, "plan": P._as_dict(plan), "report": P.report(job, plan)}))
+"""
+
+
+def _plan_jobs(jobs: list[tuple[Path, str | None]], mode: str, tmp_path: Path) -> list[dict]:
+    args = []
+    for i, (path, model) in enumerate(jobs):
+        config = ""
+        if model is not None:
+            config = str(tmp_path / f"config-{i}.json")
+            Path(config).write_text(json.dumps(KNOWN_CONFIGS[model]))
+        args += [str(path), config]
+    devices = max(chip_count(parse_job(load_documents(p)[0]).spec.resources) for p, _ in jobs)
+    cmd = [sys.executable, "-P", "-c", RUNNER, str(devices), mode, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _example_jobs() -> list[tuple[Path, str | None]]:
+    jobs = []
+    for path in EXAMPLES:
+        base = parse_job(load_documents(path)[0]).spec.model.base
+        if base.startswith("gs://"):
+            assert path.name in BUCKET_MODELS, f"{path.name}: say which model {base} is"
+        jobs.append((path, BUCKET_MODELS.get(path.name)))
+    return jobs
+
+
+def test_every_example_has_its_models_config_and_a_per_device_state(tmp_path):
+    """Every example plans from the configs shipped in plan_models (no download): the resident
+    state per device of the run the trainer would build (without compiling: see the slow test)."""
+    planned = _plan_jobs(_example_jobs(), "state", tmp_path)
+    assert [Path(p["path"]).name for p in planned] == [p.name for p in EXAMPLES]
+    for p in planned:
+        job = parse_job(load_documents(p["path"])[0])
+        plan, name = p["plan"], Path(p["path"]).name
+        assert plan["devices"] == chip_count(job.spec.resources), name
+        assert plan["parameters"] > 0 and plan["optimizer"] > 0, name
+        assert (plan["teacher"] > 0) == (job.spec.algorithm == "distill"), name
+        assert (plan["frozen"] > 0) == (job.spec.model.lora is not None), name
+        assert plan["activations"] is None and plan["loss"] == job.spec.algorithm, name
+        assert f"{job.metadata.name}: {plan['devices']} x " in p["report"], name
+        assert "per device:" in p["report"] and "optimizer state" in p["report"], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_compiles_and_prints_per_device_memory(path, tmp_path):
+    """The whole plan of each example: its step (and rollout) compiled at full size. 1-3 minutes
+    each on a 2-core CPU. On these simulated CPU devices most examples report more activations
+    than their chip holds (see docs/performance.md on XLA:CPU's figures); the test checks the plan
+    runs and reports, not the verdict."""
+    (p,) = _plan_jobs([(path, BUCKET_MODELS.get(path.name))], "compile", tmp_path)
+    plan, report = p["plan"], p["report"]
+    job = parse_job(load_documents(path)[0])
+    assert plan["activations"] > 0 and plan["compile_seconds"] > 0
+    assert (plan["rollout"] is not None) == (
+        job.spec.algorithm not in ("sft", "dpo", "orpo", "distill")
+    )
+    lines = report.splitlines()
+    assert (
+        lines[0]
+        == f"{job.metadata.name}: {plan['devices']} x {job.spec.resources.accelerator}"
+        + (f" {job.spec.resources.topology}" if job.spec.resources.topology else "")
+        + ", per device:"
+    )
+    for consumer in ("parameters", "optimizer state", "activations/temporaries", "total (peak)"):
+        assert any(line.strip().startswith(consumer) and "GiB" in line for line in lines), consumer
+    assert lines[-1] == "fits" or lines[-1].startswith("does not fit:")
+
+
+def test_a_distillation_job_includes_its_frozen_teacher(tmp_path):
+    job = json.loads(json.dumps(JOB))
+    job["spec"].update(
+        algorithm="distill",
+        model={"base": "builtin:tiny"},
+        distill={"teacher": "builtin:small"},
+        resources=TINY_V5E,
+    )
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(job))
+    (p,) = _plan_jobs([(path, None)], "compile", tmp_path)
+    plan = p["plan"]
+    assert plan["loss"] == "distill" and plan["teacher"] > 0 and plan["activations"] > 0
+    # Held through the step beside the student's state; it has no optimizer state of its own.
+    assert plan["train_total"] == (
+        plan["parameters"]
+        + plan["frozen"]
+        + plan["optimizer"]
+        + plan["teacher"]
+        + plan["activations"]
+    )
+    teacher = [line for line in p["report"].splitlines() if "teacher (frozen)" in line]
+    assert len(teacher) == 1 and teacher[0].strip().endswith("GiB")
+
+
+def test_an_8b_teacher_over_a_1b_student_does_not_fit_one_v5e_chip(tmp_path):
+    """Llama-3.2-1B student (float32 master weights + AdamW: ~13.8 GiB) and a frozen Llama-3.1-8B
+    teacher in bfloat16 (~15 GiB) on one 16 GiB v5e chip: refused on the state alone."""
+    rc, out, err = _plan(
+        tmp_path,
+        {"base": "hf://meta-llama/Llama-3.2-1B"},
+        {"accelerator": "tpu-v5e", "topology": "1x1"},
+        algorithm="distill",
+        distill={"teacher": "hf://meta-llama/Llama-3.1-8B"},
+    )
+    assert rc == 2, err
+    plan = json.loads(out)
+    assert plan["devices"] == 1 and not plan["fits"] and plan["activations"] is None
+    assert plan["biggest_consumer"] == "teacher (frozen)"
+    assert 14.9 * 2**30 < plan["teacher"] < 15.0 * 2**30  # 8.03e9 bf16 weights
+    assert 4.5 * 2**30 < plan["parameters"] < 4.7 * 2**30  # 1.24e9 float32 weights
+    rc, text, _ = _plan(
+        tmp_path,
+        {"base": "hf://meta-llama/Llama-3.2-1B"},
+        {"accelerator": "tpu-v5e", "topology": "1x1"},
+        as_json=False,
+        algorithm="distill",
+        distill={"teacher": "hf://meta-llama/Llama-3.1-8B"},
+    )
+    assert rc == 2 and "teacher (frozen)" in text
+    assert "biggest consumer: teacher (frozen)" in text.splitlines()[-1]
