@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
 from posttrain.trainer.tasks import arithmetic
@@ -56,7 +57,7 @@ def job(files: Path, algorithm: str, steps: int, reward: str = "digits", **grpo)
                     "maxLength": 24,
                     "maxPromptLength": 8,
                 },
-                "grpo": block,
+                REGISTRY[algorithm].block: block,  # spec.dapo, spec.drGrpo
                 "training": {
                     "steps": steps,
                     "batchSize": 4,
@@ -123,6 +124,7 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
         "dapo",
         steps=6,
         reward="starts_with_digit",
+        numGenerations=4,  # fewer completions per prompt: more groups with equal rewards
         numIterations=2,
         maxSamplingRounds=2,
         overlong={"mode": "filter"},
@@ -140,7 +142,25 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
     filler = [a[s]["groups_with_equal_rewards"] for s in sorted(a)]
     assert max(filler) > 0, filler  # and some step ran short: equal-reward groups filled it
     short = [m for m in said if m.startswith("dynamic sampling: only")]
-    assert len(short) == 1 and "after 2 rounds (spec.grpo.maxSamplingRounds)" in short[0], said
+    # It names the field to raise ("spec.<block>.maxSamplingRounds"; see the xfail test below).
+    assert len(short) == 1 and "after 2 rounds (spec." in short[0], said
     for s in range(1, 7):
         for key in set(a[s]) - TIMING:
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-5, abs=1e-6), (s, key)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="grpo._build names the block f'spec.{spec.algorithm}' (spec.dr-grpo) and RolloutEngine "
+    "prefixes 'spec.' again; dynamic sampling's message hard-codes spec.grpo (reported)",
+)
+def test_messages_name_the_algorithms_own_block(files, tmp_path):
+    """A setting refused at build time is named by the block the job writes: spec.drGrpo."""
+    from posttrain.trainer.algorithms import dr_grpo
+    from posttrain.trainer.algorithms.base import Context
+    from posttrain.trainer.setup import load_tokenizer
+
+    spec = job(files, "dr-grpo", steps=2, maxNewTokens=20)  # 8 prompt + 20 new > maxLength 24
+    tok = load_tokenizer(spec.spec.model)
+    with pytest.raises(ValueError, match=r"^spec\.drGrpo\.maxNewTokens: 20 new tokens"):
+        dr_grpo.build(Context(job=spec, tokenizer=tok, output_dir=str(tmp_path)))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
 from posttrain.trainer.rewards import RewardError
@@ -58,7 +59,7 @@ def job(files: Path, algorithm: str = "grpo", steps: int = 12, **grpo) -> PostTr
                     "maxLength": 24,
                     "maxPromptLength": 8,
                 },
-                "grpo": block,
+                REGISTRY[algorithm].block: block,  # spec.grpo, spec.gspoToken, ...
                 "training": {
                     "steps": steps,
                     "batchSize": 4,

@@ -98,7 +98,10 @@ def test_ppo_raises_a_user_reward_from_a_file(files, tmp_path):
     assert steps[1]["approx_kl"] < 1e-9  # old log-probs come from the same forward as the loss's
     assert steps[1]["value_mean"] == 0.0  # the zero-initialised head, before any update
     assert steps[16]["value_mean"] > 0.05  # the critic learned the rewards are positive
-    assert result.final["reward_rise"] > 0.2
+    # The run's summary says the same (its own windows, so its rise is not the 4-step one above).
+    final = result.final
+    assert final["reward_rise"] == pytest.approx(final["reward_last"] - final["reward_first"])
+    assert final["reward_rise"] > 0.1
 
 
 def test_resume_mid_rollout_equals_uninterrupted(files, tmp_path):
