@@ -149,11 +149,6 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-5, abs=1e-6), (s, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpo._build names the block f'spec.{spec.algorithm}' (spec.dr-grpo) and RolloutEngine "
-    "prefixes 'spec.' again; dynamic sampling's message hard-codes spec.grpo (reported)",
-)
 def test_messages_name_the_algorithms_own_block(files, tmp_path):
     """A setting refused at build time is named by the block the job writes: spec.drGrpo."""
     from posttrain.trainer.algorithms import dr_grpo

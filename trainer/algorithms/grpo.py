@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from posttrain.api.algorithms import REGISTRY
 from posttrain.api.settings.grpo import OVERLONG_REWARD, GrpoSpec, LossAggregation
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms import dynamic_sampling as ds
@@ -202,7 +203,8 @@ class RolloutSource(RolloutBatchSource):
             self._said_short = True
             self.ctx.log(
                 f"dynamic sampling: only {kept} of {B} prompts had differing rewards after "
-                f"{len(sampled)} rounds (spec.grpo.maxSamplingRounds); training on them, the batch "
+                f"{len(sampled)} rounds (spec.{REGISTRY[self.ctx.spec.algorithm].block}"
+                ".maxSamplingRounds); training on them, the batch "
                 "filled with equal-reward groups (advantage 0); groups_with_equal_rewards shows "
                 "how much per step (said once)"
             )
@@ -413,7 +415,8 @@ def _build(ctx: Context) -> Algorithm:
     spec = ctx.spec
     g = spec.settings
     assert isinstance(g, GrpoSpec)
-    block = f"spec.{spec.algorithm}"
+    name = REGISTRY[spec.algorithm].block  # the block the job writes: drGrpo, not dr-grpo
+    block = f"spec.{name}"
     if g.sft_warmup_steps >= spec.training.steps:
         raise ValueError(
             f"{block}.sftWarmupSteps ({g.sft_warmup_steps}) must be less than "
@@ -425,7 +428,7 @@ def _build(ctx: Context) -> Algorithm:
     eval_prompts = (
         load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
     )
-    engine = RolloutEngine(ctx, block, SamplingSettings.of(g), prompts, rewards, eval_prompts)
+    engine = RolloutEngine(ctx, name, SamplingSettings.of(g), prompts, rewards, eval_prompts)
     source = RolloutSource(ctx, engine, parts.advantage(g.advantage))
     ctx.log(
         f"{spec.algorithm}: {len(prompts)} prompts, {spec.training.batch_size} per step x "

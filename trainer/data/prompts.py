@@ -57,7 +57,7 @@ def encode_prompt(
         if not isinstance(value, str) or not value:
             raise BadRow(
                 where,
-                f"spec.grpo.sftWarmupSteps needs a non-empty string in completion field "
+                f"sftWarmupSteps needs a non-empty string in completion field "
                 f"{data.completion_field!r} (spec.data.completionField)",
             )
         target = (*tokenizer.encode(value), tokenizer.eos_token_id)
