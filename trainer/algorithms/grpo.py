@@ -239,7 +239,7 @@ class RolloutSource(RolloutBatchSource):
         )
         total, terms = out.rewards.astype(np.float32), dict(out.reward_terms)
         if o.mode == "penalty":
-            assert o.buffer is not None  # resolved() fills it
+            assert o.buffer is not None  # GrpoSpec fills it when the job is read
             penalty = overlong.soft_overlong_penalty(
                 out.lengths, self.g.max_new_tokens, o.buffer, o.penalty_factor
             )
