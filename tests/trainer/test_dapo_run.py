@@ -142,8 +142,7 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
     filler = [a[s]["groups_with_equal_rewards"] for s in sorted(a)]
     assert max(filler) > 0, filler  # and some step ran short: equal-reward groups filled it
     short = [m for m in said if m.startswith("dynamic sampling: only")]
-    # It names the field to raise ("spec.<block>.maxSamplingRounds"; see the xfail test below).
-    assert len(short) == 1 and "after 2 rounds (spec." in short[0], said
+    assert len(short) == 1 and "after 2 rounds (spec.dapo.maxSamplingRounds)" in short[0], said
     for s in range(1, 7):
         for key in set(a[s]) - TIMING:
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-5, abs=1e-6), (s, key)
