@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from posttrain.api import load_documents, parse_job
+from posttrain.api.algorithms import REGISTRY
+from posttrain.api.settings.rl import RolloutSpec
 from posttrain.commands.plan import chip_count
 from posttrain.commands.plan_models import KNOWN_CONFIGS
 
@@ -140,6 +142,8 @@ BUCKET_MODELS = {
 RUNNER = """
 import json, sys
 from posttrain.api import load_documents, parse_job
+from posttrain.api.algorithms import REGISTRY
+from posttrain.api.settings.rl import RolloutSpec
 from posttrain.commands import plan as P
 
 n, mode, jobs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -205,9 +209,8 @@ def test_every_example_compiles_and_prints_per_device_memory(path, tmp_path):
     plan, report = p["plan"], p["report"]
     job = parse_job(load_documents(path)[0])
     assert plan["activations"] > 0 and plan["compile_seconds"] > 0
-    assert (plan["rollout"] is not None) == (
-        job.spec.algorithm not in ("sft", "dpo", "orpo", "distill")
-    )
+    rl = issubclass(REGISTRY[job.spec.algorithm].settings, RolloutSpec)  # samples completions
+    assert (plan["rollout"] is not None) == rl and ("rollout" in report) == rl
     lines = report.splitlines()
     assert (
         lines[0]
