@@ -142,8 +142,6 @@ BUCKET_MODELS = {
 RUNNER = """
 import json, sys
 from posttrain.api import load_documents, parse_job
-from posttrain.api.algorithms import REGISTRY
-from posttrain.api.settings.rl import RolloutSpec
 from posttrain.commands import plan as P
 
 n, mode, jobs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
