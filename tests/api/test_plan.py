@@ -14,7 +14,7 @@ import yaml
 from posttrain.api import load_documents, parse_job
 from posttrain.api.algorithms import REGISTRY
 from posttrain.api.settings.rl import RolloutSpec
-from posttrain.commands.plan import chip_count
+from posttrain.commands.plan import chip_count, model_config_json
 from posttrain.commands.plan_models import KNOWN_CONFIGS
 
 JOB = {
@@ -179,9 +179,26 @@ def _example_jobs() -> list[tuple[Path, str | None]]:
     return jobs
 
 
+def test_every_example_names_models_plan_knows():
+    """Every example's model (and teacher) has a config.json plan ships (plan_models), or one
+    named here for a bucket path; each parses, and a teacher shares its student's vocabulary."""
+    from posttrain.trainer.models import ModelConfig
+
+    for path, bucket_model in _example_jobs():
+        spec = parse_job(load_documents(path)[0]).spec
+        refs = [spec.model.base] + ([spec.settings.teacher] if spec.algorithm == "distill" else [])
+        configs = []
+        for ref in refs:
+            name = bucket_model if ref == spec.model.base and bucket_model else ref
+            configs.append(ModelConfig.from_hf(model_config_json(name, None)))
+        assert len({c.vocab_size for c in configs}) == 1, path.name
+
+
+@pytest.mark.slow
 def test_every_example_has_its_models_config_and_a_per_device_state(tmp_path):
     """Every example plans from the configs shipped in plan_models (no download): the resident
-    state per device of the run the trainer would build (without compiling: see the slow test)."""
+    state per device of the run the trainer would build (without compiling: see the next test).
+    20-40 s per example on a busy 2-core CPU (building each model under eval_shape)."""
     planned = _plan_jobs(_example_jobs(), "state", tmp_path)
     assert [Path(p["path"]).name for p in planned] == [p.name for p in EXAMPLES]
     for p in planned:
