@@ -385,7 +385,8 @@ class Operator:
             messages = list((self._failed_create.get(key) or {}).values())
         if not messages:
             return None
-        return messages[-1]
+        message = messages[-1].strip()
+        return f"{message}. Fix: {st.create_failure_fix(message, key[0])}"
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -798,8 +799,8 @@ class Operator:
 
 def _version(body: Mapping[str, Any]) -> int | None:
     try:
-        return int((body.get("metadata") or {}).get("resourceVersion"))
-    except (TypeError, ValueError):
+        return int(str((body.get("metadata") or {}).get("resourceVersion")))
+    except ValueError:
         return None
 
 
