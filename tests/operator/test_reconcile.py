@@ -266,3 +266,15 @@ def test_the_parsed_spec_is_cached_by_uid_generation_labels_and_annotations() ->
     assert op._parse({**job, "status": {"phase": "Running"}}) is first
     relabelled = {**job, "metadata": {**job["metadata"], "labels": {"x": "y"}}}
     assert op._parse(relabelled) is not first
+
+
+def test_a_failed_create_event_is_cached_with_its_fix_until_the_job_has_pods() -> None:
+    op, api, job = fake_operator()
+    event = {"metadata": {"uid": "e1"}, "message": 'serviceaccount "sa" not found '}
+    op.observe_failed_create(("ml", "t"), event, "ADDED")
+    assert op.queue.get(0) == ("ml", "t")
+    message = op._create_failure(("ml", "t"))
+    assert message and message.startswith('serviceaccount "sa" not found. Fix: ')
+    assert "create the ServiceAccount sa in namespace ml" in message
+    op.observe_failed_create(("ml", "t"), event, "DELETED")  # Events expire
+    assert op._create_failure(("ml", "t")) is None and not op._failed_create

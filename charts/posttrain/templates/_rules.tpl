@@ -7,7 +7,7 @@ No wildcards.
 
 {{/* The operator, in every namespace it watches. */}}
 {{- define "posttrain.operatorRules" -}}
-# Watch PostTrainJobs; kopf patches its retry state into annotations; the operator reads the object.
+# Watch PostTrainJobs; read one not yet cached. patch: unused since kopf keeps no bookkeeping on jobs.
 - apiGroups: [posttrain.dev]
   resources: [posttrainjobs]
   verbs: [get, list, watch, patch]
