@@ -1,10 +1,10 @@
 """Timing of the operator's own work, for benchmarks/operator_scale.py --trace.
 
 Run inside the operator process (operator_scale.py starts it through `run()`): wraps the
-kubernetes client's REST calls and the Operator's reconcile and sync_status, and at exit
+kubernetes client's REST calls and the Operator's reconcile, and at exit
 writes one JSON line per call to FILE: {"what", "job", "start", "end", "thread"}, times on the
 system's monotonic clock (the benchmark's too). `what` is e.g. "PATCH posttrainjobs/status",
-"POST jobsets", "reconcile", "sync_status", "lock-wait" (waiting for the per-job lock).
+"POST jobsets", "reconcile".
 Not a part of the product: kopf's own requests (aiohttp: watches, Events) are not seen.
 """
 
@@ -63,16 +63,7 @@ def install(out: str) -> None:
 
     rest.RESTClientObject.request = request  # type: ignore[method-assign]
 
-    op = reconcile.Operator
-    for method_name in ("reconcile", "sync_status"):
-        _wrap(op, method_name)
-    lock_of = op._lock
-
-    def _lock_traced(self, namespace, name):  # type: ignore[no-untyped-def]
-        lock = lock_of(self, namespace, name)
-        return _TracedLock(lock, name)
-
-    op._lock = _lock_traced  # type: ignore[method-assign]
+    _wrap(reconcile.Operator, "reconcile")
 
     def dump() -> None:
         with open(out, "w") as f, _lock:
@@ -80,19 +71,6 @@ def install(out: str) -> None:
                 f.write(json.dumps(rec) + "\n")
 
     atexit.register(dump)
-
-
-class _TracedLock:
-    def __init__(self, lock: threading.Lock, job: str) -> None:
-        self.lock, self.job = lock, job
-
-    def __enter__(self) -> None:
-        start = time.monotonic()
-        self.lock.acquire()
-        _record("lock-wait", self.job, start, time.monotonic())
-
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
 
 
 def _wrap(cls: type, method_name: str) -> None:

@@ -1,16 +1,36 @@
-"""What the handlers do, against the API server: read, render, apply, map status.
+"""The operator's one reconcile: read a job and what it owns, compute the desired state, apply it.
 
-No kopf here (the handlers in handlers.py are one line each); events go through `emit`, which
-the handlers bind to kopf's event poster. Everything the operator does to the cluster is in
-this file, so docs/operator.md's RBAC list can be checked against it:
+Every event that concerns a job (the PostTrainJob itself, its JobSet, its pods, its Kueue
+Workload, a FailedCreate Event of one of its Jobs) only puts the job's key (namespace, name)
+on a work queue (handlers.py); worker threads take keys off it and run `Operator.reconcile`,
+which is level-triggered: it reads the current state and converges on it, whatever the event
+was. No kopf here; Kubernetes Events go through `emit`, which the handlers bind to kopf's
+poster. Everything the operator does to the cluster is in this file, so docs/operator.md's RBAC
+list can be checked against it:
 
-    posttrainjobs          get                      (fresh state before computing status)
-    posttrainjobs/status   patch                    (phase, conditions, ...)
+    posttrainjobs          get                      (a job not in the cache, or after a conflict)
+    posttrainjobs/status   patch                    (phase, conditions, ...; with the
+                                                     resourceVersion it was computed from)
     configmaps             create, get, update      (the recipe; update: a stale one of ours)
     jobsets                create, get, patch       (patch: spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
     workloads (Kueue)      list, patch              (why Kueue holds the JobSet; patch: spec.active
                                                      only, which is how a queued job suspends)
+
+What lives in memory, and why none of it is state the API server lacks:
+
+- the work queue (`WorkQueue`, as controller-runtime's): a key is queued at most once and
+  handled by one worker at a time; a key added while it is handled is handled once more after.
+  It holds which jobs need a look and their retry back-off, not anything about the jobs; lost
+  on a restart, it is rebuilt by the initial listing, which queues every job.
+- caches of API objects as the watches (kopf) delivered them, and as the operator's own writes
+  returned them: PostTrainJobs, JobSets, and the FailedCreate Events of each job's Jobs. A
+  reconcile reads the job and its JobSet from there (the API server when absent), so an event
+  costs no read of either; a status written from a stale job fails its resourceVersion
+  precondition (409) and the reconcile runs again on a fresh read. A JobSet missing from the
+  cache is read before the operator concludes it is gone.
+- the parsed spec and its render, keyed by the job's (uid, generation, labels, annotations):
+  a pure function of the job, so events do not parse it again.
 
 A new job takes three writes: status `Pending` (from then on the CRD's CEL rule freezes the
 spec) and the recipe, both at once, then the JobSet, after both.
@@ -23,17 +43,22 @@ one is replaced while the JobSet does not exist yet, so before any pod could rea
 job keeps the recipe it started with, even under an operator that renders differently).
 A JobSet is made at most once per job: once status.jobSetName is set, a missing JobSet means
 it was deleted, and the job fails rather than start again with a fresh restart budget.
+Children are created, not server-side applied: an apply would adopt an earlier job's JobSet of
+the same name instead of failing, and the JobSet is immutable once made (but spec.suspend).
 """
 
 from __future__ import annotations
 
-import copy
+import contextvars
 import datetime as dt
+import heapq
 import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -49,15 +74,22 @@ from posttrain.operator import status as st
 
 log = logging.getLogger("posttrain.operator")
 
-# Threads running the (blocking) handlers; each may run one more call at once on a side thread
-# (a new job's Pending status beside its recipe), so the client needs 2 * WORKERS connections.
+# Worker threads running reconciles (they wait on the API server, not the CPU); each may run
+# one more call at once on a side thread (a new job's Pending status beside its recipe), so the
+# client needs 2 * WORKERS connections.
 WORKERS = 32
+# Back-off of a job whose reconcile failed: Retry's fixed delay, else doubling up to the cap.
+RETRY_DELAY_S = 5.0
+ERROR_DELAY_S, ERROR_DELAY_MAX_S = 1.0, 60.0
 
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 # Kueue labels the Workload it makes for a job (our JobSet) with the job's uid.
 KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
+# Pod events matter while a job starts; later changes reach the JobSet's status.
+PHASES_WATCHING_PODS = (None, "Pending", "Provisioning")
 
+Key = tuple[str, str]  # (namespace, name) of a PostTrainJob
 Emit = Callable[[Mapping[str, Any], st.Event], None]
 
 
@@ -65,39 +97,296 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class WorkQueue:
+    """controller-runtime's work queue: keys to handle, each queued at most once and handled by
+    one worker at a time; a key added while it is handled is queued again when it is done, so
+    a burst of events costs one reconcile after the running one, not one each. `add_after`
+    queues a key later (retries)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[Hashable] = deque()
+        self._dirty: set[Hashable] = set()  # queued, or to be queued when done
+        self._processing: set[Hashable] = set()
+        self._later: list[tuple[float, int, Hashable]] = []  # heap: (when, seq, key)
+        self._seq = 0
+        self._failures: dict[Hashable, int] = {}
+
+    def add(self, key: Hashable) -> None:
+        with self._cond:
+            self._add(key)
+
+    def _add(self, key: Hashable) -> None:
+        if key in self._dirty:
+            return
+        self._dirty.add(key)
+        if key not in self._processing:
+            self._queue.append(key)
+            self._cond.notify()
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        if delay <= 0:
+            self.add(key)
+            return
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._later, (time.monotonic() + delay, self._seq, key))
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> Hashable | None:
+        """The next key (now being handled: call done() after), or None after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._later and self._later[0][0] <= now:
+                    self._add(heapq.heappop(self._later)[2])
+                if self._queue:
+                    key = self._queue.popleft()
+                    self._dirty.discard(key)
+                    self._processing.add(key)
+                    return key
+                waits = [w for w in (deadline, self._later[0][0] if self._later else None) if w]
+                if deadline is not None and now >= deadline:
+                    return None
+                self._cond.wait(min(waits) - now if waits else None)
+
+    def done(self, key: Hashable) -> None:
+        with self._cond:
+            self._processing.discard(key)
+            if key in self._dirty:
+                self._queue.append(key)
+                self._cond.notify()
+
+    def failed(self, key: Hashable) -> int:
+        """Count a failure of the key; how many in a row."""
+        with self._cond:
+            self._failures[key] = self._failures.get(key, 0) + 1
+            return self._failures[key]
+
+    def succeeded(self, key: Hashable) -> None:
+        with self._cond:
+            self._failures.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queue) + len(self._later)
+
+
+@dataclass
+class Parsed:
+    """A job's spec parsed and rendered: a pure function of `fingerprint`'s fields."""
+
+    fingerprint: tuple[Any, ...]
+    job: PostTrainJob | None
+    errors: list[FieldError] | None  # the spec is invalid
+    manifests: list[dict[str, Any]] | None  # [ConfigMap, JobSet]
+    render_error: JobInvalid | None  # valid, but cannot be rendered
+    # Side effects already done for this very fingerprint (done again after a restart: both
+    # are idempotent): the ChangeIgnored Event posted; the recipe of an existing JobSet checked.
+    warned: bool = False
+    recipe_checked: bool = False
+
+
+def fingerprint(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What the parsed and rendered job depends on: the spec (by generation, which the API
+    server raises on every change of it), labels (Kueue's) and annotations (copied to pods)."""
+    meta = body.get("metadata") or {}
+    return (
+        meta.get("uid"),
+        meta.get("generation"),
+        json.dumps(meta.get("labels") or {}, sort_keys=True),
+        json.dumps(meta.get("annotations") or {}, sort_keys=True),
+    )
+
+
+class Conflict(Exception):
+    """The job changed since it was read (a resourceVersion precondition failed): read it
+    again and reconcile at once."""
+
+
+class Retry(Exception):
+    """Not yet: try again in a few seconds."""
+
+
 @dataclass
 class Operator:
-    """The operator's state: an API client, image defaults, an event poster, per-job locks."""
+    """An API client, image defaults, an event poster; the work queue and the caches (module
+    docstring)."""
 
     api: client.ApiClient
     images: r.ImageDefaults = field(default_factory=r.ImageDefaults)
     emit: Emit = lambda obj, event: None  # noqa: E731
     now: Callable[[], str] = utc_now
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    queue: WorkQueue = field(default_factory=WorkQueue)
     _guard: threading.Lock = field(default_factory=threading.Lock)
-    # Last phase seen per job: pod events only matter while a job is not yet Running.
-    phases: dict[tuple[str, str], str] = field(default_factory=dict)
-    # Why the Job controller cannot create a job's pods (its FailedCreate Events), with the fix;
-    # dropped once the job has pods.
-    create_failures: dict[tuple[str, str], str] = field(default_factory=dict)
-    # Jobs with a status sync waiting for the job's lock, not yet reading: a new event for one
-    # of them needs no sync of its own (see sync_status).
-    _queued: set[tuple[str, str]] = field(default_factory=set)
-    # The JobSet resourceVersion each job's status was last computed from: a JobSet event of
-    # that version (e.g. the ADDED of a JobSet this operator just made) needs no sync.
-    _synced_jobset: dict[tuple[str, str], str] = field(default_factory=dict)
-    # A new job's Pending status is written on one of these while its thread makes the recipe.
+    _jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    _jobsets: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # The FailedCreate Events of each job's Jobs: Event uid -> message (the newest last).
+    _failed_create: dict[Key, dict[str, str]] = field(default_factory=dict)
+    _parsed: dict[str, Parsed] = field(default_factory=dict)  # by job uid
+    # Jobs of the initial listing not yet reconciled: each logs FOUND_AT_START once it is.
+    _listed: set[Key] = field(default_factory=set)
+    _workers: list[threading.Thread] = field(default_factory=list)
+    # A new job's Pending status is written on one of these while its worker makes the recipe.
     _side: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="side")
     )
+
+    FOUND_AT_START = "reconciled, found at start"
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
 
-    def _lock(self, namespace: str, name: str) -> threading.Lock:
+    # ---- the work queue -------------------------------------------------------------------
+
+    def start(self, context: contextvars.Context | None = None, workers: int = WORKERS) -> None:
+        """Start the worker threads (once); each runs in a copy of `context` (kopf's, for its
+        Event poster)."""
         with self._guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
+            if self._workers:
+                return
+            for i in range(workers):
+                ctx = (context or contextvars.copy_context()).copy()
+                t = threading.Thread(
+                    target=ctx.run, args=(self._work,), name=f"reconcile-{i}", daemon=True
+                )
+                self._workers.append(t)
+                t.start()
+
+    def enqueue(self, namespace: str, name: str) -> None:
+        self.queue.add((namespace, name))
+
+    def _work(self) -> None:
+        while True:
+            key = cast(Key, self.queue.get())
+            try:
+                self.process(key)
+            finally:
+                self.queue.done(key)
+
+    def process(self, key: Key) -> None:
+        """One reconcile of the key, and what its outcome asks of the queue."""
+        namespace, name = key
+        try:
+            self.reconcile(namespace, name)
+        except Conflict:
+            self._forget_job_body(key)
+            if self.queue.failed(key) > 3:  # something keeps changing it: slow down a little
+                self.queue.add_after(key, ERROR_DELAY_S)
+            else:
+                self.queue.add(key)
+            return
+        except Retry as err:
+            log.info("%s/%s: %s; again in %.0fs", namespace, name, err, RETRY_DELAY_S)
+            self.queue.failed(key)
+            self.queue.add_after(key, RETRY_DELAY_S)
+            return
+        except Exception as err:
+            n = self.queue.failed(key)
+            delay = min(ERROR_DELAY_S * 2 ** (n - 1), ERROR_DELAY_MAX_S)
+            if isinstance(err, ApiException):
+                log.warning(
+                    "%s/%s: %s %s; again in %.0fs",
+                    namespace,
+                    name,
+                    err.status,
+                    _message(err),
+                    delay,
+                )
+            else:
+                log.exception("%s/%s: reconcile failed; again in %.0fs", namespace, name, delay)
+            self._forget_job_body(key)
+            self.queue.add_after(key, delay)
+            return
+        self.queue.succeeded(key)
+        with self._guard:
+            listed = key in self._listed
+            self._listed.discard(key)
+        if listed:
+            log.info("%s/%s: %s", namespace, name, self.FOUND_AT_START)
+
+    # ---- what the watches deliver (handlers.py): caches, and whether to reconcile ---------
+
+    def observe_job(self, body: Mapping[str, Any], type_: str | None) -> None:
+        """A PostTrainJob event. Reconcile on the initial listing (type None: a restart finds
+        every job) and on a change of what the reconcile reads from the job itself: spec
+        (generation), labels, annotations, deletion. A change of status only (the operator's
+        own writes, the trainer's progress) is cached and needs no reconcile."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        if type_ == "DELETED":
+            with self._guard:
+                self._jobs.pop(key, None)
+                self._jobsets.pop(key, None)
+                self._failed_create.pop(key, None)
+                self._parsed.pop(str(meta.get("uid")), None)
+                self._listed.discard(key)
+            return
+        with self._guard:
+            old = self._jobs.get(key)
+            if old is None or not _older(body, old):
+                self._jobs[key] = dict(body)
+            if type_ is None:
+                self._listed.add(key)
+        if old is None or type_ is None or _spec_or_metadata_changed(old, body):
+            self.enqueue(*key)
+
+    def observe_jobset(self, job: Key, body: Mapping[str, Any], type_: str | None) -> None:
+        """A JobSet event (label posttrain.dev/job). A JobSet the cache already has at this
+        resourceVersion (the one the operator just made: its create returned it) is nothing new."""
+        with self._guard:
+            old = self._jobsets.get(job)
+            if type_ == "DELETED":
+                self._jobsets.pop(job, None)
+            elif old is not None and _same_version(old, body):
+                return
+            elif old is None or not _older(body, old):
+                self._jobsets[job] = dict(body)
+        if type_ is not None:  # the initial listing: the jobs' own listing queues them
+            self.enqueue(*job)
+
+    def observe_pod(self, job: Key, type_: str | None) -> None:
+        """A pod event (label posttrain.dev/job): a reconcile while the job is starting."""
+        if type_ is None:
+            return
+        with self._guard:
+            cached = self._jobs.get(job)
+        if cached is None or (cached.get("status") or {}).get("phase") in PHASES_WATCHING_PODS:
+            self.enqueue(*job)
+
+    def observe_failed_create(self, job: Key, event: Mapping[str, Any], type_: str | None) -> None:
+        """A FailedCreate Event of one of the job's Jobs: the Job controller cannot create its
+        pods (the initial listing too: Events live an hour)."""
+        uid = str((event.get("metadata") or {}).get("uid"))
+        with self._guard:
+            found = self._failed_create.setdefault(job, {})
+            found.pop(uid, None)
+            if type_ != "DELETED":
+                found[uid] = str(event.get("message") or "")
+            if not found:
+                self._failed_create.pop(job, None)
+        if type_ != "DELETED":
+            self.enqueue(*job)
+
+    def _forget_job_body(self, key: Key) -> None:
+        with self._guard:
+            self._jobs.pop(key, None)
+
+    def _remember(self, cache: dict[Key, dict[str, Any]], key: Key, body: dict[str, Any]) -> None:
+        with self._guard:
+            old = cache.get(key)
+            if old is None or not _older(body, old):
+                cache[key] = body
+
+    def _create_failure(self, key: Key) -> str | None:
+        with self._guard:
+            messages = list((self._failed_create.get(key) or {}).values())
+        if not messages:
+            return None
+        message = messages[-1].strip()
+        return f"{message}. Fix: {st.create_failure_fix(message, key[0])}"
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -142,97 +431,155 @@ class Operator:
         items.sort(key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "")
         return items[-1] if items else None
 
-    # ---- create / resume / update ---------------------------------------------------------
+    def _job(self, key: Key) -> dict[str, Any] | None:
+        """The job: as cached, else read (and cached)."""
+        with self._guard:
+            body = self._jobs.get(key)
+        if body is None:
+            body = self.get_job(*key)
+            if body is not None:
+                self._remember(self._jobs, key, body)
+        return body
 
-    def reconcile(self, namespace: str, name: str, seen: Mapping[str, Any] | None = None) -> None:
-        """Validate, render and apply the job's children (idempotent), then sync its status.
-        `seen`: the object as the watch delivered it; used as is while it has no status (a new
-        job, which nothing else writes to before this), else read again."""
-        with self._lock(namespace, name):
-            fresh = seen is not None and not (seen.get("status") or {}).get("phase")
-            body = copy.deepcopy(dict(seen)) if fresh and seen else self.get_job(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return
-            prev = body.get("status") or {}
-            if prev.get("phase") in st.TERMINAL and _reason(prev) != st.INVALID:
-                if prev.get("observedGeneration") != body["metadata"].get("generation"):
-                    self._patch_status(body, {"observedGeneration": body["metadata"]["generation"]})
-                    self.emit(
-                        body,
-                        st.Event(
-                            "Warning",
-                            "SpecChangeIgnored",
-                            f"the job has {prev['phase'].lower()}; delete the PostTrainJob and "
-                            "create it again to run a changed spec",
-                        ),
-                    )
-                return
-            try:
-                job = parse_job(job_manifest(body))
-            except JobInvalid as err:
-                self._sync(body, job=None, errors=err.errors)
-                return
+    def _jobset(self, key: Key, owner: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The job's JobSet: as cached when it is this job's, else read. None: there is none.
+        Retry: there is an earlier job's of that name, on its way out (garbage collector)."""
+        with self._guard:
+            cached = self._jobsets.get(key)
+        if cached is not None and owned_by(cached, owner):
+            return cached
+        found = self.get_jobset(*key)  # absent or not ours in the cache: make sure
+        if found is None:
+            with self._guard:
+                self._jobsets.pop(key, None)
+            return None
+        self._remember(self._jobsets, key, found)
+        if not owned_by(found, owner):
+            raise Retry(f"JobSet {key[0]}/{key[1]} belongs to an earlier job of that name")
+        return found
+
+    def _parse(self, body: Mapping[str, Any]) -> Parsed:
+        """The job parsed and rendered, from the cache while its fingerprint holds."""
+        print_ = fingerprint(body)
+        uid = str(print_[0])
+        with self._guard:
+            cached = self._parsed.get(uid)
+        if cached is not None and cached.fingerprint == print_:
+            return cached
+        try:
+            job = parse_job(job_manifest(body))
+        except JobInvalid as err:
+            parsed = Parsed(print_, None, err.errors, None, None)
+        else:
             try:
                 manifests = r.render(job, image_defaults=self.images)
+                parsed = Parsed(print_, job, None, manifests, None)
             except JobInvalid as err:
-                if not prev.get("jobSetName"):
-                    self._sync(body, job=None, errors=err.errors)
-                    return
-                # Its JobSet was made from an earlier render, and the spec is frozen since: what
-                # changed is the job's labels (e.g. a queue label now disagreeing with
-                # spec.scheduling.queueName). The JobSet keeps its own; the job goes on.
-                message = f"not applied to the job's existing JobSet: {err}"
+                parsed = Parsed(print_, job, None, None, err)
+        with self._guard:
+            self._parsed[uid] = parsed
+        return parsed
+
+    # ---- the reconcile --------------------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        """Read the job and what it owns, compute the desired children and status, apply them.
+        Idempotent, and level-triggered: what happened since the last time does not matter."""
+        key = (namespace, name)
+        body = self._job(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        prev = body.get("status") or {}
+        if prev.get("phase") in st.TERMINAL and _reason(prev) != st.INVALID:
+            # Final. A spec change (allowed: the job is not active) is acknowledged, not run.
+            generation = body["metadata"].get("generation")
+            if prev.get("observedGeneration") != generation:
+                self._patch_status(body, {"observedGeneration": generation})
+                self.emit(
+                    body,
+                    st.Event(
+                        "Warning",
+                        "SpecChangeIgnored",
+                        f"the job has {prev['phase'].lower()}; delete the PostTrainJob and "
+                        "create it again to run a changed spec",
+                    ),
+                )
+            return
+        parsed = self._parse(body)
+        if parsed.job is None:
+            self._write_status(body, job=None, errors=parsed.errors)
+            return
+        job = parsed.job
+        if parsed.render_error is not None and not prev.get("jobSetName"):
+            self._write_status(body, job=None, errors=parsed.render_error.errors)
+            return
+        # Never reconciled (no phase): no JobSet of this job can exist yet, since Pending is
+        # written before one is made; an earlier job's answers the create with 409.
+        jobset = self._jobset(key, body) if prev.get("phase") else None
+        if parsed.render_error is not None:
+            # Its JobSet was made from an earlier render, and the spec is frozen since: what
+            # changed is the job's labels (e.g. a queue label now disagreeing with
+            # spec.scheduling.queueName). The JobSet keeps its own; the job goes on.
+            if not parsed.warned:
+                message = f"not applied to the job's existing JobSet: {parsed.render_error}"
                 log.warning("%s/%s: %s", namespace, name, message)
                 self.emit(body, st.Event("Warning", "ChangeIgnored", message))
-                self._sync(body, job=job)
-                return
-            configmap, jobset = manifests
-            # Never reconciled (no phase): no JobSet of this job can exist yet, since Pending is
-            # written before one is made; an earlier job's answers the create with 409.
-            existing = self.get_jobset(namespace, name) if prev.get("phase") else None
-            if existing is not None and not owned_by(existing, body):
-                raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
-            if existing is None and prev.get("jobSetName"):
-                self._sync(body, job=job)  # made once and deleted since: Failed, not remade
-                return
-            created = False
-            try:
-                if existing is None:
-                    # Pending (from then on the CRD's CEL rule freezes the spec) and the recipe
-                    # at once, the JobSet after both: a crash in between leaves no phase or a
-                    # recipe without a JobSet, which the next reconcile checks and goes on from.
-                    self._both(
-                        lambda: self._sync(body, job=job, children=(None, []), quiet=True),
-                        lambda: self._ensure_configmap(body, configmap, replace_stale=True),
-                    )
-                    existing, created = self._create_or_get_jobset(namespace, jobset)
-                else:
-                    self._ensure_configmap(body, configmap, replace_stale=False)
-            except ApiException as err:
-                if err.status not in (400, 422):  # others: kopf retries with backoff
-                    raise
-                # Refused (e.g. by JobSet's webhook): retrying cannot help.
-                why = FieldError("", f"the API server refused the children: {_message(err)}")
-                self._sync(body, job=None, errors=[why])
-                return
-            if created:
-                log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
-            elif not owned_by(existing, body):
-                raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
-            self._ensure_suspend(job, existing)
-            # A JobSet made just now has no pods yet: no need to list them.
-            self._sync(body, job=job, children=(existing, []) if created else None)
+                parsed.warned = True
+            self._write_status(body, job=job, children=self._children(key, jobset))
+            return
+        if jobset is None and prev.get("jobSetName"):
+            # made once and deleted since: Failed, not made again
+            self._write_status(body, job=job, children=(None, []))
+            return
+        configmap, jobset_manifest = cast(list[dict[str, Any]], parsed.manifests)
+        created = False
+        try:
+            if jobset is None:
+                # Pending (from then on the CRD's CEL rule freezes the spec) and the recipe at
+                # once, the JobSet after both: a crash in between leaves no phase or a recipe
+                # without a JobSet, which the next reconcile checks and goes on from.
+                body = self._both(
+                    lambda: self._write_status(body, job=job, children=(None, []), quiet=True),
+                    lambda: self._ensure_configmap(body, configmap, replace_stale=True),
+                )
+                jobset, created = self._create_or_get_jobset(key, jobset_manifest)
+                parsed.recipe_checked = True
+            elif not parsed.recipe_checked:
+                # once per job and process (an operator restart): the recipe is there and ours
+                self._ensure_configmap(body, configmap, replace_stale=False)
+                parsed.recipe_checked = True
+        except ApiException as err:
+            if err.status not in (400, 422):  # others: retried with back-off
+                raise
+            # Refused (e.g. by JobSet's webhook): retrying cannot help.
+            why = FieldError("", f"the API server refused the children: {_message(err)}")
+            self._write_status(body, job=None, errors=[why])
+            return
+        if created:
+            log.info("%s/%s: JobSet %s applied", namespace, name, r.jobset_name(job))
+        elif not owned_by(jobset, body):
+            raise Retry(f"JobSet {namespace}/{name} belongs to an earlier job of that name")
+        jobset = self._ensure_suspend(key, job, jobset)
+        # A JobSet made just now has no pods yet: no need to list them.
+        children = (jobset, []) if created else self._children(key, jobset)
+        self._write_status(body, job=job, children=children)
 
-    def _both(self, first: Callable[[], None], second: Callable[[], None]) -> None:
+    def _children(
+        self, key: Key, jobset: dict[str, Any] | None
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        return jobset, self.list_pods(*key) if jobset is not None else []
+
+    def _both(self, first: Callable[[], Any], second: Callable[[], None]) -> Any:
         """Run `first` on a side thread and `second` here; wait for both, then raise the error
-        of either (second's, if both fail)."""
-        side = self._side.submit(first)
+        of either (second's, if both fail), or return first's result."""
+        side = self._side.submit(contextvars.copy_context().run, first)
         try:
             second()
         finally:
             err = side.exception()  # waits
         if err is not None:
             raise err
+        return side.result()
 
     def _ensure_configmap(
         self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
@@ -271,49 +618,61 @@ class Operator:
             log.info("%s/%s: replaced a stale recipe", namespace, name)
 
     def _create_or_get_jobset(
-        self, namespace: str, manifest: dict[str, Any]
+        self, key: Key, manifest: dict[str, Any]
     ) -> tuple[dict[str, Any], bool]:
-        """(the JobSet, whether this call made it)."""
-        name = manifest["metadata"]["name"]
+        """(the JobSet, whether this call made it); cached either way."""
+        namespace, name = key[0], manifest["metadata"]["name"]
         try:
-            made = self.custom.create_namespaced_custom_object(
-                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
+            made = cast(
+                dict[str, Any],
+                self.custom.create_namespaced_custom_object(
+                    JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
+                ),
             )
-            return cast(dict[str, Any], made), True
+            self._remember(self._jobsets, key, made)
+            return made, True
         except ApiException as err:
             if err.status != 409:
                 raise
         found = self.get_jobset(namespace, name)
         if found is None:
             raise Retry(f"JobSet {namespace}/{name} exists and vanished")
+        self._remember(self._jobsets, key, found)
         return found, False
 
-    def _ensure_suspend(self, job: PostTrainJob, jobset: dict[str, Any]) -> None:
-        """spec.suspend -> JobSet spec.suspend, for a job without a Kueue queue. A queued job's
-        JobSet is Kueue's to suspend and resume (it would undo ours at once, an admitted Workload
-        being "running"): its spec.suspend goes to the Workload's spec.active instead
-        (_ensure_workload_active, on every sync, since the Workload comes after the JobSet)."""
+    def _ensure_suspend(
+        self, key: Key, job: PostTrainJob, jobset: dict[str, Any]
+    ) -> dict[str, Any]:
+        """spec.suspend -> JobSet spec.suspend, for a job without a Kueue queue; the JobSet as
+        it is now. A queued job's JobSet is Kueue's to suspend and resume (it would undo ours at
+        once, an admitted Workload being "running"): its spec.suspend goes to the Workload's
+        spec.active instead (_ensure_workload_active, since the Workload comes after the
+        JobSet)."""
         if queue_of(job, jobset):
-            return
+            return jobset
         want = job.spec.suspend
         have = bool((jobset.get("spec") or {}).get("suspend"))
         if want == have:
-            return
+            return jobset
         if _condition_true(jobset, "Completed") or _condition_true(jobset, "Failed"):
-            return
+            return jobset
         meta = jobset["metadata"]
-        self.custom.patch_namespaced_custom_object(
-            JOBSET_GROUP,
-            JOBSET_VERSION,
-            meta["namespace"],
-            JOBSET_PLURAL,
-            meta["name"],
-            {"spec": {"suspend": want}},
+        patched = cast(
+            dict[str, Any],
+            self.custom.patch_namespaced_custom_object(
+                JOBSET_GROUP,
+                JOBSET_VERSION,
+                meta["namespace"],
+                JOBSET_PLURAL,
+                meta["name"],
+                {"spec": {"suspend": want}},
+            ),
         )
-        jobset.setdefault("spec", {})["suspend"] = want
+        self._remember(self._jobsets, key, patched)
         log.info(
             "%s/%s: JobSet %s", meta["namespace"], meta["name"], "suspended" if want else "resumed"
         )
+        return patched
 
     def _ensure_workload_active(self, job: PostTrainJob, workload: dict[str, Any]) -> None:
         """spec.suspend -> the Workload's spec.active (false: Kueue evicts the job and suspends
@@ -341,87 +700,30 @@ class Operator:
 
     # ---- status ---------------------------------------------------------------------------
 
-    def forget(self, namespace: str, name: str) -> None:
-        """The job is gone (its DELETED event): drop what is kept about it."""
-        key = (namespace, name)
-        self.phases.pop(key, None)
-        self.create_failures.pop(key, None)
-        self._synced_jobset.pop(key, None)
-
-    def pods_not_created(self, namespace: str, name: str, message: str) -> None:
-        """A FailedCreate Event of one of the job's Jobs: say why in the job's status."""
-        fix = st.create_failure_fix(message, namespace)
-        self.create_failures[(namespace, name)] = f"{message.strip()}. Fix: {fix}"
-        self.sync_status(namespace, name)
-
-    def sync_status(self, namespace: str, name: str, jobset_version: str | None = None) -> None:
-        """Recompute the job's status from its JobSet and pods (JobSet and pod events).
-
-        `jobset_version`: the resourceVersion of the JobSet of the event; when the status was
-        last computed from that very version (the ADDED event of the JobSet reconcile just made
-        and synced from), there is nothing new: pods, the job and Kueue's Workload have events
-        of their own.
-
-        Coalesced: while a sync of the job waits for its lock and has not read anything yet,
-        further events need none of their own (that sync reads the state after them), so a
-        burst of pod and JobSet events costs a few syncs, not one each, and frees the workers
-        for the jobs being created."""
-        key = (namespace, name)
-        if jobset_version is not None and self._synced_jobset.get(key) == jobset_version:
-            return
-        with self._guard:
-            if key in self._queued:
-                return
-            self._queued.add(key)
-        with self._lock(namespace, name):
-            with self._guard:
-                self._queued.discard(key)
-            body = self.get_job(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                self.phases.pop((namespace, name), None)
-                self.create_failures.pop((namespace, name), None)
-                self._synced_jobset.pop((namespace, name), None)
-                return
-            prev = body.get("status") or {}
-            if prev.get("phase") in st.TERMINAL:
-                return  # final; an invalid job changes only through reconcile()
-            if not prev.get("phase"):
-                return  # reconcile() has not seen it yet
-            try:
-                job = parse_job(job_manifest(body))
-            except JobInvalid:
-                return
-            self._sync(body, job=job)
-
-    def _sync(
+    def _write_status(
         self,
         body: dict[str, Any],
         *,
         job: PostTrainJob | None,
         errors: list[FieldError] | None = None,
-        children: tuple[dict[str, Any] | None, list[dict[str, Any]]] | None = None,
+        children: tuple[dict[str, Any] | None, list[dict[str, Any]]] = (None, []),
         quiet: bool = False,
-    ) -> None:
-        """Compute and patch the status; `children` = (JobSet, pods) when already known;
-        `quiet`: no Events (a step the next sync supersedes at once)."""
+    ) -> dict[str, Any]:
+        """Compute the status from the job and its (JobSet, pods), patch it when it changed,
+        post the Events of the change (`quiet`: none, a step the next write supersedes at once);
+        the job as it is now."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        key = (namespace, name)
         prev = body.get("status") or {}
         summary: dict[str, str] = {}
         total = None
-        jobset: dict[str, Any] | None = None
+        jobset, pods = children
         workload = None
         if job is None:
             outcome = st.invalid_outcome(errors or [])
+            jobset = None
         else:
-            if children is None:
-                jobset = self.get_jobset(namespace, name)
-                if jobset is not None and not owned_by(jobset, body):
-                    jobset = None  # an earlier job's, on its way out (garbage collector)
-                pods = self.list_pods(namespace, name) if jobset else []
-            else:
-                jobset, pods = children
-            key = (namespace, name)
             queue = queue_of(job, jobset)
             if (
                 jobset is not None
@@ -433,14 +735,15 @@ class Operator:
                 workload = self.get_workload(jobset)
                 if workload is not None:
                     self._ensure_workload_active(job, workload)
-            if st.current_pods(jobset or {}, pods):
-                self.create_failures.pop(key, None)
+            if jobset is not None and st.current_pods(jobset, pods):
+                with self._guard:  # the job has pods: its Jobs' FailedCreate Events are past
+                    self._failed_create.pop(key, None)
             outcome = st.phase_of(
                 suspend=job.spec.suspend,
                 queue_name=queue,
                 jobset=jobset,
                 pods=pods,
-                create_failure=self.create_failures.get(key),
+                create_failure=self._create_failure(key),
                 deleted_jobset=prev.get("jobSetName") if jobset is None else None,
                 workload=workload,
             )
@@ -459,16 +762,9 @@ class Operator:
             total_steps=total,
             workload=workload,
         )
-        self.phases[(namespace, name)] = outcome.phase
-        if st.changed(prev, new):
-            self._patch_status(body, new)
-        version = ((jobset or {}).get("metadata") or {}).get("resourceVersion")
-        if version:
-            self._synced_jobset[(namespace, name)] = version
-        else:
-            self._synced_jobset.pop((namespace, name), None)
         if not st.changed(prev, new):
-            return
+            return body
+        body = self._patch_status(body, new)
         for event in [] if quiet else st.transitions(prev, new, outcome):
             self.emit(body, event)
         if outcome.phase != prev.get("phase"):
@@ -480,18 +776,58 @@ class Operator:
                 outcome.reason,
                 outcome.message,
             )
+        return body
 
-    def _patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
-        """Merge-patch the status; `body` then holds the status the server has."""
+    def _patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status, on the condition that the job is still at the
+        resourceVersion it was computed from (else Conflict); the job as the server returns it,
+        cached."""
         meta = body["metadata"]
-        patched = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status}
-        )
-        body["status"] = cast(dict[str, Any], patched).get("status") or {}
+        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": status}
+        try:
+            patched = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(f"{meta['namespace']}/{meta['name']} changed") from None
+            raise
+        new = cast(dict[str, Any], patched)
+        self._remember(self._jobs, (meta["namespace"], meta["name"]), new)
+        return new
 
 
-class Retry(Exception):
-    """Not yet: try again in a few seconds (the handlers turn it into kopf's TemporaryError)."""
+def _version(body: Mapping[str, Any]) -> int | None:
+    try:
+        return int(str((body.get("metadata") or {}).get("resourceVersion")))
+    except ValueError:
+        return None
+
+
+def _older(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether `new` is an older version of the same object than `old` (a watch event that
+    arrives after the operator's own write returned a newer one). resourceVersions are opaque;
+    where they are not the integers etcd makes them, nothing is taken as older (the status
+    write's precondition catches a stale job)."""
+    uid = (new.get("metadata") or {}).get("uid")
+    if uid != (old.get("metadata") or {}).get("uid"):
+        return False
+    a, b = _version(new), _version(old)
+    return a is not None and b is not None and a < b
+
+
+def _same_version(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
+    return ma.get("uid") == mb.get("uid") and ma.get("resourceVersion") == mb.get("resourceVersion")
+
+
+def _spec_or_metadata_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """What a job event changed that the reconcile reads from the job, beside its status."""
+    mo, mn = old.get("metadata") or {}, new.get("metadata") or {}
+    return any(
+        mo.get(k) != mn.get(k)
+        for k in ("uid", "generation", "labels", "annotations", "deletionTimestamp")
+    )
 
 
 def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:

@@ -1,5 +1,5 @@
-"""The small pure parts of reconcile.py (the rest runs against the real API server in
-test_cluster.py)."""
+"""reconcile.py without a cluster: its pure parts, the work queue, what each event queues, and
+the reconcile against a fake API that records its calls (the real API server: test_cluster.py)."""
 
 from __future__ import annotations
 
@@ -41,23 +41,6 @@ def test_job_of_child_job_reads_jobset_child_names() -> None:
     assert job_of_child_job("web-7f9c") is None
 
 
-def test_a_jobset_event_already_synced_from_reads_nothing() -> None:
-    from kubernetes import client
-
-    from posttrain.operator.reconcile import Operator
-
-    op = Operator(client.ApiClient())
-
-    def no_reads(*_a, **_k):
-        raise AssertionError("read the job")
-
-    op.get_job = no_reads  # type: ignore[method-assign]
-    op._synced_jobset[("ns", "j")] = "41"
-    op.sync_status("ns", "j", jobset_version="41")  # the ADDED of the JobSet it made: no sync
-    op.get_job = lambda *_a: None  # type: ignore[method-assign,assignment]
-    op.sync_status("ns", "j", jobset_version="42")  # a newer one: synced (the job is gone)
-
-
 def test_both_runs_the_two_at_once_and_raises_an_error_of_either() -> None:
     import threading
 
@@ -68,7 +51,7 @@ def test_both_runs_the_two_at_once_and_raises_an_error_of_either() -> None:
 
     op = Operator(client.ApiClient())
     barrier = threading.Barrier(2, timeout=5)  # each waits for the other: at once, or a timeout
-    op._both(barrier.wait, barrier.wait)
+    assert op._both(lambda: barrier.wait() * 0 + 7, barrier.wait) == 7
 
     def fail() -> None:
         raise ValueError("no")
@@ -86,3 +69,212 @@ def test_job_manifest_keeps_labels_for_kueue() -> None:
     from posttrain.operator import render as r
 
     assert r.queue_name(parse_job(manifest)) == "q"
+
+
+# ---- the work queue ------------------------------------------------------------------------------
+
+
+def test_work_queue_dedups_and_never_hands_out_a_key_twice_at_once() -> None:
+    from posttrain.operator.reconcile import WorkQueue
+
+    q = WorkQueue()
+    q.add("a"), q.add("b"), q.add("a")  # a burst of events for "a": queued once
+    assert q.get(0) == "a" and q.get(0) == "b" and q.get(0) is None
+    q.add("a")  # while "a" is handled: not handed out again ...
+    q.add("a")
+    assert q.get(0) is None
+    q.done("a")  # ... but once more after it is done (it reads the state after the event)
+    assert q.get(0) == "a" and q.get(0) is None
+    q.done("a"), q.done("b")
+    assert q.get(0) is None
+
+
+def test_work_queue_add_after_waits() -> None:
+    import time
+
+    from posttrain.operator.reconcile import WorkQueue
+
+    q = WorkQueue()
+    q.add_after("a", 0.2)
+    assert q.get(0.05) is None
+    start = time.monotonic()
+    assert q.get(2) == "a" and time.monotonic() - start < 1
+    assert q.failed("a") == 1 and q.failed("a") == 2
+    q.succeeded("a")
+    assert q.failed("a") == 1
+
+
+# ---- the reconcile against a fake API ------------------------------------------------------------
+
+
+class FakeApi:
+    """The calls reconcile.py makes, on dicts; `calls` records (verb, kind) of each."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.version = 100
+
+    def _bump(self, obj: dict) -> dict:
+        self.version += 1
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+        return obj
+
+    # CustomObjectsApi
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        import copy
+
+        from kubernetes.client.exceptions import ApiException
+
+        self.calls.append(("get", plural))
+        if (plural, name) not in self.objects:
+            raise ApiException(status=404)
+        return copy.deepcopy(self.objects[(plural, name)])
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        import copy
+
+        self.calls.append(("create", plural))
+        obj = self._bump(copy.deepcopy(body))
+        obj["metadata"]["uid"] = f"uid-{plural}"
+        self.objects[(plural, obj["metadata"]["name"])] = obj
+        return copy.deepcopy(obj)
+
+    def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, patch):
+        import copy
+
+        from kubernetes.client.exceptions import ApiException
+
+        self.calls.append(("patch-status", plural))
+        obj = self.objects[(plural, name)]
+        if patch["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+            raise ApiException(status=409)
+        status = obj.setdefault("status", {})
+        for k, v in patch["status"].items():  # a merge patch, two levels deep as used here
+            status[k] = {**(status.get(k) or {}), **v} if isinstance(v, dict) else v
+        return copy.deepcopy(self._bump(obj))
+
+    def list_namespaced_custom_object(self, *a, **k):
+        self.calls.append(("list", a[3]))
+        return {"items": []}
+
+    # CoreV1Api
+    def create_namespaced_config_map(self, ns, body):
+        self.calls.append(("create", "configmaps"))
+        self.objects[("configmaps", body["metadata"]["name"])] = body
+
+    def list_namespaced_pod(self, ns, label_selector, _preload_content):
+        import types
+
+        self.calls.append(("list", "pods"))
+        return types.SimpleNamespace(data=b'{"items": []}')
+
+
+def fake_operator():
+    import copy
+
+    from kubernetes import client
+
+    from posttrain.operator.reconcile import Operator
+
+    api = FakeApi()
+    op = Operator(client.ApiClient(), now=lambda: "2026-01-01T00:00:00Z")
+    op.custom = op.core = api  # type: ignore[assignment]
+    job = copy.deepcopy(BASE)
+    job["metadata"].update(generation=1, resourceVersion="100")
+    api.objects[("posttrainjobs", "t")] = copy.deepcopy(job)
+    return op, api, job
+
+
+def test_a_new_job_pending_and_recipe_then_its_jobset_then_nothing_more() -> None:
+    op, api, job = fake_operator()
+    op.observe_job(job, "ADDED")
+    assert op.queue.get(0) == ("ml", "t")
+    op.process(("ml", "t"))
+    op.queue.done(("ml", "t"))
+    # the job came from the watch: not read; Pending and the recipe, then the JobSet, then status
+    assert api.calls[-2:] == [("create", "jobsets"), ("patch-status", "posttrainjobs")]
+    assert sorted(api.calls[:2]) == [("create", "configmaps"), ("patch-status", "posttrainjobs")]
+    assert len(api.calls) == 4
+    status = api.objects[("posttrainjobs", "t")]["status"]
+    assert status["phase"] == "Pending" and status["jobSetName"] == "t"
+
+    # The ADDED event of the JobSet just made (the version its create returned): nothing new.
+    jobset = api.objects[("jobsets", "t")]
+    op.observe_jobset(("ml", "t"), jobset, "ADDED")
+    assert op.queue.get(0) is None
+    # The watch's echo of the operator's own status writes: cached, no reconcile.
+    op.observe_job(api.objects[("posttrainjobs", "t")], "MODIFIED")
+    assert op.queue.get(0) is None
+    # A JobSet change: one reconcile, which reads neither the job nor the JobSet (both cached)
+    # and parses nothing (the spec is cached by uid and generation).
+    api.calls.clear()
+    changed = {**jobset, "metadata": {**jobset["metadata"], "resourceVersion": "999"}}
+    op.observe_jobset(("ml", "t"), changed, "MODIFIED")
+    assert op.queue.get(0) == ("ml", "t")
+    parsed = op._parsed[job["metadata"]["uid"]]
+    op.process(("ml", "t"))
+    assert api.calls == [("list", "pods")]  # Pending/CreatingPods still: no write
+    assert op._parsed[job["metadata"]["uid"]] is parsed
+
+
+def test_a_status_from_a_stale_job_is_refused_and_the_job_read_again() -> None:
+    op, api, job = fake_operator()
+    op.observe_job(job, None)  # the initial listing
+    api.objects[("posttrainjobs", "t")]["metadata"]["resourceVersion"] = "150"  # changed since
+    key = op.queue.get(0)
+    op.process(key)  # Pending refused (409): no JobSet made
+    op.queue.done(key)
+    assert ("create", "jobsets") not in api.calls
+    assert op.queue.get(0) == ("ml", "t")  # again at once, reading the job this time
+    api.calls.clear()
+    op.process(("ml", "t"))
+    assert api.calls[0] == ("get", "posttrainjobs") and ("create", "jobsets") in api.calls
+    assert not op._listed  # logged as reconciled
+
+
+def test_what_a_job_event_queues() -> None:
+    op, api, job = fake_operator()
+    op.observe_job(job, "ADDED")
+    assert op.queue.get(0) == ("ml", "t")
+    op.queue.done(("ml", "t"))
+    status_only = {**job, "metadata": {**job["metadata"], "resourceVersion": "101"}, "status": {}}
+    op.observe_job(status_only, "MODIFIED")
+    assert op.queue.get(0) is None
+    for change in ({"generation": 2}, {"labels": {"a": "b"}}, {"deletionTimestamp": "t"}):
+        newer = {**job, "metadata": {**job["metadata"], **change, "resourceVersion": "102"}}
+        op.observe_job(status_only, "MODIFIED")
+        op.observe_job(newer, "MODIFIED")
+        assert op.queue.get(0) == ("ml", "t"), change
+        op.queue.done(("ml", "t"))
+    op.observe_job(job, "DELETED")
+    assert ("ml", "t") not in op._jobs and not op._parsed
+
+
+def test_pod_events_queue_a_job_only_while_it_starts() -> None:
+    op, api, job = fake_operator()
+    for phase, queued in (("Pending", True), ("Provisioning", True), ("Running", False)):
+        op._jobs[("ml", "t")] = {**job, "status": {"phase": phase}}
+        op.observe_pod(("ml", "t"), "MODIFIED")
+        assert (op.queue.get(0) is not None) == queued, phase
+        op.queue.done(("ml", "t"))
+
+
+def test_the_parsed_spec_is_cached_by_uid_generation_labels_and_annotations() -> None:
+    op, api, job = fake_operator()
+    first = op._parse(job)
+    assert op._parse({**job, "status": {"phase": "Running"}}) is first
+    relabelled = {**job, "metadata": {**job["metadata"], "labels": {"x": "y"}}}
+    assert op._parse(relabelled) is not first
+
+
+def test_a_failed_create_event_is_cached_with_its_fix_until_the_job_has_pods() -> None:
+    op, api, job = fake_operator()
+    event = {"metadata": {"uid": "e1"}, "message": 'serviceaccount "sa" not found '}
+    op.observe_failed_create(("ml", "t"), event, "ADDED")
+    assert op.queue.get(0) == ("ml", "t")
+    message = op._create_failure(("ml", "t"))
+    assert message and message.startswith('serviceaccount "sa" not found. Fix: ')
+    assert "create the ServiceAccount sa in namespace ml" in message
+    op.observe_failed_create(("ml", "t"), event, "DELETED")  # Events expire
+    assert op._create_failure(("ml", "t")) is None and not op._failed_create

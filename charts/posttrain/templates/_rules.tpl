@@ -7,10 +7,10 @@ No wildcards.
 
 {{/* The operator, in every namespace it watches. */}}
 {{- define "posttrain.operatorRules" -}}
-# Watch PostTrainJobs; kopf patches its retry state into annotations; the operator reads the object.
+# Watch PostTrainJobs; read one not yet cached (kopf writes nothing to them: event handlers only).
 - apiGroups: [posttrain.dev]
   resources: [posttrainjobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 # Phase, conditions, restarts, times, summary.
 - apiGroups: [posttrain.dev]
   resources: [posttrainjobs/status]
