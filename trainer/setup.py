@@ -256,10 +256,11 @@ def build_run(job: PostTrainJob, *, abstract: Abstract | None = None) -> Run:
     declaration: Declaration = module.declare(spec, configs)
 
     def construct() -> Trainee:
-        from posttrain.trainer.models import set_remat
+        from posttrain.trainer.models import set_remat, set_scan_layers
 
         policy = model_of(spec.model, config)
         set_remat(policy, training.remat)  # in the graphdef: the jitted step rematerialises
+        set_scan_layers(policy, training.scan_layers)  # and scans the layers
         builder = HeadBuilder(config, nnx.Rngs(seed + 2), model_of)
         heads = declaration.heads(builder) if declaration.heads else {}
         return Trainee(policy, heads)
