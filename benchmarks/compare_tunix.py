@@ -215,7 +215,7 @@ def _tunix_decode(w) -> tuple[float, float]:
         _IdsTokenizer(),
         sampler_lib.CacheConfig(
             cache_size=w.PROMPT_LEN + w.NEW_TOKENS,
-            num_layers=layers or w.LAYERS,
+            num_layers=w.LAYERS,
             num_kv_heads=w.KV_HEADS,
             head_dim=w.HEAD_DIM,
         ),
@@ -319,7 +319,9 @@ def _tunix_grpo(w) -> tuple[float, float, dict]:
     learner.train(batches)
     assert len(ends) == steps, f"{len(ends)} global steps ran, {steps} expected"
     work["optimizer_steps_per_grpo_step"] = cluster.actor_trainer.train_steps / steps
-    work["update_cpu_s"] = sorted(updates[w.GRPO_WARMUP + 1 :])[len(updates[w.GRPO_WARMUP + 1 :]) // 2]
+    work["update_cpu_s"] = sorted(updates[w.GRPO_WARMUP + 1 :])[
+        len(updates[w.GRPO_WARMUP + 1 :]) // 2
+    ]
     wall, cpu = w.step_intervals(ends)
     return wall, cpu, work
 

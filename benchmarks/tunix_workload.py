@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -252,7 +253,8 @@ def grpo_step_time() -> tuple[float, float, dict[str, Any]]:
         for text in grpo_prompts():
             f.write(json.dumps({"prompt": text}) + "\n")
     with open(f"{root}/rewards.py", "w") as f:
-        f.write("import sys\nsys.path.insert(0, %r)\n" % str(__import__("pathlib").Path(__file__).parent))
+        here = os.path.dirname(os.path.abspath(__file__))
+        f.write(f"import sys\nsys.path.insert(0, {here!r})\n")
         f.write("from tunix_workload import grpo_reward\n")
     steps = GRPO_WARMUP + GRPO_TIMED + 1
     job = parse_job(
