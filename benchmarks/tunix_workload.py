@@ -236,7 +236,7 @@ def _grpo_folder(root: str) -> str:
     return root
 
 
-def grpo_step_time() -> tuple[float, float, dict[str, Any]]:
+def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, Any]]:
     """The trainer's own loop (``loop.train``) on the GRPO workload: step ends recorded where the
     loop's jitted update returns (blocking on it). Also returns what the step did, to check both
     sides do the same work."""
@@ -284,6 +284,7 @@ def grpo_step_time() -> tuple[float, float, dict[str, Any]]:
                     "learningRate": LEARNING_RATE,
                     "schedule": {"name": "constant", "warmupSteps": 0},
                     "checkpoint": {"everySteps": 10**6},
+                    **({} if scan is None else {"scanLayers": scan}),
                 },
                 "output": {"export": False},
                 "resources": {"accelerator": "cpu"},
@@ -328,16 +329,16 @@ def grpo_step_time() -> tuple[float, float, dict[str, Any]]:
     return wall, cpu, work
 
 
-def run(parts: tuple[str, ...], remat: str = "none", scan: bool = False) -> dict[str, float]:
+def run(parts: tuple[str, ...], remat: str = "none", scan: bool | None = None) -> dict[str, float]:
     out: dict[str, float] = {}
     if "sft_full" in parts:
-        out |= results("sft_full_step", sft_step_time(lora=False, remat=remat, scan=scan))
+        out |= results("sft_full_step", sft_step_time(lora=False, remat=remat, scan=bool(scan)))
     if "sft_lora" in parts:
-        out |= results("sft_lora_step", sft_step_time(lora=True, remat=remat, scan=scan))
+        out |= results("sft_lora_step", sft_step_time(lora=True, remat=remat, scan=bool(scan)))
     if "decode" in parts:
         out |= results("decode_tokens_per_s", decode_time(), per=PROMPTS * NEW_TOKENS)
     if "grpo" in parts:
-        wall, cpu, work = grpo_step_time()
+        wall, cpu, work = grpo_step_time(scan)
         out |= results("grpo_step", (wall, cpu))
         out |= {f"grpo_{k}": v for k, v in work.items()}  # type: ignore[misc]
     return out
@@ -347,7 +348,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts")
     parser.add_argument("--remat", default="none", help="rematerialisation policy for SFT")
-    parser.add_argument("--scan", action="store_true", help="SFT with the layers under lax.scan")
+    parser.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="layers under lax.scan (SFT default: no; GRPO default: spec.training.scanLayers's)",
+    )
     args = parser.parse_args()
     import jax
 
