@@ -41,7 +41,12 @@ KEYS = (
     "sft_lora_step_cpu_s",
     "decode_tokens_per_s",
     "decode_tokens_per_s_cpu",
+    "grpo_step_s",
+    "grpo_step_cpu_s",
+    "grpo_update_cpu_s",  # of which the policy update (posttrain: the jitted step; Tunix: update_actor)
 )
+# What each side reports about the GRPO work it did: must agree, or the timing compares nothing.
+SAME_WORK = ("grpo_parameters", "grpo_generated_tokens", "grpo_optimizer_steps_per_grpo_step")
 
 
 def tunix_python() -> Path:
@@ -50,16 +55,20 @@ def tunix_python() -> Path:
     marker = VENV / f".google-tunix-{TUNIX_VERSION}"
     if not marker.exists():
         print(f"installing google-tunix=={TUNIX_VERSION} into {VENV} (first use)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, f"google-tunix=={TUNIX_VERSION}"], check=True)
+        # -P and a neutral working directory: run from the repository root, "-m pip" would
+        # otherwise import the project's operator/ folder in place of the stdlib's operator.
+        neutral = VENV.parent
+        neutral.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-P", "-m", "venv", str(VENV)], check=True, cwd=neutral)
+        pip = [str(python), "-P", "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, f"google-tunix=={TUNIX_VERSION}"], check=True, cwd=neutral)
         marker.touch()
     return python
 
 
 def measure(command: list[str]) -> dict[str, float]:
     """Run one side in a fresh process; its last stdout line is the JSON result."""
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=HERE)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -79,6 +88,10 @@ def compare(rounds: int, parts: list[str]) -> dict[str, dict[str, float]]:
         side: {k: statistics.median(x[k] for x in results) for k in KEYS if k in results[0]}
         for side, results in runs.items()
     }
+    for key in SAME_WORK:
+        seen = {json.dumps(x.get(key)) for results in runs.values() for x in results}
+        if len(seen) > 1:
+            raise SystemExit(f"the two sides did different GRPO work: {key} = {sorted(seen)}")
     ours, theirs = medians["posttrain"], medians["tunix"]
     # ours / Tunix's: below 1 is better for step times, above 1 for tokens/s.
     ratios = {k: ours[k] / theirs[k] for k in ours}
@@ -100,15 +113,19 @@ def tunix_run(parts: list[str]) -> dict[str, float]:
         out |= w.results("sft_lora_step", _tunix_sft(w, lora=True))
     if "decode" in parts:
         out |= w.results("decode_tokens_per_s", _tunix_decode(w), per=w.PROMPTS * w.NEW_TOKENS)
+    if "grpo" in parts:
+        wall, cpu, work = _tunix_grpo(w)
+        out |= w.results("grpo_step", (wall, cpu))
+        out |= {f"grpo_{k}": v for k, v in work.items()}
     return out
 
 
-def _tunix_model(w):
+def _tunix_model(w, layers: int | None = None):
     from flax import nnx
     from tunix.models.llama3 import model as llama3
 
     config = llama3.ModelConfig(
-        num_layers=w.LAYERS,
+        num_layers=layers or w.LAYERS,
         vocab_size=w.VOCAB,
         embed_dim=w.HIDDEN,
         hidden_dim=w.MLP,
@@ -174,6 +191,7 @@ class _IdsTokenizer:
     """A 'tokenizer' whose text is space-separated ids, so Tunix's Sampler gets exact prompts."""
 
     def encode(self, text: str) -> list[int]:
+        text = str(text)  # GRPOLearner passes numpy strings
         return [int(t) for t in text.split()]
 
     def decode(self, ids: list[int]) -> str:
@@ -217,13 +235,106 @@ def _tunix_decode(w) -> tuple[float, float]:
     return w.median_call_time(call)
 
 
+def _tunix_grpo(w) -> tuple[float, float, dict]:
+    """Tunix's GRPOLearner on the GRPO workload: actor, reference (the same initial weights) and
+    rollout on one mesh (the rollout shares the actor's weights), the vanilla rollout engine,
+    ``optax.adamw``, one mini-batch (so one optimizer step) per GRPO step; step ends recorded
+    after each global step, blocking on the actor's parameters."""
+    import time
+
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+    from tunix.rl import rl_cluster as rl
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+
+    steps = w.GRPO_WARMUP + w.GRPO_TIMED + 1
+    actor, reference = _tunix_model(w, w.GRPO_LAYERS), _tunix_model(w, w.GRPO_LAYERS)
+    auto = (jax.sharding.AxisType.Auto,) * 2  # Tunix's models gather without out_sharding
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=auto)
+    config = rl.ClusterConfig(
+        role_to_mesh={rl.Role.ACTOR: mesh, rl.Role.REFERENCE: mesh, rl.Role.ROLLOUT: mesh},
+        rollout_engine="vanilla",
+        offload_to_cpu=False,
+        training_config=rl.RLTrainingConfig(
+            actor_optimizer=optax.adamw(w.LEARNING_RATE),
+            eval_every_n_steps=10**9,
+            max_steps=steps,
+        ),
+        rollout_config=base_rollout.RolloutConfig(
+            max_tokens_to_generate=w.GRPO_NEW,
+            max_prompt_length=w.GRPO_PROMPT_LEN,
+            kv_cache_size=w.GRPO_PROMPT_LEN + w.GRPO_NEW,
+            temperature=1.0,
+            top_p=1.0,
+            eos_tokens=[w.VOCAB],  # never produced: every completion has all its tokens
+        ),
+    )
+    cluster = rl.RLCluster(
+        actor=actor, reference=reference, tokenizer=_IdsTokenizer(), cluster_config=config
+    )
+    learner = grpo_learner.GRPOLearner(
+        rl_cluster=cluster,
+        reward_fns=[w.grpo_reward],
+        algo_config=grpo_learner.GRPOConfig(
+            num_generations=w.GRPO_G, num_iterations=1, beta=w.GRPO_BETA
+        ),
+    )
+    ends: list[tuple[float, float]] = []
+    work: dict = {
+        "parameters": sum(int(x.size) for x in jax.tree.leaves(nnx.state(actor, nnx.Param))),
+        "generated_tokens": [],
+    }
+    run_global_step, generate = learner._run_global_step, cluster.generate
+    update_actor, updates = cluster.update_actor, []
+
+    def timed_update(*args, **kwargs):
+        cpu = time.process_time()
+        update_actor(*args, **kwargs)
+        jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
+        updates.append(time.process_time() - cpu)
+
+    def timed_global_step(*args, **kwargs):
+        run_global_step(*args, **kwargs)
+        jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
+        ends.append((time.perf_counter(), time.process_time()))
+
+    def counted_generate(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        if str(kwargs.get("mode", "")).lower().endswith("train"):
+            work["generated_tokens"].append(sum(len(t) for t in out.tokens))
+        return out
+
+    learner._run_global_step = timed_global_step
+    cluster.generate = counted_generate
+    cluster.update_actor = timed_update
+    prompts = w.grpo_prompts()
+    batches = [
+        # A numpy array, not a list: the learner repeats each prompt G times with jax.tree.map.
+        {"prompts": np.asarray(prompts[i * w.GRPO_PROMPTS : (i + 1) * w.GRPO_PROMPTS])}
+        for i in range(steps)
+    ]
+    learner.train(batches)
+    assert len(ends) == steps, f"{len(ends)} global steps ran, {steps} expected"
+    work["optimizer_steps_per_grpo_step"] = cluster.actor_trainer.train_steps / steps
+    work["update_cpu_s"] = sorted(updates[w.GRPO_WARMUP + 1 :])[
+        len(updates[w.GRPO_WARMUP + 1 :]) // 2
+    ]
+    wall, cpu = w.step_intervals(ends)
+    return wall, cpu, work
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", choices=("sft_full", "sft_lora", "decode"), action="append")
+    parser.add_argument(
+        "--only", choices=("sft_full", "sft_lora", "decode", "grpo"), action="append"
+    )
     parser.add_argument("--tunix", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    parts = args.only or ["sft_full", "sft_lora", "decode"]
+    parts = args.only or ["sft_full", "sft_lora", "decode", "grpo"]
     if args.tunix:
         print(json.dumps(tunix_run(parts)))
         return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +36,14 @@ WARMUP_STEPS, TIMED_STEPS = 3, 10
 LEARNING_RATE = 1e-4
 LORA_RANK, LORA_ALPHA = 16, 16
 PROMPTS, PROMPT_LEN, NEW_TOKENS, DECODE_CALLS = 8, 32, 64, 3
-PARTS = ("sft_full", "sft_lora", "decode")
+PARTS = ("sft_full", "sft_lora", "decode", "grpo")
+# GRPO (issue #27): a 4-layer model of the same shape, full fine-tuning, 8 prompts x G = 4
+# completions, 32 prompt + 32 new tokens (sampled at temperature 1, EOS never produced), beta 0.04
+# (the reference's log-probs), one optimizer step per GRPO step; 2 warm-up steps, then the median
+# of 5, each timed from the end of one step's update to the end of the next (rollout, rewards,
+# reference log-probs and the update).
+GRPO_LAYERS, GRPO_PROMPTS, GRPO_G, GRPO_PROMPT_LEN, GRPO_NEW = 4, 8, 4, 32, 32
+GRPO_BETA, GRPO_WARMUP, GRPO_TIMED = 0.04, 2, 5
 
 
 def sft_tokens() -> np.ndarray:
@@ -48,6 +56,30 @@ def decode_prompts() -> np.ndarray:
     """[8, 32] int32 prompt ids in [1, VOCAB)."""
     rng = np.random.default_rng(1)
     return rng.integers(1, VOCAB, size=(PROMPTS, PROMPT_LEN)).astype(np.int32)
+
+
+def grpo_prompts() -> list[str]:
+    """The prompts of every GRPO step, as text: 32 space-separated token ids in [1, VOCAB) each
+    (both sides' tokenizers map the text ``"17"`` to id 17)."""
+    rng = np.random.default_rng(2)
+    rows = (GRPO_WARMUP + GRPO_TIMED + 1) * GRPO_PROMPTS
+    ids = rng.integers(1, VOCAB, size=(rows, GRPO_PROMPT_LEN))
+    return [" ".join(map(str, row)) for row in ids]
+
+
+def grpo_reward(prompts: list[str], completions: list[str], **_columns: Any) -> list[float]:
+    """Cheap and varied within a group: the share of even token ids in the completion."""
+    del prompts
+    return [sum(int(t) % 2 == 0 for t in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def step_intervals(ends: list[tuple[float, float]]) -> tuple[float, float]:
+    """Medians of (wall, CPU) between consecutive step ends, after the warm-up steps."""
+    timed = ends[GRPO_WARMUP : GRPO_WARMUP + GRPO_TIMED + 1]
+    assert len(timed) == GRPO_TIMED + 1, f"{len(ends)} step ends recorded"
+    walls = [b[0] - a[0] for a, b in zip(timed, timed[1:], strict=False)]
+    cpus = [b[1] - a[1] for a, b in zip(timed, timed[1:], strict=False)]
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -86,7 +118,7 @@ def results(name: str, wall_cpu: tuple[float, float], per: float = 0.0) -> dict[
 # --------------------------------------------------------------------------- posttrain side
 
 
-def model_config():
+def model_config(layers: int = LAYERS):
     from posttrain.trainer.models import ModelConfig, RopeConfig
 
     return ModelConfig(
@@ -94,7 +126,7 @@ def model_config():
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=MLP,
-        num_layers=LAYERS,
+        num_layers=layers,
         num_heads=HEADS,
         num_kv_heads=KV_HEADS,
         head_dim=HEAD_DIM,
@@ -104,7 +136,7 @@ def model_config():
     )
 
 
-def sft_step_time(lora: bool, remat: str = "none") -> tuple[float, float]:
+def sft_step_time(lora: bool, remat: str = "none", scan: bool = False) -> tuple[float, float]:
     """Median step time of the trainer's own jitted step (``loop_step.make_train_step``)."""
     import jax
     import jax.numpy as jnp
@@ -124,6 +156,10 @@ def sft_step_time(lora: bool, remat: str = "none") -> tuple[float, float]:
         from posttrain.trainer.models import set_remat
 
         set_remat(model, remat)  # the trainer does this from spec.training.remat
+    if scan:
+        from posttrain.trainer.models import set_scan_layers
+
+        set_scan_layers(model, True)  # spec.training.scanLayers
     graphdef, params, frozen = nnx.split(model, peft.trainable_filter(spec), ...)
     tx = optax.adamw(LEARNING_RATE)
     opt_state = tx.init(params)
@@ -178,14 +214,133 @@ def decode_time() -> tuple[float, float]:
     return median_call_time(call)
 
 
-def run(parts: tuple[str, ...], remat: str = "none") -> dict[str, float]:
+def _grpo_folder(root: str) -> str:
+    """A Hugging Face folder for the GRPO workload: config.json and weights of the 4-layer model,
+    and a word-level tokenizer whose tokens are the ids written out ("0" ... "8191", "0" padding)
+    plus an EOS past the model's vocabulary, so sampling never ends a completion early."""
+    import tokenizers
+    from flax import nnx
+
+    from posttrain.trainer.models import create_model, save_pretrained
+
+    config = model_config(GRPO_LAYERS)
+    save_pretrained(create_model(config, rngs=nnx.Rngs(0)), root)
+    vocab = {str(i): i for i in range(VOCAB)} | {"<eos>": VOCAB}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
+    tok.add_special_tokens(["<eos>"])
+    tok.save(f"{root}/tokenizer.json")
+    with open(f"{root}/tokenizer_config.json", "w") as f:
+        json.dump({"eos_token": "<eos>", "pad_token": "0"}, f)
+    return root
+
+
+def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, Any]]:
+    """The trainer's own loop (``loop.train``) on the GRPO workload: step ends recorded where the
+    loop's jitted update returns (blocking on it). Also returns what the step did, to check both
+    sides do the same work."""
+    import tempfile
+
+    import jax
+
+    from posttrain.api import parse_job
+    from posttrain.trainer import loop
+
+    root = tempfile.mkdtemp(prefix="grpo-workload-")
+    model_dir = _grpo_folder(f"{root}/model")
+    with open(f"{root}/prompts.jsonl", "w") as f:
+        for text in grpo_prompts():
+            f.write(json.dumps({"prompt": text}) + "\n")
+    with open(f"{root}/rewards.py", "w") as f:
+        here = os.path.dirname(os.path.abspath(__file__))
+        f.write(f"import sys\nsys.path.insert(0, {here!r})\n")
+        f.write("from tunix_workload import grpo_reward\n")
+    steps = GRPO_WARMUP + GRPO_TIMED + 1
+    job = parse_job(
+        {
+            "apiVersion": "posttrain.dev/v1alpha1",
+            "kind": "PostTrainJob",
+            "metadata": {"name": "grpo-workload"},
+            "spec": {
+                "algorithm": "grpo",
+                "model": {"base": model_dir, "dtype": "float32"},
+                "data": {
+                    "train": f"{root}/prompts.jsonl",
+                    "maxPromptLength": GRPO_PROMPT_LEN,
+                    "maxLength": GRPO_PROMPT_LEN + GRPO_NEW,
+                    "shuffle": False,
+                },
+                "grpo": {
+                    "numGenerations": GRPO_G,
+                    "beta": GRPO_BETA,
+                    "maxNewTokens": GRPO_NEW,
+                    "temperature": 1.0,
+                    "rewards": [{"function": f"{root}/rewards.py:grpo_reward"}],
+                },
+                "training": {
+                    "steps": steps,
+                    "batchSize": GRPO_PROMPTS,
+                    "learningRate": LEARNING_RATE,
+                    "schedule": {"name": "constant", "warmupSteps": 0},
+                    "checkpoint": {"everySteps": 10**6},
+                    **({} if scan is None else {"scanLayers": scan}),
+                },
+                "output": {"export": False},
+                "resources": {"accelerator": "cpu"},
+            },
+        }
+    )
+    ends: list[tuple[float, float]] = []
+    updates: list[float] = []  # CPU seconds in the jitted update itself
+    work: dict[str, Any] = {}
+    build_run = loop.build_run
+
+    def timed_run(job: Any, **kw: Any) -> Any:
+        run = build_run(job, **kw)
+        step = run.train_step
+        work["parameters"] = sum(int(x.size) for x in jax.tree.leaves(run.params))
+
+        def train_step(params, frozen, opt_state, batch, *rest):
+            cpu = time.process_time()
+            out = step(params, frozen, opt_state, batch, *rest)
+            jax.block_until_ready(out)
+            ends.append((time.perf_counter(), time.process_time()))
+            updates.append(ends[-1][1] - cpu)
+            mask = np.asarray(batch["completion_mask"]) if "completion_mask" in batch else None
+            work.setdefault("generated_tokens", []).append(
+                int(mask.sum()) if mask is not None else -1
+            )
+            work["optimizer_steps"] = work.get("optimizer_steps", 0) + 1
+            return out
+
+        run.train_step = train_step
+        return run
+
+    loop.build_run = timed_run
+    try:
+        result = loop.train(job, f"{root}/out", say=lambda _m: None, progress_bar=False)
+    finally:
+        loop.build_run = build_run
+    assert result.step == steps
+    wall, cpu = step_intervals(ends)
+    work["optimizer_steps_per_grpo_step"] = work.pop("optimizer_steps") / steps
+    work["update_cpu_s"] = statistics.median(updates[GRPO_WARMUP + 1 :])
+    return wall, cpu, work
+
+
+def run(parts: tuple[str, ...], remat: str = "none", scan: bool | None = None) -> dict[str, float]:
     out: dict[str, float] = {}
     if "sft_full" in parts:
-        out |= results("sft_full_step", sft_step_time(lora=False, remat=remat))
+        out |= results("sft_full_step", sft_step_time(lora=False, remat=remat, scan=bool(scan)))
     if "sft_lora" in parts:
-        out |= results("sft_lora_step", sft_step_time(lora=True, remat=remat))
+        out |= results("sft_lora_step", sft_step_time(lora=True, remat=remat, scan=bool(scan)))
     if "decode" in parts:
         out |= results("decode_tokens_per_s", decode_time(), per=PROMPTS * NEW_TOKENS)
+    if "grpo" in parts:
+        wall, cpu, work = grpo_step_time(scan)
+        out |= results("grpo_step", (wall, cpu))
+        out |= {f"grpo_{k}": v for k, v in work.items()}  # type: ignore[misc]
     return out
 
 
@@ -193,10 +348,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts")
     parser.add_argument("--remat", default="none", help="rematerialisation policy for SFT")
+    parser.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="layers under lax.scan (SFT default: no; GRPO default: spec.training.scanLayers's)",
+    )
     args = parser.parse_args()
     import jax
 
-    result = run(tuple(args.only or PARTS), args.remat)
+    result = run(tuple(args.only or PARTS), args.remat, args.scan)
     result["backend"] = jax.default_backend()  # type: ignore[assignment]
     print(json.dumps(result))
 

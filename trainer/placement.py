@@ -66,29 +66,41 @@ def with_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
+def opt_state_shardings(opt_state: Any, params: Any, mesh: Mesh) -> Any:
+    """The sharding of every optimizer-state leaf: a leaf whose path ends with a parameter's path
+    (AdamW's ``mu``/``nu`` mirror the parameter tree) takes that parameter's sharding, the rest
+    (step counts) are replicated. Matched by path, not shape: a square ``q_proj`` and ``o_proj``
+    share a shape but not a sharding."""
+    by_path = {tuple(path): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    longest = max((len(p) for p in by_path), default=0)
+
+    def one(path: Any, x: Any) -> Any:
+        path = tuple(path)
+        for n in range(min(longest, len(path)), 0, -1):
+            if path[-n:] in by_path:
+                return by_path[path[-n:]]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
 def like_params(opt_state: Any, params: Any, mesh: Mesh) -> Any:
-    """Abstract optimizer state sharded as the real one ends up: a leaf shaped like a parameter
-    like that parameter (AdamW's moments), the rest (step counts) replicated."""
-    by_shape = {x.shape: x.sharding for x in jax.tree.leaves(params)}
+    """Abstract optimizer state (``jax.eval_shape`` of ``tx.init``) with the shardings the real
+    one has (``opt_state_shardings``)."""
+    shardings = opt_state_shardings(opt_state, params, mesh)
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=by_shape.get(x.shape, replicated(mesh))
-        ),
-        opt_state,
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, shardings
     )
 
 
-def replicate_strays(tree: Any, mesh: Mesh) -> Any:
-    """Leaves left on one device (e.g. the optimizer's step count) -> replicated over the mesh."""
-    mesh_devices = set(mesh.devices.flat)
-
-    def fix(x: Any) -> Any:
-        if not isinstance(x, jax.Array) or set(x.sharding.device_set) == mesh_devices:
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, replicated(mesh), _reader(host))
-
-    return jax.tree.map(fix, tree)
+def init_opt_state(tx: Any, params: Any, mesh: Mesh) -> Any:
+    """``tx.init(params)`` on the mesh, every leaf committed to the sharding the train step
+    returns it with (``opt_state_shardings``). Left to ``jax.jit`` alone, the moments came back
+    uncommitted on one device, so the step's second call saw other input shardings than its first
+    and compiled the whole train step again."""
+    abstract = jax.eval_shape(tx.init, params)
+    shardings = opt_state_shardings(abstract, params, mesh)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def device_batch(host: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

@@ -246,6 +246,15 @@ class TrainingSpec(Spec):
         "backward pass; full keeps only each layer's input and recomputes the rest; the others "
         "are jax.checkpoint_policies that also keep matmul outputs. Trades compute for memory.",
     )
+    scan_layers: bool = Field(
+        False,
+        description="Run the decoder layers of the training step as one lax.scan over their "
+        "stacked weights: XLA compiles one layer instead of all of them (faster compiles), and "
+        "remat acts inside the scan. Use it with remat: without remat the scanned step kept more "
+        "temporaries than the unrolled one in XLA's memory analysis (docs/performance.md). "
+        "Checkpoints and LoRA/QLoRA are the same either way. Generation, and forwards that read "
+        "per-layer attention maps or hidden states (distillation), run the layers unrolled.",
+    )
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSpec:

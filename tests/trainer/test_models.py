@@ -21,6 +21,7 @@ from posttrain.trainer.models import (
     create_model,
     load_pretrained,
     save_pretrained,
+    set_scan_layers,
 )
 
 from .hf_reference import HF_REFERENCE, MODEL_FIXTURES
@@ -50,11 +51,17 @@ def _with_config(tmp_path: Path, name: str, config_file: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("config_file", ["config.json", "config.legacy.json"])
+@pytest.mark.parametrize(
+    ("config_file", "scan"),
+    [("config.json", False), ("config.legacy.json", False), ("config.json", True)],
+)
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
-def test_logits_match_hugging_face(tmp_path, name, config_file):
+def test_logits_match_hugging_face(tmp_path, name, config_file, scan):
+    """Also with the layers under lax.scan (spec.training.scanLayers): the same checkpoint, the
+    same logits, Gemma's alternating sliding/global layers and per-type RoPE included."""
     ref = np.load(HF_REFERENCE / name / "reference.npz")
     model = load_pretrained(_with_config(tmp_path, name, config_file))
+    set_scan_layers(model, scan)
 
     logits, hidden = _forward(model, jnp.asarray(ref["input_ids"]), return_hidden=True)
     assert logits.dtype == jnp.float32

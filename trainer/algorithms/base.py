@@ -253,6 +253,7 @@ def _logprob_fn(temperature: float, reference: bool) -> ForwardFn:
             temperature=temperature,
         )
 
+    fn.__name__ = "reference_logprobs" if reference else "policy_logprobs"
     return fn
 
 

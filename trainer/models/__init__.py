@@ -28,6 +28,7 @@ from posttrain.trainer.models.transformer import (
     create_model,
     set_attention,
     set_remat,
+    set_scan_layers,
 )
 
 __all__ = [
@@ -51,5 +52,6 @@ __all__ = [
     "save_pretrained",
     "set_attention",
     "set_remat",
+    "set_scan_layers",
     "shard_model",
 ]

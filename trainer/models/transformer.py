@@ -38,9 +38,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool) -> jax.A
     return weight.astype(x.dtype) * y.astype(x.dtype)  # float32 master weights, compute dtype out
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, rotate-half layout (HF's, not interleaved pairs)."""
-    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: Any) -> jax.Array:
+    """Rotary embedding, rotate-half layout (HF's, not interleaved pairs); ``inv_freq`` [D/2]."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
     cos, sin = jnp.cos(emb).astype(x_bthd.dtype), jnp.sin(emb).astype(x_bthd.dtype)
     x1, x2 = jnp.split(x_bthd, 2, axis=-1)
@@ -359,12 +359,15 @@ class Attention(nnx.Module):
         *,
         return_probs: bool = False,
         segments_bt: jax.Array | None = None,
+        inv_freq: jax.Array | None = None,
     ) -> tuple[Any, ...]:
         """(output [B, T, E], updated kv or None), plus with ``return_probs`` the attention
         probabilities [B, H, T, S] float32 (query head h = kv head h // G), e.g. for distillation.
 
         ``segments_bt`` (no cache): ``kernel_segment_ids`` of the call, which the splash kernel
-        uses instead of ``mask_bts`` (the mask stays what every other kernel reads)."""
+        uses instead of ``mask_bts`` (the mask stays what every other kernel reads).
+        ``inv_freq``: this layer's RoPE frequencies as an array (the scanned-layers path passes
+        each layer's; default: the module's own)."""
         B, T, _ = x_bte.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = project(self.q_proj, x_bte).reshape(B, T, H, D)
@@ -372,7 +375,8 @@ class Attention(nnx.Module):
         v = project(self.v_proj, x_bte).reshape(B, T, K, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = np.asarray(self.inv_freq, np.float32)
+        if inv_freq is None:
+            inv_freq = np.asarray(self.inv_freq, np.float32)
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
         if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
@@ -487,9 +491,17 @@ class DecoderLayer(nnx.Module):
         *,
         return_probs=False,
         segments=None,
+        sliding=None,
+        inv_freq=None,
     ):
-        """(x, new_kv), plus the attention probabilities with ``return_probs`` (see Attention)."""
-        mask = sliding_mask if self.sliding else full_mask
+        """(x, new_kv), plus the attention probabilities with ``return_probs`` (see Attention).
+
+        ``sliding`` (a traced bool) and ``inv_freq``: this layer's attention type and RoPE
+        frequencies as arrays, for the scanned-layers path whose one body serves every layer."""
+        if sliding is None:
+            mask = sliding_mask if self.sliding else full_mask
+        else:
+            mask = full_mask if sliding_mask is None else jnp.where(sliding, sliding_mask, full_mask)
         attn, new_kv, *probs = self.self_attn(
             self.input_layernorm(x),
             positions,
@@ -498,6 +510,7 @@ class DecoderLayer(nnx.Module):
             write_index,
             return_probs=return_probs,
             segments_bt=segments,
+            inv_freq=inv_freq,
         )
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
@@ -554,6 +567,7 @@ class CausalLM(nnx.Module):
         self.compute_dtype = jnp.dtype(dtype)
         self.model = Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.remat = "none"  # see set_remat
+        self.scan_layers = False  # see set_scan_layers
         if not config.tie_word_embeddings:
             self.lm_head = _linear(
                 config.hidden_size,
@@ -689,6 +703,12 @@ class CausalLM(nnx.Module):
         if c.scale_embeddings:  # HF rounds the normaliser to the activation dtype
             x = x * jnp.asarray(c.hidden_size**0.5, dtype=x.dtype)
         new_keys, new_values = [], []
+        if cache is None and self.scan_layers and not (taps is not None and taps.requested):
+            scanned = _scan_layers(
+                list(self.model.layers), self.remat, x, positions, full_mask, sliding_mask, segments
+            )
+            if scanned is not None:
+                return self.model.norm(scanned), None
         for i, layer in enumerate(self.model.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             wants_probs = taps is not None and i in taps.attention_probs_layers
@@ -765,6 +785,94 @@ def set_remat(model: CausalLM, policy: str) -> None:
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat policy {policy!r} unknown; known: {', '.join(REMAT_POLICIES)}")
     model.remat = policy
+
+
+def set_scan_layers(model: CausalLM, scan: bool) -> None:
+    """Run the decoder layers of a forward without a KV cache (training, scoring) as one
+    ``lax.scan`` body over their stacked weights (``spec.training.scanLayers``); see
+    ``_scan_layers``. The parameters stay per layer, so checkpoints, LoRA/QLoRA and sharding are
+    the same either way."""
+    model.scan_layers = bool(scan)
+
+
+def _layer_signature(layer: DecoderLayer) -> tuple[Any, ...]:
+    """What a scan body cannot vary per layer: the state's structure, shapes and dtypes, and the
+    static settings. A layer's attention type and RoPE frequencies are not in it: the body takes
+    them as scanned arrays."""
+    a = layer.self_attn
+    state = nnx.state(layer)
+    leaves = tuple((x.shape, jnp.dtype(x.dtype)) for x in jax.tree.leaves(state))
+    return (
+        jax.tree.structure(state),
+        leaves,
+        a.implementation,
+        a.qk_norm,
+        a.scale,
+        a.logit_cap,
+        (a.num_heads, a.num_kv_heads, a.head_dim),
+        layer.sandwich,
+        layer.mlp.act,
+    )
+
+
+def _scan_layers(
+    layers: list[DecoderLayer],
+    remat: str,
+    x: jax.Array,
+    positions: jax.Array,
+    full_mask: jax.Array,
+    sliding_mask: jax.Array | None,
+    segments: jax.Array | None,
+) -> jax.Array | None:
+    """The decoder layers as one ``lax.scan`` over their stacked states: XLA compiles one layer
+    instead of L, and remat (``jax.checkpoint`` around the body) keeps one layer's input per
+    iteration. Each layer's attention type (Gemma 2/3's sliding/global alternation) and RoPE
+    frequencies ride along as scanned arrays. The stacking is a copy of the layers' weights made
+    inside the program (the parameters stay per layer). Returns None, and the caller runs the
+    layers one by one, where one body cannot serve them all: layers that differ in structure or
+    static settings, or sliding-window layers mixed with global ones under the splash kernel
+    (whose window is static)."""
+    first = _layer_signature(layers[0])
+    if any(_layer_signature(layer) != first for layer in layers[1:]):
+        return None
+    flags = np.asarray([layer.sliding for layer in layers])
+    mixed = bool(flags.any() and not flags.all())
+    if mixed:
+        a = layers[0].self_attn
+        kernel = choose_kernel(
+            a.implementation,
+            dtype=x.dtype,
+            q_len=x.shape[1],
+            kv_len=x.shape[1],
+            cached=segments is None,
+            logit_cap=a.logit_cap,
+        )
+        if kernel == "splash":
+            return None
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+    inv_freqs = np.asarray([layer.self_attn.inv_freq for layer in layers], np.float32)
+    per_layer = (stacked, jnp.asarray(flags), jnp.asarray(inv_freqs))
+
+    def body(x: jax.Array, xs: Any) -> tuple[jax.Array, None]:
+        state, sliding, inv_freq = xs
+        layer = nnx.merge(graphdef, state)
+        out, _ = layer(
+            x,
+            positions,
+            full_mask,
+            sliding_mask,
+            segments=segments,
+            sliding=sliding if mixed else None,
+            inv_freq=inv_freq,
+        )
+        return out, None
+
+    if remat != "none":
+        policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, per_layer)
+    return x
 
 
 def set_attention(model: CausalLM, implementation: str) -> None:
