@@ -133,6 +133,7 @@ def _context(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         log=say,
+        micro_rows=next(iter(run.declaration.columns.values()))[0][0] // run.num_micro,
     )
 
 
