@@ -143,16 +143,21 @@ def _resume(ckpt: Checkpointer, state: TrainState, algo: Algorithm, say: Callabl
         return 0
     saved, meta = ckpt.restore(latest, {"params": state.params, "opt_state": state.opt_state})
     state.params, state.opt_state = saved["params"], saved["opt_state"]
-    algo.source.restore(meta["data"])
+    arrays = ckpt.restore_arrays(latest)  # a rollout batch in the middle of its steps
+    algo.source.restore(
+        meta["data"] if arrays is None else {**meta["data"], "batch_arrays": arrays}
+    )
     say(f"resumed from checkpoint step {int(meta['step'])} in {ckpt.directory}")
     return int(meta["step"])
 
 
 def _save(ckpt: Checkpointer, state: TrainState, algo: Algorithm, reporter: Any) -> None:
+    arrays = algo.source.arrays() if hasattr(algo.source, "arrays") else None
     ckpt.save(
         state.step,
         {"params": state.params, "opt_state": state.opt_state},
         {"step": state.step, "data": algo.source.state()},
+        arrays=arrays,
     )
     if reporter is not None and hasattr(reporter, "checkpointed"):
         reporter.checkpointed(state.step)  # status.progress.lastCheckpointStep

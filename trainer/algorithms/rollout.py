@@ -343,7 +343,7 @@ class RolloutEngine:
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
-    """A host array as JSON (for a batch source's checkpointed state)."""
+    """A host array as JSON (a batch source's state before rollout batches went to orbax)."""
     return {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.ravel().tolist()}
 
 
@@ -416,18 +416,50 @@ class RolloutBatchSource:
         return self.step_batch(self._batch, index, k)
 
     def state(self) -> dict[str, Any]:
+        """The position as JSON; the rollout batch itself (while steps of it remain) goes into
+        the checkpoint as arrays (``arrays``), its column names here (``batch_columns``)."""
         state: dict[str, Any] = {
             "rollout": self._rollout,
             "eval_before": self.eval_before,
             **self.extra_state(),
         }
-        if self.steps_per_rollout > 1 and self._batch is not None:
-            state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
+        if self._holds_batch():
+            assert self._batch is not None
+            state["batch_columns"] = list(self._batch)
         return state
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The held rollout batch as host arrays for the checkpoint (orbax, not JSON), keyed
+        ``c0, c1, ...`` in ``state()["batch_columns"]``'s order (column names hold ``/``)."""
+        if not self._holds_batch():
+            return {}
+        assert self._batch is not None
+        return {f"c{i}": np.asarray(v) for i, v in enumerate(self._batch.values())}
+
+    def _holds_batch(self) -> bool:
+        return self.steps_per_rollout > 1 and self._batch is not None
+
     def restore(self, state: Mapping[str, Any]) -> None:
+        """From ``state()``, with the checkpoint's arrays under ``batch_arrays`` (the loop puts
+        them there); a checkpoint written before the arrays moved out of JSON has ``batch``."""
         self._rollout = int(state.get("rollout", state.get("group", -1)))  # "group": before v0.2
         self.eval_before = state.get("eval_before")
-        saved = state.get("batch")
-        self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
+        self._batch = restored_batch(state)
         self.restore_extra(state)
+
+
+def restored_batch(state: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """The rollout batch a checkpointed ``RolloutBatchSource.state()`` (plus its arrays) holds."""
+    names, arrays = state.get("batch_columns"), state.get("batch_arrays")
+    if names is not None:
+        if arrays is None:
+            raise ValueError("the checkpoint names a rollout batch but holds no arrays for it")
+        return {name: np.asarray(arrays[f"c{i}"]) for i, name in enumerate(names)}
+    saved = state.get("batch")  # JSON lists, as checkpoints before the arrays were written
+    return None if saved is None else {k: decode_array(v) for k, v in saved.items()}
+
+
+def saved_batch(ckpt: Any, step: int) -> dict[str, np.ndarray] | None:
+    """The rollout batch held in checkpoint ``step`` of a ``Checkpointer`` (tests, tools)."""
+    meta = ckpt.restore_meta(step)
+    return restored_batch({**meta["data"], "batch_arrays": ckpt.restore_arrays(step)})
