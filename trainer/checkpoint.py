@@ -73,8 +73,8 @@ class Checkpointer:
 
     def restore_arrays(self, step: int) -> dict[str, Any] | None:
         """The ``arrays`` saved with step ``step`` (host numpy arrays), or None if it has none."""
-        items = self._manager.item_metadata(step)
-        if items is None or items.get("rollout") is None:
+        items = self._manager.item_metadata(step)  # names the saved items (values may be None)
+        if items is None or "rollout" not in items.keys():
             return None
         restored = self._manager.restore(
             step, args=ocp.args.Composite(rollout=ocp.args.StandardRestore())

@@ -203,12 +203,15 @@ def _log(
     every = training.eval_every_steps
     if every and step % every == 0 and step < training.steps:  # the final one after the loop
         eval_metrics = evaluate(run, state, algo)
+        if algo.evaluate is not None:  # RL: the greedy reward on data.eval
+            eval_metrics.update(algo.evaluate())
     if step % training.log_every_steps and step != training.steps and not eval_metrics:
         return
     values = {k: float(v) for k, v in jax.device_get(out).items()}
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
     values["tokens_per_second"] = timer.take()
+    values.update(getattr(algo.source, "host_metrics", {}))  # the host's own timers (RL)
     record = metrics.log(step, {**values, **eval_metrics})
     metrics.advance(step, f"loss {record['loss']:.4f}")
 

@@ -174,6 +174,9 @@ class Algorithm:
     source: BatchSource
     eval_batches: Callable[[], Iterable[Batch]] | None = None
     finish: Callable[[CausalLM], dict[str, float]] | None = None
+    # Held-out metrics that are not a loss (RL's greedy reward on data.eval), every
+    # training.evalEverySteps steps: name -> value, logged as they are.
+    evaluate: Callable[[], dict[str, float]] | None = None
 
 
 class Weights(Protocol):

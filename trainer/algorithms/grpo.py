@@ -124,7 +124,7 @@ class RolloutSource(RolloutBatchSource):
         train_seconds = now - self._handed_out if self._handed_out is not None else None
         batch = super().next_batch(step)
         speed = self._last_tokens / train_seconds if train_seconds else 0.0
-        batch[METRIC + "train_tokens_per_second"] = np.full(self.rows, speed, np.float32)
+        self.host_metrics["train_tokens_per_second"] = speed
         self._last_tokens = float(batch["attention_mask"].sum())
         self._handed_out = time.perf_counter()
         return batch
@@ -256,9 +256,10 @@ class RolloutSource(RolloutBatchSource):
             "completion_length": lengths.mean(),
             "truncated_fraction": every(lambda r: r.truncated).mean(),
             "groups_with_equal_rewards": equal_rows.mean(),
-            "generation_tokens_per_second": lengths.sum()
-            / max(sum(r.out.seconds for r in sampled), 1e-9),
         }
+        self.host_metrics["generation_tokens_per_second"] = float(
+            lengths.sum() / max(sum(r.out.seconds for r in sampled), 1e-9)
+        )
         if self.g.dynamic_sampling:
             values["groups_filtered_fraction"] = 1.0 - every(lambda r: r.informative).mean()
             values["sampling_rounds"] = len(sampled)
@@ -542,6 +543,7 @@ def _build(ctx: Context) -> Algorithm:
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
+        evaluate=(lambda: {"eval_reward": source.evaluate(ctx.model())}) if eval_prompts else None,
     )
 
 

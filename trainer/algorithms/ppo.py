@@ -241,7 +241,7 @@ class PpoSource(RolloutBatchSource):
         for name, each in out.reward_terms.items():
             batch[f"{METRIC}reward/{name}"] = each.astype(np.float32)
         batch[METRIC + "completion_length"] = out.lengths.astype(np.float32)
-        batch[METRIC + "generation_tokens_per_second"] = constant(
+        self.host_metrics["generation_tokens_per_second"] = float(
             out.lengths.sum() / max(out.seconds, 1e-9)
         )
         batch[METRIC + "kl"] = constant(pl.masked_mean(kl, mask))
@@ -372,4 +372,5 @@ def build(ctx: Context) -> Algorithm:
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
+        evaluate=(lambda: {"eval_reward": source.evaluate(ctx.model())}) if eval_prompts else None,
     )

@@ -298,6 +298,7 @@ class RolloutEngine:
         tokens, mask, completions, logps = self.generate(model, rows, seed)
         seconds = time.perf_counter() - started
         total, each = self.score(rows, completions)
+        self.last = ([p.text for p in rows], completions, total)  # for the completion log
         arrays = rollout_arrays([p.ids for p in rows], tokens, mask, self.prompt_len, self.pad_id)
         arrays["sampler_logp"] = completion_column(logps, self.prompt_len)
         return Rollout(arrays, total, each, mask.sum(axis=1), seconds, completions)
@@ -338,7 +339,6 @@ class RolloutEngine:
             "reward_std",
             *(f"reward/{r.name}" for r in self.rewards),
             "completion_length",
-            "generation_tokens_per_second",
         ]
 
 
@@ -380,6 +380,11 @@ class RolloutBatchSource:
         self.warmup = warmup
         self.steps_per_rollout = steps_per_rollout
         self.eval_before: float | None = None  # greedy reward on data.eval when RL starts
+        self.log_every = getattr(ctx.spec.settings, "log_completions_every_steps", None)
+        # Timings measured on this host, logged by the loop as they are (not batch columns, whose
+        # mean over a batch sharded across processes would mix the processes' timers).
+        self.host_metrics: dict[str, float] = {}
+        self._logged_at: int | None = None
         self._rollout = -1
         self._batch: dict[str, np.ndarray] | None = None
 
@@ -413,7 +418,41 @@ class RolloutBatchSource:
         if index != self._rollout or self._batch is None:
             self._batch = self.make_rollout(index)
             self._rollout = index
+            self._log_completions(step)
         return self.step_batch(self._batch, index, k)
+
+    def _log_completions(self, step: int, limit: int = 16) -> None:
+        """The rollout's first ``limit`` completions (its last sampling round) to
+        DIR/samples.jsonl and TensorBoard text, when ``logCompletionsEverySteps`` says so."""
+        every, last = self.log_every, getattr(self.engine, "last", None)
+        if not every or last is None or not getattr(self.ctx, "rank0", True):
+            return
+        if self._logged_at is not None and step // every == self._logged_at // every:
+            return
+        self._logged_at = step
+        import json
+        import os
+
+        prompts, completions, rewards = last
+        rows = [
+            {"step": step + 1, "prompt": p, "completion": c, "reward": float(r)}
+            for p, c, r in list(zip(prompts, completions, rewards, strict=True))[:limit]
+        ]
+        os.makedirs(self.ctx.output_dir, exist_ok=True)
+        with open(os.path.join(self.ctx.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # samples.jsonl is enough
+            return
+        if getattr(self, "_tb", None) is None:
+            self._tb = SummaryWriter(os.path.join(self.ctx.output_dir, "tensorboard"))
+        table = "| reward | prompt | completion |\n| --- | --- | --- |\n" + "".join(
+            f"| {r['reward']:.3f} | {_cell(r['prompt'])} | {_cell(r['completion'])} |\n"
+            for r in rows
+        )
+        self._tb.add_text("completions", table, step + 1)
+        self._tb.flush()
 
     def state(self) -> dict[str, Any]:
         """The position as JSON; the rollout batch itself (while steps of it remain) goes into
@@ -446,6 +485,11 @@ class RolloutBatchSource:
         self.eval_before = state.get("eval_before")
         self._batch = restored_batch(state)
         self.restore_extra(state)
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
 
 
 def restored_batch(state: Mapping[str, Any]) -> dict[str, np.ndarray] | None:

@@ -152,6 +152,25 @@ class RolloutSpec(Spec):
             "by default. The mismatch metrics (mismatch_kl, mismatch_k3_kl) are logged always."
         ),
     )
+    generation_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description=(
+            "Rows (completions) the sampler generates at a time, in one compiled program (TRL's "
+            "generation_batch_size): the KV cache holds this many rows, split over the mesh's "
+            "data x fsdp devices, of which it must be a multiple; unset: the whole rollout batch."
+        ),
+    )
+    log_completions_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Write sampled completions (prompt, completion, reward; up to 16 of a rollout batch) "
+            "to DIR/samples.jsonl and TensorBoard text at the first rollout batch of every this "
+            "many steps; unset: none."
+        ),
+    )
     sft_warmup_steps: int = Field(
         0,
         ge=0,
