@@ -5,9 +5,9 @@ variant's settings type (``posttrain/api/settings/``) holds its defaults; its tr
 ``family(...)`` with the parts it registered in ``parts.py`` (an advantage estimator, a policy
 objective). Nothing here asks which algorithm runs.
 
-Every `numIterations` (mu) optimizer steps share one rollout batch (index i):
+Every `numIterations` (mu) x `numMiniBatches` optimizer steps share one rollout batch (index i):
 
-1. take `training.batchSize` prompts (a seeded order, a pure function of i);
+1. take `training.batchSize` x `numMiniBatches` prompts (a seeded order, a pure function of i);
 2. sample `numGenerations` (G) completions per prompt with the current policy (temperature, top-p,
    top-k, `maxNewTokens`, stop at EOS) with the shared ``RolloutEngine``; the sampler's seed is
    derived from (training.seed, i), so a resumed run samples exactly what an uninterrupted one
@@ -22,7 +22,11 @@ Every `numIterations` (mu) optimizer steps share one rollout batch (index i):
    ratio's denominator is the current forward itself (stop-gradient), which is the same number
    without a second pass. Reference log-probs (`ctx.reference_logprobs`: the initial weights, or
    with LoRA the base with adapters off) only when beta > 0;
-5. mu optimizer steps on that batch with `grpo_loss` or `gspo_token_loss`.
+5. mu passes over that batch, each a seeded permutation of its rows cut into `numMiniBatches`
+   optimizer steps of batchSize x G rows, with `grpo_loss` or `gspo_token_loss`; the first step
+   runs on the weights that sampled, so its ratio is exactly 1 (``on_policy``). With
+   ``rolloutCorrection`` on, old log-probs are computed here also at mu = 1, and the TIS weights
+   and rejection mask are applied (``correct``).
 
 Per-step metrics that come from the rollouts (rewards, lengths, generation speed) ride in the
 batch as per-row columns named `metric/...`; the loss returns their means, so the loop logs them

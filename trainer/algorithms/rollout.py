@@ -218,6 +218,7 @@ class RolloutEngine:
     ):
         spec = ctx.spec
         self.ctx = ctx
+        self.block = block_field
         self.settings = settings
         self.prompts = prompts
         self.eval_prompts = eval_prompts
@@ -262,17 +263,22 @@ class RolloutEngine:
     ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         """Completions [R, N], their mask, their decoded texts and the sampler's log-probs."""
         prompt_ids, prompt_mask = self.prompt_block(rows)
-        tokens, mask, logps = sample(
-            model,
-            prompt_ids,
-            prompt_mask,
-            self.settings,
-            self.eos_ids,
-            self.pad_id,
-            seed,
-            greedy=greedy,
-            chunk_rows=self.settings.chunk_rows,
-        )
+        try:
+            tokens, mask, logps = sample(
+                model,
+                prompt_ids,
+                prompt_mask,
+                self.settings,
+                self.eos_ids,
+                self.pad_id,
+                seed,
+                greedy=greedy,
+                chunk_rows=self.settings.chunk_rows,
+            )
+        except ValueError as err:
+            if not str(err).startswith("chunk_rows"):
+                raise
+            raise ValueError(f"spec.{self.block}.generationBatchSize: {err}") from None
         lengths = mask.sum(axis=1).astype(int)
         texts = [
             self.ctx.tokenizer.decode(tokens[r, : lengths[r]].tolist()) for r in range(len(rows))
