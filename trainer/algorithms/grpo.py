@@ -327,13 +327,14 @@ def correct(batch: dict[str, np.ndarray], c: Any, *, sft: bool = False) -> None:
     weights of the policy-gradient term. Warm-up rows (``sft``) get weights 1 and keep their mask.
     """
     mask = batch["completion_mask"]
+    old, sampler = jnp.asarray(batch["old_logp"]), jnp.asarray(batch["sampler_logp"])
     if c.importance_sampling != "none":
         batch["is_weights"] = (
             np.ones_like(mask)
             if sft
             else np.asarray(
                 rc.token_is_weights(
-                    batch["old_logp"], batch["sampler_logp"], mask, c.importance_sampling_threshold
+                    old, sampler, jnp.asarray(mask), c.importance_sampling_threshold
                 ),
                 np.float32,
             )
@@ -341,9 +342,9 @@ def correct(batch: dict[str, np.ndarray], c: Any, *, sft: bool = False) -> None:
     if c.rejection != "none" and not sft:
         kept = np.asarray(
             rc.rejection_mask(
-                batch["old_logp"],
-                batch["sampler_logp"],
-                mask,
+                old,
+                sampler,
+                jnp.asarray(mask),
                 c.rejection,
                 c.rejection_threshold,
                 c.rejection_threshold_lower,

@@ -25,7 +25,7 @@ def truncated(
     """[R] bool: the completion has none of the EOS ids among its tokens (cut at maxNewTokens)."""
     is_eos = np.isin(completion_ids_rn, np.atleast_1d(np.asarray(eos_id)))
     has_eos = (is_eos & (completion_mask_rn > 0)).any(axis=1)
-    return ~has_eos
+    return np.asarray(~has_eos)
 
 
 def soft_overlong_penalty(

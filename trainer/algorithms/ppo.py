@@ -214,7 +214,7 @@ class PpoSource(RolloutBatchSource):
         # The sampler against the learner (always logged); rollout correction when it is on.
         c = p.rollout_correction
         mismatch = rc.mismatch_metrics(
-            jnp.asarray(old_logp), jnp.asarray(sampler_logp), batch["completion_mask"]
+            jnp.asarray(old_logp), jnp.asarray(sampler_logp), jnp.asarray(batch["completion_mask"])
         )
         check = dict(batch, old_logp=np.asarray(old_logp, np.float32), sampler_logp=sampler_logp)
         if c.enabled:
