@@ -106,10 +106,21 @@ def test_dapo_default_mini_batches_make_its_clipping_act(files, tmp_path):
 def test_grpo_with_rollout_correction_logs_the_mismatch_and_learns(files, tmp_path):
     from posttrain.trainer.loop import train
 
+    # Also what RL users look at: the held-out greedy reward every evalEverySteps, and the
+    # completion log every logCompletionsEverySteps.
     correction = {"importanceSampling": "token", "rejection": "sequence"}
-    job = PostTrainJob.model_validate(
-        manifest(files, "grpo", steps=12, beta=0.0, rolloutCorrection=correction)
+    m = manifest(
+        files,
+        "grpo",
+        steps=12,
+        beta=0.0,
+        rolloutCorrection=correction,
+        logCompletionsEverySteps=5,
     )
+    arithmetic.write_jsonl(str(tmp_path / "eval.jsonl"), arithmetic.problems("test")[:16])
+    m["spec"]["data"]["eval"] = str(tmp_path / "eval.jsonl")
+    m["spec"]["training"]["evalEverySteps"] = 6
+    job = PostTrainJob.model_validate(m)
     out = tmp_path / "grpo"
     result = train(job, str(out), progress_bar=False)
     steps = per_step(out)
@@ -124,6 +135,10 @@ def test_grpo_with_rollout_correction_logs_the_mismatch_and_learns(files, tmp_pa
     rewards = [steps[s]["reward_mean"] for s in sorted(steps)]
     assert np.mean(rewards[-3:]) - np.mean(rewards[:3]) > 0.2, rewards
     assert result.final["reward_rise"] > 0.2
+    assert [s for s in sorted(steps) if "eval_reward" in steps[s]] == [6]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in samples}) == [1, 6, 11]  # steps 0, 5, 10 (0-based)
+    assert len(samples) == 3 * 16 and {"prompt", "completion", "reward"} <= set(samples[0])
 
 
 def _run_script(args: list[str], env: dict[str, str]) -> str:
