@@ -44,10 +44,19 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Every process calls this; orbax coordinates who writes what."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+    def save(
+        self, step: int, state: Any, meta: dict[str, Any], arrays: dict[str, Any] | None = None
+    ) -> None:
+        """Every process calls this; orbax coordinates who writes what. ``arrays``: host arrays
+        of the batch source (a rollout batch still being trained on), saved as the ``rollout``
+        item, arrays in the checkpoint rather than JSON lists."""
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if arrays:
+            items["rollout"] = ocp.args.StandardSave(arrays)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """Restore into the shapes, dtypes and shardings of ``like`` (a live or abstract pytree)."""
@@ -57,6 +66,20 @@ class Checkpointer:
         )
         restored = self._manager.restore(step, args=args)
         return restored["state"], dict(restored["meta"])
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore_arrays(self, step: int) -> dict[str, Any] | None:
+        """The ``arrays`` saved with step ``step`` (host numpy arrays), or None if it has none."""
+        items = self._manager.item_metadata(step)  # names the saved items (values may be None)
+        if items is None or "rollout" not in items.keys():
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(rollout=ocp.args.StandardRestore())
+        )
+        return dict(restored["rollout"])
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

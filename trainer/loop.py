@@ -133,6 +133,7 @@ def _context(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         log=say,
+        micro_rows=next(iter(run.declaration.columns.values()))[0][0] // run.num_micro,
     )
 
 
@@ -142,16 +143,21 @@ def _resume(ckpt: Checkpointer, state: TrainState, algo: Algorithm, say: Callabl
         return 0
     saved, meta = ckpt.restore(latest, {"params": state.params, "opt_state": state.opt_state})
     state.params, state.opt_state = saved["params"], saved["opt_state"]
-    algo.source.restore(meta["data"])
+    arrays = ckpt.restore_arrays(latest)  # a rollout batch in the middle of its steps
+    algo.source.restore(
+        meta["data"] if arrays is None else {**meta["data"], "batch_arrays": arrays}
+    )
     say(f"resumed from checkpoint step {int(meta['step'])} in {ckpt.directory}")
     return int(meta["step"])
 
 
 def _save(ckpt: Checkpointer, state: TrainState, algo: Algorithm, reporter: Any) -> None:
+    arrays = algo.source.arrays() if hasattr(algo.source, "arrays") else None
     ckpt.save(
         state.step,
         {"params": state.params, "opt_state": state.opt_state},
         {"step": state.step, "data": algo.source.state()},
+        arrays=arrays,
     )
     if reporter is not None and hasattr(reporter, "checkpointed"):
         reporter.checkpointed(state.step)  # status.progress.lastCheckpointStep
@@ -197,12 +203,15 @@ def _log(
     every = training.eval_every_steps
     if every and step % every == 0 and step < training.steps:  # the final one after the loop
         eval_metrics = evaluate(run, state, algo)
+        if algo.evaluate is not None:  # RL: the greedy reward on data.eval
+            eval_metrics.update(algo.evaluate())
     if step % training.log_every_steps and step != training.steps and not eval_metrics:
         return
     values = {k: float(v) for k, v in jax.device_get(out).items()}
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
     values["tokens_per_second"] = timer.take()
+    values.update(getattr(algo.source, "host_metrics", {}))  # the host's own timers (RL)
     record = metrics.log(step, {**values, **eval_metrics})
     metrics.advance(step, f"loss {record['loss']:.4f}")
 

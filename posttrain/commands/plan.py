@@ -104,6 +104,8 @@ class Plan:
     compile_seconds: float | None = None  # of the train step
     rollout: int | None = None  # per device, the rollout's temporaries (KV cache, logits, loop)
     kv_cache: int = 0  # the whole rollout batch's KV cache, all devices together (for reading)
+    kv_cache_per_device: int = 0  # what one device holds: its rows of one generation chunk
+    data_parallel: int = 1  # the rollout's data-parallel size (data x fsdp)
 
     @property
     def resident(self) -> int:
@@ -205,49 +207,49 @@ def kv_cache_bytes(config: Any, rows: int, slots: int, itemsize: int) -> int:
 
 
 def _compile_rollout(run: Any) -> int:
-    """XLA's temporaries per device for one rollout (prefill + decode loop) on the sharded
-    weights, as the trainer generates: prompts replicated, weights as trained."""
-    import jax
-    import jax.numpy as jnp
+    """XLA's temporaries per device for one rollout (prefill + decode loop): the program the
+    trainer's sampler runs (``sampler.lower_generate``), rows sharded over the data-parallel
+    axes and generated ``generationBatchSize`` at a time, the weights as trained."""
     from flax import nnx
 
-    from posttrain.trainer.placement import replicated
     from posttrain.trainer.sampling import sampler
 
     shape = run.declaration.rollout
-    g, R, mesh = shape.sampling, shape.rows, run.mesh
+    g = shape.sampling
     policy = run.view(run.params, run.frozen, run.extras).policy
     graphdef, state = nnx.split(policy)
-    prompt_len = sampler.bucket(shape.prompt_len, sampler.MIN_PROMPT_BUCKET)
-    new_len = sampler.bucket(g.max_new_tokens, sampler.MIN_NEW_TOKENS_BUCKET)
-    vocab = run.config.vocab_size
-    options = dict(
-        new_len=new_len,
-        greedy=g.temperature == 0.0,
-        top_k=None if g.top_k is None or g.top_k >= vocab else int(g.top_k),
-        use_top_p=g.top_p < 1.0,
-    )
-
-    def generate(state: Any, *inputs: Any) -> Any:  # the sampler takes the model as a pytree
-        return sampler._generate_jit(nnx.merge(graphdef, state), *inputs, **options)
-
-    rep = replicated(mesh)
-
-    def arg(shape: tuple[int, ...], dtype: Any) -> Any:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
-
-    args = (
+    shardings = jax_tree_shardings(state)
+    lowered = sampler.lower_generate(
+        graphdef,
         state,
-        arg((R, prompt_len), jnp.int32),  # ids
-        arg((R, prompt_len), jnp.int32),  # mask
-        arg((), jnp.int32),  # max_new
-        jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep),
-        arg((), jnp.float32),  # temperature
-        arg((), jnp.float32),  # top_p
-        arg((1,), jnp.int32),  # eos
-        arg((), jnp.int32),  # pad_id
+        shardings,
+        run.mesh,
+        shape.rows,
+        shape.prompt_len,
+        g.max_new_tokens,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=None if g.top_p >= 1.0 else g.top_p,
+        chunk_rows=g.chunk_rows,
+        eos_count=max(1, len(run.config.eos_token_ids)),
     )
-    return _peak_bytes(jax.jit(generate).lower(*args).compile())
+    return _peak_bytes(lowered.compile())
+
+
+def jax_tree_shardings(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def rollout_rows_per_device(rows: int, mesh: Any, chunk_rows: int | None) -> int:
+    """Rows whose KV cache one device holds at a time: a chunk's share of the data-parallel
+    devices (the whole rollout batch's share without chunking)."""
+    from posttrain.trainer.sampling import sampler
+
+    dp = sampler.data_parallel_size(mesh)
+    _, chunk = sampler.row_layout(rows, dp, chunk_rows)
+    return chunk // dp
 
 
 def config_reader(job: Any, override: str | None) -> Any:
@@ -305,9 +307,15 @@ def plan_job(
     n_teacher = sum(x.size for x in jax.tree.leaves(teacher)) if teacher is not None else 0
     flops = (per_weight * n_policy + 6 * n_heads + 2 * n_teacher + attention) * tokens
 
-    rollout_slots = rollout_rows = 0
+    rollout_slots = rollout_rows = device_rows = 0
     if d.rollout is not None:
         rollout_rows = d.rollout.rows
+        try:
+            device_rows = rollout_rows_per_device(
+                rollout_rows, run.mesh, d.rollout.sampling.chunk_rows
+            )
+        except ValueError as err:
+            raise ValueError(f"spec.{_block(spec)}.generationBatchSize: {err}") from None
         rollout_slots = sampler.bucket(d.rollout.prompt_len, sampler.MIN_PROMPT_BUCKET)
         rollout_slots += sampler.bucket(
             d.rollout.sampling.max_new_tokens, sampler.MIN_NEW_TOKENS_BUCKET
@@ -326,6 +334,8 @@ def plan_job(
         reference=_nbytes_per_device(run.extras["reference"]) if d.reference else 0,
         teacher=_nbytes_per_device(teacher) if teacher is not None else 0,
         kv_cache=kv_cache_bytes(config, rollout_rows, rollout_slots, dtype.itemsize),
+        kv_cache_per_device=kv_cache_bytes(config, device_rows, rollout_slots, dtype.itemsize),
+        data_parallel=sampler.data_parallel_size(run.mesh),
     )
     if state_only or not plan.fits:  # the state alone does not fit: no need to compile
         return plan
@@ -341,6 +351,12 @@ def plan_job(
     if d.rollout is not None:
         plan = Plan(**{**plan.__dict__, "rollout": _compile_rollout(run)})
     return plan
+
+
+def _block(spec: Any) -> str:
+    from posttrain.api.algorithms import REGISTRY
+
+    return REGISTRY[spec.algorithm].block
 
 
 def report(job: Any, plan: Plan) -> str:
@@ -360,8 +376,9 @@ def report(job: Any, plan: Plan) -> str:
     lines.append(f"  {'training step':<32} {plan.train_total / GIB:8.2f} GiB ({step_loss})")
     if plan.rollout is not None:
         lines.append(
-            f"  {'rollout':<32} {plan.rollout_total / GIB:8.2f} GiB (KV cache of the whole "
-            f"rollout batch: {plan.kv_cache / GIB:.2f} GiB over all devices)"
+            f"  {'rollout':<32} {plan.rollout_total / GIB:8.2f} GiB (KV cache per device "
+            f"{plan.kv_cache_per_device / GIB:.2f} GiB; the whole rollout batch's "
+            f"{plan.kv_cache / GIB:.2f} GiB over data-parallel size {plan.data_parallel})"
         )
     lines.append(
         f"  {'total (peak)':<32} {plan.total / GIB:8.2f} GiB of {plan.hbm_bytes / GIB:.0f} GiB HBM"

@@ -108,6 +108,13 @@ def test_grpo_compiles_its_own_loss_and_the_rollout(tmp_path):
     assert plan["kv_cache"] == 2 * 2 * 32 * (16 + 32) * 2 * 16 * 2
     assert plan["total"] == max(plan["train_total"], plan["rollout_total"])
     assert plan["rollout_total"] == plan["rollout"] + plan["train_total"] - plan["activations"]
+    # The rollout is data-parallel: each device holds its rows' KV cache only.
+    assert plan["data_parallel"] == 4
+    assert plan["kv_cache_per_device"] * 4 == plan["kv_cache"]
+    # generationBatchSize 8: the 32 rows in 4 chunks, 2 rows per device at a time.
+    chunked = _plan_rl(tmp_path, "grpo", {**RL, "beta": 0.04, "generationBatchSize": 8})
+    assert chunked["kv_cache_per_device"] * 16 == plan["kv_cache"]
+    assert chunked["rollout"] < plan["rollout"]
 
 
 def test_ppo_compiles_its_loss_with_the_value_head_and_lora_keeps_no_reference_copy(tmp_path):

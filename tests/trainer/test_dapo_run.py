@@ -88,7 +88,9 @@ def rise(steps: dict[int, dict], key: str) -> float:
 @pytest.mark.slow
 def test_dapo_raises_a_user_reward_with_its_defaults(files, tmp_path):
     out = tmp_path / "dapo"
-    train(job(files, "dapo", steps=12), str(out), progress_bar=False)
+    # One optimizer step per rollout batch (numMiniBatches 1, not DAPO's 16): 12 rollout
+    # batches, so the sampled reward can rise (test_rl_mini_batches.py runs the default 16).
+    train(job(files, "dapo", steps=12, numMiniBatches=1), str(out), progress_bar=False)
     steps = per_step(out)
     # The policy learns both terms: stop before maxNewTokens (the penalty fades) and more digits.
     assert rise(steps, "reward_mean") > 0.3, [steps[s]["reward_mean"] for s in sorted(steps)]
@@ -126,6 +128,7 @@ def test_resume_in_the_middle_of_dynamic_sampling_continues_exactly(files, tmp_p
         reward="starts_with_digit",
         numGenerations=4,  # fewer completions per prompt: more groups with equal rewards
         numIterations=2,
+        numMiniBatches=1,  # a rollout batch per two steps: rounds on every other step
         maxSamplingRounds=2,
         overlong={"mode": "filter"},
     )

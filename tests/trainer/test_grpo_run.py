@@ -109,7 +109,8 @@ def test_gspo_token_runs_and_differs_from_grpo_only_off_policy(files, tmp_path):
     runs = {}
     for algorithm in ("grpo", "gspo-token"):
         out = tmp_path / algorithm
-        train(job(files, algorithm, steps=2, numIterations=2), str(out), progress_bar=False)
+        spec = job(files, algorithm, steps=2, numIterations=2, numMiniBatches=1)
+        train(spec, str(out), progress_bar=False)
         runs[algorithm] = per_step(out)
     grpo, gspo = runs["grpo"], runs["gspo-token"]
     assert gspo[1]["loss"] == pytest.approx(grpo[1]["loss"], abs=1e-5)

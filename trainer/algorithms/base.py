@@ -174,6 +174,9 @@ class Algorithm:
     source: BatchSource
     eval_batches: Callable[[], Iterable[Batch]] | None = None
     finish: Callable[[CausalLM], dict[str, float]] | None = None
+    # Held-out metrics that are not a loss (RL's greedy reward on data.eval), every
+    # training.evalEverySteps steps: name -> value, logged as they are.
+    evaluate: Callable[[], dict[str, float]] | None = None
 
 
 class Weights(Protocol):
@@ -204,6 +207,9 @@ class Context:
     process_index: int = 0
     process_count: int = 1
     log: Callable[[str], None] = print
+    # Rows of one training micro-batch: no-gradient passes (old and reference log-probs, PPO's
+    # values) run this many rows at a time, so none holds more activations than a training one.
+    micro_rows: int | None = None
 
     @property
     def spec(self):
@@ -217,7 +223,9 @@ class Context:
         return self._weights().policy()
 
     def forward(self, fn: ForwardFn) -> Callable[[Batch], Any]:
-        return self._weights().forward(fn)
+        """``fn`` on the live weights outside the gradient, ``micro_rows`` rows at a time."""
+        whole = self._weights().forward(fn)
+        return lambda batch: in_micro_batches(whole, batch, self.micro_rows)
 
     def _weights(self) -> Weights:
         if self.weights is None:
@@ -237,6 +245,22 @@ class Context:
             cache[key] = self.forward(_logprob_fn(temperature, reference))
         keys = ("input_ids", "attention_mask", "targets", "segment_ids")
         return np.asarray(cache[key]({k: batch[k] for k in keys if k in batch}), np.float32)
+
+
+def in_micro_batches(call: Callable[[Batch], Any], batch: Batch, rows: int | None) -> Any:
+    """``call(batch)`` (host arrays in, a pytree of host arrays with leading axis = rows out) run
+    ``rows`` rows at a time and concatenated. A short last chunk is padded with copies of its last
+    row (dropped again), so every call has one shape and compiles once."""
+    total = len(next(iter(batch.values())))
+    if rows is None or rows >= total:
+        return call(batch)
+    parts = []
+    for start in range(0, total, rows):
+        end = min(start + rows, total)
+        take = np.minimum(np.arange(start, start + rows), end - 1)
+        out = call({k: np.asarray(v)[take] for k, v in batch.items()})
+        parts.append(jax.tree.map(lambda x, n=end - start: np.asarray(x)[:n], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def _logprob_fn(temperature: float, reference: bool) -> ForwardFn:
@@ -272,6 +296,7 @@ __all__ = [
     "LossFn",
     "Metrics",
     "Models",
+    "in_micro_batches",
     "logprobs_from_logits",
     "token_logprobs",
 ]

@@ -5,9 +5,9 @@ variant's settings type (``posttrain/api/settings/``) holds its defaults; its tr
 ``family(...)`` with the parts it registered in ``parts.py`` (an advantage estimator, a policy
 objective). Nothing here asks which algorithm runs.
 
-Every `numIterations` (mu) optimizer steps share one rollout batch (index i):
+Every `numIterations` (mu) x `numMiniBatches` optimizer steps share one rollout batch (index i):
 
-1. take `training.batchSize` prompts (a seeded order, a pure function of i);
+1. take `training.batchSize` x `numMiniBatches` prompts (a seeded order, a pure function of i);
 2. sample `numGenerations` (G) completions per prompt with the current policy (temperature, top-p,
    top-k, `maxNewTokens`, stop at EOS) with the shared ``RolloutEngine``; the sampler's seed is
    derived from (training.seed, i), so a resumed run samples exactly what an uninterrupted one
@@ -22,7 +22,11 @@ Every `numIterations` (mu) optimizer steps share one rollout batch (index i):
    ratio's denominator is the current forward itself (stop-gradient), which is the same number
    without a second pass. Reference log-probs (`ctx.reference_logprobs`: the initial weights, or
    with LoRA the base with adapters off) only when beta > 0;
-5. mu optimizer steps on that batch with `grpo_loss` or `gspo_token_loss`.
+5. mu passes over that batch, each a seeded permutation of its rows cut into `numMiniBatches`
+   optimizer steps of batchSize x G rows, with `grpo_loss` or `gspo_token_loss`; the first step
+   runs on the weights that sampled, so its ratio is exactly 1 (``on_policy``). With
+   ``rolloutCorrection`` on, old log-probs are computed here also at mu = 1, and the TIS weights
+   and rejection mask are applied (``correct``).
 
 Per-step metrics that come from the rollouts (rewards, lengths, generation speed) ride in the
 batch as per-row columns named `metric/...`; the loss returns their means, so the loop logs them
@@ -46,6 +50,7 @@ from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms import dynamic_sampling as ds
 from posttrain.trainer.algorithms import grpo_loss as gl
 from posttrain.trainer.algorithms import overlong, parts
+from posttrain.trainer.algorithms import rollout_correction as rc
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Column,
@@ -64,6 +69,7 @@ from posttrain.trainer.algorithms.rollout import (
     RolloutBatchSource,
     RolloutEngine,
     SamplingSettings,
+    mini_batch_order,
 )
 from posttrain.trainer.data.prompts import load_prompts
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
@@ -86,7 +92,10 @@ class _Round:
 
 
 class RolloutSource(RolloutBatchSource):
-    """One batch of rollouts per mu (numIterations) steps; the same batch for each of them.
+    """One rollout batch per numIterations x numMiniBatches steps: batchSize x numMiniBatches
+    prompts x G completions, each step training on batchSize x G of them (with one mini-batch,
+    the whole batch mu times; with several, a seeded permutation per pass cut into mini-batches,
+    PPO's ``mini_batch_order``).
 
     The first `sftWarmupSteps` steps instead get teacher-forced batches of the data's completions
     (same array layout, flagged by the `sft` column), so one jitted step serves both phases.
@@ -95,11 +104,18 @@ class RolloutSource(RolloutBatchSource):
     def __init__(self, ctx: Context, engine: RolloutEngine, estimator: parts.Estimator):
         g = ctx.spec.settings
         assert isinstance(g, GrpoSpec)
-        super().__init__(ctx, engine, warmup=g.sft_warmup_steps, steps_per_rollout=g.num_iterations)
+        super().__init__(
+            ctx,
+            engine,
+            warmup=g.sft_warmup_steps,
+            steps_per_rollout=g.num_iterations * g.num_mini_batches,
+        )
         self.g = g
         self.estimator = estimator
-        self.batch_prompts = ctx.spec.training.batch_size
-        self.rows = self.batch_prompts * g.num_generations
+        self.correction = g.rollout_correction
+        self.batch_prompts = ctx.spec.training.batch_size * g.num_mini_batches  # per rollout
+        self.rows = ctx.spec.training.batch_size * g.num_generations  # per optimizer step
+        self.rollout_rows = self.batch_prompts * g.num_generations
         self._next_prompt = 0  # dynamic sampling: rounds use a variable number of prompts
         self._said_short = False
         self._handed_out: float | None = None
@@ -112,34 +128,57 @@ class RolloutSource(RolloutBatchSource):
         train_seconds = now - self._handed_out if self._handed_out is not None else None
         batch = super().next_batch(step)
         speed = self._last_tokens / train_seconds if train_seconds else 0.0
-        batch[METRIC + "train_tokens_per_second"] = np.full(self.rows, speed, np.float32)
+        self.host_metrics["train_tokens_per_second"] = speed
         self._last_tokens = float(batch["attention_mask"].sum())
         self._handed_out = time.perf_counter()
         return batch
 
     def evaluate(self, model: Any) -> float:
-        return self.engine.evaluate(model, self.rows)
+        return self.engine.evaluate(model, self.rollout_rows)
 
     def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
         batch = self.engine.teacher_forced(step * self.rows, self.rows)
         shape = batch["completion_mask"].shape if self.estimator.per_token else (self.rows,)
-        return self._finish_batch(batch, np.zeros(shape, np.float32), sft=True)
+        return self._step_columns(self._finish_batch(batch, np.zeros(shape, np.float32), sft=True))
 
-    def _finish_batch(
-        self, batch: dict[str, np.ndarray], adv: np.ndarray, *, sft: bool
+    def step_batch(self, batch: dict[str, np.ndarray], index: int, k: int) -> dict[str, np.ndarray]:
+        """Step k of rollout batch ``index``: the whole batch (one mini-batch), or mini-batch
+        k mod numMiniBatches of pass k // numMiniBatches's seeded permutation."""
+        passes, mini = divmod(k, self.g.num_mini_batches)
+        if self.g.num_mini_batches == 1:
+            part = dict(batch)
+        else:
+            order = mini_batch_order(self.rollout_rows, self.ctx.spec.training.seed, index, passes)
+            rows = order[mini * self.rows : (mini + 1) * self.rows]
+            part = {key: value[rows] for key, value in batch.items()}
+        return self._step_columns(part, first=k == 0)
+
+    def _step_columns(
+        self, batch: dict[str, np.ndarray], *, first: bool = True
     ) -> dict[str, np.ndarray]:
-        """The columns every batch has (fixed keys, so the step compiles once)."""
-        R = len(adv)
-        batch["advantages"] = adv.astype(np.float32)
-        # token-mean's denominator per row, so micro-batches average to the whole batch's mean.
+        """The columns that depend on the step's rows (fixed keys, so the step compiles once)."""
+        R = len(batch["completion_mask"])
+        # token-mean's denominator per row, so micro-batches average to the step batch's mean.
         batch["tokens_per_row"] = np.full(R, batch["completion_mask"].sum() / R, np.float32)
         if self.g.overlong.mode == "filter":  # sequence-mean's count, rows without loss left out
             with_loss = (batch["completion_mask"].sum(axis=1) > 0).sum()
             batch["sequences_per_row"] = np.full(R, with_loss / R, np.float32)
+        if self.steps_per_rollout > 1:
+            # The first step of a rollout batch runs on the weights that sampled it: its ratio's
+            # denominator is the current forward itself (exactly 1), as with mu = 1.
+            batch["on_policy"] = np.full(R, float(first), np.float32)
+        return batch
+
+    def _finish_batch(
+        self, batch: dict[str, np.ndarray], adv: np.ndarray, *, sft: bool
+    ) -> dict[str, np.ndarray]:
+        """The rollout batch's columns (fixed keys, so the step compiles once)."""
+        R = len(adv)
+        batch["advantages"] = adv.astype(np.float32)
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
-        needs_old = self.g.num_iterations > 1
+        needs_old = self.steps_per_rollout > 1 or self.correction.enabled
         if needs_old and "old_logp" not in batch:
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
@@ -148,6 +187,8 @@ class RolloutSource(RolloutBatchSource):
             )
         if not needs_old:
             batch.pop("old_logp", None)
+        if self.correction.enabled:
+            correct(batch, self.correction, sft=sft)
         if self.g.beta > 0 and not self.estimator.kl_in_reward and "ref_logp" not in batch:
             batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature)
         if self.estimator.kl_in_reward:
@@ -159,6 +200,8 @@ class RolloutSource(RolloutBatchSource):
 
     def _metric_names(self) -> list[str]:
         names = [*self.engine.metric_names(), "groups_with_equal_rewards", "truncated_fraction"]
+        if self.correction.rejection != "none":
+            names.append("rollout_rejected_fraction")
         if self.g.overlong.mode == "penalty":
             names.append(f"reward/{OVERLONG}")
         if self.g.dynamic_sampling:
@@ -217,12 +260,15 @@ class RolloutSource(RolloutBatchSource):
             "completion_length": lengths.mean(),
             "truncated_fraction": every(lambda r: r.truncated).mean(),
             "groups_with_equal_rewards": equal_rows.mean(),
-            "generation_tokens_per_second": lengths.sum()
-            / max(sum(r.out.seconds for r in sampled), 1e-9),
         }
+        self.host_metrics["generation_tokens_per_second"] = float(
+            lengths.sum() / max(sum(r.out.seconds for r in sampled), 1e-9)
+        )
         if self.g.dynamic_sampling:
             values["groups_filtered_fraction"] = 1.0 - every(lambda r: r.informative).mean()
             values["sampling_rounds"] = len(sampled)
+        if "rollout_rejected" in batch:
+            values["rollout_rejected_fraction"] = float(batch.pop("rollout_rejected").mean())
         R = len(total)
         for name, value in values.items():  # rollout statistics over every completion sampled
             batch[METRIC + name] = np.full(R, value, np.float32)
@@ -235,7 +281,7 @@ class RolloutSource(RolloutBatchSource):
         cut = overlong.truncated(
             out.arrays["input_ids"][:, prompt_len:],
             out.arrays["attention_mask"][:, prompt_len:],
-            self.engine.eos_id,
+            self.engine.eos_ids,
         )
         total, terms = out.rewards.astype(np.float32), dict(out.reward_terms)
         if o.mode == "penalty":
@@ -272,6 +318,43 @@ class RolloutSource(RolloutBatchSource):
 
     def restore_extra(self, state: Mapping[str, Any]) -> None:
         self._next_prompt = int(state.get("next_prompt", 0))
+
+
+def correct(batch: dict[str, np.ndarray], c: Any, *, sft: bool = False) -> None:
+    """Rollout correction on a rollout batch with ``old_logp`` and ``sampler_logp``, in place:
+    rejection drops tokens or completions from ``completion_mask`` (its share of completions as
+    ``rollout_rejected``, [R] bool); TIS writes ``is_weights`` [R, L], the loss's per-token
+    weights of the policy-gradient term. Warm-up rows (``sft``) get weights 1 and keep their mask.
+    """
+    mask = batch["completion_mask"]
+    old, sampler = jnp.asarray(batch["old_logp"]), jnp.asarray(batch["sampler_logp"])
+    if c.importance_sampling != "none":
+        batch["is_weights"] = (
+            np.ones_like(mask)
+            if sft
+            else np.asarray(
+                rc.token_is_weights(
+                    old, sampler, jnp.asarray(mask), c.importance_sampling_threshold
+                ),
+                np.float32,
+            )
+        )
+    if c.rejection != "none" and not sft:
+        kept = np.asarray(
+            rc.rejection_mask(
+                old,
+                sampler,
+                jnp.asarray(mask),
+                c.rejection,
+                c.rejection_threshold,
+                c.rejection_threshold_lower,
+                c.veto_threshold,
+            ),
+            np.float32,
+        )
+        had = mask.sum(axis=1) > 0
+        batch["rollout_rejected"] = had & (kept.sum(axis=1) < mask.sum(axis=1))
+        batch["completion_mask"] = kept
 
 
 # --------------------------------------------------------------------------- the loss
@@ -326,16 +409,23 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
         aggregation, denominator = aggregation_args(
             g.loss_aggregation, rows, batch["tokens_per_row"], g.max_new_tokens
         )
-        # SFT warm-up rows have no old log-probs either: theirs are the current ones.
+        # SFT warm-up rows have no old log-probs either: theirs are the current ones. The first
+        # step on a rollout batch runs on the weights that sampled it (``on_policy``): its
+        # ratio's denominator is the current forward itself, so the ratio is exactly 1.
         current_bt = jax.lax.stop_gradient(logp_bt)
         old_logp_bt = batch["old_logp"] if "old_logp" in batch else current_bt
+        if "on_policy" in batch:
+            old_logp_bt = jnp.where(batch["on_policy"].mean() > 0, current_bt, old_logp_bt)
         if sft is not None:
             old_logp_bt = jnp.where(sft, current_bt, old_logp_bt)
+        adv = batch["advantages"]
+        if "is_weights" in batch:  # TIS: w >= 0 scales -min(r A, clip(r) A) exactly as w A does
+            adv = (adv[:, None] if adv.ndim == 1 else adv) * batch["is_weights"]
         value, metrics = objective(
             logp_bt,
             old_logp_bt,
             batch.get("ref_logp"),
-            batch["advantages"],
+            adv,
             mask_bt,
             eps=eps,
             eps_high=eps_high,
@@ -344,6 +434,9 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
             aggregation=aggregation,
             num_tokens=denominator,
         )
+        if "sampler_logp" in batch:  # the sampler against the learner's pi_old, always logged
+            learner_bt = batch["old_logp"] if "old_logp" in batch else current_bt
+            metrics.update(rc.mismatch_metrics(learner_bt, batch["sampler_logp"], mask_bt))
         if aggregation == "sequence-mean" and "sequences_per_row" in batch:
             scale = sequence_mean_share(mask_bt, batch["sequences_per_row"])
             value, metrics["policy_loss"] = value * scale, metrics["policy_loss"] * scale
@@ -375,15 +468,22 @@ def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Col
         "attention_mask": ((R, L), i32),
         "targets": ((R, L), i32),
         "completion_mask": ((R, L), f32),
+        "sampler_logp": ((R, L), f32),
         "tokens_per_row": ((R,), f32),
         "advantages": ((R, L) if estimator.per_token else (R,), f32),
     }
+    steps_per_rollout = g.num_iterations * g.num_mini_batches
+    c = g.rollout_correction
     if g.overlong.mode == "filter":
         out["sequences_per_row"] = ((R,), f32)
     if g.sft_warmup_steps:
         out["sft"] = ((R,), f32)
-    if g.num_iterations > 1:
+    if steps_per_rollout > 1:
+        out["on_policy"] = ((R,), f32)
+    if steps_per_rollout > 1 or c.enabled:
         out["old_logp"] = ((R, L), f32)
+    if c.importance_sampling != "none":
+        out["is_weights"] = ((R, L), f32)
     if g.beta > 0 and not estimator.kl_in_reward:
         out["ref_logp"] = ((R, L), f32)
     return out
@@ -397,7 +497,7 @@ def family(objective: str = "grpo") -> tuple[Any, Any]:
         g = spec.settings
         assert isinstance(g, GrpoSpec)
         estimator = parts.advantage(g.advantage)
-        rows = spec.training.batch_size * g.num_generations
+        rows = spec.training.batch_size * g.num_mini_batches * g.num_generations
         return Declaration(
             loss=make_loss(g, objective, kl_in_reward=estimator.kl_in_reward),
             columns=columns(g, spec, estimator),
@@ -448,6 +548,7 @@ def _build(ctx: Context) -> Algorithm:
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
+        evaluate=(lambda: {"eval_reward": source.evaluate(ctx.model())}) if eval_prompts else None,
     )
 
 

@@ -63,7 +63,7 @@ def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: KlEstimator = "k3"
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL").
 
     With x = log pi_ref - log pi:  k1 = -x,  k2 = x^2 / 2,  k3 = exp(x) - x - 1 (unbiased, >= 0;
-    DeepSeekMath's choice); k3+ = k3's value (clamped as verl) with k2's gradient (`kl_k3_plus`).
+    DeepSeekMath's choice; with verl's clamps, ``low_var_kl``); k3+ = k3's value (clamped as verl) with k2's gradient (`kl_k3_plus`).
     As loss terms their expected gradients differ: k1's is 0, k2's is grad KL(pi || pi_ref),
     k3's is grad KL(pi_ref || pi).
     """
@@ -73,7 +73,9 @@ def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: KlEstimator = "k3"
     if estimator == "k2":
         return 0.5 * x * x
     if estimator == "k3":
-        return jnp.expm1(x) - x  # expm1 keeps precision for small x
+        # verl's low_var_kl guards: x clamped to [-20, 20], the value to [-10, 10]; equal to
+        # exp(x) - x - 1 inside them (expm1 keeps precision for small x).
+        return low_var_kl(logp_bt, ref_logp_bt)
     if estimator == "k3+":
         return kl_k3_plus(logp_bt, ref_logp_bt)
     raise ValueError(f"kl estimator must be k1, k2, k3 or k3+, got {estimator!r}")
@@ -150,8 +152,10 @@ def _clipped_loss(
     kl_estimator: KlEstimator,
     aggregation: Aggregation,
     num_tokens: Array | None,
+    log_ratio_bt: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """-J for a given importance ratio: the part GRPO and GSPO-token share."""
+    """-J for a given importance ratio: the part GRPO and GSPO-token share. ``log_ratio_bt``:
+    the per-token log pi / pi_old, for the ``approx_kl`` metric (mean 1/2 (log r)^2, PPO's)."""
     eps_high = eps if eps_high is None else eps_high
     adv_bt = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, ratio_bt.shape)
     unclipped_bt = ratio_bt * adv_bt
@@ -177,6 +181,8 @@ def _clipped_loss(
     metrics["clip_fraction_low"] = token_mean(clipped * (ratio_bt < 1.0 - eps))
     metrics["clip_fraction_high"] = token_mean(clipped * (ratio_bt > 1.0 + eps_high))
     metrics["ratio_mean"] = token_mean(ratio_bt)
+    if log_ratio_bt is not None:
+        metrics["approx_kl"] = token_mean(0.5 * jnp.square(log_ratio_bt))
     loss = aggregate(per_token_bt, mask_bt, aggregation, num_tokens)
     metrics["policy_loss"] = jax.lax.stop_gradient(
         aggregate(-surrogate_bt, mask_bt, aggregation, num_tokens)
@@ -204,7 +210,9 @@ def grpo_loss(
     tokens). adv: [B] (one per completion) or [B, T]. ref_logp may be None when beta == 0.
     num_tokens: see `aggregate` (token-mean over micro-batches).
     """
-    ratio_bt = jnp.exp(logp - old_logp)
+    # verl's guard: the log-ratio clamped to [-20, 20] before exp, so no ratio overflows.
+    log_ratio = jnp.clip(logp - old_logp, -KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
+    ratio_bt = jnp.exp(log_ratio)
     return _clipped_loss(
         ratio_bt,
         logp,
@@ -217,6 +225,7 @@ def grpo_loss(
         kl_estimator=kl_estimator,
         aggregation=aggregation,
         num_tokens=num_tokens,
+        log_ratio_bt=log_ratio,
     )
 
 
@@ -241,6 +250,7 @@ def gspo_token_loss(
     geometric mean. Its gradient equals the paper's under sequence-mean aggregation only.
     """
     ratio_bt = gspo_token_ratio(logp, old_logp, mask)
+    log_ratio = jnp.clip(logp - old_logp, -KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
     return _clipped_loss(
         ratio_bt,
         logp,
@@ -253,4 +263,5 @@ def gspo_token_loss(
         kl_estimator=kl_estimator,
         aggregation=aggregation,
         num_tokens=num_tokens,
+        log_ratio_bt=log_ratio,
     )

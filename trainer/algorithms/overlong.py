@@ -14,15 +14,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
 def truncated(
-    completion_ids_rn: np.ndarray, completion_mask_rn: np.ndarray, eos_id: int
+    completion_ids_rn: np.ndarray, completion_mask_rn: np.ndarray, eos_id: int | Sequence[int]
 ) -> np.ndarray:
-    """[R] bool: the completion has no EOS among its tokens (it was cut at maxNewTokens)."""
-    has_eos = ((completion_ids_rn == eos_id) & (completion_mask_rn > 0)).any(axis=1)
-    return ~has_eos
+    """[R] bool: the completion has none of the EOS ids among its tokens (cut at maxNewTokens)."""
+    is_eos = np.isin(completion_ids_rn, np.atleast_1d(np.asarray(eos_id)))
+    has_eos = (is_eos & (completion_mask_rn > 0)).any(axis=1)
+    return np.asarray(~has_eos)
 
 
 def soft_overlong_penalty(

@@ -42,6 +42,7 @@ from posttrain.api.settings.ppo import PpoSpec
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms import grpo_loss as gl
 from posttrain.trainer.algorithms import ppo_loss as pl
+from posttrain.trainer.algorithms import rollout_correction as rc
 from posttrain.trainer.algorithms.base import (
     Algorithm,
     Column,
@@ -54,6 +55,7 @@ from posttrain.trainer.algorithms.base import (
     Models,
     RolloutShape,
 )
+from posttrain.trainer.algorithms.grpo import correct
 from posttrain.trainer.algorithms.report import rl_finish
 from posttrain.trainer.algorithms.rollout import (
     METRIC,
@@ -61,6 +63,7 @@ from posttrain.trainer.algorithms.rollout import (
     RolloutEngine,
     SamplingSettings,
     group_seed,
+    mini_batch_order,  # noqa: F401  (re-exported: it was defined here)
 )
 from posttrain.trainer.data.prompts import load_prompts
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
@@ -69,6 +72,16 @@ if TYPE_CHECKING:
     from posttrain.trainer.models import CausalLM
 
 VALUE = "value"  # the head's name: its parameters live under heads/value/...
+MISMATCH_METRICS = [  # rollout_correction.mismatch_metrics' names
+    "mismatch_kl",
+    "mismatch_k3_kl",
+    "rollout_probs_diff_mean",
+    "rollout_probs_diff_max",
+    "rollout_probs_diff_std",
+    "rollout_is_mean",
+    "rollout_is_ratio_fraction_high",
+    "rollout_is_eff_sample_size",
+]
 
 
 class ValueHead(nnx.Module):
@@ -166,6 +179,7 @@ class PpoSource(RolloutBatchSource):
     def _columns(self, batch: dict[str, np.ndarray], *, sft: bool) -> dict[str, np.ndarray]:
         """The columns every batch has (fixed keys, so the step compiles once)."""
         R = len(batch["input_ids"])
+        batch.pop("sampler_logp", None)  # read by make_rollout, not by the loss
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
         if sft:  # rollout columns do not exist yet: zeros, and metrics logged as null
@@ -177,7 +191,11 @@ class PpoSource(RolloutBatchSource):
         return batch
 
     def _metric_names(self) -> list[str]:
-        return [*self.engine.metric_names(), "kl", "explained_variance", "value_mean"]
+        names = [*self.engine.metric_names(), "kl", "explained_variance", "value_mean"]
+        names += MISMATCH_METRICS
+        if self.p.rollout_correction.rejection != "none":
+            names.append("rollout_rejected_fraction")
+        return names
 
     def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
@@ -188,10 +206,20 @@ class PpoSource(RolloutBatchSource):
         p, e, R = self.p, self.engine, self.rollout_rows
         rows = [e.prompt(index * R + j) for j in range(R)]
         out = e.rollout(self.ctx.model(), rows, group_seed(self.seed, index))
+        sampler_logp = out.arrays["sampler_logp"]
         batch = self._columns(dict(out.arrays), sft=False)
         if self._old is None:
             self._old = self.ctx.forward(_old_logp_and_values(p.temperature))
         old_logp, old_values = self._old(batch)
+        # The sampler against the learner (always logged); rollout correction when it is on.
+        c = p.rollout_correction
+        mismatch = rc.mismatch_metrics(
+            jnp.asarray(old_logp), jnp.asarray(sampler_logp), jnp.asarray(batch["completion_mask"])
+        )
+        check = dict(batch, old_logp=np.asarray(old_logp, np.float32), sampler_logp=sampler_logp)
+        if c.enabled:
+            correct(check, c)
+            batch["completion_mask"] = check["completion_mask"]
         mask = jnp.asarray(batch["completion_mask"])
         values = jnp.asarray(old_values, jnp.float32) * mask
         kl = jnp.zeros_like(mask)
@@ -203,6 +231,8 @@ class PpoSource(RolloutBatchSource):
         batch["old_logp"] = np.asarray(old_logp, np.float32)
         batch["old_values"] = np.asarray(values)
         batch["advantages"] = np.asarray(pl.whiten(adv, mask), np.float32)
+        if "is_weights" in check:  # TIS: w >= 0 scales -min(r A, clip(r) A) exactly as w A does
+            batch["advantages"] = batch["advantages"] * check["is_weights"]
         batch["returns"] = np.asarray(returns, np.float32)
 
         constant = lambda v: np.full(R, float(v), np.float32)  # noqa: E731
@@ -211,7 +241,7 @@ class PpoSource(RolloutBatchSource):
         for name, each in out.reward_terms.items():
             batch[f"{METRIC}reward/{name}"] = each.astype(np.float32)
         batch[METRIC + "completion_length"] = out.lengths.astype(np.float32)
-        batch[METRIC + "generation_tokens_per_second"] = constant(
+        self.host_metrics["generation_tokens_per_second"] = float(
             out.lengths.sum() / max(out.seconds, 1e-9)
         )
         batch[METRIC + "kl"] = constant(pl.masked_mean(kl, mask))
@@ -219,6 +249,10 @@ class PpoSource(RolloutBatchSource):
             pl.explained_variance(values, returns, mask)
         )
         batch[METRIC + "value_mean"] = constant(pl.masked_mean(values, mask))
+        for name, value in mismatch.items():
+            batch[METRIC + name] = constant(value)
+        if "rollout_rejected" in check:
+            batch[METRIC + "rollout_rejected_fraction"] = constant(check["rollout_rejected"].mean())
         return batch
 
 
@@ -228,12 +262,6 @@ def _old_logp_and_values(temperature: float):
         return logp_bt, values_bt
 
     return fn
-
-
-def mini_batch_order(rows: int, seed: int, rollout: int, epoch: int) -> np.ndarray:
-    """The rows of a rollout batch in epoch `epoch`'s order (a fresh permutation per epoch, as TRL
-    and verl shuffle); a pure function, so resume continues exactly."""
-    return np.random.default_rng([seed, rollout, epoch]).permutation(rows)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -344,4 +372,5 @@ def build(ctx: Context) -> Algorithm:
         finish=rl_finish(
             ctx, source.evaluate if eval_prompts else None, lambda: source.eval_before
         ),
+        evaluate=(lambda: {"eval_reward": source.evaluate(ctx.model())}) if eval_prompts else None,
     )

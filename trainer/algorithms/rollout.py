@@ -67,10 +67,13 @@ def rollout_arrays(
     }
 
 
-def cut_at_eos(tokens_rn: np.ndarray, valid_rn: np.ndarray, eos_id: int) -> np.ndarray:
-    """Mask of the tokens up to and including the first EOS (the sampler may run past it)."""
+def cut_at_eos(
+    tokens_rn: np.ndarray, valid_rn: np.ndarray, eos_id: int | Sequence[int]
+) -> np.ndarray:
+    """Mask of the tokens up to and including the first EOS, any of ``eos_id`` (an id or
+    several: every EOS id of the model's generation config); the sampler may run past it."""
     valid = valid_rn.astype(bool)
-    is_eos = (tokens_rn == eos_id) & valid
+    is_eos = np.isin(tokens_rn, np.atleast_1d(np.asarray(eos_id))) & valid
     after_eos = np.cumsum(is_eos, axis=1) - is_eos  # EOSes strictly before each position
     return (valid & (after_eos == 0)).astype(np.float32)
 
@@ -83,13 +86,15 @@ def sample(
     prompt_ids_rp: np.ndarray,
     prompt_mask_rp: np.ndarray,
     g: SamplingSettings,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     seed: int,
     *,
     greedy: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Completions [R, N] and their mask (generated tokens up to the first EOS, inclusive)."""
+    chunk_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Completions [R, N], their mask (generated tokens up to the first EOS, inclusive) and the
+    sampler's log-probs of them (``sampling_logprobs``: the distribution each was drawn from)."""
     from posttrain.trainer.sampling import generate
 
     out = generate(
@@ -99,13 +104,60 @@ def sample(
         temperature=0.0 if greedy else g.temperature,
         top_k=None if greedy else g.top_k,
         top_p=None if greedy or g.top_p >= 1.0 else g.top_p,
-        eos_id=eos_id,
+        eos_id=list(np.atleast_1d(eos_id)),
         seed=seed,
         prompt_mask=prompt_mask_rp,
         pad_id=pad_id,
+        chunk_rows=chunk_rows,
     )
     tokens = to_host(out.tokens)
-    return tokens, cut_at_eos(tokens, to_host(out.mask), eos_id)
+    mask = cut_at_eos(tokens, to_host(out.mask), eos_id)
+    return tokens, mask, to_host(out.sampling_logprobs) * mask
+
+
+def completion_column(values_rn: np.ndarray, prompt_len: int) -> np.ndarray:
+    """[R, N] per completion token -> [R, P + N] at the positions that predict them (P-1 ..
+    P+N-2, as ``rollout_arrays``' completion_mask), 0 elsewhere."""
+    R, N = values_rn.shape
+    out = np.zeros((R, prompt_len + N), np.float32)
+    out[:, prompt_len - 1 : prompt_len + N - 1] = values_rn
+    return out
+
+
+def score_sharded(
+    rewards: Sequence[rw.Reward],
+    prompts: list[str],
+    completions: list[str],
+    columns: Mapping[str, list[Any]],
+    process_index: int,
+    process_count: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``rewards.score`` with each completion scored once across processes: process i scores
+    rows [i s, (i + 1) s) with s = ceil(R / processes), the totals and terms are all-gathered
+    (``multihost_utils.process_allgather``), so every process ends with the whole batch's."""
+    from jax.experimental import multihost_utils
+
+    n = len(completions)
+    share = -(-n // process_count)
+    lo, hi = min(process_index * share, n), min((process_index + 1) * share, n)
+    names = [r.name for r in rewards]
+    mine = np.zeros((1 + len(names), share), np.float64)
+    if hi > lo:
+        total, each = rw.score(
+            rewards,
+            prompts[lo:hi],
+            completions[lo:hi],
+            {k: v[lo:hi] for k, v in columns.items()},
+        )
+        mine[0, : hi - lo] = total
+        for j, name in enumerate(names):
+            mine[1 + j, : hi - lo] = each[name]
+    # float64 travels as float32 unless x64 is on: send the bits as two uint32 words each.
+    words = mine.view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(words))  # [processes, terms, 2 share]
+    values = np.ascontiguousarray(gathered).view(np.float64)  # [processes, terms, share]
+    values = values.transpose(1, 0, 2).reshape(1 + len(names), process_count * share)[:, :n]
+    return values[0].copy(), {name: values[1 + j].copy() for j, name in enumerate(names)}
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -125,6 +177,7 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    chunk_rows: int | None = None  # generationBatchSize: rows the sampler holds at a time
 
     @classmethod
     def of(cls, block: Any) -> SamplingSettings:
@@ -133,6 +186,7 @@ class SamplingSettings:
             temperature=block.temperature,
             top_p=block.top_p,
             top_k=getattr(block, "top_k", None),
+            chunk_rows=getattr(block, "generation_batch_size", None),
         )
 
 
@@ -140,13 +194,14 @@ class SamplingSettings:
 class Rollout:
     """One batch of sampled completions, scored: training rows plus what the metrics need."""
 
-    arrays: dict[
-        str, np.ndarray
-    ]  # rollout_arrays(): input_ids, attention_mask, targets, completion_mask
+    # rollout_arrays(): input_ids, attention_mask, targets, completion_mask; and sampler_logp,
+    # the sampler's log-prob of each completion token at its target position (0 elsewhere)
+    arrays: dict[str, np.ndarray]
     rewards: np.ndarray  # [R] total reward
     reward_terms: dict[str, np.ndarray]  # name -> [R]
     lengths: np.ndarray  # [R] completion tokens (EOS included)
     seconds: float  # generation time
+    texts: list[str] | None = None  # the decoded completions (for the completion log)
 
 
 class RolloutEngine:
@@ -163,13 +218,20 @@ class RolloutEngine:
     ):
         spec = ctx.spec
         self.ctx = ctx
+        self.block = block_field
         self.settings = settings
         self.prompts = prompts
         self.eval_prompts = eval_prompts
         self.rewards = rewards
         self.stream = PromptStream(prompts, spec.training.seed, spec.data.shuffle)
         tok = ctx.tokenizer
-        self.eos_id = tok.eos_token_id
+        from posttrain.trainer.sampling import stop_token_ids
+
+        # Every EOS id: the model's generation config's (Llama 3 instruct ends turns with
+        # 128009 / 128008) and the tokenizer's; completions stop and are cut at any of them.
+        config = getattr(ctx, "config", None)
+        self.eos_ids = stop_token_ids(getattr(config, "eos_token_ids", None), tok.eos_token_id)
+        self.eos_id = self.eos_ids[0] if self.eos_ids else tok.eos_token_id
         self.pad_id = pad_id_of(tok)
         # One prompt width for the whole run (rounded up for friendlier shapes, never past
         # maxPromptLength), so the jitted sampler and step compile once.
@@ -198,38 +260,54 @@ class RolloutEngine:
 
     def generate(
         self, model: Any, rows: Sequence[Prompt], seed: int, greedy: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Completions [R, N], their mask and their decoded texts."""
+    ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """Completions [R, N], their mask, their decoded texts and the sampler's log-probs."""
         prompt_ids, prompt_mask = self.prompt_block(rows)
-        tokens, mask = sample(
-            model,
-            prompt_ids,
-            prompt_mask,
-            self.settings,
-            self.eos_id,
-            self.pad_id,
-            seed,
-            greedy=greedy,
-        )
+        try:
+            tokens, mask, logps = sample(
+                model,
+                prompt_ids,
+                prompt_mask,
+                self.settings,
+                self.eos_ids,
+                self.pad_id,
+                seed,
+                greedy=greedy,
+                chunk_rows=self.settings.chunk_rows,
+            )
+        except ValueError as err:
+            if not str(err).startswith("chunk_rows"):
+                raise
+            raise ValueError(f"spec.{self.block}.generationBatchSize: {err}") from None
         lengths = mask.sum(axis=1).astype(int)
         texts = [
             self.ctx.tokenizer.decode(tokens[r, : lengths[r]].tolist()) for r in range(len(rows))
         ]
-        return tokens, mask, texts
+        return tokens, mask, texts, logps
 
     def score(
         self, rows: Sequence[Prompt], completions: list[str]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The rewards of every completion, each scored once: with several processes each scores
+        its share of the rows and the results are gathered (``score_sharded``)."""
         columns = {k: [p.columns[k] for p in rows] for k in rows[0].columns}
-        return rw.score(self.rewards, [p.text for p in rows], completions, columns)
+        prompts = [p.text for p in rows]
+        count = getattr(self.ctx, "process_count", 1)
+        if count <= 1:
+            return rw.score(self.rewards, prompts, completions, columns)
+        return score_sharded(
+            self.rewards, prompts, completions, columns, self.ctx.process_index, count
+        )
 
     def rollout(self, model: Any, rows: Sequence[Prompt], seed: int) -> Rollout:
         started = time.perf_counter()
-        tokens, mask, completions = self.generate(model, rows, seed)
+        tokens, mask, completions, logps = self.generate(model, rows, seed)
         seconds = time.perf_counter() - started
         total, each = self.score(rows, completions)
+        self.last = ([p.text for p in rows], completions, total)  # for the completion log
         arrays = rollout_arrays([p.ids for p in rows], tokens, mask, self.prompt_len, self.pad_id)
-        return Rollout(arrays, total, each, mask.sum(axis=1), seconds)
+        arrays["sampler_logp"] = completion_column(logps, self.prompt_len)
+        return Rollout(arrays, total, each, mask.sum(axis=1), seconds, completions)
 
     def teacher_forced(self, first: int, rows: int) -> dict[str, np.ndarray]:
         """SFT warm-up rows: prompts ``first .. first + rows - 1`` of the run followed by the data's
@@ -242,9 +320,11 @@ class RolloutEngine:
             target = p.completion[:N]
             completion[r, : len(target)] = target
             mask[r, : len(target)] = 1
-        return rollout_arrays(
+        arrays = rollout_arrays(
             [p.ids for p in prompts], completion, mask, self.prompt_len, self.pad_id
         )
+        arrays["sampler_logp"] = np.zeros_like(arrays["completion_mask"])  # no sampler here
+        return arrays
 
     def evaluate(self, model: Any, width: int) -> float:
         """Mean total reward of greedy completions to every data.eval prompt, ``width`` rows at a
@@ -254,7 +334,7 @@ class RolloutEngine:
         for start in range(0, len(self.eval_prompts), width):
             chunk = self.eval_prompts[start : start + width]
             padded = chunk + [chunk[-1]] * (width - len(chunk))
-            _, _, texts = self.generate(model, padded, seed=0, greedy=True)
+            _, _, texts, _ = self.generate(model, padded, seed=0, greedy=True)
             total, _ = self.score(chunk, texts[: len(chunk)])
             totals.extend(total.tolist())
         return float(np.mean(totals))
@@ -265,12 +345,11 @@ class RolloutEngine:
             "reward_std",
             *(f"reward/{r.name}" for r in self.rewards),
             "completion_length",
-            "generation_tokens_per_second",
         ]
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
-    """A host array as JSON (for a batch source's checkpointed state)."""
+    """A host array as JSON (a batch source's state before rollout batches went to orbax)."""
     return {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.ravel().tolist()}
 
 
@@ -282,6 +361,12 @@ def decode_array(d: Any) -> np.ndarray:
 
 
 METRIC = "metric/"  # per-row columns the loss averages into metrics
+
+
+def mini_batch_order(rows: int, seed: int, rollout: int, epoch: int) -> np.ndarray:
+    """The rows of a rollout batch in epoch `epoch`'s order (a fresh permutation per epoch, as TRL
+    and verl shuffle); a pure function, so resume continues exactly. PPO and the GRPO family."""
+    return np.random.default_rng([seed, rollout, epoch]).permutation(rows)
 
 
 class RolloutBatchSource:
@@ -301,6 +386,11 @@ class RolloutBatchSource:
         self.warmup = warmup
         self.steps_per_rollout = steps_per_rollout
         self.eval_before: float | None = None  # greedy reward on data.eval when RL starts
+        self.log_every = getattr(ctx.spec.settings, "log_completions_every_steps", None)
+        # Timings measured on this host, logged by the loop as they are (not batch columns, whose
+        # mean over a batch sharded across processes would mix the processes' timers).
+        self.host_metrics: dict[str, float] = {}
+        self._logged_at: int | None = None
         self._rollout = -1
         self._batch: dict[str, np.ndarray] | None = None
 
@@ -334,21 +424,92 @@ class RolloutBatchSource:
         if index != self._rollout or self._batch is None:
             self._batch = self.make_rollout(index)
             self._rollout = index
+            self._log_completions(step)
         return self.step_batch(self._batch, index, k)
 
+    def _log_completions(self, step: int, limit: int = 16) -> None:
+        """The rollout's first ``limit`` completions (its last sampling round) to
+        DIR/samples.jsonl and TensorBoard text, when ``logCompletionsEverySteps`` says so."""
+        every, last = self.log_every, getattr(self.engine, "last", None)
+        if not every or last is None or not getattr(self.ctx, "rank0", True):
+            return
+        if self._logged_at is not None and step // every == self._logged_at // every:
+            return
+        self._logged_at = step
+        import json
+        import os
+
+        prompts, completions, rewards = last
+        rows = [
+            {"step": step + 1, "prompt": p, "completion": c, "reward": float(r)}
+            for p, c, r in list(zip(prompts, completions, rewards, strict=True))[:limit]
+        ]
+        os.makedirs(self.ctx.output_dir, exist_ok=True)
+        with open(os.path.join(self.ctx.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # samples.jsonl is enough
+            return
+        if getattr(self, "_tb", None) is None:
+            self._tb = SummaryWriter(os.path.join(self.ctx.output_dir, "tensorboard"))
+        table = "| reward | prompt | completion |\n| --- | --- | --- |\n" + "".join(
+            f"| {r['reward']:.3f} | {_cell(r['prompt'])} | {_cell(r['completion'])} |\n"
+            for r in rows
+        )
+        self._tb.add_text("completions", table, step + 1)
+        self._tb.flush()
+
     def state(self) -> dict[str, Any]:
+        """The position as JSON; the rollout batch itself (while steps of it remain) goes into
+        the checkpoint as arrays (``arrays``), its column names here (``batch_columns``)."""
         state: dict[str, Any] = {
             "rollout": self._rollout,
             "eval_before": self.eval_before,
             **self.extra_state(),
         }
-        if self.steps_per_rollout > 1 and self._batch is not None:
-            state["batch"] = {k: encode_array(v) for k, v in self._batch.items()}
+        if self._holds_batch():
+            assert self._batch is not None
+            state["batch_columns"] = list(self._batch)
         return state
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The held rollout batch as host arrays for the checkpoint (orbax, not JSON), keyed
+        ``c0, c1, ...`` in ``state()["batch_columns"]``'s order (column names hold ``/``)."""
+        if not self._holds_batch():
+            return {}
+        assert self._batch is not None
+        return {f"c{i}": np.asarray(v) for i, v in enumerate(self._batch.values())}
+
+    def _holds_batch(self) -> bool:
+        return self.steps_per_rollout > 1 and self._batch is not None
+
     def restore(self, state: Mapping[str, Any]) -> None:
+        """From ``state()``, with the checkpoint's arrays under ``batch_arrays`` (the loop puts
+        them there); a checkpoint written before the arrays moved out of JSON has ``batch``."""
         self._rollout = int(state.get("rollout", state.get("group", -1)))  # "group": before v0.2
         self.eval_before = state.get("eval_before")
-        saved = state.get("batch")
-        self._batch = None if saved is None else {k: decode_array(v) for k, v in saved.items()}
+        self._batch = restored_batch(state)
         self.restore_extra(state)
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def restored_batch(state: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """The rollout batch a checkpointed ``RolloutBatchSource.state()`` (plus its arrays) holds."""
+    names, arrays = state.get("batch_columns"), state.get("batch_arrays")
+    if names is not None:
+        if arrays is None:
+            raise ValueError("the checkpoint names a rollout batch but holds no arrays for it")
+        return {name: np.asarray(arrays[f"c{i}"]) for i, name in enumerate(names)}
+    saved = state.get("batch")  # JSON lists, as checkpoints before the arrays were written
+    return None if saved is None else {k: decode_array(v) for k, v in saved.items()}
+
+
+def saved_batch(ckpt: Any, step: int) -> dict[str, np.ndarray] | None:
+    """The rollout batch held in checkpoint ``step`` of a ``Checkpointer`` (tests, tools)."""
+    meta = ckpt.restore_meta(step)
+    return restored_batch({**meta["data"], "batch_arrays": ckpt.restore_arrays(step)})

@@ -20,7 +20,8 @@ reweight or drop what the learner would not have sampled:
   KL(pi_sampler || pi_learner) over completion tokens, and ``rollout_probs_diff_*``
   (|p_sampler - p_learner| per token).
 
-Maths built, not yet selectable from the spec: nothing in the loop calls these yet.
+Wired through the RL settings' ``rolloutCorrection`` block (``grpo.correct`` applies the weights
+and mask to a rollout batch); ``mismatch_metrics`` is logged on every RL step.
 Shapes: B completions, T tokens; ``mask`` 1 on completion tokens.
 """
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from posttrain.trainer import storage
-from posttrain.trainer.models.config import ModelConfig
+from posttrain.trainer.models.config import GENERATION_CONFIG_FILE, ModelConfig
 from posttrain.trainer.models.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 from posttrain.trainer.models.transformer import CausalLM
 
@@ -186,8 +186,23 @@ def _place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules) -> jax
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def generation_config(config: ModelConfig) -> dict[str, Any]:
+    """generation_config.json for an export: every EOS id (``config.eos_token_ids``: the loaded
+    generation config's, then config.json's), with the BOS and pad ids; {} without EOS ids."""
+    eos = list(config.eos_token_ids)
+    if not eos:
+        return {}
+    out: dict[str, Any] = {"eos_token_id": eos[0] if len(eos) == 1 else eos}
+    if config.bos_token_id is not None:
+        out["bos_token_id"] = config.bos_token_id
+    if config.pad_token_id is not None:
+        out["pad_token_id"] = config.pad_token_id
+    return out
+
+
 def save_pretrained(model: CausalLM, path: str | os.PathLike, *, dtype: Any = None) -> None:
-    """Write config.json + model.safetensors (HF layout) to a folder or ``gs://``.
+    """Write config.json + model.safetensors (HF layout) to a folder or ``gs://``, and
+    generation_config.json with every EOS id (``generation_config``).
 
     Tensors are written in ``dtype`` (default: each param's own dtype), cast from the params
     (e.g. float32 master weights -> bfloat16), and config.json records that dtype.
@@ -227,3 +242,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, dtype: Any = No
         save_file(tensors, os.path.join(local, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(local, CONFIG_FILE), "w") as f:
             f.write(config_json)
+        generation = generation_config(model.config)
+        if generation:  # every EOS id, so an export stops where the model it came from did
+            with open(os.path.join(local, GENERATION_CONFIG_FILE), "w") as f:
+                f.write(json.dumps(generation, indent=2, sort_keys=True) + "\n")

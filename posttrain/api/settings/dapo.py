@@ -1,5 +1,6 @@
 """``spec.dapo``: DAPO (Yu et al., 2025). GRPO's settings with DAPO's defaults: clip-higher
-(0.2 / 0.28), token-mean loss, dynamic sampling, the soft overlong penalty, no KL term."""
+(0.2 / 0.28), token-mean loss, dynamic sampling, the soft overlong penalty, no KL term, and 16
+optimizer steps per rollout batch (the recipe's 512 prompts in mini-batches of 32)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class DapoSpec(GrpoSpec):
     )
     loss_aggregation: LossAggregation = Field(
         "token-mean", description="Mean over all completion tokens of the batch (DAPO)."
+    )
+    num_mini_batches: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description=(
+            "Optimizer steps per pass over a rollout batch of batchSize x numMiniBatches prompts "
+            "(DAPO's recipe: 512 prompts per rollout, mini-batches of 32), so clip-higher acts."
+        ),
     )
     dynamic_sampling: bool = Field(
         True,

@@ -14,7 +14,7 @@ from posttrain.api.settings.rl import RolloutSpec
 # Advantage estimators and loss aggregations the trainer registers (trainer/algorithms/parts.py).
 Advantage = Literal["group-std", "group-mean"]
 LossAggregation = Literal["sequence-mean", "token-mean", "constant-normalizer"]
-KlEstimator = Literal["k1", "k2", "k3"]
+KlEstimator = Literal["k1", "k2", "k3", "k3+"]
 
 OVERLONG_REWARD = "overlong"  # the soft overlong penalty's name among the reward terms
 
@@ -64,6 +64,18 @@ class GrpoSpec(RolloutSpec):
     num_iterations: int = Field(
         1, ge=1, le=64, description="mu: optimisation passes over each batch of rollouts."
     )
+    num_mini_batches: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description=(
+            "Optimizer steps per pass over a rollout batch (verl's train batch / "
+            "ppo_mini_batch_size): a rollout batch holds training.batchSize x numMiniBatches "
+            "prompts x G completions, each step trains on batchSize x G of them (a seeded "
+            "permutation per pass, as PPO), so a rollout batch gives numIterations x "
+            "numMiniBatches steps."
+        ),
+    )
     advantage: Advantage = Field(
         "group-std",
         description=(
@@ -103,7 +115,12 @@ class GrpoSpec(RolloutSpec):
     )
     kl_estimator: KlEstimator = Field(
         "k3",
-        description="KL estimator (Schulman): k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, >= 0.",
+        description=(
+            "KL estimator of the beta term (Schulman), x = log pi_ref - log pi: k2 = x^2 / 2 "
+            "(its gradient minimises KL(pi || pi_ref)); k3 = exp(x) - x - 1 (unbiased, >= 0; its "
+            "gradient minimises KL(pi_ref || pi)); k3+ = k3's value with k2's gradient (verl's "
+            "low_var_kl+). k1 is refused: as a loss term its expected gradient is 0."
+        ),
     )
 
     @property
@@ -113,6 +130,14 @@ class GrpoSpec(RolloutSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> GrpoSpec:
+        if self.kl_estimator == "k1":
+            raise FieldValueError(
+                "klEstimator",
+                "klEstimator k1 is refused as a loss term: the expected gradient of log pi - "
+                "log pi_ref on samples of pi is 0, so the penalty would only add noise; allowed: "
+                "k2 (gradient of KL(pi || pi_ref)), k3 (unbiased value, gradient of "
+                "KL(pi_ref || pi)) or k3+ (k3's value, k2's gradient)",
+            )
         if self.clip_high < self.epsilon:
             raise FieldValueError(
                 "epsilonHigh",

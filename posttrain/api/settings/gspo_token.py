@@ -13,3 +13,12 @@ class GspoTokenSpec(GrpoSpec):
     epsilon_high: float | None = Field(
         4e-4, gt=0, lt=10, description="Upper clip range, the paper's; at least epsilon."
     )
+    num_mini_batches: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description=(
+            "Optimizer steps per pass over a rollout batch of batchSize x numMiniBatches prompts "
+            "(the GSPO paper splits each rollout batch into 4 mini-batches), so its clipping acts."
+        ),
+    )

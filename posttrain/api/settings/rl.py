@@ -68,6 +68,73 @@ class RewardSpec(Spec):
 Rewards = Annotated[list[RewardSpec], Field(min_length=1, max_length=MAX_LIST)]
 
 
+class RolloutCorrectionSpec(Spec):
+    """Sampler/learner mismatch correction (verl's rollout correction, TRL's vLLM importance
+    sampling): the sampler's log-probs of each token against the learner's (pi_old)."""
+
+    importance_sampling: Literal["none", "token"] = Field(
+        "none",
+        description=(
+            "token: truncated importance sampling (TIS; verl rollout_is: token, TRL "
+            "vllm_importance_sampling_correction): each token's policy-gradient loss is weighted "
+            "by min(pi_old / pi_sampler, importanceSamplingThreshold); none: off."
+        ),
+    )
+    importance_sampling_threshold: float = Field(
+        2.0,
+        gt=0,
+        le=1e6,
+        description="C, the cap on TIS weights (verl's rollout_is_threshold, default 2).",
+    )
+    rejection: Literal["none", "token", "sequence", "geometric"] = Field(
+        "none",
+        description=(
+            "Rejection (verl's rollout_rs): drop from the loss the tokens (token) or completions "
+            "whose ratio pi_old / pi_sampler is outside [rejectionThresholdLower, "
+            "rejectionThreshold]; sequence: the product of the token ratios, geometric: their "
+            "geometric mean; none: off."
+        ),
+    )
+    rejection_threshold: float = Field(
+        2.0,
+        ge=1,
+        le=1e6,
+        description="Upper bound of the kept ratio (verl's rollout_rs_threshold, default 2).",
+    )
+    rejection_threshold_lower: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Lower bound of the kept ratio; default 1 / rejectionThreshold.",
+    )
+    veto_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "With rejection: also drop a completion with any token ratio below this "
+            "(verl's rollout_token_veto_threshold); default: no veto."
+        ),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.importance_sampling != "none" or self.rejection != "none"
+
+    @model_validator(mode="after")
+    def _rejection_fields_need_rejection(self) -> RolloutCorrectionSpec:
+        stray = {
+            "rejectionThresholdLower": self.rejection_threshold_lower is not None,
+            "vetoThreshold": self.veto_threshold is not None,
+        }
+        for field, given in stray.items():
+            if given and self.rejection == "none":
+                raise FieldValueError(
+                    field, f"{field} is read with rejection token, sequence or geometric, not none"
+                )
+        return self
+
+
 class RolloutSpec(Spec):
     """Sampling, rewards and the SFT warm-up: the fields every RL algorithm's block starts with."""
 
@@ -77,6 +144,32 @@ class RolloutSpec(Spec):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int | None = Field(
         None, ge=1, description="Keep only the k most likely tokens when sampling."
+    )
+    rollout_correction: RolloutCorrectionSpec = Field(
+        default_factory=RolloutCorrectionSpec,
+        description=(
+            "Sampler/learner mismatch correction (truncated importance sampling, rejection); off "
+            "by default. The mismatch metrics (mismatch_kl, mismatch_k3_kl) are logged always."
+        ),
+    )
+    generation_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description=(
+            "Rows (completions) the sampler generates at a time, in one compiled program (TRL's "
+            "generation_batch_size): the KV cache holds this many rows, split over the mesh's "
+            "data x fsdp devices, of which it must be a multiple; unset: the whole rollout batch."
+        ),
+    )
+    log_completions_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Write sampled completions (prompt, completion, reward; up to 16 of a rollout batch) "
+            "to DIR/samples.jsonl and TensorBoard text at the first rollout batch of every this "
+            "many steps; unset: none."
+        ),
     )
     sft_warmup_steps: int = Field(
         0,
