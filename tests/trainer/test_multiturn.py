@@ -215,14 +215,13 @@ def test_held_out_environment_and_reward_server_plug_in(files, scorer, tmp_path,
             skip_special_tokens=False,
         )
         assert "again" not in model_targets and "Q:" not in model_targets
-        # Exactly the model's tokens: the row minus the prompt minus the observation segment.
-        observation = tok.encode("\nQ: again " + json.loads(json.dumps(WORDS))[0])  # shape only
         assert mask.sum() <= 2 * 6 and mask.sum() >= 2  # two turns of 1..6 tokens (EOS incl.)
         assert mask[: P - 1].sum() == 0
-        del observation
     # The loss, the ratio and the KL see model tokens only: the observation's positions are 0.
     first_obs = [
-        i for i in range(P, L - 4) if tok.decode(batch["input_ids"][0, i : i + 4].tolist()) == "\nQ: "
+        i
+        for i in range(P, L - 4)
+        if tok.decode(batch["input_ids"][0, i : i + 4].tolist()) == "\nQ: "
     ]
     assert first_obs and batch["completion_mask"][0, first_obs[0] : first_obs[0] + 8].sum() == 0
 
@@ -268,9 +267,12 @@ def test_tools_are_called_and_their_results_are_tool_messages(files, tmp_path):
         {"role": "tool", "name": "add", "content": "5"}
     ]
     assert box.run('{"name": "add", "parameters": {"a": 2, "b": 40}}')[0]["content"] == "42"
-    assert box.run('<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>')[
-        0
-    ]["content"].strip() == "42"
+    assert (
+        box.run('<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>')[
+            0
+        ]["content"].strip()
+        == "42"
+    )
     schema = mt.tool_schema("add", box.tools["add"])
     assert schema["function"]["parameters"]["required"] == ["a", "b"]
 
@@ -296,10 +298,7 @@ def test_scripted_episode_layout_masks_observations_and_counts_tools(files, tmp_
     ctx = Context(job=spec, tokenizer=tok, output_dir=str(tmp_path))
     rows = [mt.EpisodeRow(0, {"word": "abc"}, {"word": "abc"}, ())]
     g = spec.spec.settings
-    engine = mt.MultiTurnEngine(
-        ctx, "grpo", SamplingSettings.of(g), g.environment, rows, [], None
-    )
-    call = '{"name":"add","parameters":{"a":1,"b":2}}'[:6]  # cut at maxNewTokens: no call
+    engine = mt.MultiTurnEngine(ctx, "grpo", SamplingSettings.of(g), g.environment, rows, [], None)
     script = ["a", "abc"]
 
     def policy(turn, active):
@@ -316,4 +315,3 @@ def test_scripted_episode_layout_masks_observations_and_counts_tools(files, tmp_
     targets = arrays["targets"][0][arrays["completion_mask"][0] > 0]
     assert tok.decode(targets.tolist(), skip_special_tokens=False) == "a<eos>abc<eos>"
     assert arrays["completion_mask"][0, P - 1] == 1  # the first model token is predicted at P - 1
-    del call

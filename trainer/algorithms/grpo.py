@@ -456,7 +456,7 @@ def _build(ctx: Context) -> Algorithm:
     ctx.log(
         f"{spec.algorithm}: {len(prompts)} prompts, {spec.training.batch_size} per step x "
         f"G={g.num_generations}, up to {g.max_new_tokens} new tokens, rewards: "
-        + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
+        + (", ".join(f"{r.name} (x{r.weight:g})" for r in rewards) or "the environment's")
         + (f"; {g.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
     )
     ctx.log(  # the settings as they run, so a run says what it does

@@ -409,7 +409,11 @@ class MultiTurnEngine:
                     e.turns += 1
                     played.append((e, tokens))
                 last = turn == self.env_spec.max_turns - 1
-                each(lambda pair, last=last: self._respond(*pair, last=last), played)
+
+                def respond(pair: tuple[_Episode, list[int]], last: bool = last) -> None:
+                    self._respond(*pair, last=last)
+
+                each(respond, played)
         return episodes
 
     def _respond(self, e: _Episode, tokens: list[int], *, last: bool) -> None:
