@@ -234,16 +234,22 @@ class RolloutSource(RolloutBatchSource):
         """A round's rewards as training sees them: with overlong penalty, plus that term."""
         G, o = self.g.num_generations, self.g.overlong
         prompt_len = self.engine.prompt_len
-        cut = overlong.truncated(
-            out.arrays["input_ids"][:, prompt_len:],
-            out.arrays["attention_mask"][:, prompt_len:],
-            self.engine.eos_id,
-        )
+        # Multi-turn rollouts say which episodes were cut and how long their longest turn was.
+        cut = getattr(out, "truncated", None)
+        if cut is None:
+            cut = overlong.truncated(
+                out.arrays["input_ids"][:, prompt_len:],
+                out.arrays["attention_mask"][:, prompt_len:],
+                self.engine.eos_id,
+            )
         total, terms = out.rewards.astype(np.float32), dict(out.reward_terms)
         if o.mode == "penalty":
             assert o.buffer is not None  # resolved() fills it
             penalty = overlong.soft_overlong_penalty(
-                out.lengths, self.g.max_new_tokens, o.buffer, o.penalty_factor
+                getattr(out, "longest_turn", out.lengths),
+                self.g.max_new_tokens,
+                o.buffer,
+                o.penalty_factor,
             )
             terms[OVERLONG] = penalty
             total = total + penalty

@@ -198,6 +198,7 @@ class _Episode:
     model: list[int] = field(default_factory=list)  # 1 where ids[t] is a model token
     rewards: list[float] = field(default_factory=list)  # per environment step
     turns: int = 0
+    turn_lengths: list[int] = field(default_factory=list)  # model tokens per turn
     tool_calls: int = 0
     tool_errors: int = 0
     env_seconds: float = 0.0
@@ -217,9 +218,14 @@ Policy = Callable[[int, list[_Episode]], list[list[int] | None]]
 
 @dataclass
 class MultiTurnRollout(Rollout):
-    """A ``Rollout`` plus the episode metrics (turns, tool calls, seconds, ...)."""
+    """A ``Rollout`` plus the episode metrics (turns, tool calls, seconds, ...) and what the
+    overlong modes read: an episode is truncated when the environment did not end it (maxTurns,
+    out of room, or a turn cut at maxNewTokens that ended it); the soft penalty is on its
+    longest model turn."""
 
     metrics: dict[str, float] = field(default_factory=dict)
+    truncated: np.ndarray | None = None  # [R] bool
+    longest_turn: np.ndarray | None = None  # [R] tokens
 
 
 class MultiTurnEngine:
@@ -294,7 +300,11 @@ class MultiTurnEngine:
             "reward_seconds": reward_seconds,
         }
         self._write_samples(episodes, total, seed)
-        return MultiTurnRollout(arrays, total, terms, lengths, generation[0], metrics)
+        truncated = np.asarray([not e.done for e in episodes])
+        longest = np.asarray([max(e.turn_lengths, default=0) for e in episodes])
+        return MultiTurnRollout(
+            arrays, total, terms, lengths, generation[0], metrics, truncated, longest
+        )
 
     def teacher_forced(self, first: int, rows: int) -> dict[str, np.ndarray]:
         """SFT warm-up rows: episodes whose model turns are the data's (completionField), each
@@ -407,6 +417,7 @@ class MultiTurnEngine:
                     e.ids += tokens
                     e.model += [1] * len(tokens)
                     e.turns += 1
+                    e.turn_lengths.append(len(tokens))
                     played.append((e, tokens))
                 last = turn == self.env_spec.max_turns - 1
 

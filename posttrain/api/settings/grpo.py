@@ -4,7 +4,7 @@ change only their defaults, so each block shows the values its algorithm runs.""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -49,6 +49,8 @@ class OverlongSpec(Spec):
 
 class GrpoSpec(RolloutSpec):
     """GRPO's settings. Symbols follow the papers."""
+
+    block_required: ClassVar[bool] = True  # rewards or an environment: the block must be written
 
     # With an environment its steps give rewards, so the list may be empty (checked below).
     rewards: list[RewardSpec] = Field(
@@ -133,12 +135,6 @@ class GrpoSpec(RolloutSpec):
                     f"{ENVIRONMENT_REWARD!r} names the environment's reward in the metrics "
                     "(reward/environment); give this reward another name",
                 )
-        if self.overlong.mode != "none":
-            raise FieldValueError(
-                "overlong.mode",
-                f"overlong {self.overlong.mode} is for single-turn completions; with an "
-                "environment each turn is cut at maxNewTokens and the episode at maxTurns",
-            )
 
     @property
     def clip_high(self) -> float:
