@@ -111,7 +111,14 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
-def job(files: Path, url: str | None, steps: int = 2, env: str = "Echo", **block: Any):
+def job(
+    files: Path,
+    url: str | None,
+    steps: int = 2,
+    env: str = "Echo",
+    max_length: int = 128,
+    **block: Any,
+):
     grpo: dict[str, Any] = {
         "numGenerations": 2,
         "beta": 0.04,
@@ -134,7 +141,7 @@ def job(files: Path, url: str | None, steps: int = 2, env: str = "Echo", **block
                 "model": {"base": "builtin:tiny", "dtype": "float32"},
                 "data": {
                     "train": str(files / "train.jsonl"),
-                    "maxLength": 128,
+                    "maxLength": max_length,
                     "maxPromptLength": 16,
                     "shuffle": False,
                 },
@@ -315,3 +322,97 @@ def test_scripted_episode_layout_masks_observations_and_counts_tools(files, tmp_
     targets = arrays["targets"][0][arrays["completion_mask"][0] > 0]
     assert tok.decode(targets.tolist(), skip_special_tokens=False) == "a<eos>abc<eos>"
     assert arrays["completion_mask"][0, P - 1] == 1  # the first model token is predicted at P - 1
+
+
+# Simplified templates of the families, with the fixture tokenizer's <|eos|> as the end of turn:
+# Qwen 2.5 / Hermes (tool results as <tool_response> blocks in a user turn, consecutive ones
+# grouped) and Llama 3.x (tool results as ipython turns).
+QWEN_LIKE = (
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{ '<|eos|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|eos|>\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+LLAMA_LIKE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- set role = 'ipython' if message.role == 'tool' else message.role -%}"
+    "{{ '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message.content + '<|eos|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (
+            QWEN_LIKE,
+            "\n<|im_start|>user\n<tool_response>\n5\n</tool_response>\n<tool_response>\n"
+            "Error: unknown tool 'mul'; available: add\n</tool_response><|eos|>\n"
+            "<|im_start|>assistant\n",
+        ),
+        (
+            LLAMA_LIKE,
+            "<|start_header_id|>ipython<|end_header_id|>\n\n5<|eos|>"
+            "<|start_header_id|>ipython<|end_header_id|>\n\nError: unknown tool 'mul'; available: "
+            "add<|eos|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        ),
+    ],
+    ids=["qwen-hermes", "llama3"],
+)
+def test_hf_chat_templates_render_tool_turns_as_masked_segments(
+    files, tmp_path, fixtures_dir, template, expected
+):
+    import shutil
+
+    from posttrain.trainer.algorithms import multiturn as mt
+    from posttrain.trainer.algorithms.base import Context
+    from posttrain.trainer.algorithms.rollout import SamplingSettings
+    from posttrain.trainer.data.text import HfTokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(fixtures_dir / "tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = HfTokenizer(str(folder))
+    spec = job(
+        files,
+        None,
+        environment={
+            "class": f"{files}/held_out_env.py:Echo",
+            "maxTurns": 2,
+            "maxObservationTokens": 200,
+            "tools": [f"{files}/my_tools.py:add"],
+        },
+        maxNewTokens=200,
+        max_length=1000,
+    )
+    g = spec.spec.settings
+    ctx = Context(job=spec, tokenizer=tok, output_dir="")
+    engine = mt.MultiTurnEngine(ctx, "grpo", SamplingSettings.of(g), g.environment, [], [], None)
+    engine.prompt_len = 256  # the rendered prompt only has to fit (no arrays here)
+    turn = (
+        '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+        '<tool_call>{"name": "mul", "arguments": {}}</tool_call>'
+    )
+    script = [turn, "five"]
+
+    def policy(t, active):
+        return [[*tok.encode(script[t]), tok.eos_token_id] for _ in active]
+
+    rows = [mt.EpisodeRow(0, {"word": "abc"}, {"word": "abc"}, ())]
+    (e,) = engine._play(rows, policy)
+    assert [m["role"] for m in e.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert e.tool_calls == 2 and e.tool_errors == 1 and e.rewards == [0.0]  # step: turn 2 only
+    model = np.asarray(e.model)
+    observation = [t for t, m in zip(e.ids, model, strict=True) if not m]
+    assert tok.decode(observation, skip_special_tokens=False) == expected
+    spoken = tok.decode(
+        [t for t, m in zip(e.ids, model, strict=True) if m], skip_special_tokens=False
+    )
+    assert spoken == turn + "<|eos|>" + "five<|eos|>"

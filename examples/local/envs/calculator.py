@@ -31,6 +31,16 @@ class SumEnv:
         return f"{self.a}+{self.b}="
 
     def step(self, text: str) -> tuple[str | None, float, bool]:
+        # Without spec tools, the environment serves the calculator itself: a JSON call
+        # {"name":"calc"} gets the sum back (the trainer appends it as a tool message).
+        if text.lstrip().startswith("{"):
+            try:
+                call = json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"Error: not JSON: {err}", 0.0, False
+            if not isinstance(call, dict) or call.get("name") != "calc":
+                return "Error: the tool is calc", 0.0, False
+            return str(self.a + self.b), 0.0, False
         # A turn without a tool call is the answer: the episode ends.
         match = re.match(r"\s*(-?\d+)", text)
         right = match is not None and int(match.group(1)) == self.a + self.b
@@ -45,7 +55,9 @@ def calc(x: str) -> int:
     return sum(int(t) for t in terms)
 
 
-def call(a: int, b: int) -> str:
+def call(a: int, b: int, spec_tool: bool) -> str:
+    if not spec_tool:  # the environment's calculator knows the sum: no arguments to copy
+        return json.dumps({"name": "calc"}, separators=(",", ":"))
     return json.dumps({"name": "calc", "parameters": {"x": f"{a}+{b}"}}, separators=(",", ":"))
 
 
@@ -55,11 +67,16 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--spec-tool",
+        action="store_true",
+        help="warm-up turns call the spec's calc tool with the sum as its argument",
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     pairs = set()
     while len(pairs) < args.train + args.test:
-        pairs.add((rng.randint(100, 999), rng.randint(100, 999)))
+        pairs.add((rng.randint(500, 999), rng.randint(500, 999)))  # four-digit sums
     ordered = sorted(pairs)
     rng.shuffle(ordered)
     os.makedirs(args.out, exist_ok=True)
@@ -68,7 +85,12 @@ def main() -> int:
         with open(os.path.join(args.out, f"{split}.jsonl"), "w") as f:
             for a, b in rows:
                 # completion: the model's turns for the SFT warm-up (the call, then the answer).
-                row = {"a": a, "b": b, "answer": str(a + b), "completion": [call(a, b), str(a + b)]}
+                row = {
+                    "a": a,
+                    "b": b,
+                    "answer": str(a + b),
+                    "completion": [call(a, b, args.spec_tool), str(a + b)],
+                }
                 f.write(json.dumps(row) + "\n")
         print(f"{args.out}/{split}.jsonl: {len(rows)} rows")
     return 0
