@@ -104,3 +104,31 @@ def test_rewards_or_an_environment_is_a_cel_rule_of_each_grpo_block():
             f"(has(self.{block}.rewards) && size(self.{block}.rewards) > 0)"
         ) in rules, block
     assert not any("self.ppo.environment" in r for r in rules)
+
+
+def test_plan_compiles_a_multi_turn_job_at_its_longer_rows(tmp_path):
+    """The step is compiled on rows of maxPromptLength + maxTurns x (maxNewTokens +
+    maxObservationTokens), and the rollout at the last turn's context width."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    d = copy.deepcopy(BASE)
+    d["spec"]["model"] = {"base": "builtin:tiny"}
+    d["spec"]["data"].update({"maxPromptLength": 16, "maxLength": 128})
+    d["spec"]["grpo"].update({"numGenerations": 4, "maxNewTokens": 24, "beta": 0.04})
+    d["spec"]["grpo"]["environment"].update({"maxTurns": 3, "maxObservationTokens": 12})
+    d["spec"]["resources"] = {"accelerator": "tpu-v5e", "topology": "2x2"}
+    d["spec"]["output"] = {"dir": "gs://b/out"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(d))
+    cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["fits"] and plan["activations"] > 0 and plan["rollout"] > 0
+    # 32 (the default batchSize) x 4 rows; the widest context 16 + 2 x 36 + 12 = 100 (bucket 128) + 24 new (bucket 32);
+    # 2 layers, K x D = 2 x 16, bf16.
+    assert plan["kv_cache"] == 2 * 2 * 128 * (128 + 32) * 2 * 16 * 2
