@@ -30,7 +30,8 @@ It records per episode the messages, per-turn rewards, turns, tool calls and the
 is_model_turn)` into `input_ids` and a `loss_mask` that is 1 exactly on model-turn tokens: the
 prompt, environment observations and tool results are context, never trained on.
 
-Not wired into GRPO yet: the rollout engine still samples one completion per prompt.
+Wired into the GRPO family by `trainer/algorithms/multiturn.py` (`spec.<block>.environment`), which
+plays episodes on token ids with its own driver on these semantics (tools, room limits, masks).
 """
 
 from __future__ import annotations

@@ -167,8 +167,17 @@ class Reward:
     where: str  # e.g. "spec.grpo.rewards[1] (brevity)", for error messages
 
 
-def build_rewards(specs: Sequence[RewardSpec], field: str = "spec.grpo.rewards") -> list[Reward]:
-    """Turn `spec.grpo.rewards` into callables; fails naming the entry that cannot be built."""
+def build_rewards(
+    specs: Sequence[RewardSpec],
+    field: str = "spec.grpo.rewards",
+    *,
+    reward_model: Callable[[RewardSpec, str], RewardFn] | None = None,
+) -> list[Reward]:
+    """Turn `spec.grpo.rewards` into callables; fails naming the entry that cannot be built.
+
+    `http` items become an `HttpReward` (`rewards_http.py`); `rewardModel` items are built by
+    `reward_model(spec, where)` (the trainer passes one that loads the model on its mesh in the
+    compute dtype; default: `reward_model_reward.RewardModelReward` on the default device)."""
     rewards: list[Reward] = []
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
@@ -187,6 +196,8 @@ def build_rewards(specs: Sequence[RewardSpec], field: str = "spec.grpo.rewards")
             fn = regex_format(spec.pattern)
         elif spec.builtin == "length-penalty":
             fn = length_penalty(spec.target_length)
+        elif spec.http is not None or spec.reward_model is not None:
+            fn = _served(spec, where, f"{field}[{i}]", reward_model)
         else:
             assert spec.function is not None
             try:
@@ -198,6 +209,43 @@ def build_rewards(specs: Sequence[RewardSpec], field: str = "spec.grpo.rewards")
                 ) from err
         rewards.append(Reward(name=name, weight=spec.weight, fn=fn, where=where))
     return rewards
+
+
+def _served(
+    spec: RewardSpec,
+    where: str,
+    item: str,
+    reward_model: Callable[[RewardSpec, str], RewardFn] | None,
+) -> RewardFn:
+    """An `http` or `rewardModel` item as a reward function."""
+    if spec.http is not None:
+        from posttrain.trainer.rewards_http import HttpReward
+
+        h = spec.http
+        return HttpReward(
+            h.url,
+            name=where,
+            timeout_s=h.timeout,
+            retries=h.retries,
+            chunk_size=h.chunk_size,
+            concurrency=h.max_concurrency,
+            default=h.default,
+        )
+    if reward_model is None:
+        from posttrain.trainer.reward_model_reward import RewardModelReward
+
+        def reward_model(s: RewardSpec, w: str) -> RewardFn:
+            assert s.reward_model is not None
+            return RewardModelReward(s.reward_model, w)
+
+    try:
+        return reward_model(spec, where)
+    except Exception as err:
+        assert spec.reward_model is not None
+        raise RewardError(
+            f"{item}.rewardModel: cannot load {spec.reward_model.path!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def _check_values(reward: Reward, values: Any, n: int) -> np.ndarray:

@@ -47,7 +47,11 @@ class Entry:
 
     @property
     def required(self) -> bool:
-        """A block with required fields (rewards, a teacher) must be written; others default."""
+        """A block with required fields (rewards, a teacher) must be written; others default.
+        A settings type whose requirement is a rule across fields (the GRPO family: rewards or an
+        environment) says so with ``block_required = True``."""
+        if getattr(self.settings, "block_required", False):
+            return True
         return any(f.is_required() for f in self.settings.model_fields.values())
 
 

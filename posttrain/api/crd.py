@@ -104,6 +104,16 @@ def _spec_rules() -> list[dict[str, str]]:
                     "message": f"algorithm {e.name} needs spec.{e.block}",
                 }
             )
+        if "environment" in e.settings.model_fields:  # the GRPO family: rewards or an environment
+            rewards = f"self.{e.block}.rewards"
+            rules.append(
+                {
+                    "rule": f"!has(self.{e.block}) || has(self.{e.block}.environment) || "
+                    f"(has({rewards}) && size({rewards}) > 0)",
+                    "message": f"spec.{e.block}.rewards: give at least 1 reward, or an environment",
+                    "fieldPath": f".{e.block}.rewards",
+                }
+            )
     # Geometry the API server can check alone (the rest needs the accelerator catalogue:
     # posttrain validate and the operator, posttrain/api/geometry.py). batchSize has a default.
     rules.append(

@@ -86,7 +86,6 @@ SCHEMA_DETECTABLE = [
         "spec.training.steps",
         "spec.training.batchSize",
         "spec.algorithm",
-        "spec.grpo.rewards",
         "spec.grpo.rewards[0].builtin",
         "spec.grpo.rewards[0].function",
         "spec.grpo.numGenerations",

@@ -264,6 +264,8 @@ class RolloutSource(RolloutBatchSource):
         self.host_metrics["generation_tokens_per_second"] = float(
             lengths.sum() / max(sum(r.out.seconds for r in sampled), 1e-9)
         )
+        extra = [getattr(r.out, "metrics", {}) for r in sampled]  # multi-turn: turns, tools, ...
+        values.update({k: np.mean([e[k] for e in extra]) for k in extra[0]})
         if self.g.dynamic_sampling:
             values["groups_filtered_fraction"] = 1.0 - every(lambda r: r.informative).mean()
             values["sampling_rounds"] = len(sampled)
@@ -278,16 +280,22 @@ class RolloutSource(RolloutBatchSource):
         """A round's rewards as training sees them: with overlong penalty, plus that term."""
         G, o = self.g.num_generations, self.g.overlong
         prompt_len = self.engine.prompt_len
-        cut = overlong.truncated(
-            out.arrays["input_ids"][:, prompt_len:],
-            out.arrays["attention_mask"][:, prompt_len:],
-            self.engine.eos_ids,
-        )
+        # Multi-turn rollouts say which episodes were cut and how long their longest turn was.
+        cut = getattr(out, "truncated", None)
+        if cut is None:
+            cut = overlong.truncated(
+                out.arrays["input_ids"][:, prompt_len:],
+                out.arrays["attention_mask"][:, prompt_len:],
+                self.engine.eos_ids,
+            )
         total, terms = out.rewards.astype(np.float32), dict(out.reward_terms)
         if o.mode == "penalty":
             assert o.buffer is not None  # GrpoSpec fills it when the job is read
             penalty = overlong.soft_overlong_penalty(
-                out.lengths, self.g.max_new_tokens, o.buffer, o.penalty_factor
+                getattr(out, "longest_turn", out.lengths),
+                self.g.max_new_tokens,
+                o.buffer,
+                o.penalty_factor,
             )
             terms[OVERLONG] = penalty
             total = total + penalty
@@ -459,9 +467,10 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
 
 def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Column]:
     """The step's batch (``RolloutSource._finish_batch``): batchSize x G rows of
-    maxPromptLength + maxNewTokens tokens (the run's prompt width is at most that)."""
+    maxPromptLength + maxNewTokens tokens (the run's prompt width is at most that); with an
+    environment, maxPromptLength + maxTurns x (maxNewTokens + maxObservationTokens)."""
     R, L = spec.training.batch_size * g.num_generations, spec.data.max_prompt_length
-    L += g.max_new_tokens
+    L += _completion_width(g)
     i32, f32 = np.int32, np.float32
     out: dict[str, Column] = {
         "input_ids": ((R, L), i32),
@@ -489,6 +498,14 @@ def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Col
     return out
 
 
+def _completion_width(g: GrpoSpec) -> int:
+    """Tokens after the prompt: one completion, or an environment's turns and observations."""
+    env = g.environment
+    if env is None:
+        return g.max_new_tokens
+    return env.max_turns * (g.max_new_tokens + env.max_observation_tokens)
+
+
 def family(objective: str = "grpo") -> tuple[Any, Any]:
     """``(declare, build)`` of a GRPO-family algorithm whose policy objective is ``objective``
     (registered in ``parts``); its advantage estimator is the one its settings name."""
@@ -502,7 +519,13 @@ def family(objective: str = "grpo") -> tuple[Any, Any]:
             loss=make_loss(g, objective, kl_in_reward=estimator.kl_in_reward),
             columns=columns(g, spec, estimator),
             reference=g.beta > 0,  # only the KL reads it
-            rollout=RolloutShape(rows, spec.data.max_prompt_length, SamplingSettings.of(g)),
+            # The sampler's widest context: with an environment, the last turn's (prompt, earlier
+            # turns and observations).
+            rollout=RolloutShape(
+                rows,
+                spec.data.max_prompt_length + _completion_width(g) - g.max_new_tokens,
+                SamplingSettings.of(g),
+            ),
         )
 
     def build(ctx: Context) -> Algorithm:
@@ -522,18 +545,24 @@ def _build(ctx: Context) -> Algorithm:
             f"{block}.sftWarmupSteps ({g.sft_warmup_steps}) must be less than "
             f"spec.training.steps ({spec.training.steps}): no steps would be left for RL"
         )
-    rewards = rw.build_rewards(g.rewards, f"{block}.rewards")
-    warmup = g.sft_warmup_steps > 0
-    prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data, completion=warmup)
-    eval_prompts = (
-        load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
+    rewards = rw.build_rewards(
+        g.rewards, f"{block}.rewards", reward_model=_reward_model_factory(ctx)
     )
-    engine = RolloutEngine(ctx, name, SamplingSettings.of(g), prompts, rewards, eval_prompts)
+    warmup = g.sft_warmup_steps > 0
+    engine: Any
+    if g.environment is not None:  # multi-turn episodes (multiturn.py)
+        prompts, eval_prompts, engine = _multiturn(ctx, name, rewards, warmup)
+    else:
+        prompts = load_prompts(spec.data.train, ctx.tokenizer, spec.data, completion=warmup)
+        eval_prompts = (
+            load_prompts(spec.data.eval, ctx.tokenizer, spec.data) if spec.data.eval else None
+        )
+        engine = RolloutEngine(ctx, name, SamplingSettings.of(g), prompts, rewards, eval_prompts)
     source = RolloutSource(ctx, engine, parts.advantage(g.advantage))
     ctx.log(
         f"{spec.algorithm}: {len(prompts)} prompts, {spec.training.batch_size} per step x "
         f"G={g.num_generations}, up to {g.max_new_tokens} new tokens, rewards: "
-        + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards)
+        + (", ".join(f"{r.name} (x{r.weight:g})" for r in rewards) or "the environment's")
         + (f"; {g.sft_warmup_steps} SFT warm-up steps first" if warmup else "")
     )
     ctx.log(  # the settings as they run, so a run says what it does
@@ -550,6 +579,41 @@ def _build(ctx: Context) -> Algorithm:
         ),
         evaluate=(lambda: {"eval_reward": source.evaluate(ctx.model())}) if eval_prompts else None,
     )
+
+
+def _multiturn(ctx: Context, name: str, rewards: list[rw.Reward], warmup: bool) -> Any:
+    """(rows, eval rows, MultiTurnEngine) for a job with ``environment``."""
+    from posttrain.trainer.algorithms import multiturn as mt
+
+    spec, g = ctx.spec, ctx.spec.settings
+    rows = mt.load_rows(spec.data.train, spec.data, completion=warmup)
+    eval_rows = mt.load_rows(spec.data.eval, spec.data) if spec.data.eval else None
+    engine = mt.MultiTurnEngine(
+        ctx, name, SamplingSettings.of(g), g.environment, rows, rewards, eval_rows
+    )
+    env = g.environment
+    tools = sorted(engine.tools.tools) if engine.tools else []
+    ctx.log(
+        f"{spec.algorithm}: environment {env.class_}, up to {env.max_turns} turns of "
+        f"{g.max_new_tokens} tokens (+ {env.max_observation_tokens} for each observation), "
+        f"tools: {', '.join(tools) or 'none'}; samples in {mt.SAMPLES_FILE}"
+    )
+    return rows, eval_rows, engine
+
+
+def _reward_model_factory(ctx: Context) -> Any:
+    """``rewardModel`` items: loaded on the trainer's mesh in the compute dtype, frozen."""
+
+    def build(spec: Any, where: str) -> Any:
+        import jax.numpy as jnp
+
+        from posttrain.trainer.reward_model_reward import RewardModelReward
+
+        mesh = getattr(getattr(ctx.weights, "run", None), "mesh", None)
+        dtype = jnp.dtype(ctx.spec.model.dtype)
+        return RewardModelReward(spec.reward_model, where, mesh=mesh, dtype=dtype)
+
+    return build
 
 
 declare, build = family("grpo")

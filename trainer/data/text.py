@@ -55,6 +55,25 @@ def template_name(tokenizer: Any) -> str:
     return f"the chat template of {path}" if path else f"{type(tokenizer).__name__}'s chat template"
 
 
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    tools: Sequence[Any] | None = None,
+) -> str:
+    """``messages`` through the tokenizer's chat template; ``tools`` (JSON schemas) only when
+    given, so templates and tokenizers without tool support render as before. Multi-turn
+    rollouts render turns with it: ``assistant``, ``user`` and ``tool`` messages (Qwen 2.5/3 and
+    Hermes templates write tool results as ``<tool_response>`` blocks, Llama 3.x as ``ipython``
+    turns; the built-in character tokenizer as ``T: ...`` lines)."""
+    if tools:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tools=list(tools)
+        )
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
 class HfTokenizer:
     def __init__(self, path: str):
         from posttrain.trainer.tokenizer import Tokenizer
@@ -75,10 +94,13 @@ class HfTokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: Sequence[Any] | None = None,
     ) -> str:
         text = self._tok.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, tools=tools
         )
         assert isinstance(text, str)
         return text

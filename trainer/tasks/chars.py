@@ -16,8 +16,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
-# A minimal chat layout in plain characters (the vocabulary has no role tokens).
-ROLE_PREFIX = {"system": "# ", "user": "Q: ", "assistant": "A: "}
+# A minimal chat layout in plain characters (the vocabulary has no role tokens); tool results
+# (multi-turn rollouts) are "T: " lines.
+ROLE_PREFIX = {"system": "# ", "user": "Q: ", "assistant": "A: ", "tool": "T: "}
 
 
 class CharTokenizer:
@@ -42,9 +43,14 @@ class CharTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        tools: Sequence[object] | None = None,
     ) -> str:
-        """'Q: ...\\nA: ...' lines; the assistant turn's text is followed by <eos> by the caller."""
+        """'Q: ...\\nA: ...' lines; the assistant turn's text is followed by <eos> by the caller.
+        Tool results are 'T: ...' lines; ``tools`` (schemas) are not written: the built-in model
+        learns its tools from rewards, and its prompts are short."""
         text = "".join(f"{ROLE_PREFIX[m['role']]}{m['content']}\n" for m in messages)
         return text + (ROLE_PREFIX["assistant"] if add_generation_prompt else "")
 

@@ -4,12 +4,13 @@ change only their defaults, so each block shows the values its algorithm runs.""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.api.base import FieldValueError, Spec
-from posttrain.api.settings.rl import RolloutSpec
+from posttrain.api.base import MAX_LIST, FieldValueError, Spec
+from posttrain.api.settings.environment import EnvironmentSpec
+from posttrain.api.settings.rl import RewardSpec, RolloutSpec
 
 # Advantage estimators and loss aggregations the trainer registers (trainer/algorithms/parts.py).
 Advantage = Literal["group-std", "group-mean"]
@@ -17,6 +18,7 @@ LossAggregation = Literal["sequence-mean", "token-mean", "constant-normalizer"]
 KlEstimator = Literal["k1", "k2", "k3", "k3+"]
 
 OVERLONG_REWARD = "overlong"  # the soft overlong penalty's name among the reward terms
+ENVIRONMENT_REWARD = "environment"  # the environment's episode reward among the reward terms
 
 
 class OverlongSpec(Spec):
@@ -48,6 +50,17 @@ class OverlongSpec(Spec):
 class GrpoSpec(RolloutSpec):
     """GRPO's settings. Symbols follow the papers."""
 
+    block_required: ClassVar[bool] = True  # rewards or an environment: the block must be written
+
+    # With an environment its steps give rewards, so the list may be empty (checked below).
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        max_length=MAX_LIST,
+        description=(
+            "Reward terms, summed with their weights (at least one, unless an environment "
+            "gives the rewards)."
+        ),
+    )
     num_generations: int = Field(8, ge=2, le=1024, description="G: completions sampled per prompt.")
     beta: float = Field(
         0.04, ge=0, description="KL weight to the reference policy; 0 keeps no reference."
@@ -113,6 +126,14 @@ class GrpoSpec(RolloutSpec):
         default_factory=OverlongSpec,
         description="Truncated completions: none, filter or penalty (DAPO).",
     )
+    environment: EnvironmentSpec | None = Field(
+        None,
+        description=(
+            "Multi-turn rollouts: the model's turns alternate with the environment's "
+            "observations (tool results, user replies); observation tokens stay in the sequence "
+            "but carry no loss, ratio or KL. See docs/rl.md."
+        ),
+    )
     kl_estimator: KlEstimator = Field(
         "k3",
         description=(
@@ -122,6 +143,15 @@ class GrpoSpec(RolloutSpec):
             "low_var_kl+). k1 is refused: as a loss term its expected gradient is 0."
         ),
     )
+
+    def _check_environment(self) -> None:
+        for i, reward in enumerate(self.rewards):
+            if reward.display_name == ENVIRONMENT_REWARD:
+                raise FieldValueError(
+                    f"rewards[{i}].name",
+                    f"{ENVIRONMENT_REWARD!r} names the environment's reward in the metrics "
+                    "(reward/environment); give this reward another name",
+                )
 
     @property
     def clip_high(self) -> float:
@@ -144,6 +174,14 @@ class GrpoSpec(RolloutSpec):
                 f"epsilonHigh ({self.clip_high:g}) must be at least epsilon ({self.epsilon:g}): "
                 "it bounds the ratio above 1 + epsilonHigh; set both",
             )
+        if not self.rewards and self.environment is None:
+            raise FieldValueError(
+                "rewards",
+                "List should have at least 1 item: give a reward, or an environment whose steps "
+                "give the rewards",
+            )
+        if self.environment is not None:
+            self._check_environment()
         o = self.overlong
         # Checked by value, not by "was it written": a manifest written back lists every default.
         stray = {"buffer": o.buffer is not None, "penaltyFactor": o.penalty_factor != 1.0}

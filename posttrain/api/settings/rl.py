@@ -8,12 +8,14 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from posttrain.api.base import MAX_LIST, MAX_STR, FieldValueError, Spec, Str
+from posttrain.api.settings.environment import HttpRewardSpec, RewardModelSpec
 
 BuiltinReward = Literal["math-answer", "regex-format", "length-penalty"]
 
 
 class RewardSpec(Spec):
-    """One reward term: a built-in by name, or the user's function, with a weight."""
+    """One reward term, with a weight: a built-in by name, the user's function, an HTTP reward
+    service or a reward model (exactly one of builtin, function, http, rewardModel)."""
 
     builtin: BuiltinReward | None = Field(None, description="A built-in reward.")
     function: (
@@ -24,6 +26,17 @@ class RewardSpec(Spec):
             'The user\'s reward: "module.path:name" or "/path/file.py:name", called as '
             "fn(prompts, completions, **columns) -> list[float]."
         ),
+    )
+    http: HttpRewardSpec | None = Field(
+        None,
+        description=(
+            'A reward service: POST {"prompts", "completions", "columns"} to url, reply '
+            '{"rewards": [float, ...]}, one per completion.'
+        ),
+    )
+    reward_model: RewardModelSpec | None = Field(
+        None,
+        description="A Hugging Face sequence-classification reward model scoring prompt + completion.",
     )
     name: Annotated[str, Field(max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")] | None = Field(
         None, description="Name used in metrics (default: the builtin or function name)."
@@ -42,8 +55,18 @@ class RewardSpec(Spec):
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSpec:
-        if (self.builtin is None) == (self.function is None):
-            raise ValueError("give exactly one of builtin or function")
+        sources = {
+            "builtin": self.builtin,
+            "function": self.function,
+            "http": self.http,
+            "rewardModel": self.reward_model,
+        }
+        given = [k for k, v in sources.items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of builtin, function, http or rewardModel"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         if self.builtin == "regex-format":
             if self.pattern is None:
                 raise FieldValueError("pattern", "builtin regex-format needs pattern")
@@ -61,6 +84,10 @@ class RewardSpec(Spec):
             return self.name
         if self.builtin:
             return self.builtin
+        if self.http is not None:
+            return "http"
+        if self.reward_model is not None:
+            return "reward-model"
         assert self.function is not None
         return self.function.rsplit(":", 1)[1]
 
