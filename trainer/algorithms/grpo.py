@@ -477,10 +477,11 @@ def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Col
         "attention_mask": ((R, L), i32),
         "targets": ((R, L), i32),
         "completion_mask": ((R, L), f32),
-        "sampler_logp": ((R, L), f32),
         "tokens_per_row": ((R,), f32),
         "advantages": ((R, L) if estimator.per_token else (R,), f32),
     }
+    if g.environment is None:  # multi-turn episodes carry no sampler log-probs yet
+        out["sampler_logp"] = ((R, L), f32)
     steps_per_rollout = g.num_iterations * g.num_mini_batches
     c = g.rollout_correction
     if g.overlong.mode == "filter":

@@ -304,7 +304,15 @@ class MultiTurnEngine:
         truncated = np.asarray([not e.done for e in episodes])
         longest = np.asarray([max(e.turn_lengths, default=0) for e in episodes])
         return MultiTurnRollout(
-            arrays, total, terms, lengths, generation[0], metrics, truncated, longest
+            arrays,
+            total,
+            terms,
+            lengths,
+            generation[0],
+            texts=[self.transcript(e) for e in episodes],
+            metrics=metrics,
+            truncated=truncated,
+            longest_turn=longest,
         )
 
     def teacher_forced(self, first: int, rows: int) -> dict[str, np.ndarray]:
@@ -361,7 +369,7 @@ class MultiTurnEngine:
             for r, c in enumerate(contexts):
                 ids[r, width - len(c) :], mask[r, width - len(c) :] = c, 1
             started = time.perf_counter()
-            tokens, keep = sample(
+            tokens, keep, _sampler_logp = sample(
                 model,
                 ids,
                 mask,
