@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="/tmp/sft-quickstart/final")
     ap.add_argument("--steps", type=int, default=None, help="default: the example's")
+    ap.add_argument("--seed", type=int, default=None, help="training.seed (default: the example's)")
     ap.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
     ap.add_argument("--out", default="/tmp/distill-on-policy-bench")
     args = ap.parse_args(argv)
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["spec"]["distill"]["teacher"] = args.teacher
     if args.steps:
         doc["spec"]["training"]["steps"] = args.steps
+    if args.seed is not None:
+        doc["spec"]["training"]["seed"] = args.seed
     test = ROOT / doc["spec"]["data"]["eval"]
     prompts = [json.loads(line)["prompt"] for line in test.read_text().splitlines()]
     student_spec = ModelSpec(base=doc["spec"]["model"]["base"], dtype="float32")
