@@ -34,7 +34,7 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
-def job(files: Path, steps: int = 6, **ppo_block) -> PostTrainJob:
+def job(files: Path, steps: int = 6, weight_decay: float = 0.0, **ppo_block) -> PostTrainJob:
     block = {
         "maxNewTokens": 8,
         "klCoef": 0.05,
@@ -62,6 +62,7 @@ def job(files: Path, steps: int = 6, **ppo_block) -> PostTrainJob:
                     "batchSize": 16,
                     "learningRate": 1e-2,
                     "schedule": {"name": "constant", "warmupSteps": 0},
+                    "optimizer": {"weightDecay": weight_decay},
                     "checkpoint": {"everySteps": 2},
                 },
                 "output": {"export": False},
@@ -101,10 +102,16 @@ def test_kl_loss_declares_the_reference_and_its_column(files):
 def test_critic_warmup_leaves_the_policy_unchanged(files, tmp_path):
     """Steps 1-2 train the critic only: the policy is unchanged, so step 3 (the first policy
     step, on the same rollout as steps 1-2) still sees ratio 1 on every token (approx_kl 0),
-    while the value loss moved; step 4, after one policy update, is far above rounding. AdamW with weightDecay 0 (the default) and zero gradients leaves
-    the policy's parameters exactly as they were."""
+    while the value loss moved; step 4, after one policy update, is far above rounding. With
+    weightDecay 0.1 a zero gradient alone would still shrink the policy's weights: the policy's
+    optimizer update itself is skipped (``loop_optim.idle_between``)."""
     out = tmp_path / "warm"
-    train(job(files, criticWarmupSteps=2), str(out), say=lambda _m: None, progress_bar=False)
+    train(
+        job(files, weight_decay=0.1, criticWarmupSteps=2),
+        str(out),
+        say=lambda _m: None,
+        progress_bar=False,
+    )
     s = steps_of(out)
     assert [s[k]["policy_on"] for k in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
     # numIterations 2 x numMiniBatches 2: steps 1-4 train on rollout 0
@@ -143,3 +150,42 @@ def test_kl_loss_adaptive_controller_eos_penalty_and_whitening_run_and_resume(fi
     assert [resumed[k]["kl_coef"] for k in sorted(resumed)] == coefs
     assert [resumed[k]["loss"] for k in sorted(resumed)] == [s[k]["loss"] for k in sorted(s)]
     assert second.final == whole.final
+
+
+def test_idle_between_skips_the_policys_updates_and_keeps_its_optimizer_state():
+    import jax.numpy as jnp
+    import optax
+
+    from posttrain.api.v1alpha1 import TrainingSpec
+    from posttrain.trainer.loop_optim import optimizer
+
+    t = TrainingSpec(
+        steps=10, learning_rate=0.1, optimizer={"weightDecay": 0.5}, schedule={"warmupSteps": 0}
+    )
+    params = {"policy": {"w": jnp.ones(3)}, "heads": {"value": {"w": jnp.ones(2)}}}
+    grads = jax_tree_full(params, 0.3)
+    tx = optimizer(t, policy_idle=(1, 3))
+    state = tx.init(params)
+    seen = []
+    for _ in range(4):
+        updates, state = tx.update(grads, state, params)
+        seen.append(updates)
+        params = optax.apply_updates(params, updates)
+    moved = [bool(jnp.any(u["policy"]["w"] != 0)) for u in seen]
+    assert moved == [True, False, False, True]  # no weight decay either at updates 1 and 2
+    assert all(bool(jnp.all(u["heads"]["value"]["w"] != 0)) for u in seen)
+    # after the idle window the policy continues as if the skipped updates never happened
+    plain = optimizer(t)
+    p2 = {"policy": {"w": jnp.ones(3)}, "heads": {"value": {"w": jnp.ones(2)}}}
+    s2 = plain.init(p2)
+    u0, s2 = plain.update(grads, s2, p2)
+    p2 = optax.apply_updates(p2, u0)
+    u1, _ = plain.update(grads, s2, p2)
+    np.testing.assert_allclose(seen[3]["policy"]["w"], u1["policy"]["w"], rtol=1e-6)
+
+
+def jax_tree_full(tree, value):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: jnp.full_like(x, value), tree)

@@ -411,6 +411,12 @@ def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
         heads=heads,
         reference=p.needs_reference,  # the KL penalty in the rewards or the KL loss
         learning_rates={VALUE: p.value_learning_rate} if p.value_learning_rate else {},
+        # critic warm-up: the policy's optimizer update is skipped, not just its gradient zeroed
+        policy_idle_steps=(
+            (p.sft_warmup_steps, p.sft_warmup_steps + p.critic_warmup_steps)
+            if p.critic_warmup_steps
+            else None
+        ),
         rollout=RolloutShape(rows, spec.data.max_prompt_length, SamplingSettings.of(p)),
     )
 
