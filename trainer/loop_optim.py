@@ -79,7 +79,7 @@ HEADS = "heads"  # with ``policy_idle``: the heads without a rate of their own
 
 
 class IdleState(NamedTuple):
-    count: jax.Array  # updates seen, skipped ones included
+    seen: jax.Array  # updates seen, skipped ones included
     inner: Any
 
 
@@ -97,10 +97,10 @@ def idle_between(
 
     def update(updates: Any, state: IdleState, params: Any = None) -> tuple[Any, IdleState]:
         new_updates, new_inner = inner.update(updates, state.inner, params)
-        idle = (state.count >= start) & (state.count < end)
+        idle = (state.seen >= start) & (state.seen < end)
         out = jax.tree.map(lambda u: jnp.where(idle, jnp.zeros_like(u), u), new_updates)
         kept = jax.tree.map(lambda n, o: jnp.where(idle, o, n), new_inner, state.inner)
-        return out, IdleState(state.count + 1, kept)
+        return out, IdleState(state.seen + 1, kept)
 
     return optax.GradientTransformation(init, update)
 

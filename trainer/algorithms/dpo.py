@@ -265,15 +265,14 @@ def build(ctx: Context) -> Algorithm:
     average = dpo.loss_type in AVERAGED_LOSS_TYPES
     pairs, held_out = preference_pairs(ctx)
 
+    def fixed(held: list[data.Pair]) -> list[dict[str, np.ndarray]]:
+        return list(data.fixed_batches(held, batch_size=micro, seq_len=d.max_length, pad_id=pad_id))
+
+    eval_batches: Callable[[], Any] | None = None
     if not dpo.uses_reference:  # SimPO
-        eval_batches = None
         if held_out is not None:
-
-            def eval_batches():
-                return data.fixed_batches(
-                    held_out, batch_size=micro, seq_len=d.max_length, pad_id=pad_id
-                )
-
+            held = held_out
+            eval_batches = lambda: fixed(held)  # noqa: E731
         return Algorithm(source=pairs, eval_batches=eval_batches)
 
     if dpo.precompute_reference_log_probs:
@@ -285,41 +284,31 @@ def build(ctx: Context) -> Algorithm:
             f"dpo: reference log-probs of {len(table)} distinct pairs precomputed; no reference "
             "model is kept"
         )
-        eval_batches = None
         if held_out is not None:
-            fixed = list(
-                data.fixed_batches(held_out, batch_size=micro, seq_len=d.max_length, pad_id=pad_id)
-            )
-            starts = range(0, len(held_out), micro)
-            scored = [
+            padding = np.zeros(2, np.float32)
+            looked_up = [
                 {
                     **b,
                     "reference_logps": np.stack(
                         [table[p] for p in held_out[s : s + micro]]
-                        + [np.zeros(2, np.float32)] * (micro - len(held_out[s : s + micro]))
+                        + [padding] * (micro - len(held_out[s : s + micro]))
                     ),
                 }
-                for s, b in zip(starts, fixed, strict=True)
+                for s, b in zip(range(0, len(held_out), micro), fixed(held_out), strict=True)
             ]
-
-            def eval_batches():
-                return scored
-
+            eval_batches = lambda: looked_up  # noqa: E731
         return Algorithm(source=PrecomputedReference(pairs, table), eval_batches=eval_batches)
 
     score = reference_scorer(ctx, micro, average)
     source = ReferenceScored(pairs, score)
-
-    eval_batches = None
     if held_out is not None:
+        held = held_out
         scored: list[dict[str, np.ndarray]] = []  # the reference never changes: score once
 
-        def eval_batches():
+        def score_once() -> list[dict[str, np.ndarray]]:
             if not scored:
-                for b in data.fixed_batches(
-                    held_out, batch_size=micro, seq_len=d.max_length, pad_id=pad_id
-                ):
-                    scored.append({**b, "reference_logps": score(b)})
+                scored.extend({**b, "reference_logps": score(b)} for b in fixed(held))
             return scored
 
+        eval_batches = score_once
     return Algorithm(source=source, eval_batches=eval_batches)
