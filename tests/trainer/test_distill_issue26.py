@@ -69,6 +69,8 @@ def test_compiled_step_of_a_152k_vocabulary_job_holds_one_chunk_of_logits(tmp_pa
         return builtin_config(ref.split(":", 1)[1], vocab_size=QWEN_VOCAB)
 
     run = build_run(job, abstract=Abstract(config_of, jax.devices()[:1]))
+    # on-policy: the student's sampling is declared, so ``plan`` counts its KV cache too
+    assert (run.declaration.rollout is not None) is bool(distill.get("onPolicy"))
     hlo = run.lower_step().compile().as_text()
     sizes = vocab_arrays(hlo, QWEN_VOCAB)
     chunk = chunk_tokens_for(QWEN_VOCAB) * QWEN_VOCAB

@@ -16,6 +16,13 @@ as ``alpha * distill_loss + (1 - alpha) * ce_loss``:
   teacher's hidden size by a learned float32 linear map per pair (the ``projection`` head: it
   trains in every mode, is checkpointed, and is not exported with the student).
 
+Every term over the vocabulary (the KD term, both cross-entropies) runs from final hidden states a
+chunk of tokens at a time (``hidden_forward``, ``chunked_logprobs``, ``chunked_generalized_jsd``):
+no [B, T, V] float32 logits. With ``spec.distill.beta`` (or ``onPolicy``) the logit term is GKD's
+generalised JSD. With ``onPolicy`` the batch source (``OnPolicy``) lets the student sample the
+completions of a share ``lmbda`` of the steps through ``sampling.generate``; the declaration's
+``rollout`` tells ``plan`` what that sampling holds.
+
 Layer pairs: ``spec.distill.layers`` or ``default_layer_map``. Metrics: ``distill_loss``,
 ``ce_loss``, ``teacher_ce_loss`` (the teacher's own cross-entropy on the same tokens: the level
 the student approaches) and ``loss``; the same as ``eval_*`` on ``spec.data.eval``.
@@ -43,7 +50,9 @@ from posttrain.trainer.algorithms.base import (
     Metrics,
     ModelConfigs,
     Models,
+    RolloutShape,
 )
+from posttrain.trainer.algorithms.rollout import SamplingSettings
 from posttrain.trainer.algorithms.sft import columns as sft_columns
 from posttrain.trainer.algorithms.sft import sft_loss, supervised
 from posttrain.trainer.data import sft as sft_data
@@ -297,12 +306,20 @@ def declare(spec: Any, configs: ModelConfigs) -> Declaration:
     columns = sft_columns(spec)
     if d.on_policy:
         columns["on_policy"] = ((spec.training.batch_size,), np.float32)
+    rollout = None
+    if (
+        d.on_policy
+    ):  # what ``plan`` compiles for the student's sampling (worst case: 1-token prompt)
+        L = spec.data.max_length
+        sampling = SamplingSettings(max_new_tokens=L - 1, temperature=d.temperature)
+        rollout = RolloutShape(spec.training.batch_size, spec.data.max_prompt_length, sampling)
     return Declaration(
         loss=make_loss(
             d.strategy, pairs, temperature=d.temperature, alpha=d.alpha, beta=d.jsd_beta
         ),
         columns=columns,
         heads=heads,
+        rollout=rollout,
         # Frozen: stored in the compute dtype (no float32 master copy needed).
         teacher=ModelSpec(base=d.teacher, dtype=spec.model.dtype, param_dtype=spec.model.dtype),
     )
