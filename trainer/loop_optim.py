@@ -8,9 +8,10 @@ labels from the leaf's path ``heads/<name>/...``). Clipping stays global over al
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from posttrain.api.v1alpha1 import TrainingSpec
@@ -48,28 +49,72 @@ def schedule(training: TrainingSpec, peak: float | None = None) -> optax.Schedul
 
 
 def optimizer(
-    training: TrainingSpec, learning_rates: Mapping[str, float] | None = None
+    training: TrainingSpec,
+    learning_rates: Mapping[str, float] | None = None,
+    *,
+    policy_idle: tuple[int, int] | None = None,
 ) -> optax.GradientTransformation:
     """Clip (maxGradNorm) then AdamW / Adafactor / SGD with the schedule; heads named in
-    ``learning_rates`` get their own peak rate (same schedule shape)."""
+    ``learning_rates`` get their own peak rate (same schedule shape). ``policy_idle`` (start,
+    end): the policy's parameters are not updated at the optimizer's updates start..end-1
+    (0-based; PPO's critic warm-up), while the heads are (``idle_between``)."""
     tx = _update_rule(training, schedule(training))
-    if learning_rates:
-        groups = {POLICY: tx}
-        for head, peak in learning_rates.items():
+    if learning_rates or policy_idle:
+        rates = dict(learning_rates or {})
+        groups = {POLICY: tx if policy_idle is None else idle_between(tx, *policy_idle)}
+        for head, peak in rates.items():
             groups[head_label(head)] = _update_rule(training, schedule(training, peak))
-        tx = optax.multi_transform(groups, lambda params: param_labels(params, learning_rates))
+        if policy_idle is not None:
+            groups[HEADS] = _update_rule(training, schedule(training))
+        tx = optax.multi_transform(
+            groups,
+            lambda params: param_labels(params, rates, heads_apart=policy_idle is not None),
+        )
     if training.max_grad_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(training.max_grad_norm), tx)
     return tx
+
+
+HEADS = "heads"  # with ``policy_idle``: the heads without a rate of their own
+
+
+class IdleState(NamedTuple):
+    seen: jax.Array  # updates seen, skipped ones included
+    inner: Any
+
+
+def idle_between(
+    inner: optax.GradientTransformation, start: int, end: int
+) -> optax.GradientTransformation:
+    """``inner``, except that its updates ``start``..``end - 1`` (0-based, counted here) are
+    skipped: zero updates and ``inner``'s state left as it was, so AdamW neither decays the
+    weights, moves them by its moments, nor advances its step count (bias correction and
+    schedule resume where they were: verl does not step the actor's optimizer or scheduler
+    during critic warm-up)."""
+
+    def init(params: Any) -> IdleState:
+        return IdleState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(updates: Any, state: IdleState, params: Any = None) -> tuple[Any, IdleState]:
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        idle = (state.seen >= start) & (state.seen < end)
+        out = jax.tree.map(lambda u: jnp.where(idle, jnp.zeros_like(u), u), new_updates)
+        kept = jax.tree.map(lambda n, o: jnp.where(idle, o, n), new_inner, state.inner)
+        return out, IdleState(state.seen + 1, kept)
+
+    return optax.GradientTransformation(init, update)
 
 
 def head_label(head: str) -> str:
     return f"heads/{head}"
 
 
-def param_labels(params: Any, learning_rates: Mapping[str, float]) -> Any:
-    """Each leaf's group: ``heads/<name>`` for a head with its own rate, else ``policy``. A rate
-    for a head the trainee does not have is refused (the optimizer's init calls this)."""
+def param_labels(
+    params: Any, learning_rates: Mapping[str, float], *, heads_apart: bool = False
+) -> Any:
+    """Each leaf's group: ``heads/<name>`` for a head with its own rate, else ``policy`` (with
+    ``heads_apart``, other heads ``heads``). A rate for a head the trainee does not have is
+    refused (the optimizer's init calls this)."""
     heads = params["heads"] if isinstance(params, Mapping) and "heads" in params else {}
     unknown = set(learning_rates) - set(heads)
     if unknown:
@@ -81,6 +126,8 @@ def param_labels(params: Any, learning_rates: Mapping[str, float]) -> Any:
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
         if len(names) >= 2 and names[0] == "heads" and names[1] in learning_rates:
             return head_label(names[1])
+        if heads_apart and names and names[0] == "heads":
+            return HEADS
         return POLICY
 
     return jax.tree_util.tree_map_with_path(label, params)

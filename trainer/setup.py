@@ -277,7 +277,7 @@ def build_run(job: PostTrainJob, *, abstract: Abstract | None = None) -> Run:
     teacher_graphdef = extras.pop("_teacher_graphdef", None)
     view = trainee_view(graphdef, teacher_graphdef)
 
-    tx = optimizer(training, declaration.learning_rates)
+    tx = optimizer(training, declaration.learning_rates, policy_idle=declaration.policy_idle_steps)
     if abstract:
         opt_state = place.like_params(jax.eval_shape(tx.init, params), params, mesh)
     else:

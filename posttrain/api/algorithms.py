@@ -19,6 +19,7 @@ from posttrain.api.settings.dpo import DpoSpec
 from posttrain.api.settings.dr_grpo import DrGrpoSpec
 from posttrain.api.settings.grpo import GrpoSpec
 from posttrain.api.settings.gspo_token import GspoTokenSpec
+from posttrain.api.settings.kto import KtoSpec
 from posttrain.api.settings.orpo import OrpoSpec
 from posttrain.api.settings.ppo import PpoSpec
 from posttrain.api.settings.reinforce_plus_plus import ReinforcePlusPlusSpec
@@ -66,6 +67,7 @@ REGISTRY: dict[str, Entry] = {
         Entry("dr-grpo", DrGrpoSpec, TRAINER + "dr_grpo", "Dr. GRPO: unbiased GRPO"),
         Entry("dpo", DpoSpec, TRAINER + "dpo", "DPO and its losses, on preference pairs"),
         Entry("orpo", OrpoSpec, TRAINER + "orpo", "ORPO: odds-ratio preference, no reference"),
+        Entry("kto", KtoSpec, TRAINER + "kto", "KTO: unpaired answers labelled desirable or not"),
         Entry("distill", DistillSpec, TRAINER + "distill", "distillation from a frozen teacher"),
         Entry("rloo", RlooSpec, TRAINER + "rloo", "RLOO: leave-one-out baseline"),
         Entry(

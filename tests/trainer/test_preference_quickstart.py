@@ -1,5 +1,6 @@
-"""The DPO and ORPO quickstarts as a user runs them: their data is what the generator writes, and
-(slow) the built-in model's held-out preference accuracy rises from its step-0 baseline."""
+"""The DPO, ORPO, SimPO (DPO's lossType simpo) and KTO quickstarts as a user runs them: their data
+is what the generator writes, and (slow) the built-in model's held-out preference accuracy rises
+from its step-0 baseline."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from posttrain.trainer.tasks import preferences
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "local" / "data" / "arithmetic-preferences"
-EXAMPLES = {a: ROOT / "examples" / "local" / f"{a}-quickstart.yaml" for a in ("dpo", "orpo")}
+EXAMPLES = {
+    a: ROOT / "examples" / "local" / f"{a}-quickstart.yaml" for a in ("dpo", "orpo", "simpo", "kto")
+}
+ALGORITHM = {"dpo": "dpo", "orpo": "orpo", "simpo": "dpo", "kto": "kto"}
 
 
 def test_shipped_data_is_the_generators_output(tmp_path):
@@ -37,8 +41,10 @@ def test_shipped_data_is_the_generators_output(tmp_path):
 def test_quickstart_recipe_is_valid(algorithm):
     (doc,) = load_documents(EXAMPLES[algorithm])
     job = parse_job(doc)
-    assert job.spec.algorithm == algorithm and job.spec.model.base == "builtin:tiny"
+    assert job.spec.algorithm == ALGORITHM[algorithm] and job.spec.model.base == "builtin:tiny"
     assert job.spec.data.eval
+    if algorithm == "simpo":
+        assert job.spec.settings.loss_type == "simpo"
 
 
 @pytest.mark.slow

@@ -165,6 +165,9 @@ class Declaration:
     learning_rates: Mapping[str, float] = field(default_factory=dict)
     rollout: RolloutShape | None = None
     sequences_per_row: int = 1  # DPO's pairs: 2 sequences of columns' last axis per row
+    # Optimizer updates [start, end) that leave the policy's parameters alone while the heads
+    # train (PPO's critic warm-up; ``loop_optim.idle_between``).
+    policy_idle_steps: tuple[int, int] | None = None
 
 
 @dataclass

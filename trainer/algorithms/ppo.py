@@ -114,6 +114,11 @@ class SeparateCritic(nnx.Module):
         return self.value(hidden_bte)
 
 
+def scale_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x`` in the forward pass; its gradient times ``scale`` in the backward pass."""
+    return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+
+
 def policy_and_values(
     models: Models,
     batch: Mapping[str, jax.Array],
@@ -128,6 +133,8 @@ def policy_and_values(
     hidden_bte, _ = models.policy.hidden_states(batch["input_ids"], batch["attention_mask"])
     if isinstance(critic, SeparateCritic):
         values_bt = critic(batch["input_ids"], batch["attention_mask"])
+    elif "policy_on" in batch:  # critic warm-up: the value loss does not move the shared trunk
+        values_bt = critic(scale_gradient(hidden_bte, batch["policy_on"].mean()))
     else:
         values_bt = critic(hidden_bte)
     logps, entropy_bt = chunked_logprobs_and_entropy(
@@ -160,6 +167,31 @@ class PpoSource(RolloutBatchSource):
         self.rows = ctx.spec.training.batch_size  # one mini-batch: what a step trains on
         self.rollout_rows = self.rows * p.num_mini_batches
         self._old: Any = None  # the jitted no-grad forward, made on first use
+        self.kl_ctrl = (  # verl's adaptive KL controller, checkpointed with the source
+            pl.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+            if p.target_kl is not None
+            else None
+        )
+
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        batch = super().next_batch(step)
+        if self.p.critic_warmup_steps:  # 0 on the first criticWarmupSteps steps of RL
+            on = step < self.warmup or bool(
+                pl.policy_loss_on(step - self.warmup, self.p.critic_warmup_steps)
+            )
+            batch["policy_on"] = np.full(len(batch["input_ids"]), float(on), np.float32)
+        return batch
+
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()
+        if self.kl_ctrl is not None:
+            state = {**state, "kl_ctrl": self.kl_ctrl.state()}
+        return state
+
+    def restore_extra(self, state: Mapping[str, Any]) -> None:
+        super().restore_extra(state)
+        if self.kl_ctrl is not None and "kl_ctrl" in state:
+            self.kl_ctrl = pl.AdaptiveKLController.from_state(state["kl_ctrl"])
 
     def step_batch(self, batch: dict[str, np.ndarray], index: int, k: int) -> dict[str, np.ndarray]:
         epoch, mini = divmod(k, self.p.num_mini_batches)
@@ -186,6 +218,8 @@ class PpoSource(RolloutBatchSource):
             zeros = np.zeros_like(batch["completion_mask"])
             for key in ("old_logp", "old_values", "advantages", "returns"):
                 batch[key] = zeros
+            if self.p.use_kl_loss:
+                batch["ref_logp"] = zeros
             for name in self._metric_names():
                 batch[METRIC + name] = np.full(R, np.nan, np.float32)
         return batch
@@ -195,7 +229,7 @@ class PpoSource(RolloutBatchSource):
         names += MISMATCH_METRICS
         if self.p.rollout_correction.rejection != "none":
             names.append("rollout_rejected_fraction")
-        return names
+        return names + (["kl_coef"] if self.kl_ctrl is not None else [])
 
     def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
         """Teacher-forced rows: prompt + the data's completion (+ EOS), cut to maxNewTokens."""
@@ -223,11 +257,27 @@ class PpoSource(RolloutBatchSource):
         mask = jnp.asarray(batch["completion_mask"])
         values = jnp.asarray(old_values, jnp.float32) * mask
         kl = jnp.zeros_like(mask)
-        if p.kl_coef > 0:
+        if p.needs_reference:
             ref_logp = self.ctx.reference_logprobs(batch, p.temperature)
             kl = jnp.asarray(old_logp - ref_logp) * mask
-        rewards = pl.token_rewards(jnp.asarray(out.rewards, jnp.float32), kl, mask, p.kl_coef)
+            if p.use_kl_loss:
+                batch["ref_logp"] = np.asarray(ref_logp, np.float32)
+        scores = pl.missing_eos_penalty(
+            jnp.asarray(out.rewards, jnp.float32),
+            jnp.asarray(batch["targets"]),
+            mask,
+            e.eos_id,
+            p.missing_eos_penalty,
+        )
+        kl_coef = p.kl_coef if self.kl_ctrl is None else self.kl_ctrl.value
+        rewards = pl.token_rewards(scores, kl, mask, kl_coef if p.kl_coef > 0 else 0.0)
+        if p.whiten_rewards:
+            rewards = pl.whiten_rewards(rewards, mask)
         adv, returns = pl.gae(rewards, values, mask, p.gamma, p.lambda_)
+        if self.kl_ctrl is not None:  # verl: the batch's mean per-token KL, n = its sequences
+            per_row = (kl * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+            batch[METRIC + "kl_coef"] = np.full(R, kl_coef, np.float32)
+            self.kl_ctrl = self.kl_ctrl.update(float(per_row.mean()), R)
         batch["old_logp"] = np.asarray(old_logp, np.float32)
         batch["old_values"] = np.asarray(values)
         batch["advantages"] = np.asarray(pl.whiten(adv, mask), np.float32)
@@ -274,20 +324,7 @@ def make_loss(p: PpoSpec) -> LossFn:
         )
         mask_bt = batch["completion_mask"]
         num_tokens = batch["tokens_per_row"].mean() * mask_bt.shape[0]
-        value, metrics = pl.ppo_loss(
-            logp_bt,
-            batch["old_logp"],
-            values_bt,
-            batch["old_values"],
-            batch["advantages"],
-            batch["returns"],
-            mask_bt,
-            eps=p.epsilon,
-            eps_high=p.epsilon_high,
-            value_clip_range=p.value_clip_range,
-            value_coef=p.value_coef,
-            num_tokens=num_tokens,
-        )
+        value, metrics = policy_objective(p, models, batch, logp_bt, values_bt, num_tokens)
         if "sft" in batch:  # warm-up rows: SFT at temperature 1, the RL metrics are null
             sft = batch["sft"].mean() > 0
             nll = gl.aggregate(-plain[0], mask_bt, "token-mean", num_tokens)
@@ -301,6 +338,65 @@ def make_loss(p: PpoSpec) -> LossFn:
         return value, metrics
 
     return loss
+
+
+def policy_objective(
+    p: PpoSpec,
+    models: Models,  # noqa: ARG001
+    batch: Mapping[str, jax.Array],
+    logp_bt: jax.Array,
+    values_bt: jax.Array,
+    num_tokens: jax.Array,
+) -> tuple[jax.Array, Metrics]:
+    """PPO's loss with verl's extras: the clipped (or dual-clip) policy term, plus
+    klLossCoef x KL(pi || pi_ref) with useKlLoss, gated by ``policy_on`` (critic warm-up: 0, so
+    the policy gets no gradient), plus valueCoef x the value loss."""
+    mask_bt = batch["completion_mask"]
+    pg, metrics = pl.policy_loss(
+        logp_bt,
+        batch["old_logp"],
+        batch["advantages"],
+        mask_bt,
+        eps=p.epsilon,
+        eps_high=p.epsilon_high,
+        num_tokens=num_tokens,
+    )
+    if p.clip_ratio_c is not None:
+        pg, dual = pl.dual_clip_policy_loss(
+            logp_bt,
+            batch["old_logp"],
+            batch["advantages"],
+            mask_bt,
+            eps=p.epsilon,
+            eps_high=p.epsilon_high,
+            clip_ratio_c=p.clip_ratio_c,
+            num_tokens=num_tokens,
+        )
+        metrics["policy_loss"] = dual["policy_loss"]
+        metrics["pg_clipfrac_lower"] = dual["clip_fraction_dual"]  # verl's name
+    if p.use_kl_loss:
+        kl = pl.kl_loss(
+            logp_bt,
+            batch["ref_logp"],
+            mask_bt,
+            kl_loss_type=p.kl_loss_type,
+            num_tokens=num_tokens,
+        )
+        pg = pg + p.kl_loss_coef * kl
+        metrics["kl_loss"] = jax.lax.stop_gradient(kl)
+    if "policy_on" in batch:
+        on = batch["policy_on"].mean()
+        pg = on * pg
+        metrics["policy_on"] = on
+    vf, value_metrics = pl.value_loss(
+        values_bt,
+        batch["old_values"],
+        batch["returns"],
+        mask_bt,
+        clip_range=p.value_clip_range,
+        num_tokens=num_tokens,
+    )
+    return pg + p.value_coef * vf, {**metrics, **value_metrics}
 
 
 # --------------------------------------------------------------------------- build
@@ -317,6 +413,10 @@ def columns(spec: Any) -> dict[str, Column]:
     out["tokens_per_row"] = ((R,), f32)
     if p.sft_warmup_steps:
         out["sft"] = ((R,), f32)
+    if p.use_kl_loss:
+        out["ref_logp"] = ((R, L), f32)
+    if p.critic_warmup_steps:
+        out["policy_on"] = ((R,), f32)
     return out
 
 
@@ -336,8 +436,14 @@ def declare(spec: Any, configs: ModelConfigs) -> Declaration:  # noqa: ARG001
         loss=make_loss(p),
         columns=columns(spec),
         heads=heads,
-        reference=p.kl_coef > 0,  # only the KL penalty reads it
+        reference=p.needs_reference,  # the KL penalty in the rewards or the KL loss
         learning_rates={VALUE: p.value_learning_rate} if p.value_learning_rate else {},
+        # critic warm-up: the policy's optimizer update is skipped, not just its gradient zeroed
+        policy_idle_steps=(
+            (p.sft_warmup_steps, p.sft_warmup_steps + p.critic_warmup_steps)
+            if p.critic_warmup_steps
+            else None
+        ),
         rollout=RolloutShape(rows, spec.data.max_prompt_length, SamplingSettings.of(p)),
     )
 

@@ -13,8 +13,9 @@ is an episode whose actions are its tokens; the state before token t is the prom
 - Policy loss: -min(r A, clip(r, 1-eps, 1+eps_high) A), r = pi / pi_old, token-mean.
 - Value loss: 1/2 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token-mean.
 
-Also built, not yet selectable from the spec: verl's dual clip, KL as a loss term and adaptive KL
-controller, critic warm-up; TRL's missing-EOS penalty and reward whitening (end of this file).
+Also built, and selectable in ``spec.ppo`` (wired in ``trainer/algorithms/ppo.py``): verl's dual
+clip, KL as a loss term and adaptive KL controller, critic warm-up; TRL's missing-EOS penalty and
+reward whitening (end of this file).
 
 Shapes: [B, T] with a mask that is 1 on the positions whose target is a completion token (one
 contiguous run per row); positions outside it are ignored everywhere.

@@ -249,12 +249,17 @@ class PreferenceSource:
         self.index += 1
         return pair
 
+    def next_pairs(self) -> list[Pair]:
+        """The next global batch's pairs, in order (what ``next_batch`` collates)."""
+        return [self._next_pair() for _ in range(self.batch_size)]
+
+    def collate(self, pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
+        batch = collate(pairs, self.seq_len, self.pad_id)
+        return _scale(batch, rows=self.batch_size, tokens=float(batch["nll_weights"].sum()))
+
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         del step  # the order is positional; the loop restores the position on resume
-        batch = collate(
-            [self._next_pair() for _ in range(self.batch_size)], self.seq_len, self.pad_id
-        )
-        return _scale(batch, rows=self.batch_size, tokens=float(batch["nll_weights"].sum()))
+        return self.collate(self.next_pairs())
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from posttrain.api.base import FieldValueError
 from posttrain.api.settings.rl import RolloutSpec
 
 
@@ -55,5 +56,73 @@ class PpoSpec(RolloutSpec):
         le=1,
         description="Peak learning rate of the critic; default: training.learningRate.",
     )
+
+    # verl's and TRL's extras (issue #26); defaults from verl unless said
+    use_kl_loss: bool = Field(
+        False,
+        description="KL to the reference as a loss term (verl's actor.use_kl_loss); set klCoef: "
+        "0 to take the KL out of the rewards, as verl's use_kl_in_reward: false.",
+    )
+    kl_loss_coef: float = Field(
+        0.001, ge=0, description="Weight of the KL loss term (verl's actor.kl_loss_coef)."
+    )
+    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = Field(
+        "low_var_kl", description="KL estimate of the loss term (verl's actor.kl_loss_type)."
+    )
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="Adaptive KL controller (Ziegler et al. 2019; verl's algorithm.kl_ctrl.type "
+        "adaptive): the reward's KL coefficient starts at klCoef and moves towards this KL per "
+        "token; unset: a fixed klCoef.",
+    )
+    kl_horizon: int = Field(
+        10000,
+        ge=1,
+        description="The adaptive controller's horizon in sequences (verl's kl_ctrl.horizon).",
+    )
+    critic_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="The first optimizer steps of RL train the critic only: the policy gets no "
+        "gradient (verl's trainer.critic_warmup).",
+    )
+    missing_eos_penalty: float | None = Field(
+        None,
+        ge=0,
+        description="Subtracted from the reward of a completion with no EOS (TRL's "
+        "missing_eos_penalty); unset: none.",
+    )
+    clip_ratio_c: float | None = Field(
+        3.0,
+        gt=1,
+        description="Dual-clip PPO's bound on negative-advantage tokens (Ye et al. 2020; verl's "
+        "actor.clip_ratio_c, default 3); null: the plain clipped surrogate.",
+    )
+    whiten_rewards: bool = Field(
+        False,
+        description="Scale the per-token rewards to unit variance over the rollout batch before "
+        "GAE, their mean kept (TRL's whiten_rewards, default false).",
+    )
+
+    @model_validator(mode="after")
+    def _adaptive_needs_a_start(self) -> PpoSpec:
+        if self.target_kl is not None and self.kl_coef == 0:
+            raise FieldValueError(
+                "targetKl",
+                "the adaptive KL controller scales klCoef, which is 0; set klCoef > 0 "
+                "(its starting value) or remove targetKl",
+            )
+        if self.use_kl_loss and self.sft_warmup_steps:
+            raise FieldValueError(
+                "useKlLoss",
+                "the KL loss pulls the policy back towards the model before sftWarmupSteps; "
+                "run SFT as its own job, or remove useKlLoss",
+            )
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0 or self.use_kl_loss
 
     kl_field: ClassVar[str] = "klCoef"
