@@ -501,7 +501,9 @@ class DecoderLayer(nnx.Module):
         if sliding is None:
             mask = sliding_mask if self.sliding else full_mask
         else:
-            mask = full_mask if sliding_mask is None else jnp.where(sliding, sliding_mask, full_mask)
+            mask = (
+                full_mask if sliding_mask is None else jnp.where(sliding, sliding_mask, full_mask)
+            )
         attn, new_kv, *probs = self.self_attn(
             self.input_layernorm(x),
             positions,
