@@ -375,9 +375,8 @@ class Attention(nnx.Module):
         v = project(self.v_proj, x_bte).reshape(B, T, K, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if inv_freq is None:
-            inv_freq = np.asarray(self.inv_freq, np.float32)
-        q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
+        freq = np.asarray(self.inv_freq, np.float32) if inv_freq is None else inv_freq
+        q, k = apply_rope(q, positions_bt, freq), apply_rope(k, positions_bt, freq)
         if kv is not None:  # generation: write this step's keys/values, attend over the cache
             assert write_index is not None
             cache_kv = write_kv(kv, k, v, write_index)
