@@ -440,3 +440,19 @@ def test_dapo_defaults_run_on_episodes(files, tmp_path):
     first = per_step(out)[1]
     assert first["reward/overlong"] <= 0 and first["sampling_rounds"] in (1.0, 2.0)
     assert first["turns"] is not None
+
+
+def test_the_contract_alone_uses_data_max_length_for_the_rows(files, scorer, tmp_path, monkeypatch):
+    """environment: {class, maxTurns: 2} and nothing else: rows are data.maxLength long."""
+    state, url = scorer
+    batches = capture_batches(monkeypatch)
+    spec = job(
+        files,
+        url,
+        steps=1,
+        max_length=64,
+        environment={"class": f"{files}/held_out_env.py:Echo", "maxTurns": 2},
+    )
+    train(spec, str(tmp_path / "x"), progress_bar=False)
+    assert batches[0]["input_ids"].shape == (8, 64) and len(state.completions) == 8
+    assert per_step(tmp_path / "x")[1]["turns"] == 2.0
