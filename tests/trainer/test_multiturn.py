@@ -416,3 +416,43 @@ def test_hf_chat_templates_render_tool_turns_as_masked_segments(
         [t for t, m in zip(e.ids, model, strict=True) if m], skip_special_tokens=False
     )
     assert spoken == turn + "<|eos|>" + "five<|eos|>"
+
+
+def test_dapo_defaults_run_on_episodes(files, tmp_path):
+    """DAPO's overlong penalty and dynamic sampling on multi-turn rollouts: the penalty reads each
+    episode's longest turn, rounds of episodes are gathered by group."""
+    spec = job(files, None, steps=1).model_dump(by_alias=True, exclude_none=True)
+    block = spec["spec"].pop("grpo")
+    for key in (
+        "beta",
+        "epsilon",
+        "epsilonHigh",
+        "advantage",
+        "lossAggregation",
+        "dynamicSampling",
+    ):
+        block.pop(key, None)  # DAPO's own defaults
+    block.update({"maxSamplingRounds": 2, "overlong": {"mode": "penalty", "buffer": 2}})
+    spec["spec"]["algorithm"] = "dapo"
+    spec["spec"]["dapo"] = block
+    out = tmp_path / "dapo"
+    train(parse_job(spec), str(out), progress_bar=False)
+    first = per_step(out)[1]
+    assert first["reward/overlong"] <= 0 and first["sampling_rounds"] in (1.0, 2.0)
+    assert first["turns"] is not None
+
+
+def test_the_contract_alone_uses_data_max_length_for_the_rows(files, scorer, tmp_path, monkeypatch):
+    """environment: {class, maxTurns: 2} and nothing else: rows are data.maxLength long."""
+    state, url = scorer
+    batches = capture_batches(monkeypatch)
+    spec = job(
+        files,
+        url,
+        steps=1,
+        max_length=64,
+        environment={"class": f"{files}/held_out_env.py:Echo", "maxTurns": 2},
+    )
+    train(spec, str(tmp_path / "x"), progress_bar=False)
+    assert batches[0]["input_ids"].shape == (8, 64) and len(state.completions) == 8
+    assert per_step(tmp_path / "x")[1]["turns"] == 2.0

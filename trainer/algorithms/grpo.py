@@ -468,9 +468,9 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
 def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Column]:
     """The step's batch (``RolloutSource._finish_batch``): batchSize x G rows of
     maxPromptLength + maxNewTokens tokens (the run's prompt width is at most that); with an
-    environment, maxPromptLength + maxTurns x (maxNewTokens + maxObservationTokens)."""
+    environment, maxPromptLength + its room (``EnvironmentSpec.room``)."""
     R, L = spec.training.batch_size * g.num_generations, spec.data.max_prompt_length
-    L += _completion_width(g)
+    L += _completion_width(g, spec)
     i32, f32 = np.int32, np.float32
     out: dict[str, Column] = {
         "input_ids": ((R, L), i32),
@@ -499,12 +499,12 @@ def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Col
     return out
 
 
-def _completion_width(g: GrpoSpec) -> int:
+def _completion_width(g: GrpoSpec, spec: Any) -> int:
     """Tokens after the prompt: one completion, or an environment's turns and observations."""
-    env = g.environment
+    env, d = g.environment, spec.data
     if env is None:
         return g.max_new_tokens
-    return env.max_turns * (g.max_new_tokens + env.max_observation_tokens)
+    return env.room(g.max_new_tokens, d.max_length, d.max_prompt_length)
 
 
 def family(objective: str = "grpo") -> tuple[Any, Any]:
@@ -524,7 +524,7 @@ def family(objective: str = "grpo") -> tuple[Any, Any]:
             # turns and observations).
             rollout=RolloutShape(
                 rows,
-                spec.data.max_prompt_length + _completion_width(g) - g.max_new_tokens,
+                spec.data.max_prompt_length + max(0, _completion_width(g, spec) - g.max_new_tokens),
                 SamplingSettings.of(g),
             ),
         )

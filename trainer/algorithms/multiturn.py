@@ -22,7 +22,8 @@ One episode per batch row, built from its data row (``environments.CheckedEnviro
    minus its rendering without: tokens that stay in the sequence as context, with
    ``completion_mask`` 0 (no loss, no ratio, no KL on them).
 
-Every row has the fixed shape [P + maxTurns x (maxNewTokens + maxObservationTokens)]: prompt
+Every row has the fixed shape [P + room]: room = maxTurns x (maxNewTokens + maxObservationTokens),
+or data.maxLength - P when maxObservationTokens is unset. The prompt is
 left-padded to P, then the turns and observations back to back, then padding. An episode that runs
 out of room ends there (truncated). The job's ``rewards`` score each episode once, with the prompt
 text and the decoded transcript after the prompt (special tokens skipped) as the completion; the
@@ -262,15 +263,21 @@ class MultiTurnEngine:
         self.eos_text = tok.decode([self.eos_id], skip_special_tokens=False)
         self.shuffle, self.seed = spec.data.shuffle, spec.training.seed
         self.prompt_len = spec.data.max_prompt_length
-        self.turn_room = settings.max_new_tokens + env.max_observation_tokens
-        self.room = env.max_turns * self.turn_room
+        d = spec.data
+        self.room = env.room(settings.max_new_tokens, d.max_length, d.max_prompt_length)
         self.seq_len = self.prompt_len + self.room
-        if self.seq_len > spec.data.max_length:
+        if self.seq_len > d.max_length:
             raise ValueError(
                 f"{self.field}: maxPromptLength ({self.prompt_len}) + maxTurns ({env.max_turns}) "
                 f"x (maxNewTokens {settings.max_new_tokens} + maxObservationTokens "
                 f"{env.max_observation_tokens}) = {self.seq_len} tokens exceed spec.data.maxLength "
-                f"({spec.data.max_length}); raise maxLength or lower those"
+                f"({d.max_length}); raise maxLength or lower those"
+            )
+        if self.room < settings.max_new_tokens:
+            raise ValueError(
+                f"spec.{block_field}.maxNewTokens: {settings.max_new_tokens} new tokens after "
+                f"prompts of up to {self.prompt_len} tokens exceed spec.data.maxLength "
+                f"({d.max_length}); lower maxNewTokens or maxPromptLength, or raise maxLength"
             )
         self._orders: dict[int, np.ndarray] = {}
         self._samples_written = 0

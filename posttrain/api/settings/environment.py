@@ -42,15 +42,16 @@ class EnvironmentSpec(Spec):
     max_turns: int = Field(
         2, ge=1, le=64, description="Model turns per episode at most (the episode is then cut)."
     )
-    max_observation_tokens: int = Field(
-        64,
+    max_observation_tokens: int | None = Field(
+        None,
         ge=1,
         le=1_048_576,
         description=(
             "Room per turn for what follows a model turn (the chat template's framing, tool "
-            "results, the user's reply). Each episode's tokens after the prompt fit in "
-            "maxTurns x (maxNewTokens + maxObservationTokens); an episode that runs out of room "
-            "ends there (truncated)."
+            "results, the user's reply): each episode's tokens after the prompt then fit in "
+            "maxTurns x (maxNewTokens + maxObservationTokens). Unset: an episode has "
+            "data.maxLength - data.maxPromptLength tokens after its prompt, shared by its turns "
+            "and observations. An episode that runs out of room ends there (truncated)."
         ),
     )
     tools: list[Ref] = Field(
@@ -69,6 +70,12 @@ class EnvironmentSpec(Spec):
     workers: int = Field(
         1, ge=1, le=256, description="Environment steps and tool calls run this many at once."
     )
+
+    def room(self, max_new_tokens: int, max_length: int, max_prompt_length: int) -> int:
+        """Tokens after the prompt in every row (turns, observations, padding)."""
+        if self.max_observation_tokens is None:
+            return max_length - max_prompt_length
+        return self.max_turns * (max_new_tokens + self.max_observation_tokens)
 
     @model_validator(mode="after")
     def _distinct_tools(self) -> EnvironmentSpec:
