@@ -359,7 +359,7 @@ class Attention(nnx.Module):
         *,
         return_probs: bool = False,
         segments_bt: jax.Array | None = None,
-        inv_freq: jax.Array | None = None,
+        inv_freq: Any = None,
     ) -> tuple[Any, ...]:
         """(output [B, T, E], updated kv or None), plus with ``return_probs`` the attention
         probabilities [B, H, T, S] float32 (query head h = kv head h // G), e.g. for distillation.
@@ -501,7 +501,9 @@ class DecoderLayer(nnx.Module):
         if sliding is None:
             mask = sliding_mask if self.sliding else full_mask
         else:
-            mask = full_mask if sliding_mask is None else jnp.where(sliding, sliding_mask, full_mask)
+            mask = (
+                full_mask if sliding_mask is None else jnp.where(sliding, sliding_mask, full_mask)
+            )
         attn, new_kv, *probs = self.self_attn(
             self.input_layernorm(x),
             positions,
