@@ -14,7 +14,10 @@ The Tunix side builds ``tunix.models.llama3.model.Llama3`` with the same shapes,
 jitted step of ``tunix.sft.peft_trainer.PeftTrainer`` (its default loss: mean next-token CE over
 the 255 targets; LoRA through ``qwix.LoraProvider`` on all seven projections, optimizer over
 ``nnx.LoRAParam``), and decodes with ``tunix.generate.sampler.Sampler`` (greedy), with the same
-data, warm-up and medians.
+data, warm-up and medians. GRPO (``--only grpo``): posttrain's own loop against Tunix's
+``GRPOLearner`` on a 4-layer model of the same shape (see ``tunix_workload.py``); both sides
+report their parameters, generated tokens per step and optimizer steps per GRPO step, and the
+ratios are refused when those differ. It works from any working directory.
 """
 
 from __future__ import annotations

@@ -55,9 +55,13 @@ def lowerings_of(job, out: Path) -> collections.Counter[str]:
     return handler.counts
 
 
-def sft(tmp: Path):
-    training = {**TRAINING, "evalEverySteps": 1}
+def sft(tmp: Path, **training):
+    training = {**TRAINING, "evalEverySteps": 1, **training}
     return jobs.job(tmp, training=training, output={"export": False})
+
+
+def sft_scanned(tmp: Path):
+    return sft(tmp, scanLayers=True, remat="full")
 
 
 def dpo(tmp: Path):
@@ -88,8 +92,14 @@ def grpo(tmp: Path):
     )
 
 
+SFT_PROGRAMS = {
+    "jit(train_step)",
+    "jit(evaluate)",
+    "jit(_generate_jit)",
+}  # finish: sampled accuracy
 EXPECTED = {
-    "sft": {"jit(train_step)", "jit(evaluate)", "jit(_generate_jit)"},  # finish: sampled accuracy
+    "sft": SFT_PROGRAMS,
+    "sft-scanned": SFT_PROGRAMS,
     "dpo": {"jit(train_step)", "jit(forward_forward)"},
     "grpo": {
         "jit(train_step)",
@@ -100,9 +110,9 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["sft", "sft-scanned", "dpo", "grpo"])
 def test_each_program_compiles_once_in_three_steps(tmp_path, algorithm):
-    job = {"sft": sft, "dpo": dpo, "grpo": grpo}[algorithm](tmp_path)
+    job = {"sft": sft, "sft-scanned": sft_scanned, "dpo": dpo, "grpo": grpo}[algorithm](tmp_path)
     counts = lowerings_of(job, tmp_path / "out")
     assert set(counts) == EXPECTED[algorithm], counts  # the programs the run is expected to have
     twice = {name: n for name, n in counts.items() if n > 1}

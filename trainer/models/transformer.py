@@ -359,7 +359,7 @@ class Attention(nnx.Module):
         *,
         return_probs: bool = False,
         segments_bt: jax.Array | None = None,
-        inv_freq: jax.Array | None = None,
+        inv_freq: Any = None,
     ) -> tuple[Any, ...]:
         """(output [B, T, E], updated kv or None), plus with ``return_probs`` the attention
         probabilities [B, H, T, S] float32 (query head h = kv head h // G), e.g. for distillation.
