@@ -13,6 +13,12 @@ Per pod the renderer sets (names below):
   POSTTRAIN_HOST_ID              this pod's index in its slice: the Job completion index
   POSTTRAIN_RECIPE               path of the mounted recipe (the PostTrainJob manifest)
   POSTTRAIN_JOB_NAME, POSTTRAIN_NAMESPACE   which PostTrainJob to report progress to
+Async RL (spec.rollout.mode async) adds a role to every pod:
+  POSTTRAIN_ROLE                 trainer (the default when unset) or rollout
+  POSTTRAIN_TRAINER_ADDRESS      host:port of the trainer's rollout service (process 0 of the
+                                 trainer role): weights out, trajectories in (trainer/async_rl/)
+  POSTTRAIN_ROLLOUT_WORKER       a rollout worker's index, 0..replicas-1 (its JobSet job index)
+A rollout worker is one process: it gets no coordinator variables.
 On multislice TPU also MEGASCALE_COORDINATOR_ADDRESS, MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID
 and MEGASCALE_PORT, which libtpu reads to join slices over DCN.
 """
@@ -37,8 +43,14 @@ MEGASCALE_NUM_SLICES = "MEGASCALE_NUM_SLICES"
 MEGASCALE_SLICE_ID = "MEGASCALE_SLICE_ID"
 MEGASCALE_PORT_ENV = "MEGASCALE_PORT"
 
+ROLE = "POSTTRAIN_ROLE"
+TRAINER_ADDRESS = "POSTTRAIN_TRAINER_ADDRESS"
+ROLLOUT_WORKER = "POSTTRAIN_ROLLOUT_WORKER"
+ROLE_TRAINER, ROLE_ROLLOUT = "trainer", "rollout"
+
 COORDINATOR_PORT = 8476  # jax.distributed's coordinator (the port MaxText and GKE docs use)
 MEGASCALE_PORT = 8080  # libtpu's DCN coordination port on multislice
+ROLLOUT_PORT = 8477  # the trainer's rollout service (async RL): weights and trajectories
 RECIPE_PATH = "/etc/posttrain/recipe.yaml"
 # The trainer's exit code for a configuration error (a bad recipe, an algorithm it cannot run):
 # sysexits' EX_CONFIG. The JobSet fails at once on it instead of restarting (render.py).

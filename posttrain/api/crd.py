@@ -158,6 +158,11 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.summary.progress"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.summary.eta", "priority": 1},
+    # Async RL (spec.rollout.mode async): empty for every other job.
+    {"name": "Policy", "type": "integer", "jsonPath": ".status.rollout.policyVersion"},
+    {"name": "Staleness", "type": "number", "jsonPath": ".status.rollout.stalenessMean"},
+    {"name": "Sync-s", "type": "number", "jsonPath": ".status.rollout.weightSyncSeconds"},
+    {"name": "Rollout-tok/s", "type": "number", "jsonPath": ".status.rollout.tokensPerSecond"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
     {
         "name": "Checkpoint",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from posttrain.api import accelerators as acc
 from posttrain.api.algorithms import ALGORITHMS, REGISTRY
 from posttrain.api.base import MAX_LIST, MAX_STR, FieldValueError, ModelRef, Spec, Str
+from posttrain.api.settings.rl import RolloutCorrectionSpec, RolloutSpec
 
 GROUP = "posttrain.dev"
 VERSION = "v1alpha1"
@@ -344,6 +345,84 @@ class ResourcesSpec(Spec):
     def gpus(self) -> int:
         return self.gpus_per_node or 8
 
+    @property
+    def hosts(self) -> int:
+        """Pods (JAX processes) these resources make: TPU hosts over every slice, else nodes."""
+        if acc.is_tpu(self.accelerator):
+            assert self.topology is not None
+            shape = acc.tpu_slice_shape(self.accelerator, self.topology, self.chips_per_host)
+            return shape.hosts * self.slices
+        return self.nodes
+
+
+class RolloutRoleSpec(Spec):
+    """Where an RL job's rollouts run. sync: on the trainer's devices, taking turns with training.
+    async: on rollout workers of their own (a role of the same JobSet, admitted with the trainer as
+    one Kueue Workload) that sample all the time with the newest weights they hold; the trainer
+    trains on their trajectories at most maxPolicyLag policy versions old."""
+
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: generation and training take turns on the same devices (the default). "
+        "async: rollout workers generate while the trainer trains.",
+    )
+    max_policy_lag: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="How many policy versions (optimizer steps) a trajectory may trail the "
+        "weights it is first trained on; 0 waits for every update. Default 1. With mode async "
+        "only; rollout correction (TIS) is on by default when it is above 0.",
+    )
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Rollout workers, each one host (pod). Default 1. With mode async only.",
+    )
+    resources: ResourcesSpec | None = Field(
+        None,
+        description="Each rollout worker's accelerator and topology (one host); default: the same "
+        "as spec.resources. With mode async only.",
+    )
+
+    @model_validator(mode="after")
+    def _async_fields_need_async(self) -> RolloutRoleSpec:
+        if self.mode == "sync":
+            for name, field in (
+                ("max_policy_lag", "maxPolicyLag"),
+                ("replicas", "replicas"),
+                ("resources", "resources"),
+            ):
+                if getattr(self, name) is not None:
+                    raise FieldValueError(
+                        field,
+                        f"{field} is read with mode: async; with mode sync the rollouts run on "
+                        "the trainer's devices between its steps",
+                    )
+        if self.resources is not None and self.resources.hosts != 1:
+            raise FieldValueError(
+                "resources",
+                f"a rollout worker is one host, these resources make {self.resources.hosts}; "
+                "choose a single-host shape and add workers with replicas",
+            )
+        return self
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
+
+    @property
+    def lag(self) -> int:
+        """The policy lag allowed: 0 in sync mode, maxPolicyLag (default 1) in async."""
+        if not self.is_async:
+            return 0
+        return 1 if self.max_policy_lag is None else self.max_policy_lag
+
+    @property
+    def workers(self) -> int:
+        return (self.replicas or 1) if self.is_async else 0
+
 
 class Toleration(Spec):
     key: Annotated[str, Field(max_length=316)] | None = None
@@ -460,6 +539,11 @@ class JobSpecBase(Spec):
     env: list[EnvVar] = Field(
         default_factory=list, max_length=MAX_LIST, description="Extra environment for the trainer."
     )
+    rollout: RolloutRoleSpec | None = Field(
+        None,
+        description="RL algorithms: sync rollouts on the trainer's devices (default), or async "
+        "rollout workers of their own (mode, maxPolicyLag, replicas, resources).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -495,6 +579,53 @@ class JobSpecBase(Spec):
                 wanted.block, f"algorithm {self.algorithm} needs spec.{wanted.block}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _rollout_role_fits(self) -> JobSpecBase:
+        """spec.rollout only for algorithms with rollouts; async only where it is built; with a
+        lag above 0, rollout correction (TIS, verl's default for async) unless the block sets it."""
+        if self.rollout is None:
+            return self
+        settings = self.settings
+        if not isinstance(settings, RolloutSpec):
+            rl = sorted(e.name for e in REGISTRY.values() if issubclass(e.settings, RolloutSpec))
+            raise FieldValueError(
+                "rollout",
+                f"spec.rollout is for the algorithms with rollouts ({', '.join(rl)}); "
+                f"{self.algorithm} has none",
+            )
+        if not self.rollout.is_async:
+            return self
+        block = f"spec.{REGISTRY[self.algorithm].block}"
+        if getattr(settings, "dynamic_sampling", False):
+            raise FieldValueError(
+                "rollout.mode",
+                f"async rollouts are not built with dynamic sampling yet (its rounds depend on "
+                f"the rewards of the ones before); set {block}.dynamicSampling: false, or mode: sync",
+            )
+        if getattr(settings, "environment", None) is not None:
+            raise FieldValueError(
+                "rollout.mode",
+                f"async rollouts are not built for multi-turn episodes ({block}.environment) "
+                "yet; use mode: sync",
+            )
+        if self.resources.hosts != 1:
+            raise FieldValueError(
+                "rollout.mode",
+                f"an async job's trainer is one host for now; spec.resources makes "
+                f"{self.resources.hosts}: choose a single-host shape, or mode: sync",
+            )
+        if self.rollout.lag > 0 and "rollout_correction" not in settings.model_fields_set:
+            corrected = settings.model_copy(
+                update={"rollout_correction": RolloutCorrectionSpec(importance_sampling="token")}
+            )
+            object.__setattr__(self, REGISTRY[self.algorithm].field, corrected)
+        return self
+
+    @property
+    def rollout_role(self) -> RolloutRoleSpec:
+        """``spec.rollout``, or sync's defaults when absent."""
+        return self.rollout or RolloutRoleSpec()
 
     @property
     def settings(self) -> Spec:
@@ -572,6 +703,28 @@ class Progress(Spec):
     )
 
 
+class RolloutStatus(Spec):
+    """An async RL job's rollout role as the trainer last reported it (`kubectl get` columns)."""
+
+    policy_version: int | None = Field(
+        None, ge=0, description="The newest policy version (optimizer step) the trainer published."
+    )
+    staleness_mean: float | None = Field(
+        None,
+        ge=0,
+        description="Mean policy versions the trajectories trained on trailed the weights, so far.",
+    )
+    weight_sync_seconds: float | None = Field(
+        None, ge=0, description="Seconds the last weight transfer to a rollout worker took."
+    )
+    tokens_per_second: float | None = Field(
+        None, ge=0, description="Completion tokens the rollout workers generated per second."
+    )
+    workers: int | None = Field(
+        None, ge=0, description="Rollout workers that reported in the last minute."
+    )
+
+
 class Summary(Spec):
     """Short strings for `kubectl get` columns (JSONPath cannot format)."""
 
@@ -586,6 +739,7 @@ class PostTrainJobStatus(Spec):
     conditions: list[Condition] = Field(default_factory=list, max_length=MAX_LIST)
     progress: Progress | None = None
     summary: Summary | None = None
+    rollout: RolloutStatus | None = None
     job_set_name: Annotated[str, Field(max_length=253)] | None = None
     restarts: int = Field(0, ge=0)
     readmissions: int = Field(
