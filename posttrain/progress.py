@@ -165,7 +165,13 @@ class ProgressReporter:
             return None
         return max(0.0, (total - step) * (now - first_time) / (step - first_step))
 
-    def report(self, step: int, total: int, metrics: Mapping[str, float] | None = None) -> bool:
+    def report(
+        self,
+        step: int,
+        total: int,
+        metrics: Mapping[str, float] | None = None,
+        rollout: Mapping[str, Any] | None = None,  # noqa: ARG002 - TEMP until op24 lands
+    ) -> bool:
         if not self.enabled:
             return False
         self._pending = self._body(step, total, metrics or {})

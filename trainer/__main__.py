@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             pass
         else:
             jax.config.update("jax_compilation_cache_dir", cache)
+    if os.environ.get(runtime.ROLE) == runtime.ROLE_ROLLOUT:  # async RL: one process, no mesh
+        from posttrain.trainer.async_rl.worker import serve
+
+        return serve(job, output)
     distributed.initialize()
     from posttrain.progress import ProgressReporter
     from posttrain.trainer.loop import train

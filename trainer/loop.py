@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from posttrain.api.v1alpha1 import ModelSpec, OutputSpec, PostTrainJob
 from posttrain.trainer import peft, storage
 from posttrain.trainer.algorithms.base import Algorithm, Context
+from posttrain.trainer.async_rl import service as async_rl
 from posttrain.trainer.checkpoint import Checkpointer, checkpoint_dir
 from posttrain.trainer.metrics import MetricsWriter
 from posttrain.trainer.placement import device_batch
@@ -69,7 +70,7 @@ def train(
     say = say if jax.process_index() == 0 else (lambda _msg: None)
     run = build_run(job)
     state = TrainState(run.params, run.opt_state)
-    algo: Algorithm = run.module.build(_context(job, run, state, output_dir, say))
+    algo: Algorithm = run.module.build(make_context(job, run, state, output_dir, say))
     say(run.describe())
     ckpt = Checkpointer(checkpoint_dir(training.checkpoint, output_dir), training.checkpoint)
     start = state.step = _resume(ckpt, state, algo, say)
@@ -82,6 +83,10 @@ def train(
         reporter=reporter,
     )
     preempted, timer = _PreemptionFlag(), _Throughput()
+    service = async_rl.for_job(job, algo.source, say)  # async RL: the rollout workers' service
+    if service is not None:
+        metrics.rollout_status = service.status
+        service.publish(state.step, state.params)
     try:
         if start == 0 and algo.eval_batches is not None:
             metrics.log(0, evaluate(run, state, algo))  # the baseline, before the first update
@@ -94,6 +99,8 @@ def train(
                 jnp.int32(state.step), run.extras,
             )  # fmt: skip
             state.step += 1
+            if service is not None:
+                service.publish(state.step, state.params)
             _log(run, state, algo, metrics, out, timer)
             stopping = preempted.reached(state.step) or (
                 stop_after is not None and state.step - start >= stop_after
@@ -111,6 +118,8 @@ def train(
         ckpt.wait()
         return _finish(run, state, algo, metrics, output_dir, start, say)
     finally:
+        if service is not None:
+            service.close()
         preempted.restore()
         metrics.close()
         if reporter is not None:
@@ -121,7 +130,7 @@ def train(
 # --------------------------------------------------------------------------- the loop's parts
 
 
-def _context(
+def make_context(
     job: PostTrainJob, run: Run, state: TrainState, output_dir: str, say: Callable[[str], None]
 ) -> Context:
     return Context(

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from posttrain.trainer import storage
@@ -45,6 +45,8 @@ class MetricsWriter:
         self._tb = None
         self._bar = None
         self._reporter = reporter
+        # async RL: step -> status.rollout (the rollout service's ``status``)
+        self.rollout_status: Callable[[int], dict[str, Any]] | None = None
         if not enabled:
             return
         if storage.exists(self.path):  # resume: keep what the restored checkpoint covers
@@ -108,11 +110,13 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if self._reporter is not None:
-            self._reporter.report(
-                step,
-                self.total_steps,
-                {k: v for k, v in record.items() if k != "step" and v is not None},
-            )
+            values = {k: v for k, v in record.items() if k != "step" and v is not None}
+            if self.rollout_status is None:
+                self._reporter.report(step, self.total_steps, values)
+            else:  # async RL: status.rollout too
+                self._reporter.report(
+                    step, self.total_steps, values, rollout=self.rollout_status(step)
+                )
         return record
 
     def advance(self, step: int, info: str = "") -> None:

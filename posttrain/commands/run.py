@@ -1,5 +1,9 @@
 """`posttrain run FILE --output DIR [--processes N]`: the job on this machine, no cluster.
 
+An async RL job (``spec.rollout.mode: async``) runs as its roles would in a cluster: the trainer
+and ``spec.rollout.replicas`` rollout workers as local processes, talking over loopback HTTP, the
+same transport as between pods (``trainer/async_rl``).
+
 With ``--processes N`` it starts N local trainer processes joined by jax.distributed on loopback
 (CPU collectives), with the same environment variables the operator sets on pods
 (``posttrain.runtime``), which is how multi-host training is exercised without a cluster. Each
@@ -59,18 +63,33 @@ def run(args: argparse.Namespace) -> int:
         "--output",
         args.output,
     ]
-    if args.processes == 1:
+    workers = _rollout_workers(args.file)
+    if args.processes == 1 and not workers:
         from posttrain.trainer.__main__ import main
 
         return main(entry[3:])
     address = f"127.0.0.1:{free_port()}"
     children = []
+    roles: dict[str, str] = {}
+    if workers:  # async RL: the trainer's rollout service on loopback, the workers beside it
+        trainer_address = f"127.0.0.1:{free_port()}"
+        roles = {runtime.ROLE: runtime.ROLE_TRAINER, runtime.TRAINER_ADDRESS: trainer_address}
     for i in range(args.processes):
         topology = runtime.ProcessTopology(
             address, num_slices=1, hosts_per_slice=args.processes, host_id=i
         )
-        env = {**os.environ, **topology.to_env(), runtime.RECIPE: args.file}
+        env = {**os.environ, **topology.to_env(), runtime.RECIPE: args.file, **roles}
         # Own session: a terminal's Ctrl-C reaches only this launcher, which stops them cleanly.
+        children.append(subprocess.Popen(entry, env=env, start_new_session=True))
+    trainers = list(children)
+    for w in range(workers):
+        env = {
+            **os.environ,
+            runtime.RECIPE: args.file,
+            runtime.ROLE: runtime.ROLE_ROLLOUT,
+            runtime.ROLLOUT_WORKER: str(w),
+            runtime.TRAINER_ADDRESS: roles[runtime.TRAINER_ADDRESS],
+        }
         children.append(subprocess.Popen(entry, env=env, start_new_session=True))
 
     stops = 0
@@ -86,9 +105,28 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [child.wait() for child in children]
+        codes = [child.wait() for child in trainers]
+        # The trainer is done (or stopped): its workers exit when told so; stop any left.
+        for child in children[len(trainers) :]:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.terminate()
+                child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0
+
+
+def _rollout_workers(path: str) -> int:
+    """Rollout workers an async RL job runs beside its trainer (0 for every other job); a bad
+    file is left for the trainer to report."""
+    from posttrain.api import JobInvalid
+    from posttrain.trainer.__main__ import read_recipe
+
+    try:
+        return read_recipe(path).spec.rollout_role.workers
+    except (OSError, JobInvalid):
+        return 0

@@ -208,21 +208,26 @@ class RolloutSource(RolloutBatchSource):
             names += ["groups_filtered_fraction", "sampling_rounds"]
         return names
 
+    def rollout_request(self, index: int, round_: int = 0) -> tuple[list[Any], int]:
+        """Round ``round_`` of rollout batch ``index``: its prompts, each G times in a row, and
+        the sampler's seed. Without dynamic sampling the prompts are a pure function of the index;
+        with it, of the prompts used so far (``next_prompt``, saved in the checkpoint)."""
+        G, B = self.g.num_generations, self.batch_prompts
+        start = self._next_prompt if self.g.dynamic_sampling else index * B
+        self._next_prompt = start
+        rows = [p for p in (self.engine.prompt(start + j) for j in range(B)) for _ in range(G)]
+        return rows, ds.round_seed(self.ctx.spec.training.seed, index, round_)
+
     def make_rollout(self, index: int) -> dict[str, np.ndarray]:
         """One rollout batch: one round of rollouts, or with dynamicSampling as many rounds as it
         takes (at most maxSamplingRounds) to fill the batch with groups whose rewards differ."""
-        G, B, e = self.g.num_generations, self.batch_prompts, self.engine
+        G, B = self.g.num_generations, self.batch_prompts
         rounds = self.g.max_sampling_rounds if self.g.dynamic_sampling else 1
         sampled: list[_Round] = []
         for round_ in range(rounds):
-            # Without dynamic sampling the prompts are a pure function of the index;
-            # with it, of the prompts used so far (saved in the checkpoint).
-            start = self._next_prompt if self.g.dynamic_sampling else index * B
-            chosen = [e.prompt(start + j) for j in range(B)]
-            self._next_prompt = start + B
-            rows = [p for p in chosen for _ in range(G)]  # each prompt's G completions adjacent
-            seed = ds.round_seed(self.ctx.spec.training.seed, index, round_)
-            sampled.append(self._score(e.rollout(self.ctx.model(), rows, seed)))
+            rows, seed = self.rollout_request(index, round_)
+            self._next_prompt += B
+            sampled.append(self._score(self.sample(index, rows, seed)))
             if sum(int(r.informative.sum()) for r in sampled) >= B:
                 break
         picked = ds.choose_groups([r.informative for r in sampled], B)

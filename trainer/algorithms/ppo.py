@@ -236,10 +236,13 @@ class PpoSource(RolloutBatchSource):
         batch = self.engine.teacher_forced(step * self.rows, self.rows)
         return self._per_token_share(self._columns(batch, sft=True))
 
+    def rollout_request(self, index: int) -> tuple[list[Any], int]:
+        R = self.rollout_rows
+        return [self.engine.prompt(index * R + j) for j in range(R)], group_seed(self.seed, index)
+
     def make_rollout(self, index: int) -> dict[str, np.ndarray]:
         p, e, R = self.p, self.engine, self.rollout_rows
-        rows = [e.prompt(index * R + j) for j in range(R)]
-        out = e.rollout(self.ctx.model(), rows, group_seed(self.seed, index))
+        out = self.sample(index, *self.rollout_request(index))
         sampler_logp = out.arrays["sampler_logp"]
         batch = self._columns(dict(out.arrays), sft=False)
         if self._old is None:

@@ -393,6 +393,7 @@ class RolloutBatchSource:
         self._logged_at: int | None = None
         self._rollout = -1
         self._batch: dict[str, np.ndarray] | None = None
+        self.remote: Any = None  # async RL: the trainer's rollout service (trainer/async_rl)
 
     # what subclasses provide
     def warmup_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -406,6 +407,23 @@ class RolloutBatchSource:
 
     def evaluate(self, model: Any) -> float:
         raise NotImplementedError
+
+    def rollout_request(self, index: int) -> tuple[list[Prompt], int]:
+        """The prompt rows (each repeated as the algorithm samples them) and the sampler's seed
+        of rollout batch ``index``: a pure function of the index, which is what lets a rollout
+        worker sample exactly the batch the trainer would (async RL)."""
+        raise NotImplementedError
+
+    def sample(self, index: int, rows: list[Prompt], seed: int) -> Rollout:
+        """Rollout batch ``index`` sampled and scored: here with the live policy (sync), or taken
+        from the rollout workers (async: ``remote``, a ``trainer/async_rl`` service)."""
+        if self.remote is None:
+            return self.engine.rollout(self.ctx.model(), rows, seed)
+        t = self.remote.take(index, self.warmup + index * self.steps_per_rollout)
+        self.engine.last = ([p.text for p in rows], t.texts or [], t.rewards)  # completion log
+        self.host_metrics.update(self.remote.stats.metrics())
+        self.host_metrics["policy_version_sampled"] = float(t.version)
+        return Rollout(t.arrays, t.rewards, t.reward_terms, t.lengths, t.seconds, t.texts)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
