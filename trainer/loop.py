@@ -188,20 +188,22 @@ def evaluate(run: Run, state: TrainState, algo: Algorithm) -> dict[str, float]:
 
 
 class _Throughput:
-    """Tokens per second between logged steps, timed on this host."""
+    """Tokens per second and wall seconds per step between logged steps, timed on this host."""
 
     def __init__(self) -> None:
-        self.last, self.tokens = time.perf_counter(), 0
+        self.last, self.tokens, self.steps = time.perf_counter(), 0, 0
 
     def add(self, batch: Any) -> None:
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else 0
+        self.steps += 1
 
-    def take(self) -> float:
+    def take(self) -> tuple[float, float]:
         now = time.perf_counter()
-        rate = self.tokens / max(now - self.last, 1e-9)
-        self.last, self.tokens = now, 0
-        return rate
+        seconds = max(now - self.last, 1e-9)
+        rate, per_step = self.tokens / seconds, seconds / max(self.steps, 1)
+        self.last, self.tokens, self.steps = now, 0, 0
+        return rate, per_step
 
 
 def _log(
@@ -219,7 +221,7 @@ def _log(
     values = {k: float(v) for k, v in jax.device_get(out).items()}
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
-    values["tokens_per_second"] = timer.take()
+    values["tokens_per_second"], values["step_seconds"] = timer.take()
     values.update(getattr(algo.source, "host_metrics", {}))  # the host's own timers (RL)
     record = metrics.log(step, {**values, **eval_metrics})
     metrics.advance(step, f"loss {record['loss']:.4f}")

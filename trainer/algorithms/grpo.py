@@ -178,7 +178,7 @@ class RolloutSource(RolloutBatchSource):
         batch["advantages"] = adv.astype(np.float32)
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
-        needs_old = self.steps_per_rollout > 1 or self.correction.enabled
+        needs_old = needs_old_logp(self.g)
         if needs_old and "old_logp" not in batch:
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
@@ -187,7 +187,7 @@ class RolloutSource(RolloutBatchSource):
             )
         if not needs_old:
             batch.pop("old_logp", None)
-        if self.correction.enabled:
+        if self.correction.enabled and not is_in_loss(self.g):
             correct(batch, self.correction, sft=sft)
         if self.g.beta > 0 and not self.estimator.kl_in_reward and "ref_logp" not in batch:
             batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature)
@@ -333,6 +333,22 @@ class RolloutSource(RolloutBatchSource):
         self._next_prompt = int(state.get("next_prompt", 0))
 
 
+def is_in_loss(g: GrpoSpec) -> bool:
+    """TIS computed inside the loss, from the step's own forward: with one optimizer step per
+    rollout batch pi_old is the current policy, so the separate no-grad pass that the host-side
+    correction needs would recompute the very log-probs the step computes anyway. Rejection
+    changes the mask, whose token counts the host needs first: it stays on the host."""
+    c = g.rollout_correction
+    steps_per_rollout = g.num_iterations * g.num_mini_batches
+    return steps_per_rollout == 1 and c.importance_sampling != "none" and c.rejection == "none"
+
+
+def needs_old_logp(g: GrpoSpec) -> bool:
+    """Whether the rollout batch carries pi_old's log-probs, from a no-grad pass."""
+    steps_per_rollout = g.num_iterations * g.num_mini_batches
+    return steps_per_rollout > 1 or (g.rollout_correction.enabled and not is_in_loss(g))
+
+
 def correct(batch: dict[str, np.ndarray], c: Any, *, sft: bool = False) -> None:
     """Rollout correction on a rollout batch with ``old_logp`` and ``sampler_logp``, in place:
     rejection drops tokens or completions from ``completion_mask`` (its share of completions as
@@ -401,6 +417,7 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
     objective = parts.objective(objective_name)
     eps, eps_high = g.epsilon, g.clip_high
     beta = 0.0 if kl_in_reward else g.beta  # in the reward, the advantages carry it
+    c, tis_in_loss = g.rollout_correction, is_in_loss(g)
 
     def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
         # SFT warm-up rows (flag `sft`) have no rollout: they train at temperature 1.
@@ -434,6 +451,11 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
         adv = batch["advantages"]
         if "is_weights" in batch:  # TIS: w >= 0 scales -min(r A, clip(r) A) exactly as w A does
             adv = (adv[:, None] if adv.ndim == 1 else adv) * batch["is_weights"]
+        elif tis_in_loss:  # the same weights, pi_old being this step's own forward (is_in_loss)
+            weights = rc.token_is_weights(
+                current_bt, batch["sampler_logp"], mask_bt, c.importance_sampling_threshold
+            )
+            adv = (adv[:, None] if adv.ndim == 1 else adv) * weights
         value, metrics = objective(
             logp_bt,
             old_logp_bt,
@@ -495,9 +517,9 @@ def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Col
         out["sft"] = ((R,), f32)
     if steps_per_rollout > 1:
         out["on_policy"] = ((R,), f32)
-    if steps_per_rollout > 1 or c.enabled:
+    if needs_old_logp(g):
         out["old_logp"] = ((R, L), f32)
-    if c.importance_sampling != "none":
+    if c.importance_sampling != "none" and not is_in_loss(g):
         out["is_weights"] = ((R, L), f32)
     if g.beta > 0 and not estimator.kl_in_reward:
         out["ref_logp"] = ((R, L), f32)

@@ -423,6 +423,7 @@ class RolloutBatchSource:
         self.engine.last = ([p.text for p in rows], t.texts or [], t.rewards)  # completion log
         self.host_metrics.update(self.remote.stats.metrics())
         self.host_metrics["policy_version_sampled"] = float(t.version)
+        self.host_metrics["rollout_index"] = float(index)
         return Rollout(t.arrays, t.rewards, t.reward_terms, t.lengths, t.seconds, t.texts)
 
     def extra_state(self) -> dict[str, Any]:
