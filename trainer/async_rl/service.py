@@ -112,6 +112,7 @@ class RolloutService:
         self._consumed = consumed  # the rollout index the trainer takes next
         self._done = False
         self._seen: dict[int, float] = {}  # worker -> last request (monotonic)
+        self._told_done: set[int] = set()
         self._server = ThreadingHTTPServer(address, _handler(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -216,16 +217,20 @@ class RolloutService:
             "workers": sum(1 for t in self._seen.values() if now - t < 60),
         }
 
-    def close(self, grace: float = 2.0) -> None:
-        """Tell the workers the run is done (they exit), then stop serving."""
+    def close(self, grace: float = 30.0) -> None:
+        """Tell the workers the run is done, then stop serving: waits (up to ``grace`` s) until
+        every worker heard from in the last minute has asked for work and been told, so that
+        they exit 0 rather than find the service gone."""
         with self._cond:
             self._done = True
             self._cond.notify_all()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(
-            time.monotonic() - t < grace for t in self._seen.values()
-        ):
-            time.sleep(0.1)
+            self._cond.wait_for(
+                lambda: all(
+                    w in self._told_done or time.monotonic() - t > 60
+                    for w, t in self._seen.items()
+                ),
+                timeout=grace,
+            )
         self._server.shutdown()
         self._server.server_close()
 
@@ -234,6 +239,9 @@ class RolloutService:
     def assignment(self, worker: int) -> dict[str, Any]:
         with self._cond:
             self._seen[worker] = time.monotonic()
+            if self._done:
+                self._told_done.add(worker)
+                self._cond.notify_all()
             index = schedule.next_index(worker, self.workers, self._consumed, self._queue)
             return {
                 "run": self.run_id,
