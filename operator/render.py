@@ -650,7 +650,9 @@ def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
                         "completions": 1,
                         # A worker's crash is retried in place; a disruption is not counted.
                         "backoffLimit": ROLLOUT_BACKOFF_LIMIT,
-                        "podFailurePolicy": {"rules": copy.deepcopy(list(ROLLOUT_POD_FAILURE_RULES))},
+                        "podFailurePolicy": {
+                            "rules": copy.deepcopy(list(ROLLOUT_POD_FAILURE_RULES))
+                        },
                         "template": _pod_template(job, rollout, images, rollout=True),
                     },
                 },

@@ -782,9 +782,10 @@ def test_rollout_pod_names_and_selectors_are_checked_too() -> None:
     }
     assert f"{'a' * 45}-rollout-<worker>-0-xxxxx" in errors["metadata.name"]
     assert "at most 44 characters" in errors["metadata.name"]
-    assert "spec.rollout.resources" in errors[
-        "spec.scheduling.nodeSelector.cloud.google.com/gke-accelerator"
-    ]
+    assert (
+        "spec.rollout.resources"
+        in errors["spec.scheduling.nodeSelector.cloud.google.com/gke-accelerator"]
+    )
 
 
 @pytest.mark.parametrize("name", [runtime.ROLE, runtime.TRAINER_ADDRESS, runtime.ROLLOUT_WORKER])
