@@ -348,12 +348,17 @@ class Operator:
             self.enqueue(*job)
 
     def observe_pod(self, job: Key, type_: str | None) -> None:
-        """A pod event (label posttrain.dev/job): a reconcile while the job is starting."""
+        """A pod event (label posttrain.dev/job): a reconcile while the job is starting, and
+        while an async RL job runs (its rollout workers come and go without the JobSet
+        restarting; the Running message counts them)."""
         if type_ is None:
             return
         with self._guard:
             cached = self._jobs.get(job)
-        if cached is None or (cached.get("status") or {}).get("phase") in PHASES_WATCHING_PODS:
+        phase = ((cached or {}).get("status") or {}).get("phase")
+        if cached is None or phase in PHASES_WATCHING_PODS:
+            self.enqueue(*job)
+        elif phase == "Running" and _is_async(cached):
             self.enqueue(*job)
 
     def observe_failed_create(self, job: Key, event: Mapping[str, Any], type_: str | None) -> None:
@@ -836,13 +841,18 @@ def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
 
 
-_CHILD_JOB = re.compile(r"^(?P<job>.+)-(?:slice|node)-\d+$")
+_CHILD_JOB = re.compile(r"^(?P<job>.+)-(?:slice|node|rollout)-\d+$")
+
+
+def _is_async(body: Mapping[str, Any]) -> bool:
+    """An async RL job (spec.rollout.mode async), from the raw object."""
+    return ((body.get("spec") or {}).get("rollout") or {}).get("mode") == "async"
 
 
 def job_of_child_job(job_name: str) -> str | None:
     """The PostTrainJob behind a JobSet's child Job: JobSet names them
     `<jobset>-<replicatedJob>-<index>`, our JobSet is named like the job, and its replicated
-    job is `slice` or `node` (render.py)."""
+    job is `slice` or `node` (render.py), or an async job's `rollout`."""
     m = _CHILD_JOB.match(job_name)
     return m["job"] if m else None
 

@@ -13,6 +13,15 @@ Shape of the JobSet (replicated job `slice` on TPU, `node` on GPU and CPU):
     GPU   replicas = 1, parallelism = completions = nodes; `nvidia.com/gpu` per pod.
     cpu   replicas = 1, parallelism = completions = nodes; plain pods.
 
+Async RL (`spec.rollout.mode: async`) adds a second replicated job to the same JobSet, `rollout`:
+replicas = rollout workers, each child Job one pod (one host of `spec.rollout.resources`, default
+`spec.resources`) on its own node pool. The trainer's replicated job is unchanged; its pods also
+get the role and the trainer's rollout service address (POSTTRAIN_ROLE, POSTTRAIN_TRAINER_ADDRESS,
+port 8477). A worker is one process: no jax.distributed or MEGASCALE_* variables, its index from
+the JobSet job index. Its Job recreates a failed pod in place (a large backoffLimit; disruptions
+ignored), so a worker's crash restarts neither the trainer nor the set; the set succeeds when the
+trainer's replicated job does (successPolicy), and Kueue admits both roles as one Workload.
+
 Every pod gets the environment of `posttrain.runtime` (the contract with the trainer's
 distributed init). The slice id and the host id come from the downward API: JobSet puts the
 job index on each pod (`jobset.sigs.k8s.io/job-index`), the Job controller the completion
@@ -23,6 +32,7 @@ reached through the headless Service JobSet creates for `network.enableDNSHostna
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +51,7 @@ from posttrain.api.v1alpha1 import (
     OUTPUT_DIR_REQUIRED,
     FieldValueError,
     PostTrainJob,
+    ResourcesSpec,
 )
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
@@ -115,6 +126,17 @@ JOBSET_FAILURE_RULES = (
     },
 )
 
+# Async RL: the rollout workers' replicated job. Each child Job is one worker pod; a crash is
+# retried in place by its Job up to ROLLOUT_BACKOFF_LIMIT times (the Job controller's back-off
+# between tries grows to 6 minutes), a disruption (eviction, node loss) not counted at all, so
+# neither restarts the trainer. A configuration error (exit 78) still fails the set (rule 0).
+ROLLOUT_JOB = "rollout"
+ROLLOUT_BACKOFF_LIMIT = 1000
+ROLLOUT_POD_FAILURE_RULES = (
+    POD_FAILURE_RULES[0],
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+)
+
 # Pod names are <jobset>-<rjob>-<jobIndex>-<podIndex>-<5 random>, at most 63 characters
 # (JobSet's webhook refuses longer ones).
 MAX_POD_NAME = 63
@@ -158,6 +180,7 @@ class Shape:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     accelerator_resources: dict[str, str] = field(default_factory=dict)
+    resources: ResourcesSpec | None = None  # what the pods ask for (cpu, memory, accelerator)
 
     @property
     def multislice(self) -> bool:
@@ -165,14 +188,32 @@ class Shape:
 
 
 def shape_of(job: PostTrainJob) -> Shape:
+    """The trainer's replicated job: `slice` on TPU, `node` on GPU and CPU."""
     r = job.spec.resources
+    name = "slice" if acc.is_tpu(r.accelerator) else "node"
+    return _shape(r, name, r.slices if acc.is_tpu(r.accelerator) else 1)
+
+
+def rollout_shape_of(job: PostTrainJob) -> Shape | None:
+    """The rollout workers' replicated job of an async RL job (None otherwise): `rollout`, one
+    replica per worker, one pod each, on `spec.rollout.resources` (default spec.resources)."""
+    role = job.spec.rollout_role
+    if not role.is_async:
+        return None
+    resources = role.resources or job.spec.resources
+    shape = _shape(resources, ROLLOUT_JOB, role.workers)
+    assert shape.pods == 1  # the model requires one host per worker
+    return shape
+
+
+def _shape(r: ResourcesSpec, name: str, replicas: int) -> Shape:
     if acc.is_tpu(r.accelerator):
         assert r.topology is not None  # the model requires it for TPUs
         s = acc.tpu_slice_shape(r.accelerator, r.topology, r.chips_per_host)
         gen = acc.TPU_GENERATIONS[r.accelerator]
         return Shape(
-            "slice",
-            replicas=r.slices,
+            name,
+            replicas=replicas,
             pods=s.hosts,
             node_selector={
                 GKE_TPU_ACCELERATOR: gen.gke_accelerator,
@@ -181,17 +222,19 @@ def shape_of(job: PostTrainJob) -> Shape:
             },
             tolerations=[{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
             accelerator_resources={TPU_RESOURCE: str(s.chips_per_host)},
+            resources=r,
         )
     if acc.is_gpu(r.accelerator):
         return Shape(
-            "node",
-            replicas=1,
+            name,
+            replicas=replicas,
             pods=r.nodes,
             node_selector={GKE_ACCELERATOR: acc.GPU_TYPES[r.accelerator][0]},
             tolerations=[{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
             accelerator_resources={GPU_RESOURCE: str(r.gpus)},
+            resources=r,
         )
-    return Shape("node", replicas=1, pods=r.nodes)
+    return Shape(name, replicas=replicas, pods=r.nodes, resources=r)
 
 
 def job_labels(job: PostTrainJob) -> dict[str, str]:
@@ -218,6 +261,12 @@ def coordinator_host(job: PostTrainJob) -> str:
     """DNS name of pod 0 of slice 0 (JobSet's headless service has the JobSet's name)."""
     name = jobset_name(job)
     return f"{name}-{shape_of(job).replicated_job}-0-0.{name}"
+
+
+def trainer_address(job: PostTrainJob) -> str:
+    """host:port of the trainer's rollout service (async RL): process 0 of the trainer, the
+    coordinator's pod."""
+    return f"{coordinator_host(job)}:{runtime.ROLLOUT_PORT}"
 
 
 def output_dir(job: PostTrainJob) -> str | None:
@@ -286,24 +335,29 @@ def check_renderable(job: PostTrainJob) -> None:
     errors: list[FieldError] = []
     name = _name(job)
     shape = shape_of(job)
-    longest = len(f"{name}-{shape.replicated_job}-{shape.replicas - 1}-{shape.pods - 1}")
+    shapes = [s for s in (shape, rollout_shape_of(job)) if s is not None]
+    longest_shape = max(shapes, key=lambda s: len(_last_pod(name, s)))
+    longest = len(_last_pod(name, longest_shape))
     if longest + POD_NAME_SUFFIX > MAX_POD_NAME:
         fixed = longest - len(name) + POD_NAME_SUFFIX
+        what = "<slice>-<host>" if longest_shape is shape else "<worker>-0"
         errors.append(
             FieldError(
                 "metadata.name",
-                f"{name!r} is too long for this job's pod names ({name}-{shape.replicated_job}-"
-                f"<slice>-<host>-xxxxx must fit in {MAX_POD_NAME} characters): use at most "
-                f"{MAX_POD_NAME - fixed} characters",
+                f"{name!r} is too long for this job's pod names ({name}-"
+                f"{longest_shape.replicated_job}-{what}-xxxxx must fit in {MAX_POD_NAME} "
+                f"characters): use at most {MAX_POD_NAME - fixed} characters",
             )
         )
-    for key in sorted(set(job.spec.scheduling.node_selector) & set(shape.node_selector)):
-        errors.append(
-            FieldError(
-                f"spec.scheduling.nodeSelector.{key}",
-                f"set from spec.resources ({shape.node_selector[key]!r}); remove it here",
+    for s in shapes:
+        source = "spec.resources" if s is shape else "spec.rollout.resources"
+        for key in sorted(set(job.spec.scheduling.node_selector) & set(s.node_selector)):
+            errors.append(
+                FieldError(
+                    f"spec.scheduling.nodeSelector.{key}",
+                    f"set from {source} ({s.node_selector[key]!r}); remove it here",
+                )
             )
-        )
     if not output_dir(job):
         errors.append(FieldError("spec.output.dir", OUTPUT_DIR_REQUIRED))
     labelled, given = job_labels(job).get(QUEUE_LABEL), job.spec.scheduling.queue_name
@@ -319,7 +373,7 @@ def check_renderable(job: PostTrainJob) -> None:
         check_geometry(job.spec)
     except FieldValueError as err:
         errors.append(FieldError(err.field, str(err)))
-    reserved = {e["name"] for e in _contract_env(job, shape)}
+    reserved = {e["name"] for e in _contract_env(job, shape)} | set(ROLE_ENV)
     for i, var in enumerate(job.spec.env):
         if var.name in reserved:
             errors.append(
@@ -330,6 +384,11 @@ def check_renderable(job: PostTrainJob) -> None:
             )
     if errors:
         raise JobInvalid(errors)
+
+
+def _last_pod(name: str, shape: Shape) -> str:
+    """The longest pod name of `shape` before JobSet's random suffix."""
+    return f"{name}-{shape.replicated_job}-{shape.replicas - 1}-{shape.pods - 1}"
 
 
 def _labels(job: PostTrainJob) -> dict[str, str]:
@@ -395,7 +454,33 @@ def _contract_env(job: PostTrainJob, shape: Shape) -> list[dict[str, Any]]:
             },
             {"name": runtime.MEGASCALE_PORT_ENV, "value": str(runtime.MEGASCALE_PORT)},
         ]
+    if job.spec.rollout_role.is_async:
+        env += [
+            {"name": runtime.ROLE, "value": runtime.ROLE_TRAINER},
+            {"name": runtime.TRAINER_ADDRESS, "value": trainer_address(job)},
+        ]
     return env
+
+
+# The role variables of async RL: set by the operator on every pod of an async job, and refused
+# in spec.env of any job (a sync job's trainer given POSTTRAIN_ROLE=rollout would not train).
+ROLE_ENV = (runtime.ROLE, runtime.TRAINER_ADDRESS, runtime.ROLLOUT_WORKER)
+
+
+def _rollout_env(job: PostTrainJob) -> list[dict[str, Any]]:
+    """A rollout worker's env: which job, the recipe, its role, the trainer's rollout service
+    and its index; no coordinator, slice or host (a worker is its own single process)."""
+    return [
+        {"name": runtime.JOB_NAME, "value": _name(job)},
+        {"name": runtime.NAMESPACE, **_field_ref("metadata.namespace")},
+        {"name": runtime.RECIPE, "value": runtime.RECIPE_PATH},
+        {"name": runtime.ROLE, "value": runtime.ROLE_ROLLOUT},
+        {"name": runtime.TRAINER_ADDRESS, "value": trainer_address(job)},
+        {
+            "name": runtime.ROLLOUT_WORKER,
+            **_field_ref(f"metadata.annotations['{JOBSET_JOB_INDEX}']"),
+        },
+    ]
 
 
 def _user_env(job: PostTrainJob) -> list[dict[str, Any]]:
@@ -415,7 +500,7 @@ def _user_env(job: PostTrainJob) -> list[dict[str, Any]]:
 
 
 def _resources(job: PostTrainJob, shape: Shape) -> dict[str, Any]:
-    r = job.spec.resources
+    r = shape.resources or job.spec.resources
     requests: dict[str, str] = {}
     if r.cpu:
         requests["cpu"] = r.cpu
@@ -442,18 +527,33 @@ def _pod_annotations(job: PostTrainJob) -> dict[str, str]:
     }
 
 
-def _pod_template(job: PostTrainJob, shape: Shape, images: ImageDefaults) -> dict[str, Any]:
+def _pod_template(
+    job: PostTrainJob, shape: Shape, images: ImageDefaults, *, rollout: bool = False
+) -> dict[str, Any]:
+    """A trainer pod, or (`rollout`) an async job's rollout worker: the same image, entrypoint
+    and recipe, switched by POSTTRAIN_ROLE."""
     spec = job.spec
-    ports = [{"name": "coordinator", "containerPort": runtime.COORDINATOR_PORT}]
-    if shape.multislice:
-        ports.append({"name": "megascale", "containerPort": runtime.MEGASCALE_PORT})
+    accelerator = (shape.resources or spec.resources).accelerator
+    ports: list[dict[str, Any]] = []
+    if rollout:
+        env = _rollout_env(job)
+    else:
+        env = _contract_env(job, shape)
+        ports.append({"name": "coordinator", "containerPort": runtime.COORDINATOR_PORT})
+        if shape.multislice:
+            ports.append({"name": "megascale", "containerPort": runtime.MEGASCALE_PORT})
+        if spec.rollout_role.is_async:
+            ports.append({"name": "rollout", "containerPort": runtime.ROLLOUT_PORT})
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image or images.for_accelerator(spec.resources.accelerator),
+        "image": spec.image or images.for_accelerator(accelerator),
         "command": list(TRAINER_COMMAND),
         "args": list(TRAINER_ARGS),
-        "env": _contract_env(job, shape) + _user_env(job),
-        "ports": ports,
+        "env": env + _user_env(job),
+    }
+    if ports:
+        container["ports"] = ports
+    container |= {
         "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}],
         # A failed trainer's last log lines become the pod's termination message, which the
         # job's Failed condition quotes (e.g. the field a configuration error names).
@@ -465,7 +565,7 @@ def _pod_template(job: PostTrainJob, shape: Shape, images: ImageDefaults) -> dic
     volumes: list[dict[str, Any]] = [
         {"name": "recipe", "configMap": {"name": configmap_name(job)}},
     ]
-    if acc.is_gpu(spec.resources.accelerator):
+    if acc.is_gpu(accelerator):
         # NCCL needs more shared memory than the container runtime's 64 MiB default.
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
@@ -534,25 +634,57 @@ def _jobset(job: PostTrainJob, images: ImageDefaults) -> dict[str, Any]:
             "template": _pod_template(job, shape, images),
         },
     }
+    replicated_jobs = [
+        {"name": shape.replicated_job, "replicas": shape.replicas, "template": child_job}
+    ]
+    rollout = rollout_shape_of(job)
+    if rollout is not None:
+        replicated_jobs.append(
+            {
+                "name": rollout.replicated_job,
+                "replicas": rollout.replicas,
+                "template": {
+                    "metadata": {"labels": dict(labels)},
+                    "spec": {
+                        "parallelism": 1,
+                        "completions": 1,
+                        # A worker's crash is retried in place; a disruption is not counted.
+                        "backoffLimit": ROLLOUT_BACKOFF_LIMIT,
+                        "podFailurePolicy": {
+                            "rules": copy.deepcopy(list(ROLLOUT_POD_FAILURE_RULES))
+                        },
+                        "template": _pod_template(job, rollout, images, rollout=True),
+                    },
+                },
+            }
+        )
+    jobset_spec: dict[str, Any] = {
+        # With a Kueue queue the JobSet starts suspended and Kueue admits (unsuspends) it.
+        "suspend": spec.suspend or bool(queue),
+        "failurePolicy": {
+            "maxRestarts": spec.max_restarts,
+            "rules": [dict(rule) for rule in JOBSET_FAILURE_RULES],
+        },
+    }
+    if rollout is not None:
+        # Done when the trainer is: the workers' Jobs never complete on their own (JobSet
+        # deletes them once the set has completed).
+        jobset_spec["successPolicy"] = {
+            "operator": "All",
+            "targetReplicatedJobs": [shape.replicated_job],
+        }
+    jobset_spec |= {
+        "network": {
+            "enableDNSHostnames": True,
+            "subdomain": name,
+            "publishNotReadyAddresses": True,
+        },
+        "coordinator": {"replicatedJob": shape.replicated_job, "jobIndex": 0, "podIndex": 0},
+        "replicatedJobs": replicated_jobs,
+    }
     return {
         "apiVersion": JOBSET_API_VERSION,
         "kind": "JobSet",
         "metadata": meta,
-        "spec": {
-            # With a Kueue queue the JobSet starts suspended and Kueue admits (unsuspends) it.
-            "suspend": spec.suspend or bool(queue),
-            "failurePolicy": {
-                "maxRestarts": spec.max_restarts,
-                "rules": [dict(rule) for rule in JOBSET_FAILURE_RULES],
-            },
-            "network": {
-                "enableDNSHostnames": True,
-                "subdomain": name,
-                "publishNotReadyAddresses": True,
-            },
-            "coordinator": {"replicatedJob": shape.replicated_job, "jobIndex": 0, "podIndex": 0},
-            "replicatedJobs": [
-                {"name": shape.replicated_job, "replicas": shape.replicas, "template": child_job}
-            ],
-        },
+        "spec": jobset_spec,
     }

@@ -27,9 +27,17 @@
 | a pod not scheduled (no node fits yet; node pools provisioning)  | Provisioning | WaitingForNodes    |
 | every pod scheduled, some not running yet                        | Provisioning | StartingPods       |
 | every pod running (or done)                                      | Running      | Running            |
+| async RL: every trainer pod running, rollout workers or not      | Running      | Running            |
 
 "Pods of the current attempt" are those whose `jobset.sigs.k8s.io/restart-attempt` label equals
 the JobSet's `status.restarts`: a restart replaces every pod.
+
+Async RL jobs have two roles in the JobSet, told apart by the pods' replicated-job label: the
+trainer's (`slice` or `node`) and the rollout workers' (`rollout`). The job is Running while the
+trainer's pods run; the message says how many workers run and why the others wait. Until the
+trainer runs, every pod counts as above (a worker waiting for nodes is WaitingForNodes too). A
+worker's pod that fails is recreated by its own Job (render.py): the JobSet does not restart,
+`status.restarts` does not move, and its failure is quoted only after the trainer's.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ from typing import Any
 from posttrain import runtime
 from posttrain.api.load import FieldError
 from posttrain.api.v1alpha1 import display_progress
+from posttrain.operator.render import ROLLOUT_JOB
 
 RESTART_ATTEMPT = "jobset.sigs.k8s.io/restart-attempt"
+REPLICATED_JOB = "jobset.sigs.k8s.io/replicatedjob-name"
 TERMINAL = ("Succeeded", "Failed")
 # Condition types, in the order they are listed.
 CONDITION_TYPES = ("Valid", "Suspended", "Running", "Succeeded", "Failed")
@@ -101,9 +111,18 @@ def current_pods(jobset: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -
     ]
 
 
-def expected_pods(jobset: Mapping[str, Any]) -> int:
+def is_rollout_worker(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod is an async job's rollout worker (JobSet's replicated-job label)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(REPLICATED_JOB) == ROLLOUT_JOB
+
+
+def expected_pods(jobset: Mapping[str, Any], role: str | None = None) -> int:
+    """Pods of one attempt: all, or (`role`) the trainer's ("trainer") or the workers'
+    ("rollout")."""
     total = 0
     for rjob in (jobset.get("spec") or {}).get("replicatedJobs") or []:
+        if role is not None and (rjob.get("name") == ROLLOUT_JOB) != (role == ROLLOUT_JOB):
+            continue
         per_job = ((rjob.get("template") or {}).get("spec") or {}).get("parallelism", 1)
         total += int(rjob.get("replicas", 1)) * int(per_job)
     return total
@@ -114,9 +133,10 @@ def pod_failure(pods: Sequence[Mapping[str, Any]]) -> str:
     failed on their own come first: a pod deleted while running (a restart, an eviction) also
     ends Failed, but is a consequence, not the cause."""
 
-    def order(pod: Mapping[str, Any]) -> tuple[bool, str]:
+    def order(pod: Mapping[str, Any]) -> tuple[bool, bool, str]:
         meta = pod.get("metadata") or {}
-        return (bool(meta.get("deletionTimestamp")), meta.get("name", ""))
+        # an async job's trainer before its rollout workers (whose failures do not end a job)
+        return (bool(meta.get("deletionTimestamp")), is_rollout_worker(pod), meta.get("name", ""))
 
     for pod in sorted(pods, key=order):
         status = pod.get("status") or {}
@@ -201,8 +221,11 @@ def phase_of(
         reason = failed.get("reason") or "Failed"
         if exit_code_of(pods, runtime.EXIT_CONFIG):
             reason = CONFIG_ERROR
+            who = "the trainer"
+            if not exit_code_of([p for p in pods if not is_rollout_worker(p)], runtime.EXIT_CONFIG):
+                who = "a rollout worker"
             message = (
-                f"the trainer refused its configuration (exit code {runtime.EXIT_CONFIG}); "
+                f"{who} refused its configuration (exit code {runtime.EXIT_CONFIG}); "
                 "restarting cannot help, so no restart was spent: fix the spec and create the job "
                 "again"
             )
@@ -226,15 +249,47 @@ def phase_of(
                 "Pending", FAILED_CREATE, f"the pods cannot be created: {create_failure}"
             )
         return Outcome("Pending", "CreatingPods", f"waiting for the {want} pods to be created")
+    trainer_want = expected_pods(jobset, "trainer")
+    if trainer_want < want:  # async RL: Running once the trainer runs
+        trainers = [p for p in live if not is_rollout_worker(p)]
+        if len(_running(trainers)) >= trainer_want:
+            workers = [p for p in live if is_rollout_worker(p)]
+            message = f"all {trainer_want} trainer pods running; " + _workers_message(
+                workers, want - trainer_want
+            )
+            return Outcome("Running", "Running", message)
     waiting = [p for p in live if not _pod_scheduled(p)]
     if waiting:
         why = _unschedulable_message(waiting[0])
         message = f"{len(waiting)} of {want} pods wait for nodes"
         return Outcome("Provisioning", "WaitingForNodes", f"{message}: {why}" if why else message)
-    running = [p for p in live if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")]
+    running = _running(live)
     if len(running) >= want:
         return Outcome("Running", "Running", f"all {want} pods running")
     return Outcome("Provisioning", "StartingPods", f"{len(running)} of {want} pods running")
+
+
+def _running(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [p for p in pods if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")]
+
+
+def _workers_message(workers: Sequence[Mapping[str, Any]], want: int) -> str:
+    """`2 of 3 rollout workers running; 1 waits for nodes: <the scheduler's message>`. A
+    worker's failed pods (its Job makes a new one) are not counted."""
+    running = len(_running(workers))
+    if running >= want:
+        return f"all {want} rollout workers running"
+    text = f"{running} of {want} rollout workers running"
+    alive = [p for p in workers if (p.get("status") or {}).get("phase") != "Failed"]
+    waiting = [p for p in alive if not _pod_scheduled(p)]
+    if waiting:
+        why = _unschedulable_message(waiting[0])
+        text += f"; {len(waiting)} wait for nodes" + (f": {why}" if why else "")
+    elif len(alive) < want:
+        text += f"; {want - len(alive)} being created again"
+    else:
+        text += "; the others starting"
+    return text
 
 
 def _kueue_condition(workload: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:

@@ -16,6 +16,9 @@ posttrain.dev/v1alpha1 PostTrainJob $POSTTRAIN_JOB_NAME in $POSTTRAIN_NAMESPACE:
                        lastCheckpointStep (once one is saved), etaSeconds (once it can be told)}
     status.summary.progress = "12%"             (the PROGRESS column of kubectl get)
     status.summary.eta = "1h05m"                (the ETA column of kubectl get -o wide)
+    status.rollout = {policyVersion, stalenessMean, weightSyncSeconds, tokensPerSecond,
+                      workers}                  (async RL: `report(..., rollout={...})`; the
+                                                 POLICY, STALENESS, SYNC-S, ROLLOUT-TOK/S columns)
 
 The ETA is the steps left at this process's pace since its first report (so the first step's
 compilation, or a restart's, is not counted as pace).
@@ -29,8 +32,9 @@ Design:
   is always sent; `flush()` sends the latest held-back report;
 - failures are logged, never raised: losing a progress update must not kill a training run;
 - a no-op outside a cluster (no service-account token or API server), when the job's name or
-  namespace is unknown, and on every process but rank 0 (POSTTRAIN_SLICE_ID/HOST_ID from the
-  env contract), so the trainer can call it unconditionally.
+  namespace is unknown, on every process but rank 0 (POSTTRAIN_SLICE_ID/HOST_ID from the
+  env contract), and in an async job's rollout workers (POSTTRAIN_ROLE=rollout: the trainer
+  reports for them), so the trainer can call it unconditionally.
 """
 
 from __future__ import annotations
@@ -85,7 +89,9 @@ class ProgressReporter:
     token, ca_file: bearer token and CA bundle (default: the pod's service-account files).
     min_interval: least seconds between two requests.
 
-    report(step, total, metrics=None) -> bool: True when a request went out and succeeded.
+    report(step, total, metrics=None, rollout=None) -> bool: True when a request went out and
+        succeeded. `rollout` (async RL): {policy_version, staleness_mean, weight_sync_seconds,
+        tokens_per_second, workers}, written to status.rollout (None values left out).
     flush() -> bool: send the latest report held back by rate limiting, if any.
     checkpointed(step): the trainer saved a checkpoint at `step`; sent with the next report.
     enabled: False when reporting is a no-op (not in a cluster, no job, not rank 0).
@@ -128,6 +134,8 @@ class ProgressReporter:
             rank0 = runtime.ProcessTopology.from_env(env).process_id == 0
         except ValueError:
             rank0 = False
+        if env.get(runtime.ROLE) == runtime.ROLE_ROLLOUT:
+            rank0 = False  # a rollout worker is process 0 of nothing: the trainer reports
         missing = [
             what
             for what, value in (
@@ -170,11 +178,15 @@ class ProgressReporter:
         step: int,
         total: int,
         metrics: Mapping[str, float] | None = None,
-        rollout: Mapping[str, Any] | None = None,  # noqa: ARG002 - TEMP until op24 lands
+        rollout: Mapping[str, float | int | None] | None = None,
     ) -> bool:
         if not self.enabled:
             return False
         self._pending = self._body(step, total, metrics or {})
+        if rollout:
+            fields = _rollout_status(rollout)
+            if fields:
+                self._pending["status"]["rollout"] = fields
         now = self._clock()
         due = self._last_sent is None or now - self._last_sent >= self.min_interval
         if due or step >= total:
@@ -246,6 +258,39 @@ class ProgressReporter:
         except (OSError, ValueError) as err:
             log.warning("progress report to %s failed: %s", url, err)
         return False
+
+
+# report(rollout=...)'s keys -> status.rollout's (posttrain.api.v1alpha1.RolloutStatus)
+ROLLOUT_FIELDS = {
+    "policy_version": "policyVersion",
+    "staleness_mean": "stalenessMean",
+    "weight_sync_seconds": "weightSyncSeconds",
+    "tokens_per_second": "tokensPerSecond",
+    "workers": "workers",
+}
+ROLLOUT_INTEGERS = ("policy_version", "workers")
+
+
+def _rollout_status(rollout: Mapping[str, float | int | None]) -> dict[str, float | int]:
+    """status.rollout from the snake_case dict: camelCase keys; None, unknown keys and values
+    that are not finite non-negative numbers left out (the schema refuses them, and the whole
+    patch with them); counts as integers."""
+    out: dict[str, float | int] = {}
+    for key, name in ROLLOUT_FIELDS.items():
+        raw = rollout.get(key)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(value) or value < 0:
+            continue
+        out[name] = int(value) if key in ROLLOUT_INTEGERS else value
+    unknown = set(rollout) - set(ROLLOUT_FIELDS)
+    if unknown:
+        log.debug("progress: unknown rollout fields ignored: %s", ", ".join(sorted(unknown)))
+    return out
 
 
 def _file(path: Path) -> str | None:

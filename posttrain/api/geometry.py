@@ -18,9 +18,10 @@ devices (mesh data x fsdp). So, with
 
 the checks are, in order: the mesh fits the devices, microBatchSize divides batchSize, and a
 micro-batch's rows divide over the data-parallel devices. Chips per host are checked by the
-resources model itself (`spec.resources.chipsPerHost`). There is no separate rollout role in
-this API: rollouts run on the training mesh, on whole steps' rows, so they divide when the
-micro-batches do.
+resources model itself (`spec.resources.chipsPerHost`). Sync rollouts (the default) run on the
+training mesh, on whole steps' rows, so they divide when the micro-batches do; async rollouts
+(`spec.rollout.mode: async`) run on rollout workers of their own role, one host each, outside
+the training mesh, and are not checked here.
 
 Pure (no I/O, no JAX); reads the algorithm's settings generically (`spec.settings`), so it does not
 depend on how the per-algorithm settings are laid out.

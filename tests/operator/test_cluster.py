@@ -972,3 +972,212 @@ def test_bad_geometry_never_creates_a_pod(namespace, kubectl, operator) -> None:
     kubectl("patch", "posttrainjob", "geo", "--type=merge",
             "-p", '{"spec":{"training":{"steps":10,"batchSize":16}}}')  # fmt: skip
     wait_for("the JobSet of the fixed job", lambda: api.get("jobset", "geo"), 30)
+
+
+# ---- async RL: a trainer and rollout workers, one JobSet, one Workload ---------------------------
+
+
+def async_manifest(name: str, queue: str, run_seconds: int) -> dict:
+    """GRPO with async rollouts: the trainer on a v5e 2x4 host, two rollout workers on one
+    nvidia-l4 GPU each (their own node pool)."""
+    return manifest(
+        name,
+        {"accelerator": "tpu-v5e", "topology": "2x4"},
+        annotations={"posttrain.dev/fake-run-seconds": str(run_seconds)},
+        algorithm="grpo",
+        grpo={"rewards": [{"builtin": "math-answer", "answerField": "answer"}]},
+        training={"steps": 10, "batchSize": 8},
+        rollout={
+            "mode": "async",
+            "replicas": 2,
+            "resources": {"accelerator": "nvidia-l4", "gpusPerNode": 1},
+        },
+        scheduling={"queueName": queue},
+    )
+
+
+def role_of(pod: dict) -> str:
+    return pod["metadata"]["labels"]["jobset.sigs.k8s.io/replicatedjob-name"]
+
+
+def live_pods(api: Api, name: str) -> list[dict]:
+    return [
+        p
+        for p in api.items("pods", "-l", f"{r.JOB_LABEL}={name}")
+        if not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_async_job_is_admitted_all_or_nothing_and_survives_its_workers(
+    cluster, namespace, kubectl, operator, kueue_queue
+) -> None:
+    """Real Kueue. The ClusterQueue has quota for the trainer's TPU only: the async job's one
+    Workload (a podset per role) waits, and no pod of either role is made. Quota for the
+    workers' GPUs added, Kueue admits both roles together: a trainer pod on a TPU node and two
+    worker pods on L4 nodes, whose env finds the trainer. The trainer reports status.rollout
+    (kubectl's POLICY, STALENESS, SYNC-S, ROLLOUT-TOK/S columns). Evicting one worker and
+    deleting the other recreates them in their Jobs: the trainer's pod stays, no JobSet
+    restart, still Running. The job succeeds when the trainer does (the JobSet's successPolicy),
+    with a worker still running, and the operator's status writes kept status.rollout."""
+    api = Api(kubectl)
+    name = "arl"
+    api.apply(async_manifest(name, kueue_queue["team-a"], run_seconds=40))
+    api.wait_phase(name, "Queued", operator)
+    workload = wait_for(
+        "the Workload to wait for quota",
+        lambda: next(
+            (
+                w
+                for w in api.items("workloads")
+                if any(
+                    c["type"] == "QuotaReserved" and c["status"] == "False"
+                    for c in (w.get("status") or {}).get("conditions") or []
+                )
+            ),
+            None,
+        ),
+        60,
+    )
+    assert [ps["name"] for ps in workload["spec"]["podSets"]] == ["slice", "rollout"]
+    assert [ps["count"] for ps in workload["spec"]["podSets"]] == [1, 2]
+    cond = wait_for(
+        "Kueue's reason on the job",
+        lambda: (c := running_condition(api.status(name)))["reason"] == "WaitingForQuota" and c,
+        30,
+    )
+    assert "nvidia.com/gpu" in cond["message"], cond
+    time.sleep(2)  # anything admitted would have made pods by now
+    assert api.get("jobset", name)["spec"]["suspend"] is True
+    assert not api.items("pods", "-l", f"{r.JOB_LABEL}={name}")
+
+    # quota for the workers' GPUs: a flavor for L4 nodes and a resource group in the queue
+    flavor = f"{namespace}-l4"
+    cluster.kubectl(
+        "apply", "-f", "-",
+        input=yaml.safe_dump({
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+            "metadata": {"name": flavor},
+            "spec": {"nodeLabels": {r.GKE_ACCELERATOR: "nvidia-l4"}},
+        }),
+    )  # fmt: skip
+    try:
+        group = {
+            "coveredResources": [r.GPU_RESOURCE],
+            "flavors": [
+                {"name": flavor, "resources": [{"name": r.GPU_RESOURCE, "nominalQuota": 2}]}
+            ],
+        }
+        patch = [{"op": "add", "path": "/spec/resourceGroups/-", "value": group}]
+        cluster.kubectl("patch", "clusterqueue", kueue_queue["tpu"], "--type=json",
+                        "-p", json.dumps(patch))  # fmt: skip
+        status = api.wait_phase(name, "Running", operator, timeout=120)
+        assert status["restarts"] == 0
+        pods = wait_for(
+            "a trainer and two workers running",
+            lambda: (
+                len(
+                    ps := [p for p in live_pods(api, name) if p["status"].get("phase") == "Running"]
+                )
+                == 3
+                and ps
+            ),
+            60,
+        )
+        by_role: dict[str, list[dict]] = {}
+        for pod in pods:
+            by_role.setdefault(role_of(pod), []).append(pod)
+        (trainer,) = by_role["slice"]
+        workers = by_role["rollout"]
+        assert len(workers) == 2
+        node = api.get("node", trainer["spec"]["nodeName"])
+        assert node["metadata"]["labels"][r.GKE_TPU_ACCELERATOR] == "tpu-v5-lite-podslice"
+        service = f"{trainer['spec']['hostname']}.{trainer['spec']['subdomain']}:8477"
+        env = resolve_env(trainer["spec"]["containers"][0]["env"], trainer["metadata"])
+        assert env[runtime.ROLE] == "trainer" and env[runtime.TRAINER_ADDRESS] == service
+        indexes = set()
+        for pod in workers:
+            node = api.get("node", pod["spec"]["nodeName"])
+            assert node["metadata"]["labels"][r.GKE_ACCELERATOR] == "nvidia-l4"
+            env = resolve_env(pod["spec"]["containers"][0]["env"], pod["metadata"])
+            assert env[runtime.ROLE] == "rollout" and env[runtime.TRAINER_ADDRESS] == service
+            assert runtime.COORDINATOR_ADDRESS not in env and runtime.SLICE_ID not in env
+            indexes.add(env[runtime.ROLLOUT_WORKER])
+        assert indexes == {"0", "1"}
+
+        # the trainer reports its rollout numbers with its progress: kubectl's columns
+        reporter = trainer_reporter(kubectl, cluster, namespace, name)
+        rollout = {"policy_version": 3, "staleness_mean": 0.5, "weight_sync_seconds": 1.25,
+                   "tokens_per_second": 812.5, "workers": 2}  # fmt: skip
+        assert reporter.report(3, 10, {"loss": 1.0}, rollout=rollout)
+        columns = api.columns(name)
+        assert (columns["POLICY"], columns["STALENESS"]) == ("3", "0.5"), columns
+        assert (columns["SYNC-S"], columns["ROLLOUT-TOK/S"]) == ("1.25", "812.5"), columns
+        assert columns["PROGRESS"] == "30%", columns
+
+        # a worker evicted, the other deleted: each Job makes its pod again, nothing else moves
+        evicted, deleted = sorted(workers, key=lambda p: p["metadata"]["name"])
+        victim = evicted["metadata"]["name"]
+        eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim}}
+        kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{victim}/eviction",
+                "-f", "-", input=json.dumps(eviction))  # fmt: skip
+        kubectl("delete", "pod", deleted["metadata"]["name"], "--wait=false")
+        old = {evicted["metadata"]["uid"], deleted["metadata"]["uid"]}
+        wait_for(
+            "two new workers running",
+            lambda: (
+                len(
+                    [
+                        p
+                        for p in live_pods(api, name)
+                        if role_of(p) == "rollout"
+                        and p["status"].get("phase") == "Running"
+                        and p["metadata"]["uid"] not in old
+                    ]
+                )
+                == 2
+            ),
+            60,
+        )
+        (still,) = [p for p in live_pods(api, name) if role_of(p) == "slice"]
+        assert still["metadata"]["uid"] == trainer["metadata"]["uid"]
+        assert still["status"]["phase"] == "Running"
+        jobset = api.get("jobset", name)
+        assert (jobset["status"].get("restarts") or 0) == 0, jobset["status"]
+        cond = wait_for(
+            "the job Running with both workers back",
+            lambda: (
+                (s := api.status(name)).get("phase") == "Running"
+                and running_condition(s)["message"].endswith("all 2 rollout workers running")
+                and s
+            ),
+            30,
+        )
+        assert cond["restarts"] == 0
+        assert not [e for e in api.events(name) if e[0] == "Restarted"]
+
+        # the trainer finishes first (the new workers started later): the set succeeds
+        status = api.wait_phase(name, "Succeeded", operator, timeout=90)
+        assert status["restarts"] == 0
+        assert status["rollout"] == {
+            "policyVersion": 3, "stalenessMean": 0.5, "weightSyncSeconds": 1.25,
+            "tokensPerSecond": 812.5, "workers": 2,
+        }  # fmt: skip
+        assert api.columns(name)["POLICY"] == "3"
+        wait_for(
+            "the workers' Jobs to go",
+            lambda: (
+                not [
+                    j
+                    for j in api.items("jobs", "-l", f"{r.JOB_LABEL}={name}")
+                    if not j["metadata"].get("deletionTimestamp")
+                    and not any(
+                        c["type"] in ("Complete", "Failed") and c["status"] == "True"
+                        for c in (j.get("status") or {}).get("conditions") or []
+                    )
+                ]
+            ),
+            60,
+        )
+    finally:
+        kubectl("delete", "posttrainjob", name, "--wait=false", check=False)
+        cluster.kubectl("delete", "resourceflavor", flavor, "--wait=false", check=False)

@@ -123,3 +123,75 @@ def test_the_fields_read_are_the_ones_jobset_and_job_set() -> None:
     assert env[runtime.HOST_ID]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     )
+
+
+ROLLOUT_JOB_DOC = {
+    "algorithm": "grpo",
+    "grpo": {"rewards": [{"builtin": "math-answer", "answerField": "answer"}]},
+    "training": {"steps": 10, "batchSize": 8},
+}
+
+
+@pytest.mark.parametrize(
+    "trainer, rollout",
+    [
+        ({"accelerator": "tpu-v5e", "topology": "2x4"}, {"accelerator": "nvidia-l4"}),
+        ({"accelerator": "nvidia-h100", "gpusPerNode": 8}, None),
+        ({"accelerator": "cpu"}, {"accelerator": "tpu-v6e", "topology": "1x1"}),
+    ],
+    ids=["tpu-trainer-gpu-workers", "gpu-both", "cpu-trainer-tpu-workers"],
+)
+def test_async_rollout_workers_find_the_trainer(trainer: dict, rollout: dict | None) -> None:
+    """An async job's pods resolved as the kubelet would: the trainer's form one distributed job
+    (the contract above) and are told they are the trainer; each rollout worker gets its JobSet
+    job index as its worker index, the trainer's rollout service at pod 0's DNS name, and none
+    of the distributed-init variables (it is its own single process)."""
+    doc = copy.deepcopy(BASE)
+    doc["spec"].update(ROLLOUT_JOB_DOC, resources=trainer)
+    doc["spec"]["rollout"] = {"mode": "async", "replicas": 3}
+    if rollout:
+        doc["spec"]["rollout"]["resources"] = rollout
+    jobset = r.render(parse_job(doc))[1]
+    pods = simulated_pods(jobset, "ml")
+    role = "jobset.sigs.k8s.io/replicatedjob-name"
+    trainers = [p for p in pods if p["metadata"]["labels"][role] != r.ROLLOUT_JOB]
+    workers = [p for p in pods if p["metadata"]["labels"][role] == r.ROLLOUT_JOB]
+    assert len(workers) == 3 and trainers
+    check_contract(jobset, trainers)
+    (rank0,) = [p for p in trainers if p["spec"]["hostname"].endswith("-0-0")]
+    service = f"{rank0['spec']['hostname']}.{rank0['spec']['subdomain']}:{runtime.ROLLOUT_PORT}"
+    for pod in trainers:
+        env = resolve_env(pod["spec"]["containers"][0]["env"], pod["metadata"])
+        assert env[runtime.ROLE] == runtime.ROLE_TRAINER
+        assert env[runtime.TRAINER_ADDRESS] == service
+    indexes = []
+    for pod in workers:
+        env = resolve_env(pod["spec"]["containers"][0]["env"], pod["metadata"])
+        assert env[runtime.ROLE] == runtime.ROLE_ROLLOUT
+        assert env[runtime.TRAINER_ADDRESS] == service
+        assert env[runtime.JOB_NAME] == "t" and env[runtime.NAMESPACE] == "ml"
+        assert env[runtime.RECIPE] == runtime.RECIPE_PATH
+        indexes.append(int(env[runtime.ROLLOUT_WORKER]))
+        distributed = {
+            runtime.COORDINATOR_ADDRESS, runtime.NUM_SLICES, runtime.HOSTS_PER_SLICE,
+            runtime.SLICE_ID, runtime.HOST_ID,
+        }  # fmt: skip
+        assert not distributed & set(env)
+        assert not any(name.startswith("MEGASCALE_") for name in env)
+        topo = runtime.ProcessTopology.from_env(env)
+        assert not topo.is_distributed and topo.coordinator_address is None
+    assert sorted(indexes) == [0, 1, 2]
+
+
+def test_rollout_workers_do_not_report_progress() -> None:
+    """A worker's env reads as process 0 (no slice or host): the ProgressReporter must still
+    leave status.progress to the trainer's rank 0."""
+    from posttrain.progress import ProgressReporter
+
+    env = {
+        runtime.JOB_NAME: "t", runtime.NAMESPACE: "ml", runtime.ROLE: runtime.ROLE_ROLLOUT,
+        runtime.ROLLOUT_WORKER: "0", "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+    }  # fmt: skip
+    assert not ProgressReporter(token="x", env=env).enabled
+    env[runtime.ROLE] = runtime.ROLE_TRAINER
+    assert ProgressReporter(token="x", env=env).enabled

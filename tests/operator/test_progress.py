@@ -167,3 +167,40 @@ def test_display_eta() -> None:
         "2d02h",
     ]
     assert [display_progress(s, 1000) for s in (0, 1, 999, 1000)] == ["0%", "0%", "99%", "100%"]
+
+
+def test_rollout_status_of_an_async_job(api: FakeApi) -> None:
+    """report(rollout=...) writes status.rollout in the same merge patch, camelCase, None and
+    values the schema would refuse left out; without it status.rollout is not touched."""
+    clock = Clock()
+    rep = reporter(api, clock)
+    rollout = {
+        "policy_version": 12,
+        "staleness_mean": 0.75,
+        "weight_sync_seconds": 1.25,
+        "tokens_per_second": 5321.5,
+        "workers": 2,
+    }
+    assert rep.report(12, 100, {"loss": 1.0}, rollout=rollout)
+    status = api.requests[-1]["body"]["status"]
+    assert status["rollout"] == {
+        "policyVersion": 12,
+        "stalenessMean": 0.75,
+        "weightSyncSeconds": 1.25,
+        "tokensPerSecond": 5321.5,
+        "workers": 2,
+    }
+    assert status["progress"]["step"] == 12  # one request for both
+    assert len(api.requests) == 1
+    clock.t = 10
+    partial = {"policy_version": 13.0, "weight_sync_seconds": None, "tokens_per_second": "nan",
+               "workers": -1, "bogus": 3}  # fmt: skip
+    assert rep.report(13, 100, rollout=partial)
+    assert api.requests[-1]["body"]["status"]["rollout"] == {"policyVersion": 13}
+    clock.t = 20
+    assert rep.report(14, 100)
+    assert "rollout" not in api.requests[-1]["body"]["status"]
+    clock.t = 25
+    rep.report(15, 100, rollout={"policy_version": 15})  # held back: flushed with its rollout
+    assert rep.flush()
+    assert api.requests[-1]["body"]["status"]["rollout"] == {"policyVersion": 15}

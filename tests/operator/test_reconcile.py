@@ -38,6 +38,7 @@ def test_job_of_child_job_reads_jobset_child_names() -> None:
 
     assert job_of_child_job("qwen-grpo-slice-0") == "qwen-grpo"
     assert job_of_child_job("a-node-12") == "a"
+    assert job_of_child_job("qwen-grpo-rollout-3") == "qwen-grpo"  # async RL's workers
     assert job_of_child_job("web-7f9c") is None
 
 
@@ -255,6 +256,17 @@ def test_pod_events_queue_a_job_only_while_it_starts() -> None:
     op, api, job = fake_operator()
     for phase, queued in (("Pending", True), ("Provisioning", True), ("Running", False)):
         op._jobs[("ml", "t")] = {**job, "status": {"phase": phase}}
+        op.observe_pod(("ml", "t"), "MODIFIED")
+        assert (op.queue.get(0) is not None) == queued, phase
+        op.queue.done(("ml", "t"))
+
+
+def test_pod_events_of_a_running_async_job_queue_it() -> None:
+    """Its rollout workers' pods come and go while it runs (the Running message counts them)."""
+    op, api, job = fake_operator()
+    spec = {**job["spec"], "rollout": {"mode": "async"}}
+    for phase, queued in (("Running", True), ("Succeeded", False), ("Queued", False)):
+        op._jobs[("ml", "t")] = {**job, "spec": spec, "status": {"phase": phase}}
         op.observe_pod(("ml", "t"), "MODIFIED")
         assert (op.queue.get(0) is not None) == queued, phase
         op.queue.done(("ml", "t"))

@@ -80,6 +80,22 @@ GOLDEN_JOBS: dict[str, dict[str, Any]] = {
         "suspend": True,
     },
     "cpu": {"resources": {"accelerator": "cpu", "cpu": "2", "memory": "4Gi"}},
+    # async RL: the trainer on a v5e 2x4 host, two rollout workers on one L4 each; queued, so
+    # Kueue admits both roles as one Workload
+    "async-rl-tpu-trainer-gpu-rollout": {
+        "algorithm": "grpo",
+        "grpo": {"rewards": [{"builtin": "math-answer", "answerField": "answer"}]},
+        "training": {"steps": 10, "batchSize": 8},
+        "resources": {"accelerator": "tpu-v5e", "topology": "2x4"},
+        "rollout": {
+            "mode": "async",
+            "replicas": 2,
+            "maxPolicyLag": 2,
+            "resources": {"accelerator": "nvidia-l4", "gpusPerNode": 1, "memory": "16Gi"},
+        },
+        "scheduling": {"queueName": "team-a"},
+        "env": [{"name": "XLA_FLAGS", "value": "--xla_dump_to=/tmp"}],
+    },
 }
 
 
@@ -606,3 +622,176 @@ def test_cli_validate_refuses_bad_geometry_and_queue_conflict(
     doc["spec"]["scheduling"] = {"queueName": "a"}
     path.write_text(yaml.safe_dump(doc))
     assert main(["validate", str(path)]) == 0
+
+
+# ---- async RL: the rollout role --------------------------------------------------------------
+
+GRPO = {"rewards": [{"builtin": "math-answer", "answerField": "answer"}]}
+
+
+def async_job(rollout: dict[str, Any] | None = None, **spec: Any) -> api.PostTrainJob:
+    spec.setdefault("training", {"steps": 10, "batchSize": 8})
+    return make(algorithm="grpo", grpo=GRPO, rollout={"mode": "async", **(rollout or {})}, **spec)
+
+
+def rjobs(jobset: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {rj["name"]: rj for rj in jobset["spec"]["replicatedJobs"]}
+
+
+def env_of(rjob: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    (container,) = rjob["template"]["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_sync_rl_jobs_render_one_role() -> None:
+    for rollout in (None, {"mode": "sync"}):
+        js = jobset_of(
+            make(algorithm="grpo", grpo=GRPO, training={"steps": 10, "batchSize": 8},
+                 **({"rollout": rollout} if rollout else {}))
+        )  # fmt: skip
+        assert list(rjobs(js)) == ["node"] and "successPolicy" not in js["spec"]
+        env = env_of(rjobs(js)["node"])
+        assert not set(env) & set(r.ROLE_ENV)
+        ports = rjobs(js)["node"]["template"]["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert [p["containerPort"] for p in ports] == [runtime.COORDINATOR_PORT]
+
+
+def test_async_job_adds_a_rollout_role_beside_an_unchanged_trainer() -> None:
+    resources = {"accelerator": "tpu-v5e", "topology": "2x4"}
+    rollout = {"replicas": 3, "resources": {"accelerator": "nvidia-h100", "gpusPerNode": 2}}
+    js = jobset_of(async_job(rollout, resources=resources))
+    sync = jobset_of(
+        make(algorithm="grpo", grpo=GRPO, training={"steps": 10, "batchSize": 8},
+             resources=resources)
+    )  # fmt: skip
+    assert list(rjobs(js)) == ["slice", "rollout"]
+    # the trainer: the sync job's replicated job, plus its role, address and service port
+    trainer = rjobs(js)["slice"]
+    container = trainer["template"]["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(trainer)
+    assert env[runtime.ROLE]["value"] == runtime.ROLE_TRAINER
+    assert env[runtime.TRAINER_ADDRESS]["value"] == "t-slice-0-0.t:8477"
+    assert {"name": "rollout", "containerPort": runtime.ROLLOUT_PORT} in container["ports"]
+    stripped = copy.deepcopy(trainer)
+    c = stripped["template"]["spec"]["template"]["spec"]["containers"][0]
+    c["env"] = [e for e in c["env"] if e["name"] not in r.ROLE_ENV]
+    c["ports"] = [p for p in c["ports"] if p["name"] != "rollout"]
+    assert stripped == rjobs(sync)["slice"]
+    assert js["spec"]["coordinator"] == sync["spec"]["coordinator"]
+    assert js["spec"]["failurePolicy"] == sync["spec"]["failurePolicy"]
+    # done when the trainer is; the workers never complete on their own
+    assert js["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["slice"]}
+
+    # the workers: one single-pod Job each, on their own GPU pool, retried in place
+    workers = rjobs(js)["rollout"]
+    assert workers["replicas"] == 3
+    child = workers["template"]["spec"]
+    assert child["parallelism"] == child["completions"] == 1
+    assert child["backoffLimit"] == r.ROLLOUT_BACKOFF_LIMIT >= 100
+    rules = child["podFailurePolicy"]["rules"]
+    assert rules[0] == r.POD_FAILURE_RULES[0]  # a config error still fails the set (rule 0)
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == (
+        "DisruptionTarget"
+    )
+    pod = child["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    (container,) = pod["containers"]
+    assert container["resources"] == {
+        "requests": {"nvidia.com/gpu": "2"},
+        "limits": {"nvidia.com/gpu": "2"},
+    }
+    assert container["image"] == r.ImageDefaults().gpu  # the rollout's accelerator family
+    assert container["command"] == list(r.TRAINER_COMMAND)
+    assert container["args"] == list(r.TRAINER_ARGS)
+    assert "ports" not in container
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    env = env_of(workers)
+    assert env[runtime.ROLE]["value"] == runtime.ROLE_ROLLOUT
+    assert env[runtime.TRAINER_ADDRESS]["value"] == "t-slice-0-0.t:8477"
+    assert env[runtime.ROLLOUT_WORKER]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+    )
+    assert env[runtime.JOB_NAME]["value"] == "t" and runtime.NAMESPACE in env
+    assert env[runtime.RECIPE]["value"] == runtime.RECIPE_PATH
+    for name in (
+        runtime.COORDINATOR_ADDRESS, runtime.NUM_SLICES, runtime.HOSTS_PER_SLICE,
+        runtime.SLICE_ID, runtime.HOST_ID,
+    ):  # fmt: skip
+        assert name not in env
+    assert not any(n.startswith("MEGASCALE_") for n in env)
+    assert pod["volumes"][0] == {"name": "recipe", "configMap": {"name": "t-recipe"}}
+
+
+def test_rollout_resources_default_to_the_trainers_and_one_worker() -> None:
+    js = jobset_of(async_job(resources={"accelerator": "cpu", "cpu": "2", "memory": "4Gi"}))
+    workers = rjobs(js)["rollout"]
+    assert workers["replicas"] == 1
+    pod = workers["template"]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+    assert pod["containers"][0]["image"] == r.ImageDefaults().cpu
+
+
+def test_rollout_workers_on_a_tpu_host_get_its_pool_and_chips() -> None:
+    rollout = {"replicas": 2, "resources": {"accelerator": "tpu-v6e", "topology": "2x2"}}
+    js = jobset_of(async_job(rollout, resources={"accelerator": "nvidia-h100", "gpusPerNode": 8}))
+    pod = rjobs(js)["rollout"]["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+        "cloud.google.com/gke-tpu-topology": "2x2",
+    }
+    assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": "4"}
+    assert pod["containers"][0]["image"] == r.ImageDefaults().tpu
+    assert r.EXCLUSIVE_TOPOLOGY not in js["metadata"].get("annotations", {})
+    trainer = rjobs(js)["node"]["template"]["spec"]["template"]["spec"]
+    assert trainer["containers"][0]["image"] == r.ImageDefaults().gpu
+
+
+def test_queued_async_job_is_one_jobset_for_kueue() -> None:
+    js = jobset_of(async_job(scheduling={"queueName": "team-a", "priorityClassName": "high"}))
+    assert js["metadata"]["labels"][r.QUEUE_LABEL] == "team-a" and js["spec"]["suspend"] is True
+    # Kueue reads the JobSet's label: one Workload, a podset per replicated job
+    for rjob in rjobs(js).values():
+        template = rjob["template"]["spec"]["template"]
+        assert template["spec"]["priorityClassName"] == "high"
+        assert r.QUEUE_LABEL not in template["metadata"]["labels"]
+
+
+def test_rollout_pod_names_and_selectors_are_checked_too() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["metadata"]["name"] = "a" * 45  # a...-node-0-0 fits; a...-rollout-11-0 does not
+    doc["spec"].update(
+        algorithm="grpo", grpo=GRPO, training={"steps": 10, "batchSize": 8},
+        rollout={"mode": "async", "replicas": 12,
+                 "resources": {"accelerator": "nvidia-l4", "gpusPerNode": 1}},
+        scheduling={"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}},
+    )  # fmt: skip
+    with pytest.raises(JobInvalid) as info:
+        r.render(parse_job(doc))
+    errors = {e.path: e.message for e in info.value.errors}
+    assert set(errors) == {
+        "metadata.name",
+        "spec.scheduling.nodeSelector.cloud.google.com/gke-accelerator",
+    }
+    assert f"{'a' * 45}-rollout-<worker>-0-xxxxx" in errors["metadata.name"]
+    assert "at most 44 characters" in errors["metadata.name"]
+    assert (
+        "spec.rollout.resources"
+        in errors["spec.scheduling.nodeSelector.cloud.google.com/gke-accelerator"]
+    )
+
+
+@pytest.mark.parametrize("name", [runtime.ROLE, runtime.TRAINER_ADDRESS, runtime.ROLLOUT_WORKER])
+def test_role_env_is_reserved_in_every_job(name: str) -> None:
+    for job in (make(env=[{"name": name, "value": "x"}]),
+                async_job(env=[{"name": name, "value": "x"}])):  # fmt: skip
+        with pytest.raises(JobInvalid) as info:
+            r.render(job)
+        assert [e.path for e in info.value.errors] == ["spec.env[0].name"]

@@ -434,3 +434,128 @@ def test_readmissions_are_kueue_evictions_counted_apart_from_restarts() -> None:
     assert st.kueue_readmissions(fresh) == 0
     assert status_for(new, running, jobset=jobset(restarts=2), workload=fresh)["readmissions"] == 1
     assert "readmissions" not in status_for(None, running, jobset=jobset())
+
+
+# ---- async RL: trainer and rollout workers in one JobSet ---------------------------------------
+
+
+def async_jobset(*, workers: int = 2, restarts: int = 0, **kw: Any) -> dict[str, Any]:
+    js = jobset(replicas=1, parallelism=1, restarts=restarts, **kw)
+    js["spec"]["replicatedJobs"].append(
+        {"name": "rollout", "replicas": workers, "template": {"spec": {"parallelism": 1}}}
+    )
+    return js
+
+
+def worker(phase: str = "Running", **kw: Any) -> dict[str, Any]:
+    p = pod(phase, **kw)
+    p["metadata"]["labels"][st.REPLICATED_JOB] = "rollout"
+    return p
+
+
+def trainer(phase: str = "Running", **kw: Any) -> dict[str, Any]:
+    p = pod(phase, **kw)
+    p["metadata"]["labels"][st.REPLICATED_JOB] = "slice"
+    return p
+
+
+def test_expected_pods_by_role() -> None:
+    js = async_jobset(workers=3)
+    assert st.expected_pods(js) == 4
+    assert st.expected_pods(js, "trainer") == 1 and st.expected_pods(js, "rollout") == 3
+    assert st.expected_pods(jobset(), "trainer") == 4
+
+
+def test_async_job_runs_when_its_trainer_runs() -> None:
+    js = async_jobset(workers=2)
+    busy = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    out = st.phase_of(
+        suspend=False,
+        queue_name=None,
+        jobset=js,
+        pods=[trainer(), worker(name="w0"), worker("Pending", scheduled=False, message=busy)],
+    )
+    assert (out.phase, out.reason) == ("Running", "Running")
+    assert out.message == (
+        "all 1 trainer pods running; 1 of 2 rollout workers running; 1 wait for nodes: " + busy
+    )
+    out = st.phase_of(
+        suspend=False, queue_name=None, jobset=js, pods=[trainer(), worker(), worker()]
+    )
+    assert out.message == "all 1 trainer pods running; all 2 rollout workers running"
+    # a worker whose pod failed, its Job making a new one: still Running, no restart
+    crashed = worker("Failed", name="w1-old", terminated={"exitCode": 1})
+    out = st.phase_of(
+        suspend=False, queue_name=None, jobset=js, pods=[trainer(), worker(), crashed]
+    )
+    assert (out.phase, out.reason) == ("Running", "Running")
+    assert out.message.endswith("1 of 2 rollout workers running; 1 being created again")
+    out = st.phase_of(
+        suspend=False,
+        queue_name=None,
+        jobset=js,
+        pods=[trainer(), worker(), crashed, worker("Pending", name="w1-new")],
+    )
+    assert out.message.endswith("1 of 2 rollout workers running; the others starting")
+
+
+def test_async_job_provisions_until_its_trainer_runs() -> None:
+    js = async_jobset(workers=1)
+    wait = [trainer(), worker("Pending", scheduled=False, message="no GPU node")]
+    # the trainer running alone is enough; its pod waiting for nodes is not
+    assert phase(jobset=js, pods=wait) == ("Running", "Running")
+    out = st.phase_of(
+        suspend=False,
+        queue_name=None,
+        jobset=js,
+        pods=[trainer("Pending", scheduled=False, message="no TPU node"), worker()],
+    )
+    assert (out.phase, out.reason) == ("Provisioning", "WaitingForNodes")
+    assert out.message == "1 of 2 pods wait for nodes: no TPU node"
+    assert phase(jobset=js, pods=[trainer("Pending"), worker()]) == (
+        "Provisioning",
+        "StartingPods",
+    )
+    assert phase(jobset=js, pods=[worker()]) == ("Provisioning", "StartingPods")
+    assert phase(jobset=js) == ("Pending", "CreatingPods")
+
+
+def test_a_sync_job_with_a_pod_labelled_by_its_replicated_job_is_unchanged() -> None:
+    pods = [trainer()] * 3 + [trainer("Pending", scheduled=False)]
+    assert phase(jobset=jobset(), pods=pods) == ("Provisioning", "WaitingForNodes")
+
+
+def test_async_failure_quotes_the_trainer_before_a_worker() -> None:
+    js = async_jobset(conditions=[cond("Failed", "ReachedMaxRestarts", "max restarts")])
+    pods = [
+        worker("Failed", name="j-rollout-0-0-a", terminated={"exitCode": 1, "reason": "Error"}),
+        trainer("Failed", name="j-slice-0-0-b", terminated={"exitCode": 3, "reason": "OOMKilled"}),
+    ]
+    out = st.phase_of(suspend=False, queue_name=None, jobset=js, pods=pods)
+    assert "pod j-slice-0-0-b: container trainer exited with code 3 (OOMKilled)" in out.message
+    # a worker refusing the recipe fails the set (its Job's rule 0): said as such
+    pods = [worker("Failed", name="j-rollout-0-0-a", terminated={"exitCode": 78})]
+    out = st.phase_of(suspend=False, queue_name=None, jobset=js, pods=pods)
+    assert out.reason == st.CONFIG_ERROR
+    assert out.message.startswith("a rollout worker refused its configuration (exit code 78)")
+
+
+def test_rollout_status_is_the_trainers_and_kept() -> None:
+    """The operator's status never carries status.rollout: a merge patch leaves the trainer's
+    numbers as they are (the same as status.progress)."""
+    prev = {
+        "phase": "Running",
+        "rollout": {"policyVersion": 7, "stalenessMean": 0.5, "workers": 2},
+        "progress": {"step": 7, "totalSteps": 10},
+    }
+    js = async_jobset()
+    outcome = st.phase_of(
+        suspend=False, queue_name=None, jobset=js, pods=[trainer(), worker(), worker()]
+    )
+    new = status_for(prev, outcome, jobset=js, summary={"model": "m"}, total_steps=10)
+    assert "rollout" not in new and "progress" not in new
+    assert new["restarts"] == 0
+    # a worker's pod replaced: the JobSet's restarts did not move, nor does the job's
+    again = status_for(new, outcome, jobset=js, now=LATER)
+    assert again["restarts"] == 0
+    assert not [e for e in st.transitions(new, again, outcome) if e.reason == "Restarted"]
