@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
+from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob, ResourcesSpec
 from posttrain.trainer import peft
 from posttrain.trainer import placement as place
 from posttrain.trainer.algorithms.base import (
@@ -347,6 +347,64 @@ def _frozen_models(
             graphdef, state = nnx.split(model_of(declaration.teacher))
         extras["teacher"], extras["_teacher_graphdef"] = state, graphdef
     return extras
+
+
+# --------------------------------------------------------------------------- rollout workers
+
+
+def rollout_devices(job: PostTrainJob) -> ResourcesSpec:
+    """What each async rollout worker runs on: ``spec.rollout.resources``, else ``spec.resources``
+    (both one host)."""
+    return job.spec.rollout_role.resources or job.spec.resources
+
+
+def rollout_mesh(job: PostTrainJob, devices: list[Any] | None = None) -> Mesh:
+    """A rollout worker's mesh over its own devices: ``spec.training.mesh`` when its sizes make the
+    worker's device count, else the weights sharded (fsdp) over all of them. The sampler shards the
+    rows over data x fsdp either way."""
+    from posttrain.trainer.models import make_mesh as models_make_mesh
+
+    devices = devices if devices is not None else jax.devices()
+    try:
+        return make_mesh(job, devices)
+    except ValueError:
+        return models_make_mesh(1, -1, 1, devices=devices)
+
+
+def rollout_model_spec(model: ModelSpec) -> ModelSpec:
+    """The policy a rollout worker samples with: the base with its adapters (if any), every weight
+    in the compute dtype (no float32 master copy: nothing trains there); a quantized base stays
+    quantized."""
+    return model.model_copy(update={"param_dtype": model.dtype})
+
+
+@dataclass
+class RolloutPolicy:
+    """A rollout worker's policy, split for the sampler: no heads, optimizer state, gradients or
+    reference model."""
+
+    mesh: Mesh
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    state: Any  # real arrays, or ShapeDtypeStructs with their shardings (abstract)
+
+
+def build_rollout_policy(job: PostTrainJob, *, abstract: Abstract | None = None) -> RolloutPolicy:
+    """An async rollout worker's policy on its own devices (``abstract.devices`` for ``plan``):
+    the same model build as ``build_run``'s, in ``rollout_model_spec``'s dtypes, placed on
+    ``rollout_mesh``. With ``abstract``, under ``eval_shape`` from config.json alone."""
+    spec, seed = job.spec, job.spec.training.seed
+    model = rollout_model_spec(spec.model)
+    mesh = rollout_mesh(job, abstract.devices if abstract else None)
+    if abstract is not None:
+        config = abstract.config_of(model.base)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(model, config, seed)))
+        state = place.with_shardings(state, mesh)
+    else:
+        tokenizer = load_tokenizer(model)
+        config = model_config(model.base, tokenizer)
+        graphdef, state = nnx.split(build_model(model, tokenizer, mesh, seed))
+    return RolloutPolicy(mesh=mesh, config=config, graphdef=graphdef, state=state)
 
 
 # --------------------------------------------------------------------------- live weights

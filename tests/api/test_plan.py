@@ -15,7 +15,7 @@ import yaml
 from posttrain.api import load_documents, parse_job
 from posttrain.api.algorithms import REGISTRY
 from posttrain.api.settings.rl import RolloutSpec
-from posttrain.commands.plan import chip_count, model_config_json
+from posttrain.commands.plan import chip_count, devices_needed, model_config_json
 from posttrain.commands.plan_models import KNOWN_CONFIGS
 
 JOB = {
@@ -170,7 +170,7 @@ def _plan_jobs(jobs: list[tuple[Path, str | None]], mode: str, tmp_path: Path) -
             config = str(tmp_path / f"config-{i}.json")
             Path(config).write_text(json.dumps(KNOWN_CONFIGS[model]))
         args += [str(path), config]
-    devices = max(chip_count(parse_job(load_documents(p)[0]).spec.resources) for p, _ in jobs)
+    devices = max(devices_needed(parse_job(load_documents(p)[0])) for p, _ in jobs)
     cmd = [sys.executable, "-P", "-c", RUNNER, str(devices), mode, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -302,3 +302,153 @@ def test_an_8b_teacher_over_a_1b_student_does_not_fit_one_v5e_chip(tmp_path):
     )
     assert rc == 2 and "teacher (frozen)" in text
     assert "biggest consumer: teacher (frozen)" in text.splitlines()[-1]
+
+
+# ---- async RL: the rollout role, each worker on its own devices ------------------------------
+
+# The keys of a plan's JSON before async rollouts (a sync plan keeps exactly these).
+SYNC_KEYS = {
+    "devices", "hbm_bytes", "parameters", "frozen", "optimizer", "activations",
+    "flops_per_step", "peak_flops", "loss", "reference", "teacher", "compile_seconds",
+    "rollout", "kv_cache", "kv_cache_per_device", "data_parallel", "train_total",
+    "rollout_total", "total", "fits",
+}  # fmt: skip
+
+
+def _grpo_job(tmp_path: Path, name: str, rollout: dict | None, **model) -> Path:
+    job = json.loads(json.dumps(JOB))
+    job["metadata"]["name"] = name
+    job["spec"].update(
+        algorithm="grpo",
+        model={"base": "builtin:tiny", **model},
+        resources=TINY_V5E,
+        grpo={**RL, "beta": 0.04},
+    )
+    job["spec"]["data"]["maxPromptLength"] = 16
+    if rollout is not None:
+        job["spec"]["rollout"] = rollout
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_an_async_job_plans_its_rollout_workers_on_their_own_devices(tmp_path):
+    """The trainer as a sync job's on spec.resources (a v5e 2x2); each rollout worker on
+    spec.rollout.resources (default spec.resources): the policy in bf16, the KV cache of the
+    rollout batch split over the worker's data-parallel devices, its sampler compiled there."""
+    jobs = [
+        _grpo_job(tmp_path, "sync", None),
+        # maxPolicyLag 0: no rollout correction, so the trainer's step is the sync job's.
+        _grpo_job(tmp_path, "default", {"mode": "async", "maxPolicyLag": 0, "replicas": 3}),
+        _grpo_job(
+            tmp_path,
+            "h100",
+            {"mode": "async", "resources": {"accelerator": "nvidia-h100", "gpusPerNode": 1}},
+        ),
+    ]
+    sync, default, h100 = _plan_jobs([(p, None) for p in jobs], "compile", tmp_path)
+
+    # A sync job's plan: the keys and report it always had, no rollout role.
+    assert set(sync["plan"]) == SYNC_KEYS and "rollout role" not in sync["report"]
+    assert sync["report"].splitlines()[-1] == "fits"
+    # The trainer role of an async job is planned as the sync job's, on spec.resources (with
+    # maxPolicyLag 1, rollout correction's columns change the step's temporaries only).
+    same = lambda p, skip: {k: v for k, v in p.items() if k in SYNC_KEYS - skip}  # noqa: E731
+    timed = {"compile_seconds"}
+    assert same(default["plan"], timed) == same(sync["plan"], timed)
+    step = timed | {"activations", "train_total", "total"}
+    assert same(h100["plan"], step) == same(sync["plan"], step)
+    for p in (default, h100):
+        assert p["plan"]["fits"] and p["report"].splitlines()[-1] == "fits"
+        assert set(p["plan"]) == SYNC_KEYS | {"rollout_role"}
+
+    kv = 2 * 2 * 32 * (16 + 32) * 2 * 16 * 2  # the rollout batch's cache (see the GRPO test)
+    d, h = default["plan"]["rollout_role"], h100["plan"]["rollout_role"]
+    for role in (d, h):
+        assert role["rows"] == 32 and role["kv_cache"] == kv and role["fits"]
+        assert role["rollout"] > 0 and role["total"] == role["weights"] + role["rollout"]
+        assert role["kv_cache_per_device"] * role["data_parallel"] == kv
+    # Default: the trainer's devices (4 v5e chips of 16 GiB), here three workers.
+    assert (d["resources"], d["workers"]) == ("spec.resources", 3)
+    assert (d["accelerator"], d["topology"], d["devices"]) == ("tpu-v5e", "2x2", 4)
+    assert d["data_parallel"] == 4 and d["hbm_bytes"] == 16 * 2**30
+    # One H100 (80 GiB): all 32 rows' cache and every weight on it; the tiny model's 98,624
+    # weights in bfloat16 (no float32 master copy, no optimizer state, no reference copy).
+    assert (h["resources"], h["workers"]) == ("spec.rollout.resources", 1)
+    assert (h["accelerator"], h["topology"], h["devices"]) == ("nvidia-h100", None, 1)
+    assert h["hbm_bytes"] == 80 * 2**30
+    assert (h["data_parallel"], h["kv_cache_per_device"]) == (1, kv)
+    assert h["weights"] == 98_624 * 2 and h["weights"] > d["weights"]
+    assert h["rollout"] > d["rollout"]
+    lines = h100["report"].splitlines()
+    role_at = next(i for i, line in enumerate(lines) if line.startswith("rollout role: "))
+    assert lines[role_at] == (
+        "rollout role: 1 worker, each 1 x nvidia-h100 (spec.rollout.resources), per device:"
+    )
+    assert lines[-2].strip().startswith("total (peak)") and "of 80 GiB HBM" in lines[-2]
+    assert "rollout role: 3 workers, each 4 x tpu-v5e 2x2 (spec.resources)" in default["report"]
+
+
+def test_a_rollout_worker_that_does_not_fit_names_spec_rollout_resources(tmp_path):
+    """Llama-3.1-8B: the trainer's float32 full fine-tuning is over a v5e 2x2 and a worker's
+    bf16 weights (~15 GiB) plus the rollout batch's KV cache over one 16 GiB v5e chip; neither
+    compiles."""
+    job = json.loads(json.dumps(JOB))
+    job["spec"].update(
+        algorithm="grpo",
+        model={"base": "hf://meta-llama/Llama-3.1-8B"},
+        resources=TINY_V5E,
+        grpo={**RL, "maxNewTokens": 1024},
+        rollout={"mode": "async", "resources": {**TINY_V5E, "topology": "1x1"}},
+    )
+    job["spec"]["data"]["maxPromptLength"] = 16
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(job))
+    (p,) = _plan_jobs([(path, None)], "compile", tmp_path)
+    plan, role = p["plan"], p["plan"]["rollout_role"]
+    assert not plan["fits"] and plan["biggest_consumer"] == "optimizer state"
+    assert not role["fits"] and role["rollout"] is None and role["devices"] == 1
+    assert role["biggest_consumer"] == "policy weights"
+    assert 14.9 * 2**30 < role["weights"] < 15.0 * 2**30  # 8.03e9 bf16 weights
+    # 32 layers x K/V x 32 rows x (16 + 1024 slots) x 8 heads x 128 x bf16.
+    assert role["kv_cache"] == role["kv_cache_per_device"] == 2 * 32 * 32 * 1040 * 8 * 128 * 2
+    last = p["report"].splitlines()[-2:]
+    assert last[0].startswith("does not fit: ") and "optimizer state" in last[0]
+    assert last[1].startswith("does not fit: spec.rollout.resources (tpu-v5e 1x1): a rollout")
+    assert "biggest consumer: policy weights" in last[1]
+
+
+def test_the_verdict_when_only_the_rollout_workers_are_over():
+    """The exit code and JSON when the trainer fits but a worker does not (no JAX needed)."""
+    from posttrain.commands import plan as P
+
+    role = P.RolloutRolePlan(
+        workers=2, resources="spec.rollout.resources", accelerator="nvidia-l4", topology=None,
+        devices=1, hbm_bytes=24 * 2**30, weights=20 * 2**30, rows=64, kv_cache=8 * 2**30,
+        kv_cache_per_device=8 * 2**30, data_parallel=1,
+    )  # fmt: skip
+    trainer = P.Plan(
+        devices=8, hbm_bytes=80 * 2**30, parameters=2**30, frozen=0, optimizer=2**31,
+        activations=2**30, flops_per_step=1e12, peak_flops=989e12, rollout=2**30,
+    )  # fmt: skip
+    plan = P.Plan(**{**trainer.__dict__, "rollout_role": role})
+    assert plan.trainer_fits and not plan.fits
+    out = P._as_dict(plan)
+    assert out["fits"] is False and out["biggest_consumer"] == "policy weights"
+    assert out["rollout_role"]["total"] == 28 * 2**30 and not out["rollout_role"]["fits"]
+    assert set(P._as_dict(trainer)) == SYNC_KEYS
+    job = json.loads(json.dumps(JOB))
+    job["spec"].update(
+        algorithm="grpo",
+        model={"base": "builtin:tiny"},
+        resources={"accelerator": "nvidia-h100"},
+        grpo=RL,
+        rollout={"mode": "async", "replicas": 2, "resources": {"accelerator": "nvidia-l4"}},
+    )
+    lines = P.report(parse_job(job), plan).splitlines()
+    assert lines[-1] == (
+        "does not fit: spec.rollout.resources (nvidia-l4): a rollout worker needs 28.00 GiB per "
+        "device > 24 GiB; biggest consumer: policy weights (20.00 GiB)"
+    )
+    assert not any(line.startswith("does not fit: 4") for line in lines)  # the trainer fits
+    assert "rollout role: 2 workers, each 1 x nvidia-l4 (spec.rollout.resources)" in lines[-6]
