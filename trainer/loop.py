@@ -118,8 +118,8 @@ def train(
         ckpt.wait()
         return _finish(run, state, algo, metrics, output_dir, start, say)
     finally:
-        if service is not None:
-            service.close()
+        if service is not None:  # finished: the workers exit; stopped: they wait for us
+            service.close(finished=state.step >= training.steps)
         preempted.restore()
         metrics.close()
         if reporter is not None:

@@ -241,6 +241,8 @@ def test_a_preempted_trainer_saves_and_resumes(files, tmp_path):
         assert trainer.wait(120) == 0, trainer.text()
         stopped = int(trainer.text().split("stopping at step ")[1].split(":")[0])
         assert stopped < total
+        wait_for(lambda: "unreachable" in worker.text(), 60, worker)
+        assert worker.proc.poll() is None  # not told the run is done: it waits
         trainer = Role(job, out, runtime.ROLE_TRAINER, address, logs / "trainer-2.log")
         roles.append(trainer)
         assert trainer.wait(600) == 0, trainer.text()

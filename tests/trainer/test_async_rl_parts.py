@@ -225,7 +225,7 @@ def test_weights_travel_whole_and_versioned():
         a = service.assignment(0)
         assert (a["index"], a["min_version"], a["run"]) == (3, 2, service.run_id)
     finally:
-        service.close(grace=0)
+        service.close(finished=True, grace=0)
 
 
 def test_a_cut_transfer_is_retried_and_never_half_applied():
@@ -246,7 +246,7 @@ def test_a_cut_transfer_is_retried_and_never_half_applied():
         np.testing.assert_array_equal(before["w"], np.zeros((64, 32)))  # never written into
     finally:
         proxy.close()
-        service.close(grace=0)
+        service.close(finished=True, grace=0)
 
 
 def test_trajectories_of_another_run_or_already_trained_are_refused():
@@ -274,7 +274,7 @@ def test_trajectories_of_another_run_or_already_trained_are_refused():
         got = service.take(2, first_step=2)
         assert got.version == 1 and service.stats.lags == [1]
     finally:
-        service.close(grace=0)
+        service.close(finished=True, grace=0)
 
 
 def test_named_leaves_are_the_paths():

@@ -4,7 +4,7 @@ after every optimizer step and queues the trajectories rollout workers send back
     service = RolloutService.start(job, say=say, consumed=0)
     service.publish(version, params)          # after each optimizer step (and once at start)
     t = service.take(index, first_step)       # the batch source, blocking until batch `index`
-    service.close()                           # workers see `done` and exit
+    service.close(finished=True)              # workers see `done` and exit
 
 HTTP/1.1 on the standard library's threading server: the bytes are one safetensors blob per
 version (``wire.py``), immutable once published, so every GET of a version reads the same bytes
@@ -217,10 +217,15 @@ class RolloutService:
             "workers": sum(1 for t in self._seen.values() if now - t < 60),
         }
 
-    def close(self, grace: float = 30.0) -> None:
-        """Tell the workers the run is done, then stop serving: waits (up to ``grace`` s) until
-        every worker heard from in the last minute has asked for work and been told, so that
-        they exit 0 rather than find the service gone."""
+    def close(self, *, finished: bool, grace: float = 30.0) -> None:
+        """Stop serving. ``finished``: the run is done, and the workers are told so first (up to
+        ``grace`` s for every worker heard from in the last minute to ask), so that they exit 0
+        rather than find the service gone. A stopped (preempted) trainer tells them nothing:
+        they wait for it to come back."""
+        if not finished:
+            self._server.shutdown()
+            self._server.server_close()
+            return
         with self._cond:
             self._done = True
             self._cond.notify_all()
