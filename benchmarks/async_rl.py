@@ -109,7 +109,9 @@ def posttrain_run(job: dict, work: Path, name: str) -> list[dict]:
         cwd=ROOT,
     )
     if proc.returncode != 0:
-        sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        sys.exit(
+            f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -142,9 +144,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="posttrain-async-bench-") as tmp:
         work = Path(tmp)
-        print(f"SFT warm-up ({args.warmup_steps} steps), then {args.rounds} rounds of sync and "
-              f"async GRPO ({args.steps} steps, {args.batch} x 8 completions); {os.cpu_count()} "
-              "cores", flush=True)
+        print(
+            f"SFT warm-up ({args.warmup_steps} steps), then {args.rounds} rounds of sync and "
+            f"async GRPO ({args.steps} steps, {args.batch} x 8 completions); {os.cpu_count()} "
+            "cores",
+            flush=True,
+        )
         posttrain_run(warmup_job(args.warmup_steps), work, "warmup")
         base = str(work / "warmup" / "final")
         runs: dict[str, list[dict[str, float]]] = {"sync": [], "async": []}

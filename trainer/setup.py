@@ -378,6 +378,21 @@ def rollout_model_spec(model: ModelSpec) -> ModelSpec:
     return model.model_copy(update={"param_dtype": model.dtype})
 
 
+def rollout_job(job: PostTrainJob, devices: list[Any] | None = None) -> PostTrainJob:
+    """The job as a rollout worker builds its run (``build_run``, so its prompts, sampler and
+    rewards are the trainer's own): the weights in the compute dtype (``rollout_model_spec``) and,
+    when ``spec.training.mesh`` does not make its device count, the weights sharded over all of
+    them (``rollout_mesh``)."""
+    spec = job.spec
+    updates: dict[str, Any] = {"model": rollout_model_spec(spec.model)}
+    try:
+        make_mesh(job, devices)
+    except ValueError:
+        mesh = spec.training.mesh.model_copy(update={"data": 1, "fsdp": -1, "tensor": 1})
+        updates["training"] = spec.training.model_copy(update={"mesh": mesh})
+    return job.model_copy(update={"spec": spec.model_copy(update=updates)})
+
+
 @dataclass
 class RolloutPolicy:
     """A rollout worker's policy, split for the sampler: no heads, optimizer state, gradients or

@@ -281,6 +281,16 @@ def test_named_leaves_are_the_paths():
     names = named_leaves(_params(0.0))
     assert sorted(names) == ["['layers'][0]['b']", "['w']"]
     assert isinstance(names["['w']"], np.ndarray)
+    # A bfloat16 job: the float32 masters travel in the workers' compute dtype.
+    half = named_leaves(_params(1.5), jnp.bfloat16)
+    assert (
+        half["['w']"].dtype == jnp.bfloat16 and half["['w']"].nbytes == names["['w']"].nbytes // 2
+    )
+    held = HeldWeights(_State(jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params(0.0))))
+    held.apply(wire.encode_weights(half, 3), 3, "run")
+    assert (
+        held.state.params["w"].dtype == jnp.bfloat16 and float(held.state.params["w"][0, 0]) == 1.5
+    )
 
 
 # --------------------------------------------------------------------------- TIS in the loss
@@ -321,7 +331,10 @@ def test_tis_in_the_loss_is_the_host_side_tis(tmp_path):
 
     hidden, _ = model.hidden_states(jnp.asarray(ids), jnp.asarray(batch["attention_mask"]))
     (old,), _ = chunked_logprobs_and_entropy(
-        hidden, model.logits, jnp.asarray(targets), temperatures=(g.temperature,),
+        hidden,
+        model.logits,
+        jnp.asarray(targets),
+        temperatures=(g.temperature,),
         entropy_temperature=g.temperature,
     )
     old = np.asarray(old) * mask
@@ -351,6 +364,8 @@ def test_tis_in_the_loss_is_the_host_side_tis(tmp_path):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
     # And the weights did something: without them the loss differs.
-    plain = grpo.make_loss(g.model_copy(update={"rollout_correction": type(g.rollout_correction)()}))
+    plain = grpo.make_loss(
+        g.model_copy(update={"rollout_correction": type(g.rollout_correction)()})
+    )
     v3, _ = value(plain, {k: jnp.asarray(v) for k, v in batch.items()})
     assert abs(float(v3) - float(v1)) > 1e-6

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from posttrain import runtime
@@ -47,10 +48,17 @@ def for_job(job: Any, source: Any, say: Callable[[str], None]) -> RolloutService
     return service
 
 
-def named_leaves(tree: Any) -> dict[str, np.ndarray]:
-    """A pytree's leaves as host arrays named by their paths (``wire.encode_weights``)."""
+def named_leaves(tree: Any, dtype: Any = None) -> dict[str, np.ndarray]:
+    """A pytree's leaves as host arrays named by their paths (``wire.encode_weights``); floating
+    ones cast to ``dtype`` when given (the workers' compute dtype: half the bytes of float32
+    masters for a bfloat16 model, and what the worker would cast them to anyway)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf)) for path, leaf in flat}
+    out = {}
+    for path, leaf in flat:
+        if dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating):
+            leaf = leaf.astype(dtype)
+        out[jax.tree_util.keystr(path)] = np.asarray(jax.device_get(leaf))
+    return out
 
 
 def listen_address(env: dict[str, str] | None = None) -> tuple[str, int]:
@@ -100,10 +108,11 @@ class RolloutService:
         consumed: int,
         say: Callable[[str], None],
         address: tuple[str, int],
+        dtype: Any = None,
     ):
         self.lag, self.workers = lag, workers
         self.warmup, self.steps_per_rollout = warmup, steps_per_rollout
-        self.say = say
+        self.say, self.dtype = say, dtype
         self.run_id = uuid.uuid4().hex[:12]
         self.stats = Stats()
         self._cond = threading.Condition()
@@ -130,6 +139,7 @@ class RolloutService:
             consumed=consumed,
             say=say,
             address=listen_address(),
+            dtype=jnp.dtype(job.spec.model.dtype),
         )
         say(
             f"rollout service on port {service.port}: {role.workers} rollout worker(s), "
@@ -145,7 +155,7 @@ class RolloutService:
         if version < needed:  # no worker may sample with it (e.g. during the SFT warm-up)
             return
         started = time.perf_counter()
-        blob = wire.encode_weights(named_leaves(params), version)
+        blob = wire.encode_weights(named_leaves(params, self.dtype), version)
         with self._cond:
             self._weights = (version, blob, wire.digest(blob))
             self._cond.notify_all()
@@ -196,7 +206,11 @@ class RolloutService:
     def _waiting_line(self, index: int, waited: float) -> str:
         worker = index % self.workers
         seen = self._seen.get(worker)
-        heard = "never heard from it" if seen is None else f"last heard {time.monotonic() - seen:.0f}s ago"
+        heard = (
+            "never heard from it"
+            if seen is None
+            else f"last heard {time.monotonic() - seen:.0f}s ago"
+        )
         return (
             f"waiting {waited:.0f}s for rollout batch {index} from rollout worker {worker} "
             f"({heard}); training goes on when it arrives"
@@ -210,7 +224,8 @@ class RolloutService:
             "policy_version": version,
             "staleness_mean": round(m["staleness_mean"], 3),
             "weight_sync_seconds": (
-                None if self.stats.weight_sync_seconds is None
+                None
+                if self.stats.weight_sync_seconds is None
                 else round(self.stats.weight_sync_seconds, 3)
             ),
             "tokens_per_second": round(m["rollout_tokens_per_second"], 1),
@@ -231,8 +246,7 @@ class RolloutService:
             self._cond.notify_all()
             self._cond.wait_for(
                 lambda: all(
-                    w in self._told_done or time.monotonic() - t > 60
-                    for w, t in self._seen.items()
+                    w in self._told_done or time.monotonic() - t > 60 for w, t in self._seen.items()
                 ),
                 timeout=grace,
             )

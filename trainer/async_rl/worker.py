@@ -183,12 +183,12 @@ def sync(client: TrainerClient, held: HeldWeights, run: str, need: int, say: Cal
 def serve(job: Any, output_dir: str, *, say: Callable[[str], None] = print) -> int:
     """The worker's life: build the run, then sample for the trainer until it is done."""
     from posttrain.trainer.loop import make_context
-    from posttrain.trainer.setup import TrainState, build_run
+    from posttrain.trainer.setup import TrainState, build_run, rollout_job
 
     worker = int(os.environ.get(runtime.ROLLOUT_WORKER, "0"))
     address = os.environ.get(runtime.TRAINER_ADDRESS) or f"127.0.0.1:{runtime.ROLLOUT_PORT}"
     log = lambda msg: say(f"rollout worker {worker}: {msg}")  # noqa: E731
-    run = build_run(job)
+    run = build_run(rollout_job(job))  # the weights in the compute dtype: nothing trains here
     run.opt_state = None  # a worker never updates its weights: no optimizer state to hold
     state = TrainState(run.params, None)
     ctx = make_context(job, run, state, output_dir, log)
