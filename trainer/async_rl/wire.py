@@ -30,12 +30,20 @@ def digest(blob: bytes) -> str:
 
 
 def encode_weights(named: dict[str, np.ndarray], version: int) -> bytes:
-    return st_save(named, metadata={META: json.dumps({"version": version})})
+    # safetensors' numpy API has no bfloat16: such leaves travel as their raw 16 bits, named in
+    # the metadata, and are viewed back on arrival (no rounding either way).
+    raw = sorted(k for k, v in named.items() if v.dtype.name == "bfloat16")
+    tensors = {k: (v.view(np.uint16) if k in raw else v) for k, v in named.items()}
+    return st_save(tensors, metadata={META: json.dumps({"version": version, "bfloat16": raw})})
 
 
 def decode_weights(blob: bytes, expect: list[str]) -> dict[str, np.ndarray]:
     """The named arrays, refused unless they are exactly ``expect`` (the receiver's own tree)."""
+    import ml_dtypes
+
     named = st_load(blob)
+    for k in json.loads(_metadata(blob)[META]).get("bfloat16", []):
+        named[k] = named[k].view(ml_dtypes.bfloat16)
     if sorted(named) != sorted(expect):
         missing, extra = sorted(set(expect) - set(named)), sorted(set(named) - set(expect))
         raise ValueError(
