@@ -63,7 +63,19 @@ def warmup_job(steps: int) -> dict:
     }
 
 
-def grpo_job(base: str, steps: int, batch: int, mode: str) -> dict:
+DIGITS = """
+def digits(prompts, completions, **columns):
+    # Dense and learnable from scratch: the share of digits in the completion.
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+def grpo_job(base: str, steps: int, batch: int, mode: str, work: Path, new_tokens: int) -> dict:
+    if base.startswith("builtin:"):  # from scratch: the dense digit-share reward
+        (work / "digits.py").write_text(DIGITS)
+        reward = {"function": f"{work}/digits.py:digits"}
+    else:  # after the SFT warm-up: the task's own reward
+        reward = {"builtin": "math-answer", "answerField": "answer"}
     job = {
         "apiVersion": "posttrain.dev/v1alpha1",
         "kind": "PostTrainJob",
@@ -73,14 +85,14 @@ def grpo_job(base: str, steps: int, batch: int, mode: str) -> dict:
             "model": {"base": base, "dtype": "float32"},
             "data": {
                 "train": str(DATA / "train.jsonl"),
-                "maxLength": 16,
+                "maxLength": 8 + new_tokens,
                 "maxPromptLength": 8,
             },
             "grpo": {
                 "numGenerations": 8,
                 "beta": 0.0,
-                "maxNewTokens": 4,
-                "rewards": [{"builtin": "math-answer", "answerField": "answer"}],
+                "maxNewTokens": new_tokens,
+                "rewards": [reward],
             },
             "training": {
                 "steps": steps,
@@ -137,7 +149,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=30, help="GRPO steps per run")
     p.add_argument("--batch", type=int, default=16, help="prompts per step (x 8 completions)")
-    p.add_argument("--warmup-steps", type=int, default=250, help="the shared SFT warm-up")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=250,
+        help="the shared SFT warm-up, then the task reward; 0: from scratch, the digit reward",
+    )
+    p.add_argument("--new-tokens", type=int, default=4, help="maxNewTokens")
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--tail", type=int, default=10, help="last steps whose reward is averaged")
     args = p.parse_args()
@@ -150,13 +168,17 @@ def main() -> None:
             "cores",
             flush=True,
         )
-        posttrain_run(warmup_job(args.warmup_steps), work, "warmup")
-        base = str(work / "warmup" / "final")
+        base = "builtin:small"
+        if args.warmup_steps:
+            posttrain_run(warmup_job(args.warmup_steps), work, "warmup")
+            base = str(work / "warmup" / "final")
         runs: dict[str, list[dict[str, float]]] = {"sync": [], "async": []}
         for r in range(args.rounds):
             for mode in ("sync", "async"):
                 records = posttrain_run(
-                    grpo_job(base, args.steps, args.batch, mode), work, f"{mode}-{r}"
+                    grpo_job(base, args.steps, args.batch, mode, work, args.new_tokens),
+                    work,
+                    f"{mode}-{r}",
                 )
                 runs[mode].append(figures(records, args.skip, args.tail))
                 print(f"    {json.dumps(runs[mode][-1])}", flush=True)
