@@ -3,10 +3,12 @@
     .venv/bin/python -P benchmarks/async_rl.py                # 2 rounds: sync, async, sync, async
     .venv/bin/python -P benchmarks/async_rl.py --rounds 3 --steps 40
 
-Both start from one shared SFT warm-up of the built-in model on the arithmetic data (so the
-reward has room to rise either way), then run ``--steps`` GRPO steps with ``posttrain run``: sync
-as one process, async as its two roles (two processes talking HTTP over loopback, the transport
-pods use). Each run is a fresh process, so neither warms the other's caches.
+The job: the built-in small model on the arithmetic prompts, 16 prompts x 8 completions of up to
+``--new-tokens`` (16) tokens, from scratch with a dense digit-share reward (so the reward rises
+within the run either way); ``--warmup-steps N`` starts both from one shared SFT warm-up instead,
+with the task's own reward (its answers are ~3 tokens: sampling is a smaller share). Each run is
+``posttrain run`` in a fresh process: sync one process, async its two roles (two processes on
+their own halves of the cores, talking HTTP over loopback, the transport pods use).
 
 Figures, from each run's metrics.jsonl:
   sync_step_s / async_step_s   median wall seconds per RL step (``step_seconds``), after the
@@ -15,6 +17,8 @@ Figures, from each run's metrics.jsonl:
   reward_sync / reward_async   mean ``reward_mean`` of the last ``--tail`` steps, mean over rounds
   weight_sync_s                median seconds a worker took to fetch, check and swap in a version
   staleness_mean               mean policy lag of the batches the async trainer trained on
+  rollout_share, overlap_bound sampling's share of a sync step, and 1 / max(share, 1 - share):
+                               the speedup perfect overlap of the two could give
 The last line printed is one JSON object with these keys (and the per-round figures). Absolute
 figures drift between runs on a shared machine; compare ratios taken within one run.
 """
@@ -73,9 +77,9 @@ def digits(prompts, completions, **columns):
 def grpo_job(base: str, steps: int, batch: int, mode: str, work: Path, new_tokens: int) -> dict:
     if base.startswith("builtin:"):  # from scratch: the dense digit-share reward
         (work / "digits.py").write_text(DIGITS)
-        reward = {"function": f"{work}/digits.py:digits"}
+        reward, learning_rate = {"function": f"{work}/digits.py:digits"}, 1e-3
     else:  # after the SFT warm-up: the task's own reward
-        reward = {"builtin": "math-answer", "answerField": "answer"}
+        reward, learning_rate = {"builtin": "math-answer", "answerField": "answer"}, 5e-5
     job = {
         "apiVersion": "posttrain.dev/v1alpha1",
         "kind": "PostTrainJob",
@@ -97,7 +101,7 @@ def grpo_job(base: str, steps: int, batch: int, mode: str, work: Path, new_token
             "training": {
                 "steps": steps,
                 "batchSize": batch,
-                "learningRate": 5.0e-5,
+                "learningRate": learning_rate,
                 "logEverySteps": 1,
                 "checkpoint": {"everySteps": 10 * steps},
             },
@@ -128,14 +132,21 @@ def posttrain_run(job: dict, work: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def figures(records: list[dict], skip: int, tail: int) -> dict[str, float]:
+def figures(records: list[dict], skip: int, tail: int, rows_per_step: int) -> dict[str, float]:
     steps = [r for r in records if r.get("step_seconds") is not None]
     rewards = [r["reward_mean"] for r in steps if r.get("reward_mean") is not None]
+    timed = steps[skip:]
     out = {
-        "step_s": statistics.median(r["step_seconds"] for r in steps[skip:]),
+        "step_s": statistics.median(r["step_seconds"] for r in timed),
         "reward": statistics.fmean(rewards[-tail:]),
         "reward_first": statistics.fmean(rewards[:tail]),
     }
+    if all(r.get("generation_tokens_per_second") for r in timed):  # sync: generation's share
+        rows = [
+            r["completion_length"] * rows_per_step / r["generation_tokens_per_second"]
+            for r in timed
+        ]
+        out["rollout_share"] = statistics.median(rows) / out["step_s"]
     syncs = [r["weight_sync_seconds"] for r in steps if r.get("weight_sync_seconds") is not None]
     if syncs:
         out["weight_sync_s"] = statistics.median(syncs)
@@ -152,10 +163,11 @@ def main() -> None:
     p.add_argument(
         "--warmup-steps",
         type=int,
-        default=250,
-        help="the shared SFT warm-up, then the task reward; 0: from scratch, the digit reward",
+        default=0,
+        help="0 (default): from scratch with the digit-share reward; N: a shared SFT warm-up of "
+        "N steps, then the arithmetic task's own reward (math-answer, short answers)",
     )
-    p.add_argument("--new-tokens", type=int, default=4, help="maxNewTokens")
+    p.add_argument("--new-tokens", type=int, default=16, help="maxNewTokens (default 16)")
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--tail", type=int, default=10, help="last steps whose reward is averaged")
     args = p.parse_args()
@@ -180,13 +192,14 @@ def main() -> None:
                     work,
                     f"{mode}-{r}",
                 )
-                runs[mode].append(figures(records, args.skip, args.tail))
+                runs[mode].append(figures(records, args.skip, args.tail, args.batch * 8))
                 print(f"    {json.dumps(runs[mode][-1])}", flush=True)
 
     def med(mode: str, key: str) -> float:
         return statistics.median(f[key] for f in runs[mode])
 
     sync_s, async_s = med("sync", "step_s"), med("async", "step_s")
+    share = med("sync", "rollout_share")
     result = {
         "sync_step_s": round(sync_s, 4),
         "async_step_s": round(async_s, 4),
@@ -198,6 +211,10 @@ def main() -> None:
         "reward_first_sync": round(statistics.fmean(f["reward_first"] for f in runs["sync"]), 4),
         "reward_first_async": round(statistics.fmean(f["reward_first"] for f in runs["async"]), 4),
         "trainer_wait_s": round(med("async", "trainer_wait_s"), 4),
+        # Sampling's share of a sync step, and the speedup perfect overlap would give with as
+        # many cores again (1 / the larger share); on a shared CPU the roles also share cores.
+        "rollout_share": round(share, 3),
+        "overlap_bound": round(1 / max(share, 1 - share), 3),
         "rounds": args.rounds,
         "steps": args.steps,
         "cores": os.cpu_count(),

@@ -2,7 +2,8 @@
 
 An async RL job (``spec.rollout.mode: async``) runs as its roles would in a cluster: the trainer
 and ``spec.rollout.replicas`` rollout workers as local processes, talking over loopback HTTP, the
-same transport as between pods (``trainer/async_rl``).
+same transport as between pods (``trainer/async_rl``), each role pinned to its own share of this
+machine's CPU cores (``split_cores``), as pods on their own nodes would be.
 
 With ``--processes N`` it starts N local trainer processes joined by jax.distributed on loopback
 (CPU collectives), with the same environment variables the operator sets on pods
@@ -74,13 +75,14 @@ def run(args: argparse.Namespace) -> int:
     if workers:  # async RL: the trainer's rollout service on loopback, the workers beside it
         trainer_address = f"127.0.0.1:{free_port()}"
         roles = {runtime.ROLE: runtime.ROLE_TRAINER, runtime.TRAINER_ADDRESS: trainer_address}
+    trainer_cores, worker_cores = split_cores(sorted(os.sched_getaffinity(0)), workers)
     for i in range(args.processes):
         topology = runtime.ProcessTopology(
             address, num_slices=1, hosts_per_slice=args.processes, host_id=i
         )
         env = {**os.environ, **topology.to_env(), runtime.RECIPE: args.file, **roles}
         # Own session: a terminal's Ctrl-C reaches only this launcher, which stops them cleanly.
-        children.append(subprocess.Popen(entry, env=env, start_new_session=True))
+        children.append(_start(entry, env, trainer_cores))
     trainers = list(children)
     for w in range(workers):
         env = {
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             runtime.ROLLOUT_WORKER: str(w),
             runtime.TRAINER_ADDRESS: roles[runtime.TRAINER_ADDRESS],
         }
-        children.append(subprocess.Popen(entry, env=env, start_new_session=True))
+        children.append(_start(entry, env, worker_cores[w]))
 
     stops = 0
 
@@ -118,6 +120,26 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     failed = [c for c in codes if c != 0]
     return failed[0] if failed else 0
+
+
+def split_cores(cores: list[int], workers: int) -> tuple[list[int] | None, list[list[int] | None]]:
+    """The CPU cores of the trainer and of each rollout worker in a local async run: the roles run
+    side by side as pods would on their own nodes, the trainer on the first half and the workers
+    on the rest (one share each while there are cores enough, else the rest together). None
+    (no pinning) for a sync run or a single core."""
+    if not workers or len(cores) < 2 or os.environ.get("POSTTRAIN_PIN_ROLES") == "0":
+        return None, [None] * workers
+    half = (len(cores) + 1) // 2
+    trainer, rest = cores[:half], cores[half:]
+    if len(rest) >= workers:
+        size = len(rest) // workers
+        return trainer, [rest[w * size : (w + 1) * size] for w in range(workers)]
+    return trainer, [rest] * workers
+
+
+def _start(entry: list[str], env: dict[str, str], cores: list[int] | None) -> subprocess.Popen:
+    pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+    return subprocess.Popen(entry, env=env, start_new_session=True, preexec_fn=pin)  # noqa: PLW1509
 
 
 def _rollout_workers(path: str) -> int:
