@@ -7,8 +7,8 @@ The job: the built-in small model on the arithmetic prompts, 16 prompts x 8 comp
 ``--new-tokens`` (16) tokens, from scratch with a dense digit-share reward (so the reward rises
 within the run either way); ``--warmup-steps N`` starts both from one shared SFT warm-up instead,
 with the task's own reward (its answers are ~3 tokens: sampling is a smaller share). Each run is
-``posttrain run`` in a fresh process: sync one process, async its two roles (two processes on
-their own halves of the cores, talking HTTP over loopback, the transport pods use).
+``posttrain run`` in a fresh process: sync one process, async its two roles (two processes, the
+worker at a lower CPU priority, talking HTTP over loopback, the transport pods use).
 
 Figures, from each run's metrics.jsonl:
   sync_step_s / async_step_s   median wall seconds per RL step (``step_seconds``), after the

@@ -369,13 +369,3 @@ def test_tis_in_the_loss_is_the_host_side_tis(tmp_path):
     )
     v3, _ = value(plain, {k: jnp.asarray(v) for k, v in batch.items()})
     assert abs(float(v3) - float(v1)) > 1e-6
-
-
-def test_local_roles_get_their_own_cores():
-    from posttrain.commands.run import split_cores
-
-    assert split_cores([0, 1], 1) == ([0], [[1]])
-    assert split_cores(list(range(8)), 2) == ([0, 1, 2, 3], [[4, 5], [6, 7]])
-    assert split_cores([0, 1, 2], 3) == ([0, 1], [[2], [2], [2]])  # fewer cores: they share
-    assert split_cores([0], 1) == (None, [None])  # one core: no pinning
-    assert split_cores([0, 1], 0) == (None, [])  # sync
