@@ -43,6 +43,11 @@ def for_job(job: Any, source: Any, say: Callable[[str], None]) -> RolloutService
     into the batch source so it takes rollout batches from the workers; else None."""
     if not job.spec.rollout_role.is_async:
         return None
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"spec.rollout.mode: async trains on one process for now, not {jax.process_count()} "
+            "(posttrain run --processes); run it with one"
+        )
     service = RolloutService.start(job, say=say, consumed=source._rollout + 1)
     source.remote = service
     return service
