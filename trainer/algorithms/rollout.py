@@ -408,6 +408,12 @@ class RolloutBatchSource:
     def evaluate(self, model: Any) -> float:
         raise NotImplementedError
 
+    @property
+    def next_rollout(self) -> int:
+        """The rollout batch this source needs next (after a resume: the one after the batch
+        the checkpoint holds or last finished)."""
+        return self._rollout + 1
+
     def rollout_request(self, index: int) -> tuple[list[Prompt], int]:
         """The prompt rows (each repeated as the algorithm samples them) and the sampler's seed
         of rollout batch ``index``: a pure function of the index, which is what lets a rollout

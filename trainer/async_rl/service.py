@@ -48,7 +48,7 @@ def for_job(job: Any, source: Any, say: Callable[[str], None]) -> RolloutService
             f"spec.rollout.mode: async trains on one process for now, not {jax.process_count()} "
             "(posttrain run --processes); run it with one"
         )
-    service = RolloutService.start(job, say=say, consumed=source._rollout + 1)
+    service = RolloutService.start(job, say=say, consumed=source.next_rollout)
     source.remote = service
     return service
 
@@ -221,6 +221,10 @@ class RolloutService:
             f"({heard}); training goes on when it arrives"
         )
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
     def status(self, version: int) -> dict[str, Any]:
         """``status.rollout`` for the progress reporter."""
         now = time.monotonic()
@@ -321,7 +325,7 @@ def _handler(service: RolloutService) -> type[BaseHTTPRequestHandler]:
             elif url.path == "/v1/weights":
                 got = service.weights_after(int(q.get("after", -1)), float(q.get("wait", 0)))
                 if got is None:
-                    self._json(200, {"run": service.run_id, "done": service._done, "version": None})
+                    self._json(200, {"run": service.run_id, "done": service.done, "version": None})
                     return
                 version, blob, sha = got
                 self.send_response(200)
