@@ -136,6 +136,28 @@ class Role:
         self.file.close()
 
 
+class Roles:
+    """The processes of one job (its trainer and worker, each started again as tests need),
+    each with its own numbered log under DIR/logs."""
+
+    def __init__(self, job: Path, tmp_path: Path):
+        self.job, self.out = job, tmp_path / "out"
+        self.address = f"127.0.0.1:{free_port()}"
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.started: list[Role] = []
+
+    def start(self, role: str) -> Role:
+        n = 1 + sum(r.log.name.startswith(role) for r in self.started)
+        r = Role(self.job, self.out, role, self.address, self.logs / f"{role}-{n}.log")
+        self.started.append(r)
+        return r
+
+    def stop(self) -> None:
+        for r in self.started:
+            r.stop()
+
+
 def wait_for(what, timeout: float, *roles: Role, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -204,13 +226,9 @@ def test_killed_worker_and_killed_trainer_resume_with_no_prompt_lost_or_trained_
     files, tmp_path
 ):
     total = 14
-    job = job_file(files, tmp_path, steps=total, maxPolicyLag=1)
-    out, address = tmp_path / "out", f"127.0.0.1:{free_port()}"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    trainer = Role(job, out, runtime.ROLE_TRAINER, address, logs / "trainer-1.log")
-    worker = Role(job, out, runtime.ROLE_ROLLOUT, address, logs / "worker-1.log")
-    roles = [trainer, worker]
+    roles = Roles(job_file(files, tmp_path, steps=total, maxPolicyLag=1), tmp_path)
+    out = roles.out
+    trainer, worker = roles.start(runtime.ROLE_TRAINER), roles.start(runtime.ROLE_ROLLOUT)
     try:
         # 1. The rollout worker is killed mid-run: the trainer waits and says so, once.
         wait_for(lambda: max(per_step(out), default=0) >= 3, 300, trainer, worker)
@@ -227,8 +245,7 @@ def test_killed_worker_and_killed_trainer_resume_with_no_prompt_lost_or_trained_
         assert len([x for x in trainer.text().splitlines() if x.startswith("waiting")]) == 1
         stalled = max(per_step(out))
         # It comes back and fetches the current weights (not version 0).
-        worker = Role(job, out, runtime.ROLE_ROLLOUT, address, logs / "worker-2.log")
-        roles.append(worker)
+        worker = roles.start(runtime.ROLE_ROLLOUT)
         wait_for(lambda: max(per_step(out)) >= stalled + 3, 300, trainer, worker)
         assert per_step(out)[stalled + 1]["policy_version_sampled"] >= stalled - 1
 
@@ -238,16 +255,14 @@ def test_killed_worker_and_killed_trainer_resume_with_no_prompt_lost_or_trained_
         wait_for(lambda: "unreachable" in worker.text(), 60, worker)
         time.sleep(2)
         assert worker.proc.poll() is None  # it waits for its trainer
-        trainer = Role(job, out, runtime.ROLE_TRAINER, address, logs / "trainer-2.log")
-        roles.append(trainer)
+        trainer = roles.start(runtime.ROLE_TRAINER)
         assert trainer.wait(600) == 0, trainer.text()
         assert "resumed from checkpoint step" in trainer.text()
         assert worker.wait(60) == 0, worker.text()
         assert "trainer reachable again" in worker.text()
         assert "the trainer is done" in worker.text()
     finally:
-        for r in roles:
-            r.stop()
+        roles.stop()
     check_every_prompt_once(per_step(out), total, lag=1)
 
 
@@ -255,13 +270,9 @@ def test_a_preempted_trainer_saves_and_resumes(files, tmp_path):
     """SIGTERM (a preemption) stops the trainer at a step with a checkpoint; started again, it
     continues from that step while its worker, which waited, serves it."""
     total = 8
-    job = job_file(files, tmp_path, steps=total, maxPolicyLag=2)
-    out, address = tmp_path / "out", f"127.0.0.1:{free_port()}"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    trainer = Role(job, out, runtime.ROLE_TRAINER, address, logs / "trainer-1.log")
-    worker = Role(job, out, runtime.ROLE_ROLLOUT, address, logs / "worker-1.log")
-    roles = [trainer, worker]
+    roles = Roles(job_file(files, tmp_path, steps=total, maxPolicyLag=2), tmp_path)
+    out = roles.out
+    trainer, worker = roles.start(runtime.ROLE_TRAINER), roles.start(runtime.ROLE_ROLLOUT)
     try:
         wait_for(lambda: max(per_step(out), default=0) >= 3, 300, trainer, worker)
         trainer.proc.send_signal(signal.SIGTERM)
@@ -270,12 +281,10 @@ def test_a_preempted_trainer_saves_and_resumes(files, tmp_path):
         assert stopped < total
         wait_for(lambda: "unreachable" in worker.text(), 60, worker)
         assert worker.proc.poll() is None  # not told the run is done: it waits
-        trainer = Role(job, out, runtime.ROLE_TRAINER, address, logs / "trainer-2.log")
-        roles.append(trainer)
+        trainer = roles.start(runtime.ROLE_TRAINER)
         assert trainer.wait(600) == 0, trainer.text()
         assert f"resumed from checkpoint step {stopped}" in trainer.text()
         assert worker.wait(60) == 0, worker.text()
     finally:
-        for r in roles:
-            r.stop()
+        roles.stop()
     check_every_prompt_once(per_step(out), total, lag=2)
