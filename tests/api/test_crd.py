@@ -60,7 +60,15 @@ def test_crd_names_and_columns() -> None:
     columns = [
         c["name"].upper() for c in version["additionalPrinterColumns"] if not c.get("priority")
     ]
-    assert columns == ["ALGORITHM", "MODEL", "ACCELERATOR", "PHASE", "PROGRESS", "AGE"]
+    assert columns == [
+        "ALGORITHM",
+        "MODEL",
+        "ACCELERATOR",
+        "PHASE",
+        "PROGRESS",
+        *("POLICY", "STALENESS", "SYNC-S", "ROLLOUT-TOK/S"),  # async RL (spec.rollout)
+        "AGE",
+    ]
 
 
 def _validator() -> jsonschema.Draft4Validator:
