@@ -3,9 +3,9 @@
 ``choose_kernel`` turns a layer's ``implementation`` ("auto", "xla", "cudnn", "splash",
 "reference") into the kernel for this call:
 
-- "auto": splash on a single-device TPU backend when the call is supported (below), cuDNN on a
-  GPU for 16-bit activations, else XLA (``jax.nn.dot_product_attention``); attention soft-capping
-  (Gemma 2) goes to splash when supported, else to the plain-XLA reference.
+- "auto": splash on a TPU backend when the call is supported (below), cuDNN on a GPU for 16-bit
+  activations, else XLA (``jax.nn.dot_product_attention``); attention soft-capping (Gemma 2)
+  goes to splash when supported, else to the plain-XLA reference.
 - "splash" forces splash where supported and falls back as "auto" does otherwise.
 
 Splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) takes structured masks,
@@ -18,12 +18,23 @@ It is used only when:
 - there is no KV cache (training, scoring): cached attention is generation's, whose query slots
   start at the cache index and whose keys include slots never written;
 - the sequence length is a multiple of ``SPLASH_BLOCK`` (the kernel's tile);
-- "auto" only: one device. The Pallas call has no SPMD partitioning rule here, so under a
-  multi-device mesh XLA would gather q, k and v onto every device; a ``shard_map`` around it
-  over the batch axes is not done yet. Force it with "splash" to try it anyway.
+- "auto" only: one device, or a multi-device mesh set with ``jax.set_mesh`` (``current_mesh``).
+
+Multi-chip meshes: the Pallas call has no SPMD partitioning rule, so left to XLA it would gather
+q, k and v onto every device. With a mesh set, ``splash_attention`` runs the kernel per shard
+under ``jax.shard_map`` (``splash_specs``): the batch over the data-parallel axes (data, fsdp)
+that divide it, the query and kv heads over tensor when both divide by it (otherwise every
+shard runs all heads, replicated over tensor: grouped-query attention maps query head h to kv
+head h // (H / K), which holds per shard only when both are split alike), the sequence whole.
+The kernel is built per shard for its local head count. Without a mesh set (the trainer's
+jitted steps do not set one yet), "auto" keeps XLA on several devices and a forced "splash"
+runs unsharded, gathered by XLA.
 
 Not run on a TPU by this repository's tests: they run the same kernel in Pallas interpret mode on
-the CPU and compare it with ``reference_attention`` (``tests/trainer/test_attention_kernels.py``).
+the CPU and compare it with ``reference_attention`` (``tests/trainer/test_attention_kernels.py``),
+also under ``shard_map`` on simulated 4-device CPU meshes (data=4, data=2 x tensor=2,
+fsdp=2 x tensor=2; outputs, gradients, heads split and replicated over tensor, and a whole
+model: ``tests/trainer/test_attention_kernels_sharded.py``).
 """
 
 from __future__ import annotations
@@ -157,7 +168,9 @@ def splash_specs(
     of query head h to kv head h // (H / K) holds per shard only when both are split alike),
     the sequence whole (the kernel sees every key)."""
     spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), (batch, 1, heads, 1), mesh)
-    kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), (batch, 1, kv_heads, 1), mesh)
+    kv_spec = logical_to_spec(
+        ("batch", "seq", "kv_heads", "head_dim"), (batch, 1, kv_heads, 1), mesh
+    )
     if spec[2] != kv_spec[2]:
         spec = PartitionSpec(spec[0], None, None, None)
     return spec, PartitionSpec(spec[0], None, spec[2], None), PartitionSpec(spec[0], None)
