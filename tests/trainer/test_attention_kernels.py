@@ -49,7 +49,7 @@ def test_kernel_segment_ids_put_padding_in_segment_zero():
         ("auto", "tpu", 1, jnp.bfloat16, 100, False, None, "xla"),  # not a block multiple
         ("auto", "tpu", 1, jnp.bfloat16, 100, False, 50.0, "reference"),
         ("auto", "tpu", 1, jnp.bfloat16, 256, True, None, "xla"),  # decoding with a cache
-        ("auto", "tpu", 8, jnp.bfloat16, 256, False, None, "xla"),  # no shard_map yet
+        ("auto", "tpu", 8, jnp.bfloat16, 256, False, None, "xla"),  # no mesh set for shard_map
         ("splash", "tpu", 8, jnp.bfloat16, 256, False, None, "splash"),
         ("splash", "cpu", 1, jnp.float32, 256, False, None, "splash"),
         ("splash", "cpu", 1, jnp.float32, 100, False, None, "xla"),  # falls back
@@ -72,6 +72,17 @@ def test_choose_kernel(implementation, backend, devices, dtype, q_len, cached, c
         devices=devices,
     )
     assert got == want
+
+
+def test_auto_picks_splash_on_several_tpus_only_with_a_mesh_set():
+    """With ``jax.set_mesh`` (``mesh_in_scope``) splash runs per shard under ``shard_map``
+    (tests/trainer/test_attention_kernels_sharded.py); without it XLA would gather q, k, v."""
+    args = dict(dtype=jnp.bfloat16, q_len=256, kv_len=256, cached=False, backend="tpu", devices=8)
+    assert ak.choose_kernel("auto", logit_cap=None, mesh_in_scope=True, **args) == "splash"
+    assert ak.choose_kernel("auto", logit_cap=50.0, mesh_in_scope=True, **args) == "splash"
+    assert ak.choose_kernel("auto", logit_cap=None, mesh_in_scope=False, **args) == "xla"
+    assert ak.choose_kernel("auto", logit_cap=50.0, mesh_in_scope=False, **args) == "reference"
+    assert ak.current_mesh() is None  # none set here (and one device)
 
 
 def test_choose_kernel_refuses_unknown_names():

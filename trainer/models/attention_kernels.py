@@ -3,9 +3,9 @@
 ``choose_kernel`` turns a layer's ``implementation`` ("auto", "xla", "cudnn", "splash",
 "reference") into the kernel for this call:
 
-- "auto": splash on a single-device TPU backend when the call is supported (below), cuDNN on a
-  GPU for 16-bit activations, else XLA (``jax.nn.dot_product_attention``); attention soft-capping
-  (Gemma 2) goes to splash when supported, else to the plain-XLA reference.
+- "auto": splash on a TPU backend when the call is supported (below), cuDNN on a GPU for 16-bit
+  activations, else XLA (``jax.nn.dot_product_attention``); attention soft-capping (Gemma 2)
+  goes to splash when supported, else to the plain-XLA reference.
 - "splash" forces splash where supported and falls back as "auto" does otherwise.
 
 Splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) takes structured masks,
@@ -18,12 +18,23 @@ It is used only when:
 - there is no KV cache (training, scoring): cached attention is generation's, whose query slots
   start at the cache index and whose keys include slots never written;
 - the sequence length is a multiple of ``SPLASH_BLOCK`` (the kernel's tile);
-- "auto" only: one device. The Pallas call has no SPMD partitioning rule here, so under a
-  multi-device mesh XLA would gather q, k and v onto every device; a ``shard_map`` around it
-  over the batch axes is not done yet. Force it with "splash" to try it anyway.
+- "auto" only: one device, or a multi-device mesh set with ``jax.set_mesh`` (``current_mesh``).
+
+Multi-chip meshes: the Pallas call has no SPMD partitioning rule, so left to XLA it would gather
+q, k and v onto every device. With a mesh set, ``splash_attention`` runs the kernel per shard
+under ``jax.shard_map`` (``splash_specs``): the batch over the data-parallel axes (data, fsdp)
+that divide it, the query and kv heads over tensor when both divide by it (otherwise every
+shard runs all heads, replicated over tensor: grouped-query attention maps query head h to kv
+head h // (H / K), which holds per shard only when both are split alike), the sequence whole.
+The kernel is built per shard for its local head count. Without a mesh set (the trainer's
+jitted steps do not set one yet), "auto" keeps XLA on several devices and a forced "splash"
+runs unsharded, gathered by XLA.
 
 Not run on a TPU by this repository's tests: they run the same kernel in Pallas interpret mode on
-the CPU and compare it with ``reference_attention`` (``tests/trainer/test_attention_kernels.py``).
+the CPU and compare it with ``reference_attention`` (``tests/trainer/test_attention_kernels.py``),
+also under ``shard_map`` on simulated 4-device CPU meshes (data=4, data=2 x tensor=2,
+fsdp=2 x tensor=2; outputs, gradients, heads split and replicated over tensor, and a whole
+model: ``tests/trainer/test_attention_kernels_sharded.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+
+from posttrain.trainer.models.sharding import logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
 SPLASH_BLOCK = 128  # the kernel's query and key tile, forward and backward (its default)
@@ -52,6 +66,13 @@ def splash_supported(q_len: int, kv_len: int, *, cached: bool) -> bool:
     return not cached and q_len == kv_len and q_len % SPLASH_BLOCK == 0
 
 
+def current_mesh() -> AbstractMesh | None:
+    """The mesh in scope (``jax.set_mesh``) when it spans more than one device, else None: the
+    mesh ``splash_attention`` runs its ``shard_map`` over."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size <= 1 else mesh
+
+
 def choose_kernel(
     implementation: str,
     *,
@@ -62,8 +83,11 @@ def choose_kernel(
     logit_cap: float | None,
     backend: str | None = None,
     devices: int | None = None,
+    mesh_in_scope: bool | None = None,
 ) -> str:
-    """ "splash", "cudnn", "xla" or "reference" for this call (see the module docstring)."""
+    """ "splash", "cudnn", "xla" or "reference" for this call (see the module docstring).
+    ``mesh_in_scope`` (default: ``current_mesh()`` is not None): a multi-device mesh is set, so
+    splash can run per shard under ``shard_map``."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention {implementation!r} unknown; known: {', '.join(IMPLEMENTATIONS)}"
@@ -72,11 +96,13 @@ def choose_kernel(
         return "reference"
     backend = jax.default_backend() if backend is None else backend
     devices = jax.device_count() if devices is None else devices
+    mesh_in_scope = current_mesh() is not None if mesh_in_scope is None else mesh_in_scope
     splash_ok = splash_supported(q_len, kv_len, cached=cached)
     if implementation == "splash" and splash_ok:
         return "splash"
-    if implementation == "auto" and backend == "tpu" and devices == 1 and splash_ok:
-        return "splash"
+    if implementation == "auto" and backend == "tpu" and splash_ok:
+        if devices == 1 or mesh_in_scope:
+            return "splash"
     if logit_cap is not None:  # jax.nn.dot_product_attention has no soft-capping
         return "reference"
     if implementation in ("xla", "cudnn"):
@@ -92,8 +118,11 @@ def _splash_kernel(
     window: int | None,
     logit_cap: float | None,
     interpret: bool,
+    mesh: AbstractMesh,
 ):
-    """One example's kernel: q [H, T, D], k/v [K, T, D], SegmentIds([T], [T]) -> [H, T, D]."""
+    """One example's kernel: q [H, T, D], k/v [K, T, D], SegmentIds([T], [T]) -> [H, T, D].
+    ``mesh``: the abstract mesh in scope (inside ``shard_map``: its manual mesh), which the
+    kernel's mask arrays carry, so one kernel per mesh."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
@@ -116,14 +145,35 @@ def _splash_kernel(
         block_q_dq=b,
         block_kv_dq=b,
     )
-    return sk.make_splash_mha(
-        sm.MultiHeadMask([one_head] * heads),
-        block_sizes=blocks,
-        attn_logits_soft_cap=logit_cap,
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=interpret,
+    # Cached across calls, so its mask arrays must be concrete, not tracers of the trace (a
+    # shard_map's, a jit's) that first asked for it.
+    del mesh
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            sm.MultiHeadMask([one_head] * heads),
+            block_sizes=blocks,
+            attn_logits_soft_cap=logit_cap,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
+
+
+def splash_specs(
+    mesh: Mesh | AbstractMesh, batch: int, heads: int, kv_heads: int
+) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
+    """``shard_map`` specs for q [B, T, H, D], k/v [B, S, K, D] and segment ids [B, T]: the
+    batch over the data-parallel axes (data, fsdp) that divide it, the heads over tensor when
+    both H and K divide by it (else every shard runs all heads: the kernel's grouped-query map
+    of query head h to kv head h // (H / K) holds per shard only when both are split alike),
+    the sequence whole (the kernel sees every key)."""
+    spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), (batch, 1, heads, 1), mesh)
+    kv_spec = logical_to_spec(
+        ("batch", "seq", "kv_heads", "head_dim"), (batch, 1, kv_heads, 1), mesh
     )
+    if spec[2] != kv_spec[2]:
+        spec = PartitionSpec(spec[0], None, None, None)
+    return spec, PartitionSpec(spec[0], None, spec[2], None), PartitionSpec(spec[0], None)
 
 
 def splash_attention(
@@ -136,20 +186,64 @@ def splash_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     interpret: bool | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
 ) -> jax.Array:
     """Causal (or sliding-window) grouped-query attention with segment ids, [B, T, H, D], as
     ``reference_attention`` computes it on the mask ``attention_masks`` builds (equal on real
     tokens). ``segment_ids_bt`` from ``kernel_segment_ids``. ``interpret`` (default: not on a
-    TPU) runs the Pallas kernel in interpret mode, e.g. on the CPU for tests."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk,
-    )
-
+    TPU) runs the Pallas kernel in interpret mode, e.g. on the CPU for tests. ``mesh`` (default:
+    ``current_mesh()``): with more than one device, the kernel runs per shard under
+    ``jax.shard_map`` with ``splash_specs``."""
     B, T, H, D = q_bthd.shape
     if not splash_supported(T, k_bskd.shape[1], cached=False):
         raise ValueError(f"splash attention needs T == S, a multiple of {SPLASH_BLOCK}; got {T}")
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
-    kernel = _splash_kernel(H, T, sliding_window, logit_cap, interpret)
+    local = functools.partial(
+        _splash_local,
+        scale=scale,
+        sliding_window=sliding_window,
+        logit_cap=logit_cap,
+        interpret=interpret,
+    )
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is None or mesh.size <= 1:
+        return local(q_bthd, k_bskd, v_bskd, segment_ids_bt)
+    q_spec, kv_spec, seg_spec = splash_specs(mesh, B, H, k_bskd.shape[2])
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+        out_specs=q_spec,
+        check_vma=False,  # the Pallas call has no replication rule
+    )
+    return sharded(q_bthd, k_bskd, v_bskd, segment_ids_bt)
+
+
+def _splash_local(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    segment_ids_bt: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    logit_cap: float | None,
+    interpret: bool,
+) -> jax.Array:
+    """``splash_attention`` on one device's arrays (all of them without a mesh): the kernel for
+    its local head count, vmapped over its rows."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+
+    kernel = _splash_kernel(
+        q_bthd.shape[2],
+        q_bthd.shape[1],
+        sliding_window,
+        logit_cap,
+        interpret,
+        jax.sharding.get_abstract_mesh(),
+    )
     dtype = q_bthd.dtype
     # The kernel has no scale argument: scaling q scales the logits (before soft-capping, as
     # the reference does).

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -63,7 +63,7 @@ def make_mesh(
 def logical_to_spec(
     axes: Sequence[str | None],
     shape: Sequence[int],
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_AXIS_RULES,
 ) -> PartitionSpec:
     """PartitionSpec for a tensor whose dims are named ``axes``.
