@@ -11,8 +11,9 @@ list can be checked against it:
     posttrainjobs          get                      (a job not in the cache, or after a conflict)
     posttrainjobs/status   patch                    (phase, conditions, ...; with the
                                                      resourceVersion it was computed from)
-    configmaps             get, patch               (the recipe: read to check, then applied)
-    jobsets                get, patch               (applied: made once, then spec.suspend only)
+    configmaps             get, create, patch       (the recipe: read to check, then applied;
+                                                     an apply that makes it needs create)
+    jobsets                get, create, patch       (applied: made once, then spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
     workloads (Kueue)      list, patch              (why Kueue holds the JobSet; patch: spec.active
                                                      only, which is how a queued job suspends)
@@ -619,22 +620,21 @@ class Operator:
         precondition (409 when the object changed since)."""
         meta = manifest["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        # Not deserialized by the client: it maps a patch's 200 to an object but not the 201 of
+        # an apply that made the object (it returns None for that).
         options: dict[str, Any] = {
             "field_manager": FIELD_MANAGER,
             "force": True,
             "_content_type": APPLY_PATCH,
+            "_preload_content": False,
         }
         if manifest.get("kind") == "ConfigMap":
-            found = self.core.patch_namespaced_config_map(
-                name, namespace, manifest, _preload_content=False, **options
-            )
-            return cast(dict[str, Any], json.loads(cast(Any, found).data))
-        return cast(
-            dict[str, Any],
-            self.custom.patch_namespaced_custom_object(
+            found = self.core.patch_namespaced_config_map(name, namespace, manifest, **options)
+        else:
+            found = self.custom.patch_namespaced_custom_object(
                 JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name, manifest, **options
-            ),
-        )
+            )
+        return cast(dict[str, Any], json.loads(cast(Any, found).data))
 
     def _ensure_configmap(
         self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
@@ -668,8 +668,12 @@ class Operator:
                 log.info("%s/%s: replaced a stale recipe", namespace, owner["metadata"]["name"])
 
     def _apply_checked(self, owner: Mapping[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
-        """Apply a child read as absent. Refused, and the child there after all (made since the
-        read): an earlier job's (two controller ownerReferences are invalid) is Retry."""
+        """Apply a child read as absent. Refused, and the child there after all, not the job's
+        (made since the read, by another client: two controller ownerReferences are invalid):
+        Retry. (One made since by this operator's field manager for an earlier job would be
+        taken over, its ownerReference replaced: the read before is what rules that out; only
+        two replicas acting at once, a hand-over, on a job deleted and made again in between,
+        could race it.)"""
         try:
             return self._apply(manifest)
         except ApiException as err:
@@ -721,6 +725,8 @@ class Operator:
         # with spec.suspend as the job says; fields of other managers are not in it, and stay.
         desired = applied_config(jobset)
         desired.setdefault("spec", {})["suspend"] = want
+        # only onto the JobSet read (its uid: a precondition; an apply makes nothing then)
+        desired["metadata"]["uid"] = meta["uid"]
         patched = self._apply(desired)
         self._remember(self._jobsets, key, patched)
         log.info(

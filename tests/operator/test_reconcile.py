@@ -136,16 +136,19 @@ class FakeApi:
     def patch_namespaced_custom_object(self, group, version, ns, plural, name, body, **options):
         """Only server-side applies; the fake keeps the applied object (plus uid and status)."""
         import copy
+        import json
+        import types
 
         self.calls.append(("apply", plural))
         self.applies.append(options)
         old = self.objects.get((plural, name)) or {}
+        self.applied = copy.deepcopy(body)
         obj = self._bump(copy.deepcopy(body))
         obj["metadata"]["uid"] = (old.get("metadata") or {}).get("uid") or f"uid-{plural}"
         if "status" in old:
             obj["status"] = old["status"]
         self.objects[(plural, name)] = obj
-        return copy.deepcopy(obj)
+        return types.SimpleNamespace(data=json.dumps(obj).encode())
 
     def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, patch):
         import copy
@@ -177,7 +180,7 @@ class FakeApi:
             raise ApiException(status=404)
         return types.SimpleNamespace(data=json.dumps(self.objects[("configmaps", name)]).encode())
 
-    def patch_namespaced_config_map(self, name, ns, body, _preload_content, **options):
+    def patch_namespaced_config_map(self, name, ns, body, **options):
         import json
         import types
 
@@ -228,7 +231,7 @@ def test_a_new_job_pending_and_recipe_then_its_jobset_then_nothing_more() -> Non
     assert len(api.calls) == 6
     assert api.applies == 2 * [
         {"field_manager": "posttrain-operator", "force": True,
-         "_content_type": "application/apply-patch+yaml"}
+         "_content_type": "application/apply-patch+yaml", "_preload_content": False}
     ]  # fmt: skip
     status = api.objects[("posttrainjobs", "t")]["status"]
     assert status["phase"] == "Pending" and status["jobSetName"] == "t"
@@ -438,3 +441,4 @@ def test_suspend_applies_what_the_operator_applied_with_the_new_suspend() -> Non
     assert applied["spec"]["suspend"] is True
     assert applied["spec"]["replicatedJobs"] == jobset["spec"]["replicatedJobs"]
     assert "annotations" not in applied["metadata"]  # another manager's: not in the apply
+    assert api.applied["metadata"]["uid"] == jobset["metadata"]["uid"]  # onto this one only

@@ -19,15 +19,15 @@ No wildcards.
 - apiGroups: [posttrain.dev]
   resources: [posttrainjobs/finalizers]
   verbs: [update]
-# The JobSet: read it, watch it for status, apply it (server-side apply is a patch, which
-# creates it too; later only spec.suspend changes).
+# The JobSet: read it, watch it for status, apply it (server-side apply is a patch; one that
+# makes the object also needs create). Once made, only its spec.suspend changes.
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, create, patch]
 # The recipe: read it to check owner and content, apply it (made, or a stale one replaced).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, patch]
+  verbs: [get, create, patch]
 # Which pods wait for nodes (Provisioning).
 - apiGroups: [""]
   resources: [pods]
