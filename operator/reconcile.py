@@ -50,9 +50,9 @@ it was deleted, and the job fails rather than start again with a fresh restart b
 Children are server-side applied (field manager FIELD_MANAGER, force): the operator declares
 the object it wants and the API server merges it with what other managers (Kueue, kubectl, the
 JobSet controller) set, each field owned by its manager. An apply creates as well as updates, so
-what an apply would land on is read first and must be the job's (an apply over an earlier job's
-child of the same name fails anyway: two controller ownerReferences; over an orphaned one it
-would adopt it). A new child is applied as rendered. An existing JobSet is immutable (but
+what an apply would land on is read first and must be the job's: over an earlier job's child of
+the same name it would replace that job's ownerReference with this one's (the same manager set
+it) and take the child over, over an orphaned one adopt it. A new child is applied as rendered. An existing JobSet is immutable (but
 spec.suspend), and keeps what it was made with (an operator that renders differently, a changed
 job label, must not change it): its desired state is what the operator applied to it, read back
 from its managedFields (`applied_config`, client-go's Extract), with spec.suspend as the job
@@ -361,7 +361,7 @@ class Operator:
 
     def observe_jobset(self, job: Key, body: Mapping[str, Any], type_: str | None) -> None:
         """A JobSet event (label posttrain.dev/job). A JobSet the cache already has at this
-        resourceVersion (the one the operator just made: its create returned it) is nothing new."""
+        resourceVersion (the one the operator just made: its apply returned it) is nothing new."""
         with self._guard:
             old = self._jobsets.get(job)
             if type_ == "DELETED":
@@ -432,6 +432,16 @@ class Operator:
         return _absent_is_none(
             lambda: self.custom.get_namespaced_custom_object(
                 JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name
+            )
+        )
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _absent_is_none(
+            lambda: json.loads(
+                cast(
+                    Any,
+                    self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
+                ).data
             )
         )
 
@@ -645,14 +655,7 @@ class Operator:
         recipe stays (an operator upgrade that renders differently must not change a running
         job): only checked."""
         namespace, name = owner["metadata"]["namespace"], manifest["metadata"]["name"]
-        found = _absent_is_none(
-            lambda: json.loads(
-                cast(
-                    Any,
-                    self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
-                ).data
-            )
-        )
+        found = self.get_configmap(namespace, name)
         if found is not None and not owned_by(found, owner):
             raise Retry(
                 f"ConfigMap {namespace}/{name} is not this job's (an earlier job's of the same "
@@ -680,15 +683,8 @@ class Operator:
             if not 400 <= (err.status or 0) < 500 or err.status in (404, 429):
                 raise
             meta = manifest["metadata"]
-            if manifest.get("kind") == "ConfigMap":
-                found = _absent_is_none(
-                    lambda: self.core.read_namespaced_config_map(
-                        meta["name"], meta["namespace"], _preload_content=False
-                    )
-                )
-                found = json.loads(found.data) if found is not None else None
-            else:
-                found = self.get_jobset(meta["namespace"], meta["name"])
+            read = self.get_configmap if manifest.get("kind") == "ConfigMap" else self.get_jobset
+            found = read(meta["namespace"], meta["name"])
             if found is not None and not owned_by(found, owner):
                 raise Retry(
                     f"{manifest['kind']} {meta['namespace']}/{meta['name']} belongs to an "
