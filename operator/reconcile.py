@@ -638,13 +638,14 @@ class Operator:
             "_content_type": APPLY_PATCH,
             "_preload_content": False,
         }
+        found: Any
         if manifest.get("kind") == "ConfigMap":
             found = self.core.patch_namespaced_config_map(name, namespace, manifest, **options)
         else:
             found = self.custom.patch_namespaced_custom_object(
                 JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name, manifest, **options
             )
-        return cast(dict[str, Any], json.loads(cast(Any, found).data))
+        return cast(dict[str, Any], json.loads(found.data))
 
     def _ensure_configmap(
         self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
