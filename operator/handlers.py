@@ -2,7 +2,7 @@
 threads run Operator.reconcile for each key (reconcile.py: one level-triggered reconcile per job).
 
     PostTrainJob listed (operator start), created, spec/labels/annotations changed -> queued
-    JobSet event (label posttrain.dev/job), but the one the operator's create returned -> queued
+    JobSet event (label posttrain.dev/job), but the one the operator's apply returned  -> queued
     pod event (label posttrain.dev/job), while the job starts or (async RL) runs     -> queued
     Event FailedCreate on one of its Jobs (pods refused)                              -> queued
     Kueue Workload event (owned by one of our JobSets)                                -> queued

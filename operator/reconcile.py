@@ -11,8 +11,9 @@ list can be checked against it:
     posttrainjobs          get                      (a job not in the cache, or after a conflict)
     posttrainjobs/status   patch                    (phase, conditions, ...; with the
                                                      resourceVersion it was computed from)
-    configmaps             create, get, update      (the recipe; update: a stale one of ours)
-    jobsets                create, get, patch       (patch: spec.suspend only)
+    configmaps             get, create, patch       (the recipe: read to check, then applied;
+                                                     an apply that makes it needs create)
+    jobsets                get, create, patch       (applied: made once, then spec.suspend only)
     pods                   list                     (Provisioning: which pods wait for nodes)
     workloads (Kueue)      list, patch              (why Kueue holds the JobSet; patch: spec.active
                                                      only, which is how a queued job suspends)
@@ -30,7 +31,9 @@ What lives in memory, and why none of it is state the API server lacks:
   precondition (409) and the reconcile runs again on a fresh read. A JobSet missing from the
   cache is read before the operator concludes it is gone.
 - the parsed spec and its render, keyed by the job's (uid, generation, labels, annotations):
-  a pure function of the job, so events do not parse it again.
+  a pure function of the job, so events do not parse it again. Beside it two flags of side
+  effects done for that version (a ChangeIgnored Event posted, an existing recipe checked):
+  idempotent, done again after a restart.
 
 A new job takes three writes: status `Pending` (from then on the CRD's CEL rule freezes the
 spec) and the recipe, both at once, then the JobSet, after both.
@@ -43,13 +46,26 @@ one is replaced while the JobSet does not exist yet, so before any pod could rea
 job keeps the recipe it started with, even under an operator that renders differently).
 A JobSet is made at most once per job: once status.jobSetName is set, a missing JobSet means
 it was deleted, and the job fails rather than start again with a fresh restart budget.
-Children are created, not server-side applied: an apply would adopt an earlier job's JobSet of
-the same name instead of failing, and the JobSet is immutable once made (but spec.suspend).
+
+Children are server-side applied (field manager FIELD_MANAGER, force): the operator declares
+the object it wants and the API server merges it with what other managers (Kueue, kubectl, the
+JobSet controller) set, each field owned by its manager. An apply creates as well as updates, so
+what an apply would land on is read first and must be the job's: over an earlier job's child of
+the same name it would replace that job's ownerReference with this one's (the same manager set
+it) and take the child over, over an orphaned one adopt it. A new child is applied as rendered. An existing JobSet is immutable (but
+spec.suspend), and keeps what it was made with (an operator that renders differently, a changed
+job label, must not change it): its desired state is what the operator applied to it, read back
+from its managedFields (`applied_config`, client-go's Extract), with spec.suspend as the job
+says; when that is what it has, nothing is sent. Status is not applied but merge-patched
+(`_patch_status`): it carries fields the operator keeps without recomputing them
+(status.jobSetName once the JobSet is gone, startTime), which an apply that left them out
+would remove.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
 import datetime as dt
 import heapq
 import json
@@ -84,6 +100,10 @@ ERROR_DELAY_S, ERROR_DELAY_MAX_S = 1.0, 60.0
 
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
+# The field manager of the operator's server-side applies (its managedFields entries, operation
+# Apply). Status keeps its merge patch, whose manager is the client's default.
+FIELD_MANAGER = "posttrain-operator"
+APPLY_PATCH = "application/apply-patch+yaml"
 # Kueue labels the Workload it makes for a job (our JobSet) with the job's uid.
 KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 # Pod events matter while a job starts; later changes reach the JobSet's status.
@@ -220,11 +240,17 @@ class Operator:
     now: Callable[[], str] = utc_now
     queue: WorkQueue = field(default_factory=WorkQueue)
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    # Caches of API objects (watch events and the operator's own writes; the later
+    # resourceVersion wins), so an event costs no read of the job or its JobSet. Each is a
+    # copy of what the API server holds, and nothing follows from an absence without a read.
     _jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
     _jobsets: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    # The FailedCreate Events of each job's Jobs: Event uid -> message (the newest last).
+    # The FailedCreate Events of each job's Jobs (the Events are API objects, listed again
+    # after a restart): Event uid -> message (the newest last).
     _failed_create: dict[Key, dict[str, str]] = field(default_factory=dict)
-    _parsed: dict[str, Parsed] = field(default_factory=dict)  # by job uid
+    # The parsed spec and its render, by job uid: a pure function of the cached job (Parsed's
+    # fingerprint), so no event parses the spec again; dropped with the job.
+    _parsed: dict[str, Parsed] = field(default_factory=dict)
     # Jobs of the initial listing not yet reconciled: each logs FOUND_AT_START once it is.
     _listed: set[Key] = field(default_factory=set)
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -335,7 +361,7 @@ class Operator:
 
     def observe_jobset(self, job: Key, body: Mapping[str, Any], type_: str | None) -> None:
         """A JobSet event (label posttrain.dev/job). A JobSet the cache already has at this
-        resourceVersion (the one the operator just made: its create returned it) is nothing new."""
+        resourceVersion (the one the operator just made: its apply returned it) is nothing new."""
         with self._guard:
             old = self._jobsets.get(job)
             if type_ == "DELETED":
@@ -406,6 +432,16 @@ class Operator:
         return _absent_is_none(
             lambda: self.custom.get_namespaced_custom_object(
                 JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name
+            )
+        )
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _absent_is_none(
+            lambda: json.loads(
+                cast(
+                    Any,
+                    self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
+                ).data
             )
         )
 
@@ -518,9 +554,10 @@ class Operator:
         if parsed.render_error is not None and not prev.get("jobSetName"):
             self._write_status(body, job=None, errors=parsed.render_error.errors)
             return
-        # Never reconciled (no phase): no JobSet of this job can exist yet, since Pending is
-        # written before one is made; an earlier job's answers the create with 409.
-        jobset = self._jobset(key, body) if prev.get("phase") else None
+        # Read before anything is applied (the cache, else the API server), also for a job never
+        # reconciled: an apply creates as well as updates, so an earlier job's JobSet of that
+        # name must be found here (Retry), not adopted.
+        jobset = self._jobset(key, body)
         if parsed.render_error is not None:
             # Its JobSet was made from an earlier render, and the spec is frozen since: what
             # changed is the job's labels (e.g. a queue label now disagreeing with
@@ -547,7 +584,7 @@ class Operator:
                     lambda: self._write_status(body, job=job, children=(None, []), quiet=True),
                     lambda: self._ensure_configmap(body, configmap, replace_stale=True),
                 )
-                jobset, created = self._create_or_get_jobset(key, jobset_manifest)
+                jobset, created = self._apply_new_jobset(key, body, jobset_manifest), True
                 parsed.recipe_checked = True
             elif not parsed.recipe_checked:
                 # once per job and process (an operator restart): the recipe is there and ours
@@ -586,64 +623,83 @@ class Operator:
             raise err
         return side.result()
 
+    def _apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of a ConfigMap or JobSet (field manager FIELD_MANAGER, force: the
+        operator's declared state wins a conflict with another manager over a field it sets);
+        the object as the API server returns it. A metadata.resourceVersion in `manifest` is a
+        precondition (409 when the object changed since)."""
+        meta = manifest["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        # Not deserialized by the client: it maps a patch's 200 to an object but not the 201 of
+        # an apply that made the object (it returns None for that).
+        options: dict[str, Any] = {
+            "field_manager": FIELD_MANAGER,
+            "force": True,
+            "_content_type": APPLY_PATCH,
+            "_preload_content": False,
+        }
+        found: Any
+        if manifest.get("kind") == "ConfigMap":
+            found = self.core.patch_namespaced_config_map(name, namespace, manifest, **options)
+        else:
+            found = self.custom.patch_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name, manifest, **options
+            )
+        return cast(dict[str, Any], json.loads(found.data))
+
     def _ensure_configmap(
         self, owner: dict[str, Any], manifest: dict[str, Any], *, replace_stale: bool
     ) -> None:
-        """Create the recipe; when one exists, it must be this job's, and (`replace_stale`:
-        before its JobSet exists) say what it renders. Once the JobSet runs, its recipe stays
-        (an operator upgrade that renders differently must not change a running job)."""
+        """The recipe, read then applied: absent, it is applied as rendered; present, it must be
+        this job's, and (`replace_stale`: before its JobSet exists) is applied as rendered when
+        it differs, guarded by the resourceVersion it was read at. Once the JobSet runs, its
+        recipe stays (an operator upgrade that renders differently must not change a running
+        job): only checked."""
         namespace, name = owner["metadata"]["namespace"], manifest["metadata"]["name"]
-        try:
-            self.core.create_namespaced_config_map(namespace, cast(Any, manifest))
-            return
-        except ApiException as err:
-            if err.status != 409:  # AlreadyExists: a previous run, or an earlier job's
-                raise
-        found = _absent_is_none(
-            lambda: json.loads(
-                cast(
-                    Any,
-                    self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
-                ).data
-            )
-        )
-        if found is None:
-            raise Retry(f"ConfigMap {namespace}/{name} exists and vanished")
-        if not owned_by(found, owner):
+        found = self.get_configmap(namespace, name)
+        if found is not None and not owned_by(found, owner):
             raise Retry(
                 f"ConfigMap {namespace}/{name} is not this job's (an earlier job's of the same "
                 "name, which the garbage collector removes, or someone else's: delete it)"
             )
-        if replace_stale and found.get("data") != manifest["data"]:
-            # Ours but stale (a spec fixed after a refused apply, a crash between renders):
-            # replace it, guarded by its resourceVersion; the JobSet is made after this.
-            replacement = {**manifest, "metadata": {**manifest["metadata"]}}
-            replacement["metadata"]["resourceVersion"] = found["metadata"]["resourceVersion"]
-            self.core.replace_namespaced_config_map(name, namespace, cast(Any, replacement))
-            log.info("%s/%s: replaced a stale recipe", namespace, name)
-
-    def _create_or_get_jobset(
-        self, key: Key, manifest: dict[str, Any]
-    ) -> tuple[dict[str, Any], bool]:
-        """(the JobSet, whether this call made it); cached either way."""
-        namespace, name = key[0], manifest["metadata"]["name"]
-        try:
-            made = cast(
-                dict[str, Any],
-                self.custom.create_namespaced_custom_object(
-                    JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, manifest
-                ),
-            )
-            self._remember(self._jobsets, key, made)
-            return made, True
-        except ApiException as err:
-            if err.status != 409:
-                raise
-        found = self.get_jobset(namespace, name)
         if found is None:
-            raise Retry(f"JobSet {namespace}/{name} exists and vanished")
-        self._remember(self._jobsets, key, found)
-        return found, False
+            self._apply_checked(owner, manifest)
+        elif replace_stale and applied_config(found) != manifest:
+            # Ours but not as rendered (a spec fixed after a refused apply, a crash between
+            # renders, a recipe made by another client): applied over, at the version read.
+            self._apply(_at_version(manifest, found))
+            if found.get("data") != manifest["data"]:
+                log.info("%s/%s: replaced a stale recipe", namespace, owner["metadata"]["name"])
+
+    def _apply_checked(self, owner: Mapping[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+        """Apply a child read as absent. Refused, and the child there after all, not the job's
+        (made since the read, by another client: two controller ownerReferences are invalid):
+        Retry. (One made since by this operator's field manager for an earlier job would be
+        taken over, its ownerReference replaced: the read before is what rules that out; only
+        two replicas acting at once, a hand-over, on a job deleted and made again in between,
+        could race it.)"""
+        try:
+            return self._apply(manifest)
+        except ApiException as err:
+            if not 400 <= (err.status or 0) < 500 or err.status in (404, 429):
+                raise
+            meta = manifest["metadata"]
+            read = self.get_configmap if manifest.get("kind") == "ConfigMap" else self.get_jobset
+            found = read(meta["namespace"], meta["name"])
+            if found is not None and not owned_by(found, owner):
+                raise Retry(
+                    f"{manifest['kind']} {meta['namespace']}/{meta['name']} belongs to an "
+                    "earlier job of that name"
+                ) from None
+            raise
+
+    def _apply_new_jobset(
+        self, key: Key, owner: Mapping[str, Any], manifest: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Apply the JobSet of a job that has none (as read just before), as rendered; cached."""
+        made = self._apply_checked(owner, manifest)
+        self._remember(self._jobsets, key, made)
+        return made
 
     def _ensure_suspend(
         self, key: Key, job: PostTrainJob, jobset: dict[str, Any]
@@ -662,17 +718,13 @@ class Operator:
         if _condition_true(jobset, "Completed") or _condition_true(jobset, "Failed"):
             return jobset
         meta = jobset["metadata"]
-        patched = cast(
-            dict[str, Any],
-            self.custom.patch_namespaced_custom_object(
-                JOBSET_GROUP,
-                JOBSET_VERSION,
-                meta["namespace"],
-                JOBSET_PLURAL,
-                meta["name"],
-                {"spec": {"suspend": want}},
-            ),
-        )
+        # What the operator applied to it (the rest is immutable, and stays as it was made),
+        # with spec.suspend as the job says; fields of other managers are not in it, and stay.
+        desired = applied_config(jobset)
+        desired.setdefault("spec", {})["suspend"] = want
+        # only onto the JobSet read (its uid: a precondition; an apply makes nothing then)
+        desired["metadata"]["uid"] = meta["uid"]
+        patched = self._apply(desired)
         self._remember(self._jobsets, key, patched)
         log.info(
             "%s/%s: JobSet %s", meta["namespace"], meta["name"], "suspended" if want else "resumed"
@@ -839,6 +891,66 @@ def owned_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     uid = (owner.get("metadata") or {}).get("uid")
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
     return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def applied_config(obj: Mapping[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any]:
+    """What `manager` last server-side applied to `obj`, with the values `obj` has now (client-go's
+    Extract<Kind>): its managedFields entry (operation Apply, not a subresource's) names the
+    fields, and they are taken from the object. Applied again, it changes nothing; changed, it
+    changes only what changed, and leaves every field of other managers alone. Empty (but
+    apiVersion, kind, name, namespace) when the manager never applied it."""
+    fields: dict[str, Any] = {}
+    meta = obj.get("metadata") or {}
+    for entry in meta.get("managedFields") or []:
+        if (
+            entry.get("manager") == manager
+            and entry.get("operation") == "Apply"
+            and not entry.get("subresource")
+        ):
+            fields = entry.get("fieldsV1") or {}
+    config = _extract(obj, fields) if fields else {}
+    config = copy.deepcopy(config if isinstance(config, dict) else {})
+    config.pop("apiVersion", None), config.pop("kind", None)
+    head = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind")}
+    out_meta = config.pop("metadata", None) or {}
+    ident = {k: meta[k] for k in ("name", "namespace") if k in meta}
+    return {**head, "metadata": {**ident, **out_meta}, **config}
+
+
+def _extract(value: Any, fields: Mapping[str, Any]) -> Any:
+    """The part of `value` that a managedFields fieldsV1 set names: `f:<name>` a field of a
+    map, `k:<json>` the item of a list with those key fields, `v:<json>` the item with that
+    value, `.` the map or item itself; a field with nothing under it is taken whole."""
+    children = {k: v for k, v in fields.items() if k != "."}
+    if not children:
+        return {} if "." in fields and isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return {
+            k[2:]: _extract(value[k[2:]], sub)
+            for k, sub in children.items()
+            if k.startswith("f:") and k[2:] in value
+        }
+    if isinstance(value, list):
+        items = []
+        for item in value:
+            for k, sub in children.items():
+                if k.startswith("k:") and isinstance(item, dict):
+                    keys = json.loads(k[2:])
+                    if all(item.get(a) == b for a, b in keys.items()):
+                        part = _extract(item, sub)
+                        items.append({**keys, **part} if isinstance(part, dict) else part)
+                        break
+                elif k.startswith("v:") and item == json.loads(k[2:]):
+                    items.append(item)
+                    break
+        return items
+    return value
+
+
+def _at_version(manifest: dict[str, Any], found: Mapping[str, Any]) -> dict[str, Any]:
+    """`manifest` applied on the condition that the object is still at `found`'s version."""
+    version = (found.get("metadata") or {}).get("resourceVersion")
+    return {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": version}}
 
 
 _CHILD_JOB = re.compile(r"^(?P<job>.+)-(?:slice|node|rollout)-\d+$")

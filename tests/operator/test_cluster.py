@@ -413,6 +413,80 @@ def test_operator_killed_mid_flight_makes_no_duplicates(namespace, kubectl, oper
     assert api.get("jobset", "again") is None and api.status("again")["phase"] == "Succeeded"
 
 
+def test_children_are_applied_server_side(namespace, kubectl, operator_kubeconfig) -> None:
+    """The reconcile in process, against the real API server with the operator's RBAC (docs):
+    both children applied (managedFields: the operator's manager, Apply); a reconcile again, by
+    a restarted operator or one that renders differently (an upgrade), writes nothing; a field
+    of another manager survives the operator's next apply (spec.suspend); an earlier job's
+    children of the same name are not adopted (an apply would: it is read first)."""
+    from kubernetes import config
+
+    from posttrain.operator.reconcile import FIELD_MANAGER, Retry
+
+    api = Api(kubectl)
+    api_client = config.new_client_from_config(config_file=str(operator_kubeconfig))
+
+    def restarted(cpu: str = "trainer:test") -> Operator:  # empty caches
+        return Operator(api_client, images=r.ImageDefaults(cpu=cpu))
+
+    annotations = {"posttrain.dev/fake-run-seconds": "600"}
+    doc = manifest("ssa", {"accelerator": "cpu"}, annotations=annotations, suspend=True)
+    api.apply(doc)
+    restarted().reconcile(namespace, "ssa")
+    fields = "--show-managed-fields"
+    jobset, recipe = api.get("jobset", "ssa", fields), api.get("configmap", "ssa-recipe", fields)
+    assert jobset and recipe and api.status("ssa")["jobSetName"] == "ssa"
+    for obj in (jobset, recipe):
+        mine = [m for m in obj["metadata"]["managedFields"] if m["manager"] == FIELD_MANAGER]
+        assert [m["operation"] for m in mine] == ["Apply"], obj["metadata"]["managedFields"]
+    assert jobset["spec"]["suspend"] is True
+
+    def versions() -> list[str]:
+        found = [api.get(*w) for w in (("jobset", "ssa"), ("cm", "ssa-recipe"), ("ptj", "ssa"))]
+        return [(f or {}).get("metadata", {}).get("resourceVersion", "") for f in found]
+
+    before = versions()
+    restarted().reconcile(namespace, "ssa")
+    restarted("trainer:other").reconcile(namespace, "ssa")  # renders another image
+    assert versions() == before
+
+    # kubectl's annotation on the JobSet survives the apply that resumes it, by an operator that
+    # renders differently: the JobSet keeps what it was made with
+    kubectl("annotate", "jobset", "ssa", "team=ml")
+    kubectl("patch", "posttrainjob", "ssa", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    restarted("trainer:other").reconcile(namespace, "ssa")
+    resumed = api.get("jobset", "ssa", fields)
+    assert resumed is not None and resumed["spec"]["suspend"] is False
+    assert resumed["metadata"]["annotations"]["team"] == "ml"
+    for part in ("labels", "ownerReferences"):
+        assert resumed["metadata"][part] == jobset["metadata"][part]
+    assert resumed["spec"]["replicatedJobs"] == jobset["spec"]["replicatedJobs"]
+    (mine,) = [m for m in resumed["metadata"]["managedFields"] if m["manager"] == FIELD_MANAGER]
+    assert "f:suspend" in mine["fieldsV1"]["f:spec"] and mine["operation"] == "Apply"
+
+    # an earlier job's children, orphaned (deleted with --cascade=orphan): a new job of that
+    # name waits for them to go and adopts neither
+    kubectl("delete", "posttrainjob", "ssa", "--cascade=orphan", "--wait=true", "--timeout=30s")
+    wait_for(
+        "the children orphaned",
+        lambda: (
+            not any(
+                (api.get(*w) or {}).get("metadata", {}).get("ownerReferences")
+                for w in (("jobset", "ssa"), ("cm", "ssa-recipe"))
+            )
+        ),
+        30,
+    )
+    api.apply(doc)
+    with pytest.raises(Retry):
+        restarted().reconcile(namespace, "ssa")
+    kubectl("delete", "jobset", "ssa", "--wait=true", "--timeout=30s")
+    with pytest.raises(Retry):
+        restarted().reconcile(namespace, "ssa")
+    assert api.get("jobset", "ssa") is None
+    assert not (api.get("cm", "ssa-recipe") or {})["metadata"].get("ownerReferences")
+
+
 def test_invalid_jobs(namespace, kubectl, operator) -> None:
     api = Api(kubectl)
     # refused by the API server: CEL (a block the algorithm needs) and the schema (pattern)

@@ -113,6 +113,7 @@ class FakeApi:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.applies: list[dict] = []  # the options of each apply
         self.objects: dict[tuple[str, str], dict] = {}
         self.version = 100
 
@@ -132,14 +133,22 @@ class FakeApi:
             raise ApiException(status=404)
         return copy.deepcopy(self.objects[(plural, name)])
 
-    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+    def patch_namespaced_custom_object(self, group, version, ns, plural, name, body, **options):
+        """Only server-side applies; the fake keeps the applied object (plus uid and status)."""
         import copy
+        import json
+        import types
 
-        self.calls.append(("create", plural))
+        self.calls.append(("apply", plural))
+        self.applies.append(options)
+        old = self.objects.get((plural, name)) or {}
+        self.applied = copy.deepcopy(body)
         obj = self._bump(copy.deepcopy(body))
-        obj["metadata"]["uid"] = f"uid-{plural}"
-        self.objects[(plural, obj["metadata"]["name"])] = obj
-        return copy.deepcopy(obj)
+        obj["metadata"]["uid"] = (old.get("metadata") or {}).get("uid") or f"uid-{plural}"
+        if "status" in old:
+            obj["status"] = old["status"]
+        self.objects[(plural, name)] = obj
+        return types.SimpleNamespace(data=json.dumps(obj).encode())
 
     def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, patch):
         import copy
@@ -160,9 +169,25 @@ class FakeApi:
         return {"items": []}
 
     # CoreV1Api
-    def create_namespaced_config_map(self, ns, body):
-        self.calls.append(("create", "configmaps"))
-        self.objects[("configmaps", body["metadata"]["name"])] = body
+    def read_namespaced_config_map(self, name, ns, _preload_content):
+        import json
+        import types
+
+        from kubernetes.client.exceptions import ApiException
+
+        self.calls.append(("get", "configmaps"))
+        if ("configmaps", name) not in self.objects:
+            raise ApiException(status=404)
+        return types.SimpleNamespace(data=json.dumps(self.objects[("configmaps", name)]).encode())
+
+    def patch_namespaced_config_map(self, name, ns, body, **options):
+        import json
+        import types
+
+        self.calls.append(("apply", "configmaps"))
+        self.applies.append(options)
+        self.objects[("configmaps", name)] = self._bump(json.loads(json.dumps(body)))
+        return types.SimpleNamespace(data=json.dumps(self.objects[("configmaps", name)]).encode())
 
     def list_namespaced_pod(self, ns, label_selector, _preload_content):
         import types
@@ -193,10 +218,21 @@ def test_a_new_job_pending_and_recipe_then_its_jobset_then_nothing_more() -> Non
     assert op.queue.get(0) == ("ml", "t")
     op.process(("ml", "t"))
     op.queue.done(("ml", "t"))
-    # the job came from the watch: not read; Pending and the recipe, then the JobSet, then status
-    assert api.calls[-2:] == [("create", "jobsets"), ("patch-status", "posttrainjobs")]
-    assert sorted(api.calls[:2]) == [("create", "configmaps"), ("patch-status", "posttrainjobs")]
-    assert len(api.calls) == 4
+    # the job came from the watch: not read; its JobSet read (an apply must not adopt an
+    # earlier job's), Pending beside the recipe (read, applied), then the JobSet, then status
+    assert api.calls[0] == ("get", "jobsets")
+    assert api.calls[-2:] == [("apply", "jobsets"), ("patch-status", "posttrainjobs")]
+    assert sorted(api.calls[1:4]) == [
+        ("apply", "configmaps"),
+        ("get", "configmaps"),
+        ("patch-status", "posttrainjobs"),
+    ]
+    assert api.calls.index(("get", "configmaps")) < api.calls.index(("apply", "configmaps"))
+    assert len(api.calls) == 6
+    assert api.applies == 2 * [
+        {"field_manager": "posttrain-operator", "force": True,
+         "_content_type": "application/apply-patch+yaml", "_preload_content": False}
+    ]  # fmt: skip
     status = api.objects[("posttrainjobs", "t")]["status"]
     assert status["phase"] == "Pending" and status["jobSetName"] == "t"
 
@@ -226,11 +262,11 @@ def test_a_status_from_a_stale_job_is_refused_and_the_job_read_again() -> None:
     key = op.queue.get(0)
     op.process(key)  # Pending refused (409): no JobSet made
     op.queue.done(key)
-    assert ("create", "jobsets") not in api.calls
+    assert ("apply", "jobsets") not in api.calls
     assert op.queue.get(0) == ("ml", "t")  # again at once, reading the job this time
     api.calls.clear()
     op.process(("ml", "t"))
-    assert api.calls[0] == ("get", "posttrainjobs") and ("create", "jobsets") in api.calls
+    assert api.calls[0] == ("get", "posttrainjobs") and ("apply", "jobsets") in api.calls
     assert not op._listed  # logged as reconciled
 
 
@@ -290,3 +326,119 @@ def test_a_failed_create_event_is_cached_with_its_fix_until_the_job_has_pods() -
     assert "create the ServiceAccount sa in namespace ml" in message
     op.observe_failed_create(("ml", "t"), event, "DELETED")  # Events expire
     assert op._create_failure(("ml", "t")) is None and not op._failed_create
+
+
+# ---- server-side apply: what the operator applied, read back from managedFields ------------------
+
+
+def test_applied_config_is_what_the_manager_applied_with_the_values_now() -> None:
+    from posttrain.operator.reconcile import FIELD_MANAGER, applied_config
+
+    obj = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            "name": "j",
+            "namespace": "ml",
+            "uid": "u",
+            "resourceVersion": "5",
+            "labels": {"posttrain.dev/job": "j", "kueue": "x"},
+            "annotations": {"kubectl-added": "yes"},
+            "ownerReferences": [{"uid": "o", "kind": "PostTrainJob", "controller": True}],
+            "managedFields": [
+                {
+                    "manager": FIELD_MANAGER,
+                    "operation": "Apply",
+                    "fieldsV1": {
+                        "f:metadata": {
+                            "f:labels": {"f:posttrain.dev/job": {}},
+                            "f:ownerReferences": {'k:{"uid":"o"}': {}},
+                        },
+                        "f:spec": {
+                            "f:suspend": {},
+                            "f:replicatedJobs": {
+                                'k:{"name":"node"}': {".": {}, "f:replicas": {}},
+                            },
+                            "f:args": {'v:"a"': {}},
+                        },
+                    },
+                },
+                {"manager": "kubectl", "operation": "Update", "fieldsV1": {"f:metadata": {}}},
+                {
+                    "manager": FIELD_MANAGER,
+                    "operation": "Apply",
+                    "subresource": "status",
+                    "fieldsV1": {"f:status": {}},
+                },
+            ],
+        },
+        "spec": {
+            "suspend": True,
+            "replicatedJobs": [
+                {"name": "node", "replicas": 2, "template": {"x": 1}},
+                {"name": "other", "replicas": 1},
+            ],
+            "args": ["a", "b"],
+            "defaulted": "by a webhook",
+        },
+        "status": {"restarts": 0},
+    }
+    assert applied_config(obj) == {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            "name": "j",
+            "namespace": "ml",
+            "labels": {"posttrain.dev/job": "j"},
+            "ownerReferences": [{"uid": "o", "kind": "PostTrainJob", "controller": True}],
+        },
+        "spec": {
+            "suspend": True,
+            "replicatedJobs": [{"name": "node", "replicas": 2}],
+            "args": ["a"],
+        },
+    }
+    # never applied by the manager: nothing but what names the object
+    assert applied_config(obj, "someone") == {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": "j", "namespace": "ml"},
+    }
+    # a copy: changing it leaves the object alone
+    applied_config(obj)["metadata"]["ownerReferences"][0]["uid"] = "changed"
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == "o"
+
+
+def test_suspend_applies_what_the_operator_applied_with_the_new_suspend() -> None:
+    op, api, job = fake_operator()
+    op.observe_job(job, "ADDED")
+    op.process(op.queue.get(0))
+    op.queue.done(("ml", "t"))
+    jobset = api.objects[("jobsets", "t")]
+    assert jobset["spec"].get("suspend") is not True
+    # as the API server would record the operator's apply (every field it sent, roughly)
+    jobset["metadata"]["managedFields"] = [
+        {
+            "manager": "posttrain-operator",
+            "operation": "Apply",
+            "fieldsV1": {
+                "f:metadata": {"f:labels": {}, "f:ownerReferences": {}},
+                "f:spec": {k: {} for k in (f"f:{k}" for k in jobset["spec"])},
+            },
+        }
+    ]
+    jobset["metadata"]["annotations"] = {"someone-else": "x"}
+    op._jobsets[("ml", "t")] = jobset
+    suspended = {**job, "metadata": {**job["metadata"], "generation": 2}}
+    suspended["spec"] = {**job["spec"], "suspend": True}
+    api.objects[("posttrainjobs", "t")]["spec"] = suspended["spec"]
+    api.objects[("posttrainjobs", "t")]["metadata"]["generation"] = 2
+    op._forget_job_body(("ml", "t"))
+    api.calls.clear()
+    op.process(("ml", "t"))
+    assert ("apply", "jobsets") in api.calls
+    applied = api.objects[("jobsets", "t")]
+    assert applied["spec"]["suspend"] is True
+    assert applied["spec"]["replicatedJobs"] == jobset["spec"]["replicatedJobs"]
+    assert "annotations" not in applied["metadata"]  # another manager's: not in the apply
+    assert api.applied["metadata"]["uid"] == jobset["metadata"]["uid"]  # onto this one only

@@ -19,14 +19,15 @@ No wildcards.
 - apiGroups: [posttrain.dev]
   resources: [posttrainjobs/finalizers]
   verbs: [update]
-# Create the JobSet, read it, watch it for status, patch spec.suspend.
+# The JobSet: read it, watch it for status, apply it (server-side apply is a patch; one that
+# makes the object also needs create). Once made, only its spec.suspend changes.
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
   verbs: [get, list, watch, create, patch]
-# The recipe: create; when it exists, read it to check owner and content, replace a stale one.
+# The recipe: read it to check owner and content, apply it (made, or a stale one replaced).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, get, update]
+  verbs: [get, create, patch]
 # Which pods wait for nodes (Provisioning).
 - apiGroups: [""]
   resources: [pods]
