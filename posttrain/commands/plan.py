@@ -804,9 +804,9 @@ def report(job: Any, plan: Plan) -> str:
     if plan.activations is None:
         why = ": the state alone is over" if not plan.fits else ", state only"
         lines.append(f"  {'activations/temporaries':<32}   (not compiled{why})")
-    compiled = "refused by libtpu, over HBM," if plan.refused else "compiled"
+    how = "refused by libtpu, over HBM," if plan.refused else "compiled"
     step_loss = (
-        f"{plan.loss}'s step {compiled} in {plan.compile_seconds:.1f} s"
+        f"{plan.loss}'s step {how} in {plan.compile_seconds:.1f} s"
         if plan.activations is not None and plan.compile_seconds is not None
         else "state only"
     )

@@ -98,7 +98,10 @@ def _plan_rl(tmp_path, algorithm, block, **model):
     job["spec"]["resources"] = TINY_V5E
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
+    # XLA:CPU's figures, which the comparisons below were written for (libtpu's, when installed,
+    # are dominated on this tiny model by the size of the program itself).
     cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path), "--json"]
+    cmd += ["--compiler", "xla-cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -153,6 +156,7 @@ BUCKET_MODELS = {
 
 # Plans each job in a fresh process (JAX reads the device count once): sys.argv = [-c, N, PATH,
 # CONFIG or "", "state" or "compile", ...]; prints one JSON line (the plan and its report) per job.
+# XLA:CPU's figures, whether libtpu is installed or not (the comparisons were written for them).
 RUNNER = """
 import json, sys
 from posttrain.api import load_documents, parse_job
@@ -163,7 +167,10 @@ P._simulate_devices(n)
 for path, config in zip(jobs[::2], jobs[1::2]):
     job = parse_job(load_documents(path)[0], source=path)
     devices = P.chip_count(job.spec.resources)
-    plan = P.plan_job(job, P.config_reader(job, config or None), devices, state_only=mode == "state")
+    plan = P.plan_job(
+        job, P.config_reader(job, config or None), devices, state_only=mode == "state",
+        compiler=P.Compiler("xla-cpu"),
+    )
     print(json.dumps({"path": path, "plan": P._as_dict(plan), "report": P.report(job, plan)}))
 """
 
