@@ -18,21 +18,34 @@ holding the policy for sampling (base and adapters in the model dtype; no optimi
 reference) and the sampler's KV cache for the rollout batch; its sampler is compiled on the
 worker's devices. Exit 2 when either role does not fit (naming spec.rollout.resources for the
 workers).
+
+Which compiler gives the figures: for a TPU target, libtpu's (the TPU's own compiler, ahead of
+time on the CPU host through ``jax.experimental.topologies``, on the devices of the job's
+topology) when libtpu is installed (``pip install 'posttrain[tpu-plan]'``); otherwise, and for
+GPU and CPU targets, XLA:CPU on simulated host devices, whose temporaries can differ from the
+accelerator's. The report and ``--json`` (``compiler``) say which. When the job does not fit,
+``plan`` tries a few changes (``spec.training.remat: full``, a smaller
+``spec.training.microBatchSize``, more chips), each a compile, and prints those that fit
+(``fits_with``); ``--advice 0`` skips them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import math
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posttrain.api import JobInvalid, load_documents, parse_job
 from posttrain.api import accelerators as acc
+from posttrain.api.geometry import check_geometry
 from posttrain.commands.plan_models import KNOWN_CONFIGS
 
 GIB = 2**30
@@ -48,6 +61,17 @@ CHIPS: dict[str, tuple[float, float]] = {
     "nvidia-l4": (24 * GIB, 121e12),
 }
 EXIT_FITS, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 1, 2
+XLA_CPU = "XLA:CPU"
+# Ours -> libtpu's topology prefix ("v5e:2x4"), its chip config (megacore: one device per chip)
+# and a TPU_ACCELERATOR_TYPE for libtpu's start-up on a host without a TPU (quiets its warnings).
+LIBTPU_TOPOLOGIES: dict[str, tuple[str, str, str]] = {
+    "tpu-v4": ("v4", "megacore", "v4-8"),
+    "tpu-v5e": ("v5e", "default", "v5litepod-8"),
+    "tpu-v5p": ("v5", "megacore", "v5p-8"),
+    "tpu-v6e": ("v6e", "default", "v6e-8"),
+}
+# When a job does not fit: at most this many changes are compiled to find what would fit.
+ADVICE_TRIES = 6
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +88,94 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the model's config.json (default: spec.model.base's, or a known model's)",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(
+        "--compiler",
+        choices=("auto", "libtpu", "xla-cpu"),
+        default="auto",
+        help="whose memory figures: libtpu's for TPU targets when installed (auto), or XLA:CPU's "
+        "on simulated host devices",
+    )
+    p.add_argument(
+        "--advice",
+        type=int,
+        default=ADVICE_TRIES,
+        metavar="N",
+        help="when the job does not fit, compile at most N changes to find what would "
+        f"(default {ADVICE_TRIES}; 0: none)",
+    )
+    p.add_argument(
+        "--hbm",
+        type=float,
+        metavar="GIB",
+        help="memory per chip to fit in, GiB (default: the chip's HBM; less to keep headroom)",
+    )
     p.set_defaults(func=run)
+
+
+def libtpu_version() -> str | None:
+    """The installed libtpu's version, None when absent (without importing it)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class Compiler:
+    """Which compiler plans a role: libtpu's for a TPU target when it is installed (``auto``,
+    ``libtpu``), on the compile-only devices of the role's topology; else XLA:CPU on the first
+    simulated host devices."""
+
+    choice: str = "auto"  # auto | libtpu | xla-cpu
+
+    def uses_libtpu(self, resources: Any) -> bool:
+        return (
+            self.choice != "xla-cpu"
+            and acc.is_tpu(resources.accelerator)
+            and libtpu_version() is not None
+        )
+
+    def label(self, resources: Any) -> str:
+        return f"libtpu {libtpu_version()}" if self.uses_libtpu(resources) else XLA_CPU
+
+    def devices(self, resources: Any, n: int) -> list[Any]:
+        if self.uses_libtpu(resources):
+            return list(tpu_devices(resources.accelerator, resources.topology, resources.slices))
+        import jax
+
+        if len(jax.devices()) < n:
+            raise RuntimeError(f"plan needs {n} devices but JAX started with {len(jax.devices())}")
+        return jax.devices()[:n]
+
+
+@functools.cache
+def tpu_devices(accelerator: str, topology: str, slices: int = 1) -> tuple[Any, ...]:
+    """libtpu's compile-only devices of a TPU slice (as MaxText's train_compile.py): programs
+    lowered on a mesh of them compile with the TPU's compiler on this CPU host."""
+    prefix, chip_config, accelerator_type = LIBTPU_TOPOLOGIES[accelerator]
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compile-only: no chip is opened, so plans may run side by side (and beside a TPU job)
+    # without libtpu's one-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    dims = [int(d) for d in topology.split("x")] + [1]
+    if topology in acc.TPU_GENERATIONS[accelerator].single_host:
+        per_host = (dims[0], dims[1], 1)
+    else:
+        per_host = (min(2, dims[0]), min(2, dims[1]), 1)
+    desc = topologies.get_topology_desc(
+        topology_name=f"{prefix}:{topology}",
+        platform="tpu",
+        chip_config_name=chip_config,
+        chips_per_host_bounds=per_host,
+        num_slices=slices,
+    )
+    return tuple(desc.devices)
 
 
 def chip_count(resources: Any) -> int:
@@ -114,6 +225,12 @@ class Plan:
     kv_cache_per_device: int = 0  # what one device holds: its rows of one generation chunk
     data_parallel: int = 1  # the rollout's data-parallel size (data x fsdp)
     rollout_role: RolloutRolePlan | None = None  # async RL: one rollout worker, on its devices
+    compiler: str = XLA_CPU  # whose figures: "libtpu <version>" or "XLA:CPU"
+    # libtpu refused to compile the step (or the rollout) for want of HBM; its temporaries are
+    # the figure its error gave
+    refused: bool = False
+    fits_with: tuple[Advice, ...] = ()  # when it does not fit: the changes tried that fit
+    advice_tried: tuple[Advice, ...] = ()  # every change compiled for that, in order
 
     @property
     def resident(self) -> int:
@@ -181,6 +298,7 @@ class RolloutRolePlan:
     data_parallel: int  # the worker's data-parallel size (data x fsdp of its mesh)
     rollout: int | None = None  # per device, the sampler's temporaries; None when not compiled
     compile_seconds: float | None = None  # of the sampler
+    compiler: str = XLA_CPU  # whose figures: "libtpu <version>" or "XLA:CPU"
 
     @property
     def total(self) -> int:
@@ -196,6 +314,131 @@ class RolloutRolePlan:
         if self.rollout is None:
             return {"policy weights": self.weights, "KV cache": self.kv_cache_per_device}
         return {"policy weights": self.weights, "rollout (KV cache, temporaries)": self.rollout}
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A change to the job (field path -> value) and the trainer's peak per device with it."""
+
+    changes: dict[str, Any]
+    total: int  # per device, the trainer's peak (the state alone when that is over)
+    devices: int
+    fits: bool
+
+    def text(self) -> str:
+        what = " and ".join(f"{k}: {v}" for k, v in self.changes.items())
+        chips = f"{self.devices} chips, " if any(".resources." in k for k in self.changes) else ""
+        return f"{what} ({chips}{self.total / GIB:.2f} GiB per device)"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A change ``plan`` may try when a job does not fit; ``kind`` groups the alternatives
+    (remat, micro-batches, chips): the first that fits of each kind is advised."""
+
+    kind: str
+    changes: dict[str, Any] = field(default_factory=dict)
+    job: Any = None
+
+
+def advice_candidates(doc: dict[str, Any], job: Any) -> list[Candidate]:
+    """The changes to try, in the order users try them: ``remat: full``; a smaller
+    ``microBatchSize`` (half, a quarter; then half with remat); more chips (the next two larger
+    topologies of the generation, or 2x and 4x the GPU nodes, each alone then with remat). Only
+    those that validate (``parse_job``). Pure: no JAX."""
+    spec, out = job.spec, []
+    t = spec.training
+
+    def add(kind: str, changes: dict[str, Any]) -> bool:
+        changed = copy.deepcopy(doc)
+        for path, value in changes.items():
+            node = changed
+            *parents, leaf = path.split(".")[1:]  # below the document's "spec"
+            node = node.setdefault("spec", {})
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        try:
+            candidate = parse_job(changed)
+            check_geometry(candidate.spec)  # what the trainer would refuse at its first step
+        except (JobInvalid, ValueError):
+            return False
+        out.append(Candidate(kind, changes, candidate))
+        return True
+
+    remat = {"spec.training.remat": "full"} if t.remat != "full" else {}
+    if remat:
+        add("remat", remat)
+    micro = t.micro_batch_size or t.batch_size
+    smaller = [m for m in (micro // 2, micro // 4) if 1 <= m < micro and t.batch_size % m == 0]
+    for m in dict.fromkeys(smaller):
+        add("micro-batches", {"spec.training.microBatchSize": m})
+    if remat and smaller:
+        add("micro-batches", {**remat, "spec.training.microBatchSize": smaller[0]})
+    default_mesh = (t.mesh.data, t.mesh.fsdp, t.mesh.tensor) == (1, -1, 1)
+    for more in _more_chips(spec.resources):
+        if not add("chips", more) and default_mesh:
+            # The step's rows do not divide over more data-parallel chips: the new ones split
+            # each layer instead (tensor parallelism), the data-parallel size kept.
+            fsdp = chip_count(spec.resources)
+            more = {**more, "spec.training.mesh.fsdp": fsdp, "spec.training.mesh.tensor": -1}
+            if not add("chips", more):
+                continue
+        if remat:
+            add("chips", {**more, **remat})
+    return out
+
+
+def _more_chips(resources: Any) -> list[dict[str, Any]]:
+    if acc.is_tpu(resources.accelerator):
+        sizes = acc.TPU_GENERATIONS[resources.accelerator].topologies
+        bigger = [
+            t
+            for t in sizes
+            if acc.topology_chips(t) > acc.topology_chips(resources.topology or sizes[0])
+        ]
+        return [{"spec.resources.topology": t} for t in bigger[:2]]
+    if acc.is_gpu(resources.accelerator):
+        return [{"spec.resources.nodes": resources.nodes * k} for k in (2, 4)]
+    return []
+
+
+def advise(
+    plan: Plan,
+    candidates: list[Candidate],
+    read: Any,
+    compiler: Compiler,
+    tries: int = ADVICE_TRIES,
+) -> Plan:
+    """Try ``candidates`` on a plan that does not fit, at most ``tries`` of them compiled, the
+    first that fits of each kind kept. When the resident state alone is over, only more chips
+    can help. Combined changes (with remat) are tried only when remat alone did not fit."""
+    tried: list[Advice] = []
+    fitted: dict[str, Advice] = {}
+    state_over = plan.activations is None
+    for c in candidates:
+        if len(tried) >= tries:
+            break
+        if c.kind in fitted or (state_over and c.kind != "chips"):
+            continue
+        if len(c.changes) > 1 and "remat" in fitted:
+            continue
+        try:
+            p = plan_job(
+                c.job,
+                read,
+                chip_count(c.job.spec.resources),
+                compiler=compiler,
+                hbm_bytes=plan.hbm_bytes,
+            )
+        except (ValueError, RuntimeError):
+            continue
+        a = Advice(dict(c.changes), p.total, p.devices, p.trainer_fits)
+        tried.append(a)
+        if a.fits:
+            fitted[c.kind] = a
+    fits = tuple(a for a in tried if a.fits)
+    return Plan(**{**plan.__dict__, "fits_with": fits, "advice_tried": tuple(tried)})
 
 
 def devices_needed(job: Any) -> int:
@@ -218,10 +461,22 @@ def run(args: argparse.Namespace) -> int:
                 f"spec.resources.accelerator: no HBM figure for {resources.accelerator}"
             )
         devices = chip_count(resources)
-        _simulate_devices(devices_needed(job))  # before anything imports JAX
+        compiler = Compiler(args.compiler)
+        if args.compiler == "libtpu" and not compiler.uses_libtpu(resources):
+            raise ValueError(
+                f"--compiler libtpu: {resources.accelerator} is not a TPU"
+                if not acc.is_tpu(resources.accelerator)
+                else "--compiler libtpu: libtpu is not installed (pip install 'posttrain[tpu-plan]')"
+            )
+        candidates = advice_candidates(docs[0], job) if args.advice > 0 else []
+        # before anything imports JAX: the job's devices and those of the changes it may try
+        _simulate_devices(max([devices_needed(c.job) for c in candidates] + [devices_needed(job)]))
         read = config_reader(job, args.config)
         read(job.spec.model.base)  # fail early, before compiling, if there is no config
-        plan = plan_job(job, read, devices)
+        hbm = args.hbm * GIB if args.hbm is not None else None
+        plan = plan_job(job, read, devices, compiler=compiler, hbm_bytes=hbm)
+        if not plan.trainer_fits and candidates:
+            plan = advise(plan, candidates, read, compiler, args.advice)
     except (OSError, JobInvalid, ValueError) as err:
         print(f"{args.file}: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -251,11 +506,39 @@ def _nbytes_per_device(tree: Any) -> int:
     )
 
 
-def _peak_bytes(compiled: Any) -> int:
+# libtpu does not compile a program whose temporaries are over the chip's HBM; its error names them:
+# "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
+# (50.74G) exceeds available HBM (15.75G)."
+_LIBTPU_OVER = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)i?B?\)")
+
+
+def _temporaries(lowered: Any, libtpu: bool = False) -> tuple[int, bool]:
+    """The compiled program's temporaries per device, and whether the compiler refused it for
+    want of memory (libtpu: then its error's figure)."""
+    import jax
+
+    try:
+        return _peak_bytes(lowered.compile(), libtpu), False
+    except jax.errors.JaxRuntimeError as err:
+        over = _LIBTPU_OVER.search(str(err))
+        if over is None:
+            raise
+        return int(float(over[1]) * 1024 ** " KMGT".index(over[2] or " ")), True
+
+
+def _peak_bytes(compiled: Any, libtpu: bool = False) -> int:
+    """What the program needs per device beside its arguments (the resident state, counted from
+    the shardings). XLA:CPU: its temporaries. libtpu: its peak less the arguments, so also the
+    program itself and outputs not written over their inputs (it places small temporaries outside
+    HBM and reports them as 0)."""
     memory = compiled.memory_analysis()
     if memory is None:  # a backend without memory analysis
         raise RuntimeError("XLA gave no memory analysis for the compiled program")
-    return int(memory.temp_size_in_bytes)
+    temporaries = int(memory.temp_size_in_bytes)
+    peak = getattr(memory, "peak_memory_in_bytes", 0)
+    if libtpu and peak:
+        return max(temporaries, int(peak - memory.argument_size_in_bytes))
+    return temporaries
 
 
 def kv_cache_bytes(config: Any, rows: int, slots: int, itemsize: int) -> int:
@@ -263,7 +546,7 @@ def kv_cache_bytes(config: Any, rows: int, slots: int, itemsize: int) -> int:
     return 2 * config.num_layers * rows * slots * config.num_kv_heads * config.head_dim * itemsize
 
 
-def _compile_rollout(run: Any) -> int:
+def _compile_rollout(run: Any, libtpu: bool = False) -> tuple[int, bool]:
     """XLA's temporaries per device for one rollout (prefill + decode loop): the program the
     trainer's sampler runs (``sampler.lower_generate``), rows sharded over the data-parallel
     axes and generated ``generationBatchSize`` at a time, the weights as trained."""
@@ -271,10 +554,12 @@ def _compile_rollout(run: Any) -> int:
 
     policy = run.view(run.params, run.frozen, run.extras).policy
     graphdef, state = nnx.split(policy)
-    return _compile_sampler(graphdef, state, run.mesh, run.declaration.rollout, run.config)
+    return _compile_sampler(graphdef, state, run.mesh, run.declaration.rollout, run.config, libtpu)
 
 
-def _compile_sampler(graphdef: Any, state: Any, mesh: Any, shape: Any, config: Any) -> int:
+def _compile_sampler(
+    graphdef: Any, state: Any, mesh: Any, shape: Any, config: Any, libtpu: bool = False
+) -> tuple[int, bool]:
     """XLA's temporaries per device of the sampler's program for the rollout ``shape`` with the
     policy ``state`` (abstract, with its shardings) on ``mesh``."""
     from posttrain.trainer.sampling import sampler
@@ -294,7 +579,7 @@ def _compile_sampler(graphdef: Any, state: Any, mesh: Any, shape: Any, config: A
         chunk_rows=g.chunk_rows,
         eos_count=max(1, len(config.eos_token_ids)),
     )
-    return _peak_bytes(lowered.compile())
+    return _temporaries(lowered, libtpu)
 
 
 def jax_tree_shardings(tree: Any) -> Any:
@@ -325,12 +610,20 @@ def config_reader(job: Any, override: str | None) -> Any:
 
 
 def plan_job(
-    job: Any, config_json: dict[str, Any] | Any, n_devices: int, *, state_only: bool = False
+    job: Any,
+    config_json: dict[str, Any] | Any,
+    n_devices: int,
+    *,
+    state_only: bool = False,
+    compiler: Compiler | None = None,
+    hbm_bytes: float | None = None,
 ) -> Plan:
     """Build the job's run abstractly with the trainer's setup and compile its step (and rollout).
     ``config_json``: the policy's config.json dict, or a reader ref -> ModelConfig. With
     ``state_only`` (or when the state alone does not fit) nothing is compiled: the resident state
-    per device (parameters, optimizer, frozen models), ``activations`` and ``rollout`` None."""
+    per device (parameters, optimizer, frozen models), ``activations`` and ``rollout`` None.
+    ``compiler`` (default ``Compiler()``: libtpu's for a TPU target when installed) gives the
+    devices and so the compiler; ``hbm_bytes`` replaces the chip's HBM (``--hbm``)."""
     import time
 
     import jax
@@ -341,13 +634,17 @@ def plan_job(
     from posttrain.trainer.setup import Abstract, build_run
 
     spec = job.spec
+    compiler = compiler or Compiler()
     hbm, peak = CHIPS[spec.resources.accelerator]
+    hbm = hbm_bytes if hbm_bytes is not None else hbm
     if isinstance(config_json, dict):
         policy_config, fallback = ModelConfig.from_hf(config_json), config_reader(job, None)
         read = lambda ref: policy_config if ref == spec.model.base else fallback(ref)  # noqa: E731
     else:
         read = config_json
-    run = build_run(job, abstract=Abstract(read, jax.devices()[:n_devices]))
+    devices = compiler.devices(spec.resources, n_devices)
+    n_devices = len(devices)
+    run = build_run(job, abstract=Abstract(read, devices))
     d, config = run.declaration, run.config
     dtype = jax.numpy.dtype(spec.model.dtype)
 
@@ -389,23 +686,27 @@ def plan_job(
         kv_cache=kv_cache_bytes(config, rollout_rows, rollout_slots, dtype.itemsize),
         kv_cache_per_device=kv_cache_bytes(config, device_rows, rollout_slots, dtype.itemsize),
         data_parallel=sampler.data_parallel_size(run.mesh),
+        compiler=compiler.label(spec.resources),
     )
     if spec.rollout_role.is_async and d.rollout is not None:
-        role = plan_rollout_role(job, read, d.rollout, state_only=state_only)
+        role = plan_rollout_role(job, read, d.rollout, state_only=state_only, compiler=compiler)
         plan = Plan(**{**plan.__dict__, "rollout_role": role})
     if state_only or not plan.trainer_fits:  # the state alone does not fit: no need to compile
         return plan
     started = time.perf_counter()
-    compiled = run.lower_step().compile()
+    libtpu = compiler.uses_libtpu(spec.resources)
+    activations, refused = _temporaries(run.lower_step(), libtpu)
     plan = Plan(
         **{
             **plan.__dict__,
-            "activations": _peak_bytes(compiled),
+            "activations": activations,
             "compile_seconds": time.perf_counter() - started,
+            "refused": refused,
         }
     )
     if d.rollout is not None:
-        plan = Plan(**{**plan.__dict__, "rollout": _compile_rollout(run)})
+        rollout, over = _compile_rollout(run, libtpu)
+        plan = Plan(**{**plan.__dict__, "rollout": rollout, "refused": refused or over})
     return plan
 
 
@@ -426,7 +727,7 @@ def _device_rows(spec: Any, shape: Any, mesh: Any, where: str = "") -> int:
 
 
 def plan_rollout_role(
-    job: Any, read: Any, shape: Any, *, state_only: bool = False
+    job: Any, read: Any, shape: Any, *, state_only: bool = False, compiler: Compiler | None = None
 ) -> RolloutRolePlan:
     """An async job's rollout worker on its own devices (the first of the simulated ones): its
     policy built abstractly by the trainer's setup (``build_rollout_policy``: base and adapters
@@ -442,14 +743,14 @@ def plan_rollout_role(
     from posttrain.trainer.setup import Abstract, build_rollout_policy, rollout_devices
 
     spec = job.spec
+    compiler = compiler or Compiler()
     resources = rollout_devices(job)
     field = "spec.rollout.resources" if spec.rollout_role.resources else "spec.resources"
     if resources.accelerator not in CHIPS:
         raise ValueError(f"{field}.accelerator: no HBM figure for {resources.accelerator}")
-    n = chip_count(resources)
-    if len(jax.devices()) < n:
-        raise RuntimeError(f"plan needs {n} devices but JAX started with {len(jax.devices())}")
-    policy = build_rollout_policy(job, abstract=Abstract(read, jax.devices()[:n]))
+    devices = compiler.devices(resources, chip_count(resources))
+    n = len(devices)
+    policy = build_rollout_policy(job, abstract=Abstract(read, devices))
     itemsize = jax.numpy.dtype(spec.model.dtype).itemsize
     slots = _cache_slots(shape)
     rows = _device_rows(spec, shape, policy.mesh, f" (a rollout worker's devices, {field})")
@@ -465,11 +766,19 @@ def plan_rollout_role(
         kv_cache=kv_cache_bytes(policy.config, shape.rows, slots, itemsize),
         kv_cache_per_device=kv_cache_bytes(policy.config, rows, slots, itemsize),
         data_parallel=sampler.data_parallel_size(policy.mesh),
+        compiler=compiler.label(resources),
     )
     if state_only or not role.fits:
         return role
     started = time.perf_counter()
-    temporaries = _compile_sampler(policy.graphdef, policy.state, policy.mesh, shape, policy.config)
+    temporaries, _ = _compile_sampler(
+        policy.graphdef,
+        policy.state,
+        policy.mesh,
+        shape,
+        policy.config,
+        compiler.uses_libtpu(resources),
+    )
     return RolloutRolePlan(
         **{
             **role.__dict__,
@@ -489,13 +798,15 @@ def report(job: Any, plan: Plan) -> str:
     r = job.spec.resources
     where = f"{r.accelerator} {r.topology or ''}".strip()
     lines = [f"{job.metadata.name}: {plan.devices} x {where}, per device:"]
+    lines.append(f"  (figures from {_compiler_words(plan.compiler, r.accelerator)})")
     for name, n in plan.consumers().items():
         lines.append(f"  {name:<32} {n / GIB:8.2f} GiB")
     if plan.activations is None:
         why = ": the state alone is over" if not plan.fits else ", state only"
         lines.append(f"  {'activations/temporaries':<32}   (not compiled{why})")
+    how = "refused by libtpu, over HBM," if plan.refused else "compiled"
     step_loss = (
-        f"{plan.loss}'s step compiled in {plan.compile_seconds:.1f} s"
+        f"{plan.loss}'s step {how} in {plan.compile_seconds:.1f} s"
         if plan.activations is not None and plan.compile_seconds is not None
         else "state only"
     )
@@ -507,7 +818,7 @@ def report(job: Any, plan: Plan) -> str:
             f"{plan.kv_cache / GIB:.2f} GiB over data-parallel size {plan.data_parallel})"
         )
     lines.append(
-        f"  {'total (peak)':<32} {plan.total / GIB:8.2f} GiB of {plan.hbm_bytes / GIB:.0f} GiB HBM"
+        f"  {'total (peak)':<32} {plan.total / GIB:8.2f} GiB of {plan.hbm_bytes / GIB:g} GiB HBM"
     )
     lines.append(
         f"  step: {plan.flops_per_step:.3g} FLOPs; {plan.step_seconds(1.0):.3g} s at 100% MFU, "
@@ -515,7 +826,7 @@ def report(job: Any, plan: Plan) -> str:
     )
     role = plan.rollout_role
     if role is not None:
-        lines += _role_lines(role)
+        lines += _role_lines(role, plan.compiler)
     compiled = plan.activations is not None and (role is None or role.rollout is not None)
     if plan.fits and not compiled:  # plan_job(state_only=True)
         lines.append("the state fits; the step was not compiled, so no verdict")
@@ -524,17 +835,33 @@ def report(job: Any, plan: Plan) -> str:
     if not plan.trainer_fits:
         name, n = _biggest(plan.consumers())
         lines.append(
-            f"does not fit: {plan.total / GIB:.2f} GiB > {plan.hbm_bytes / GIB:.0f} GiB; "
+            f"does not fit: {plan.total / GIB:.2f} GiB > {plan.hbm_bytes / GIB:g} GiB; "
             f"biggest consumer: {name} ({n / GIB:.2f} GiB)"
         )
+    if not plan.trainer_fits and plan.fits_with:
+        lines.append("would fit with: " + "; ".join(a.text() for a in plan.fits_with))
+    elif not plan.trainer_fits and plan.advice_tried:
+        tried = "; ".join(a.text() for a in plan.advice_tried)
+        lines.append(f"no change tried fits: {tried}")
     if role is not None and not role.fits:
         name, n = _biggest(role.consumers())
         lines.append(
             f"does not fit: {role.resources} ({_where(role)}): a rollout worker needs "
-            f"{role.total / GIB:.2f} GiB per device > {role.hbm_bytes / GIB:.0f} GiB; "
+            f"{role.total / GIB:.2f} GiB per device > {role.hbm_bytes / GIB:g} GiB; "
             f"biggest consumer: {name} ({n / GIB:.2f} GiB)"
         )
     return "\n".join(lines)
+
+
+def _compiler_words(compiler: str, accelerator: str) -> str:
+    if compiler != XLA_CPU:
+        return f"{compiler}, the TPU's compiler, on the slice's topology"
+    if acc.is_tpu(accelerator):
+        why = "libtpu is not installed: pip install 'posttrain[tpu-plan]' for the TPU's figures"
+        if libtpu_version() is not None:
+            why = "--compiler xla-cpu"
+        return f"XLA:CPU on simulated host devices, not the TPU's compiler ({why})"
+    return "XLA:CPU on simulated host devices, not the accelerator's compiler"
 
 
 def _where(role: RolloutRolePlan) -> str:
@@ -545,13 +872,15 @@ def _biggest(consumers: dict[str, int]) -> tuple[str, int]:
     return max(consumers.items(), key=lambda kv: kv[1])
 
 
-def _role_lines(role: RolloutRolePlan) -> list[str]:
+def _role_lines(role: RolloutRolePlan, trainer_compiler: str) -> list[str]:
     workers = f"{role.workers} worker{'s' if role.workers != 1 else ''}"
     lines = [
         f"rollout role: {workers}, each {role.devices} x {_where(role)} ({role.resources}), "
         "per device:",
         f"  {'policy weights (sampling)':<32} {role.weights / GIB:8.2f} GiB",
     ]
+    if role.compiler != trainer_compiler:
+        lines.insert(1, f"  (figures from {_compiler_words(role.compiler, role.accelerator)})")
     kv = (
         f"KV cache per device {role.kv_cache_per_device / GIB:.2f} GiB; the rollout batch's "
         f"{role.rows} rows {role.kv_cache / GIB:.2f} GiB over data-parallel size "
@@ -566,13 +895,17 @@ def _role_lines(role: RolloutRolePlan) -> list[str]:
         )
     lines.append(f"  ({kv})")
     lines.append(
-        f"  {'total (peak)':<32} {role.total / GIB:8.2f} GiB of {role.hbm_bytes / GIB:.0f} GiB HBM"
+        f"  {'total (peak)':<32} {role.total / GIB:8.2f} GiB of {role.hbm_bytes / GIB:g} GiB HBM"
     )
     return lines
 
 
 def _as_dict(plan: Plan) -> dict[str, Any]:
-    out = {k: v for k, v in plan.__dict__.items() if k != "rollout_role"}
+    skip = ("rollout_role", "fits_with", "advice_tried")
+    out = {k: v for k, v in plan.__dict__.items() if k not in skip}
+    # When it does not fit: the changes that would make it fit, and all those tried.
+    out["fits_with"] = [a.__dict__ for a in plan.fits_with]
+    out["advice_tried"] = [a.__dict__ for a in plan.advice_tried]
     out.update(
         train_total=plan.train_total,
         rollout_total=plan.rollout_total if plan.rollout is not None else None,

@@ -3,6 +3,7 @@ JAX reads the device count once)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 from posttrain.api import load_documents, parse_job
 from posttrain.api.algorithms import REGISTRY
 from posttrain.api.settings.rl import RolloutSpec
-from posttrain.commands.plan import chip_count, devices_needed, model_config_json
+from posttrain.commands.plan import chip_count, devices_needed, libtpu_version, model_config_json
 from posttrain.commands.plan_models import KNOWN_CONFIGS
 
 JOB = {
@@ -31,13 +32,15 @@ JOB = {
 }
 
 
-def _plan(tmp_path, model, resources, *, as_json=True, **spec):
+def _plan(tmp_path, model, resources, *, as_json=True, args=("--advice", "0"), **spec):
+    """Runs `posttrain plan` on JOB with ``model`` and ``resources``; without the advice on a job
+    that does not fit (each change tried is a compile) unless ``args`` say otherwise."""
     job = json.loads(json.dumps(JOB))
     job["spec"]["model"], job["spec"]["resources"] = model, resources
     job["spec"].update(spec)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path)]
+    cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path), *args]
     cmd += ["--json"] if as_json else []
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return done.returncode, done.stdout, done.stderr
@@ -65,6 +68,9 @@ def test_a_small_model_fits_with_its_compiled_activations(tmp_path):
     assert rc == 0, err
     plan = json.loads(out)
     assert plan["fits"] and plan["activations"] > 0 and plan["flops_per_step"] > 0
+    # A TPU target's figures are libtpu's when it is installed, XLA:CPU's otherwise.
+    assert plan["compiler"] == _expected_compiler("tpu-v5e")
+    assert plan["fits_with"] == [] and plan["advice_tried"] == []
 
 
 def test_unknown_model_without_config_is_a_clear_error(tmp_path):
@@ -92,7 +98,10 @@ def _plan_rl(tmp_path, algorithm, block, **model):
     job["spec"]["resources"] = TINY_V5E
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
+    # XLA:CPU's figures, which the comparisons below were written for (libtpu's, when installed,
+    # are dominated on this tiny model by the size of the program itself).
     cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path), "--json"]
+    cmd += ["--compiler", "xla-cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -147,6 +156,7 @@ BUCKET_MODELS = {
 
 # Plans each job in a fresh process (JAX reads the device count once): sys.argv = [-c, N, PATH,
 # CONFIG or "", "state" or "compile", ...]; prints one JSON line (the plan and its report) per job.
+# XLA:CPU's figures, whether libtpu is installed or not (the comparisons were written for them).
 RUNNER = """
 import json, sys
 from posttrain.api import load_documents, parse_job
@@ -157,7 +167,10 @@ P._simulate_devices(n)
 for path, config in zip(jobs[::2], jobs[1::2]):
     job = parse_job(load_documents(path)[0], source=path)
     devices = P.chip_count(job.spec.resources)
-    plan = P.plan_job(job, P.config_reader(job, config or None), devices, state_only=mode == "state")
+    plan = P.plan_job(
+        job, P.config_reader(job, config or None), devices, state_only=mode == "state",
+        compiler=P.Compiler("xla-cpu"),
+    )
     print(json.dumps({"path": path, "plan": P._as_dict(plan), "report": P.report(job, plan)}))
 """
 
@@ -311,7 +324,7 @@ SYNC_KEYS = {
     "devices", "hbm_bytes", "parameters", "frozen", "optimizer", "activations",
     "flops_per_step", "peak_flops", "loss", "reference", "teacher", "compile_seconds",
     "rollout", "kv_cache", "kv_cache_per_device", "data_parallel", "train_total",
-    "rollout_total", "total", "fits",
+    "rollout_total", "total", "fits", "compiler", "refused", "fits_with", "advice_tried",
 }  # fmt: skip
 
 
@@ -452,3 +465,189 @@ def test_the_verdict_when_only_the_rollout_workers_are_over():
     )
     assert not any(line.startswith("does not fit: 4") for line in lines)  # the trainer fits
     assert "rollout role: 2 workers, each 1 x nvidia-l4 (spec.rollout.resources)" in lines[-6]
+
+
+# ---- whose figures, and what would make a job fit --------------------------------------------
+
+
+def _expected_compiler(accelerator: str) -> str:
+    tpu = accelerator.startswith("tpu-") and libtpu_version() is not None
+    return f"libtpu {libtpu_version()}" if tpu else "XLA:CPU"
+
+
+def test_gpu_figures_say_they_come_from_xla_cpu(tmp_path):
+    rc, out, err = _plan(
+        tmp_path, {"base": "builtin:tiny"}, {"accelerator": "nvidia-h100", "gpusPerNode": 1}
+    )
+    assert rc == 0, err
+    assert json.loads(out)["compiler"] == "XLA:CPU"
+    from posttrain.commands import plan as P
+
+    job = json.loads(json.dumps(JOB))
+    job["spec"].update(model={"base": "builtin:tiny"}, resources={"accelerator": "nvidia-h100"})
+    lines = P.report(parse_job(job), P.Plan(**_a_plan_over())).splitlines()
+    assert (
+        lines[1]
+        == "  (figures from XLA:CPU on simulated host devices, not the accelerator's compiler)"
+    )
+
+
+def test_tpu_figures_without_libtpu_say_how_to_get_the_tpus(monkeypatch, tmp_path, capsys):
+    """No JAX needed: the report's line, and --compiler libtpu refused, when libtpu is absent."""
+    from posttrain.commands import plan as P
+
+    monkeypatch.setattr(P, "libtpu_version", lambda: None)
+    job = json.loads(json.dumps(JOB))
+    job["spec"].update(model={"base": "builtin:tiny"}, resources=TINY_V5E)
+    assert P.Compiler().label(parse_job(job).spec.resources) == "XLA:CPU"
+    line = P.report(parse_job(job), P.Plan(**_a_plan_over())).splitlines()[1]
+    assert (
+        "not the TPU's compiler (libtpu is not installed: pip install 'posttrain[tpu-plan]'" in line
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    args = argparse.Namespace(
+        file=str(path), config=None, json=True, compiler="libtpu", advice=0, hbm=None
+    )
+    assert P.run(args) == P.EXIT_INVALID
+    assert "--compiler libtpu: libtpu is not installed" in capsys.readouterr().err
+    job["spec"]["resources"] = {"accelerator": "nvidia-h100"}
+    path.write_text(yaml.safe_dump(job))
+    assert P.run(args) == P.EXIT_INVALID
+    assert "--compiler libtpu: nvidia-h100 is not a TPU" in capsys.readouterr().err
+
+
+def _a_plan_over() -> dict:
+    return dict(
+        devices=8, hbm_bytes=16 * 2**30, parameters=2**30, frozen=14 * 2**30, optimizer=2**30,
+        activations=100 * 2**30, flops_per_step=1e12, peak_flops=197e12,
+    )  # fmt: skip
+
+
+def test_the_changes_tried_come_in_the_order_users_try_them():
+    """Pure (no JAX): remat, smaller micro-batches, more chips; only those the trainer would run
+    (a micro-batch divides over the data-parallel devices)."""
+    from posttrain.commands import plan as P
+
+    doc = json.loads(json.dumps(JOB))
+    doc["spec"].update(model={"base": "builtin:tiny"}, resources=TINY_V5E)
+    tried = [(c.kind, c.changes) for c in P.advice_candidates(doc, parse_job(doc))]
+    remat = {"spec.training.remat": "full"}
+    assert tried == [
+        ("remat", remat),
+        ("micro-batches", {"spec.training.microBatchSize": 4}),
+        ("micro-batches", {**remat, "spec.training.microBatchSize": 4}),  # 2 rows: not over 4
+        ("chips", {"spec.resources.topology": "2x4"}),
+        ("chips", {"spec.resources.topology": "2x4", **remat}),
+        # 8 rows do not divide over 16 chips: 4 x 4 of them split each layer (fsdp 4, tensor 4)
+        ("chips", {"spec.resources.topology": "4x4", **MORE_TENSOR}),
+        ("chips", {"spec.resources.topology": "4x4", **MORE_TENSOR, **remat}),
+    ]
+    # Already remat: full, micro-batches of 4; GPUs: more nodes.
+    doc["spec"]["training"].update(remat="full", microBatchSize=4, batchSize=16)
+    doc["spec"]["resources"] = {"accelerator": "nvidia-h100", "gpusPerNode": 1}
+    tried = [(c.kind, c.changes) for c in P.advice_candidates(doc, parse_job(doc))]
+    assert tried == [
+        ("micro-batches", {"spec.training.microBatchSize": 2}),
+        ("micro-batches", {"spec.training.microBatchSize": 1}),
+        ("chips", {"spec.resources.nodes": 2}),
+        ("chips", {"spec.resources.nodes": 4}),
+    ]
+
+
+MORE_TENSOR = {"spec.training.mesh.fsdp": 4, "spec.training.mesh.tensor": -1}
+
+
+def test_a_job_over_its_chip_is_told_what_would_make_it_fit(tmp_path):
+    """The tiny model against a chip with less memory than its step needs (``--hbm``): remat or
+    a smaller micro-batch brings the step's temporaries under it."""
+    model = {"base": "builtin:tiny"}
+    rc, out, err = _plan(tmp_path, model, TINY_V5E)
+    assert rc == 0, err
+    whole = json.loads(out)
+    state = whole["total"] - whole["activations"]
+    hbm = state + 0.85 * whole["activations"]
+    args = ("--advice", "2", "--hbm", repr(hbm / 2**30))
+    rc, out, err = _plan(tmp_path, model, TINY_V5E, args=args)
+    assert rc == 2, err
+    plan = json.loads(out)
+    assert not plan["fits"] and plan["compiler"] == whole["compiler"]
+    tried = [a["changes"] for a in plan["advice_tried"]]
+    assert tried[0] == {"spec.training.remat": "full"} and len(tried) <= 2
+    assert {"spec.training.microBatchSize": 4} in tried
+    assert {"spec.training.microBatchSize": 4} in [a["changes"] for a in plan["fits_with"]]
+    for a in plan["fits_with"]:  # one of each kind at most: remat, micro-batches, chips
+        assert a["fits"] and a["total"] <= hbm
+        assert a["devices"] == (8 if "spec.resources.topology" in a["changes"] else 4)
+
+
+def test_the_advice_in_the_report():
+    from posttrain.commands import plan as P
+
+    job = json.loads(json.dumps(JOB))
+    job["spec"].update(model={"base": "builtin:tiny"}, resources=TINY_V5E)
+    remat = P.Advice({"spec.training.remat": "full"}, int(13.48 * 2**30), 8, True)
+    chips = P.Advice({"spec.resources.topology": "4x4"}, int(9.5 * 2**30), 16, True)
+    plan = P.Plan(**{**_a_plan_over(), "fits_with": (remat, chips), "advice_tried": (remat, chips)})
+    lines = P.report(parse_job(job), plan).splitlines()
+    assert lines[-2].startswith("does not fit: 116.00 GiB > 16 GiB")
+    assert lines[-1] == (
+        "would fit with: spec.training.remat: full (13.48 GiB per device); "
+        "spec.resources.topology: 4x4 (16 chips, 9.50 GiB per device)"
+    )
+    out = P._as_dict(plan)
+    assert out["fits_with"][0] == {
+        "changes": {"spec.training.remat": "full"}, "total": int(13.48 * 2**30), "devices": 8,
+        "fits": True,
+    }  # fmt: skip
+    over = P.Advice({"spec.training.remat": "full"}, 20 * 2**30, 8, False)
+    plan = P.Plan(**{**_a_plan_over(), "advice_tried": (over,)})
+    assert P.report(parse_job(job), plan).splitlines()[-1] == (
+        "no change tried fits: spec.training.remat: full (20.00 GiB per device)"
+    )
+
+
+def test_libtpus_refusal_over_hbm_gives_its_figure():
+    """libtpu does not compile a program over the chip's HBM: its error names the temporaries."""
+    import jax
+
+    from posttrain.commands import plan as P
+
+    class Refused:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                "temporaries (50.74G) exceeds available HBM (15.75G)."
+            )
+
+    assert P._temporaries(Refused()) == (int(50.74 * 2**30), True)
+
+
+@pytest.mark.skipif(
+    libtpu_version() is None,
+    reason="libtpu is not installed (pip install -e '.[tpu-plan]'): the TPU compiler's path",
+)
+def test_libtpu_compiles_for_the_tpu_topology_on_this_host(tmp_path):
+    """libtpu's compile-only devices for each generation's topologies (as MaxText's
+    train_compile.py), and a plan whose figures are libtpu's."""
+    check = """
+from posttrain.api import accelerators as acc
+from posttrain.commands import plan as P
+for name, g in acc.TPU_GENERATIONS.items():
+    for topology, slices in ((g.topologies[0], 1), (g.topologies[1], 2)):
+        devices = P.tpu_devices(name, topology, slices)
+        assert len(devices) == acc.topology_chips(topology) * slices, (name, topology)
+        assert devices[0].platform == "tpu", devices[0]
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", check], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.strip() == "ok", done.stderr[-3000:]
+    rc, out, err = _plan(
+        tmp_path, {"base": "builtin:tiny"}, TINY_V5E, args=("--compiler", "libtpu")
+    )
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["compiler"] == f"libtpu {libtpu_version()}" and plan["devices"] == 4
+    assert plan["activations"] > 0 and plan["fits"]
