@@ -26,6 +26,23 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else value
 
 
+# Metrics that time this host's wall clock: they differ between two runs of the same job (a
+# resumed run and an uninterrupted one agree on every other metric).
+TIMING = frozenset(
+    {
+        "tokens_per_second",
+        "step_seconds",
+        "generation_tokens_per_second",
+        "train_tokens_per_second",
+        # async RL (trainer/async_rl)
+        "rollout_tokens_per_second",
+        "trainer_wait_seconds",
+        "weight_publish_seconds",
+        "weight_sync_seconds",
+    }
+)
+
+
 class MetricsWriter:
     def __init__(
         self,

@@ -13,6 +13,7 @@ import pytest
 from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
+from posttrain.trainer.metrics import TIMING
 from posttrain.trainer.tasks import arithmetic
 
 REWARDS = textwrap.dedent(
@@ -26,7 +27,6 @@ REWARDS = textwrap.dedent(
         return [float(c[:1].isdigit()) for c in completions]
     """
 )
-TIMING = {"generation_tokens_per_second", "train_tokens_per_second", "tokens_per_second"}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
+from posttrain.trainer.metrics import TIMING
 from posttrain.trainer.rewards import RewardError
 from posttrain.trainer.tasks import arithmetic
 
@@ -27,7 +28,6 @@ REWARDS = textwrap.dedent(
         raise RuntimeError("reward service unavailable")
     """
 )
-TIMING = {"generation_tokens_per_second", "train_tokens_per_second", "tokens_per_second"}
 
 
 @pytest.fixture(scope="module")

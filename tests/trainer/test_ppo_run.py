@@ -13,6 +13,7 @@ import pytest
 
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
+from posttrain.trainer.metrics import TIMING
 from posttrain.trainer.tasks import arithmetic
 
 REWARDS = textwrap.dedent(
@@ -23,7 +24,7 @@ REWARDS = textwrap.dedent(
         return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
     """
 )
-TIMING = {"generation_tokens_per_second", "tokens_per_second"}
+
 METRICS = (
     "reward_mean", "value_loss", "explained_variance", "clip_fraction", "approx_kl", "entropy",
     "kl", "completion_length", "policy_loss", "reward/digits",
