@@ -1,9 +1,12 @@
-"""Tiny SFT jobs on the arithmetic task for the loop tests (imported by path, see each test)."""
+"""Tiny SFT jobs on the arithmetic task for the loop tests, and `posttrain run` on a recipe for
+the quickstart tests (imported by path, see each test)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,3 +95,17 @@ def losses(output: Path) -> dict[int, float]:
             assert record["step"] not in out, f"step {record['step']} logged twice"
             out[record["step"]] = record["loss"]
     return out
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def posttrain_run(recipe: Path, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`posttrain run RECIPE --output OUT` from the repository root, as a user runs a quickstart."""
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "posttrain.cli", "run", str(recipe), "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

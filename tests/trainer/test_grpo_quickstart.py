@@ -5,7 +5,6 @@ task reward by at least 0.15."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,18 +13,11 @@ import yaml
 
 from posttrain.api import load_documents, parse_job
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from loop_jobs import ROOT  # noqa: E402
+from loop_jobs import posttrain_run as run  # noqa: E402
+
 EXAMPLE = ROOT / "examples" / "local" / "grpo-quickstart.yaml"
-
-
-def run(recipe: Path, out: Path, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--output", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_quickstart_recipe_is_valid():
