@@ -212,11 +212,12 @@ class RolloutSource(RolloutBatchSource):
         """Round ``round_`` of rollout batch ``index``: its prompts, each G times in a row, and
         the sampler's seed. Without dynamic sampling the prompts are a pure function of the index;
         with it, of the prompts used so far (``next_prompt``, saved in the checkpoint)."""
-        G, B = self.g.num_generations, self.batch_prompts
-        start = self._next_prompt if self.g.dynamic_sampling else index * B
-        self._next_prompt = start
+        G, B, start = self.g.num_generations, self.batch_prompts, self._first_prompt(index)
         rows = [p for p in (self.engine.prompt(start + j) for j in range(B)) for _ in range(G)]
         return rows, ds.round_seed(self.ctx.spec.training.seed, index, round_)
+
+    def _first_prompt(self, index: int) -> int:
+        return self._next_prompt if self.g.dynamic_sampling else index * self.batch_prompts
 
     def make_rollout(self, index: int) -> dict[str, np.ndarray]:
         """One rollout batch: one round of rollouts, or with dynamicSampling as many rounds as it
@@ -226,7 +227,7 @@ class RolloutSource(RolloutBatchSource):
         sampled: list[_Round] = []
         for round_ in range(rounds):
             rows, seed = self.rollout_request(index, round_)
-            self._next_prompt += B
+            self._next_prompt = self._first_prompt(index) + B
             sampled.append(self._score(self.sample(index, rows, seed)))
             if sum(int(r.informative.sum()) for r in sampled) >= B:
                 break
