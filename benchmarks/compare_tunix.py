@@ -10,10 +10,10 @@ environment), so neither side warms the other's caches; rounds alternate the two
 use the per-side medians over rounds. On a shared machine absolute figures drift by 10-20%
 between runs: compare only ratios taken within one run.
 
-The Tunix side builds ``tunix.models.llama3.model.Llama3`` with the same shapes, trains with the
-jitted step of ``tunix.sft.peft_trainer.PeftTrainer`` (its default loss: mean next-token CE over
-the 255 targets; LoRA through ``qwix.LoraProvider`` on all seven projections, optimizer over
-``nnx.LoRAParam``), and decodes with ``tunix.generate.sampler.Sampler`` (greedy), with the same
+The Tunix side builds ``tunix.models.llama3.model.Llama3`` with the same shapes, trains through
+``tunix.sft.peft_trainer.PeftTrainer.train()`` as its users do (its default loss: mean next-token
+CE over the 255 targets; LoRA through ``qwix.LoraProvider`` on all seven projections, optimizer
+over ``nnx.LoRAParam``; a step timed from one ``on_train_step_end`` hook to the next), and decodes with ``tunix.generate.sampler.Sampler`` (greedy), with the same
 data, warm-up and medians. GRPO (``--only grpo``): posttrain's own loop against Tunix's
 ``GRPOLearner`` on a 4-layer model of the same shape (see ``tunix_workload.py``); both sides
 report their parameters, generated tokens per step and optimizer steps per GRPO step, and the
@@ -143,12 +143,14 @@ def _tunix_model(w, layers: int | None = None):
 
 
 def _tunix_sft(w, lora: bool) -> tuple[float, float]:
+    import time
+
     import jax
     import jax.numpy as jnp
     import optax
     import qwix
     from flax import nnx
-    from tunix.sft import peft_trainer, utils
+    from tunix.sft import hooks, peft_trainer, utils
 
     model = _tunix_model(w)
     if lora:
@@ -160,10 +162,38 @@ def _tunix_sft(w, lora: bool) -> tuple[float, float]:
         model = qwix.apply_lora_to_model(
             model, provider, rngs=nnx.Rngs(1), **model.get_model_input()
         )
+    # Timed as a Tunix user runs it: PeftTrainer.train() over the batches, a step's end being
+    # its on_train_step_end hook (Tunix calls it once that step's loss is on the host, while the
+    # next step runs: its loop keeps up to 2 steps in flight). The warm-up steps, then the
+    # medians between consecutive step ends, as for GRPO.
+    steps = w.WARMUP_STEPS + w.TIMED_STEPS + 2  # the last step's hook fires only after the next
+    tokens = w.sft_tokens()
+    ends: list[tuple[float, float]] = []
+
+    class StepEnds(hooks.TrainingHooks):
+        def on_train_start(self, train_ctx) -> None:
+            pass
+
+        def on_train_end(self, train_ctx) -> None:
+            pass
+
+        def on_train_step_start(self, train_ctx) -> None:
+            pass
+
+        def on_train_step_end(self, train_ctx, train_step, train_loss) -> None:
+            jax.block_until_ready(train_loss)  # on the host already (Tunix logged it)
+            ends.append((time.perf_counter(), time.process_time()))
+
+        def on_eval_step_start(self, train_ctx) -> None:
+            pass
+
+        def on_eval_step_end(self, train_ctx, eval_loss) -> None:
+            pass
+
     trainer = peft_trainer.PeftTrainer(
         model,
         optax.adamw(w.LEARNING_RATE),
-        peft_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=w.DATA_STEPS),
+        peft_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=steps),
     )
 
     def model_inputs(x: peft_trainer.TrainingInput):
@@ -175,19 +205,15 @@ def _tunix_sft(w, lora: bool) -> tuple[float, float]:
         }
 
     trainer = trainer.with_gen_model_input_fn(model_inputs)
-    train_step, _ = trainer.jit_train_and_eval_step()
+    trainer.with_training_hooks(StepEnds())  # returns None, unlike with_gen_model_input_fn
     batches = [
         peft_trainer.TrainingInput(
             input_tokens=jnp.asarray(t), input_mask=jnp.ones(t.shape, jnp.bool_)
         )
-        for t in w.sft_tokens()
+        for t in (tokens[i % len(tokens)] for i in range(steps))
     ]
-
-    def step(i: int) -> None:
-        loss, _, _ = train_step(batches[i])
-        jax.block_until_ready((loss, jax.tree.leaves(trainer.model)[0]))
-
-    return w.median_step_time(step)
+    trainer.train(batches)
+    return w.step_intervals(ends, w.WARMUP_STEPS, w.TIMED_STEPS)
 
 
 class _IdsTokenizer:

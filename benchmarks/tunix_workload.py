@@ -73,10 +73,12 @@ def grpo_reward(prompts: list[str], completions: list[str], **_columns: Any) -> 
     return [sum(int(t) % 2 == 0 for t in c.split()) / max(len(c.split()), 1) for c in completions]
 
 
-def step_intervals(ends: list[tuple[float, float]]) -> tuple[float, float]:
+def step_intervals(
+    ends: list[tuple[float, float]], warmup: int = GRPO_WARMUP, timed_steps: int = GRPO_TIMED
+) -> tuple[float, float]:
     """Medians of (wall, CPU) between consecutive step ends, after the warm-up steps."""
-    timed = ends[GRPO_WARMUP : GRPO_WARMUP + GRPO_TIMED + 1]
-    assert len(timed) == GRPO_TIMED + 1, f"{len(ends)} step ends recorded"
+    timed = ends[warmup : warmup + timed_steps + 1]
+    assert len(timed) == timed_steps + 1, f"{len(ends)} step ends recorded"
     walls = [b[0] - a[0] for a, b in zip(timed, timed[1:], strict=False)]
     cpus = [b[1] - a[1] for a, b in zip(timed, timed[1:], strict=False)]
     return statistics.median(walls), statistics.median(cpus)

@@ -578,6 +578,7 @@ def _compile_sampler(
         top_p=None if g.top_p >= 1.0 else g.top_p,
         chunk_rows=g.chunk_rows,
         eos_count=max(1, len(config.eos_token_ids)),
+        prompt_group=g.prompt_group,
     )
     return _temporaries(lowered, libtpu)
 

@@ -115,9 +115,65 @@ def _grpo_batch(vocab=64, B=4, T=12, seed=0):
     }
 
 
-@pytest.mark.parametrize("chunk_tokens", [7, None])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, None])
+def test_completion_width_runs_the_head_on_the_completion_positions_only(chunk_tokens):
+    """With ``completion_width`` W the log-probs and entropy of the positions predicting a row's
+    last W tokens equal the full maths, the others are 0, and the head sees B * W tokens."""
+    from posttrain.trainer.models.logprobs import chunked_logprobs, scored_window
+
+    w, h, targets = _head_and_data(B=3, T=10)
+    rows_seen: dict[str, list[int]] = {"full": [], "window": []}
+
+    def head_of(call):
+        def head(x):
+            rows_seen[call].append(x.shape[0])
+            return x @ w
+
+        return head
+
+    width = 4
+    window = scored_window(10, width)
+    assert (window.start, window.stop) == (5, 9)  # verl's logits[:, -W - 1 : -1]
+    (logp,), entropy = chunked_logprobs_and_entropy(
+        h,
+        head_of("full"),
+        targets,
+        temperatures=(0.7,),
+        entropy_temperature=0.7,
+        chunk_tokens=chunk_tokens,
+    )
+    (logp_w,), entropy_w = chunked_logprobs_and_entropy(
+        h,
+        head_of("window"),
+        targets,
+        temperatures=(0.7,),
+        entropy_temperature=0.7,
+        chunk_tokens=chunk_tokens,
+        completion_width=width,
+    )
+    plain_w = chunked_logprobs(
+        h, head_of("window"), targets, chunk_tokens=chunk_tokens, completion_width=width
+    )
+    assert logp_w.shape == entropy_w.shape == plain_w.shape == (3, 10)
+    np.testing.assert_allclose(logp_w[:, window], logp[:, window], atol=1e-6)
+    np.testing.assert_allclose(entropy_w[:, window], entropy[:, window], atol=1e-6)
+    np.testing.assert_allclose(
+        plain_w[:, window], _full_logprobs(w, h, targets, 1.0)[:, window], atol=1e-5
+    )
+    outside = np.ones(10, bool)
+    outside[window] = False
+    for x in (logp_w, entropy_w, plain_w):
+        assert not np.asarray(x)[:, outside].any()
+    # The head's widest input: every token (3 x 10) without the window, 3 x 4 with it.
+    chunk = chunk_tokens or 30
+    assert max(rows_seen["full"]) == min(30, chunk)
+    assert max(rows_seen["window"]) == min(12, chunk)
+    assert scored_window(10, None) == scored_window(10, 9) == slice(0, 10)  # no prompt: all
+
+
+@pytest.mark.parametrize(("chunk_tokens", "completion_width"), [(7, None), (None, None), (4, 6)])
 def test_grpo_loss_value_gradients_and_entropy_equal_the_full_logits_loss(
-    monkeypatch, chunk_tokens
+    monkeypatch, chunk_tokens, completion_width
 ):
     """The GRPO loss through the chunked path equals the same loss on materialised logits."""
     from flax import nnx
@@ -138,7 +194,8 @@ def test_grpo_loss_value_gradients_and_entropy_equal_the_full_logits_loss(
     graphdef, params = nnx.split(model)
 
     def chunked(params):
-        return grpo.make_loss(g, "grpo")(Models(policy=nnx.merge(graphdef, params)), batch)
+        loss = grpo.make_loss(g, "grpo", completion_width=completion_width)
+        return loss(Models(policy=nnx.merge(graphdef, params)), batch)
 
     def full(params):
         logits = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"])

@@ -241,3 +241,40 @@ def test_every_eos_id_stops_and_config_lists_generation_eos_ids(tmp_path):
     first = int(np.argmax(np.isin(greedy, stops)))  # the earliest of either id
     assert first <= 2 and out.lengths.tolist() == [first + 1]
     assert stop_token_ids(1, [2, 1], None, np.int64(3)) == (1, 2, 3)
+
+
+def test_runs_of_one_prompt_are_prefilled_once(tiny):
+    """GRPO's G samples of a prompt: prefilled once per run (``prompt_group``), with the tokens
+    and log-probs of prefilling every row, in a program that does less work; rows that are not
+    runs of one prompt are refused."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, 64, size=int(n)).tolist() for n in (3, 7, 5)]
+    rows = [p for p in prompts for _ in range(4)]  # 3 prompts x G = 4
+    kwargs = dict(max_new_tokens=9, temperature=1.0, top_k=30, seed=11)
+    every_row = generate(tiny, rows, **kwargs)
+    grouped = generate(tiny, rows, **kwargs, prompt_group=4)
+    tokens = np.asarray(every_row.tokens)
+    assert len({tuple(t) for t in tokens[:4]}) > 1  # a run's rows draw their own tokens
+    np.testing.assert_array_equal(np.asarray(grouped.tokens), tokens)
+    np.testing.assert_array_equal(np.asarray(grouped.mask), np.asarray(every_row.mask))
+    for field in ("logprobs", "sampling_logprobs"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(grouped, field)), np.asarray(getattr(every_row, field)), atol=1e-5
+        )
+    with pytest.raises(ValueError, match="not runs of one prompt"):
+        generate(tiny, prompts * 4, **kwargs, prompt_group=4)
+    # The compiled rollout does fewer FLOPs: the prefill runs on 3 rows instead of 12.
+    graphdef, state = nnx.split(tiny)
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    def flops(group):
+        lowered = sampler.lower_generate(
+            graphdef, state, shardings, mesh, 12, 64, 8, prompt_group=group
+        )
+        return lowered.compile().cost_analysis()["flops"]
+
+    assert flops(4) < 0.8 * flops(1)
+    assert sampler.prefill_group(4, 12, 12, 12, 1) == 4
+    assert sampler.prefill_group(4, 12, 12, 4, 1) == 1  # chunked rows: every row prefilled
+    assert sampler.prefill_group(4, 12, 12, 12, 2) == 1  # 3 runs do not split over 2 devices

@@ -72,6 +72,15 @@ def _main() -> None:
         # 6 rows do not divide over 4 devices: padded rows are generated and dropped.
         same(generate(model, prompts[:6], **sampling), rows=slice(0, 6), what="6 rows")
 
+    # Runs of one prompt prefilled once (GRPO's groups), one run per device: the same tokens.
+    runs = [p for p in prompts[:4] for _ in range(2)]
+    want_runs = generate(model_on(None), runs, **sampling)
+    got_runs = generate(model_on(make_mesh(data=4, fsdp=1)), runs, **sampling, prompt_group=2)
+    np.testing.assert_array_equal(np.asarray(got_runs.tokens), np.asarray(want_runs.tokens))
+    np.testing.assert_allclose(
+        np.asarray(got_runs.sampling_logprobs), np.asarray(want_runs.sampling_logprobs), atol=1e-5
+    )
+
     greedy = dict(max_new_tokens=12)
     want = np.asarray(generate(model_on(None), prompts, **greedy).tokens)
     got = generate(model_on(make_mesh(data=2, fsdp=2)), prompts, **greedy, chunk_rows=4)

@@ -62,6 +62,7 @@ def token_logprobs(
     *,
     segment_ids: jax.Array | None = None,
     temperature: float = 1.0,
+    completion_width: int | None = None,
 ) -> jax.Array:
     """log p(targets[b, t] | input_ids[b, :t+1]) as float32 [B, T]: the one log-prob function.
 
@@ -69,10 +70,18 @@ def token_logprobs(
     target does not matter are masked by the caller. ``segment_ids`` (packed rows, see the model)
     restrict the context to the token's own example. Computed as ``logit[target] - logsumexp``
     over chunks of tokens from the final hidden states (``models/logprobs.py``), so no [B, T, V]
-    float32 logits array is materialised for large batches or vocabularies.
+    float32 logits array is materialised for large batches or vocabularies. With
+    ``completion_width`` (rollout rows) only the positions that predict the row's last that many
+    tokens run the LM head; the others are 0 (``logprobs.scored_window``).
     """
     hidden, _ = model.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # type: ignore[attr-defined]
-    return chunked_logprobs(hidden, model.logits, targets, temperature=temperature)  # type: ignore[attr-defined]
+    return chunked_logprobs(
+        hidden,
+        model.logits,  # type: ignore[attr-defined]
+        targets,
+        temperature=temperature,
+        completion_width=completion_width,
+    )
 
 
 def logprobs_from_logits(
@@ -235,17 +244,23 @@ class Context:
             raise RuntimeError("this Context has no weights (a test's, or plan's)")
         return self.weights
 
-    def policy_logprobs(self, batch: Batch, temperature: float = 1.0) -> np.ndarray:
-        return self._logprobs(batch, temperature, reference=False)
+    def policy_logprobs(
+        self, batch: Batch, temperature: float = 1.0, completion_width: int | None = None
+    ) -> np.ndarray:
+        return self._logprobs(batch, temperature, completion_width, reference=False)
 
-    def reference_logprobs(self, batch: Batch, temperature: float = 1.0) -> np.ndarray:
-        return self._logprobs(batch, temperature, reference=True)
+    def reference_logprobs(
+        self, batch: Batch, temperature: float = 1.0, completion_width: int | None = None
+    ) -> np.ndarray:
+        return self._logprobs(batch, temperature, completion_width, reference=True)
 
-    def _logprobs(self, batch: Batch, temperature: float, *, reference: bool) -> np.ndarray:
-        key = (temperature, reference)
+    def _logprobs(
+        self, batch: Batch, temperature: float, completion_width: int | None, *, reference: bool
+    ) -> np.ndarray:
+        key = (temperature, completion_width, reference)
         cache = self.__dict__.setdefault("_logprob_fns", {})
         if key not in cache:
-            cache[key] = self.forward(_logprob_fn(temperature, reference))
+            cache[key] = self.forward(_logprob_fn(temperature, completion_width, reference))
         keys = ("input_ids", "attention_mask", "targets", "segment_ids")
         return np.asarray(cache[key]({k: batch[k] for k in keys if k in batch}), np.float32)
 
@@ -266,7 +281,7 @@ def in_micro_batches(call: Callable[[Batch], Any], batch: Batch, rows: int | Non
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
-def _logprob_fn(temperature: float, reference: bool) -> ForwardFn:
+def _logprob_fn(temperature: float, completion_width: int | None, reference: bool) -> ForwardFn:
     def fn(models: Models, b: Mapping[str, jax.Array]) -> jax.Array:
         model = models.reference if reference else models.policy
         if model is None:
@@ -278,6 +293,7 @@ def _logprob_fn(temperature: float, reference: bool) -> ForwardFn:
             b["targets"],
             segment_ids=b.get("segment_ids"),
             temperature=temperature,
+            completion_width=completion_width,
         )
 
     fn.__name__ = "reference_logprobs" if reference else "policy_logprobs"

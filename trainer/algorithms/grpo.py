@@ -73,6 +73,7 @@ from posttrain.trainer.algorithms.rollout import (
 )
 from posttrain.trainer.data.prompts import load_prompts
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
+from posttrain.trainer.models.logprobs import scored_window
 
 OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
 
@@ -120,6 +121,7 @@ class RolloutSource(RolloutBatchSource):
         self._said_short = False
         self._handed_out: float | None = None
         self._last_tokens = 0.0
+        self.width = _completion_width(g, ctx.spec)  # the rows' completion part (scored_window)
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         now = time.perf_counter()
@@ -176,6 +178,9 @@ class RolloutSource(RolloutBatchSource):
         """The rollout batch's columns (fixed keys, so the step compiles once)."""
         R = len(adv)
         batch["advantages"] = adv.astype(np.float32)
+        scored = scored_window(batch["completion_mask"].shape[1], self.width)
+        if batch["completion_mask"][:, : scored.start].any():  # the loss would read zeros there
+            raise AssertionError(f"completion tokens before the last {self.width} positions")
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
         needs_old = needs_old_logp(self.g)
@@ -183,14 +188,14 @@ class RolloutSource(RolloutBatchSource):
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
                 if sft
-                else self.ctx.policy_logprobs(batch, self.g.temperature)
+                else self.ctx.policy_logprobs(batch, self.g.temperature, self.width)
             )
         if not needs_old:
             batch.pop("old_logp", None)
         if self.correction.enabled and not is_in_loss(self.g):
             correct(batch, self.correction, sft=sft)
         if self.g.beta > 0 and not self.estimator.kl_in_reward and "ref_logp" not in batch:
-            batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature)
+            batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature, self.width)
         if self.estimator.kl_in_reward:
             batch.pop("ref_logp", None)  # the KL is in the advantages already
         if sft:  # rollout metrics do not exist yet: logged as null
@@ -312,8 +317,8 @@ class RolloutSource(RolloutBatchSource):
         it gets the per-token log pi_old - log pi_ref (k1, as verl and TRL put it in the reward)."""
         kl = None
         if self.estimator.kl_in_reward and self.g.beta > 0:
-            old = self.ctx.policy_logprobs(arrays, self.g.temperature)
-            ref = self.ctx.reference_logprobs(arrays, self.g.temperature)
+            old = self.ctx.policy_logprobs(arrays, self.g.temperature, self.width)
+            ref = self.ctx.reference_logprobs(arrays, self.g.temperature, self.width)
             arrays["old_logp"] = old  # the ratio's denominator when mu > 1: no second pass
             kl = (old - ref) * arrays["completion_mask"]
         inputs = parts.AdvantageInputs(
@@ -414,7 +419,15 @@ def sequence_mean_share(mask_bt: jax.Array, sequences_per_row: jax.Array) -> jax
     return jnp.where(share > 0, own / jnp.maximum(share, 1e-9), 0.0)
 
 
-def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool = False) -> LossFn:
+def make_loss(
+    g: GrpoSpec,
+    objective_name: str = "grpo",
+    *,
+    kl_in_reward: bool = False,
+    completion_width: int | None = None,
+) -> LossFn:
+    """The step's loss. ``completion_width`` (the rows' completion part, ``_completion_width``):
+    only the positions that predict those tokens run the LM head (``scored_window``)."""
     objective = parts.objective(objective_name)
     eps, eps_high = g.epsilon, g.clip_high
     beta = 0.0 if kl_in_reward else g.beta  # in the reward, the advantages carry it
@@ -433,6 +446,7 @@ def make_loss(g: GrpoSpec, objective_name: str = "grpo", *, kl_in_reward: bool =
             batch["targets"],
             temperatures=(g.temperature, 1.0) if sft is not None else (g.temperature,),
             entropy_temperature=g.temperature,
+            completion_width=completion_width,
         )
         mask_bt = batch["completion_mask"]
         rows = mask_bt.shape[0]
@@ -545,7 +559,12 @@ def family(objective: str = "grpo") -> tuple[Any, Any]:
         estimator = parts.advantage(g.advantage)
         rows = spec.training.batch_size * g.num_mini_batches * g.num_generations
         return Declaration(
-            loss=make_loss(g, objective, kl_in_reward=estimator.kl_in_reward),
+            loss=make_loss(
+                g,
+                objective,
+                kl_in_reward=estimator.kl_in_reward,
+                completion_width=_completion_width(g, spec),
+            ),
             columns=columns(g, spec, estimator),
             reference=g.beta > 0,  # only the KL reads it
             # The sampler's widest context: with an environment, the last turn's (prompt, earlier

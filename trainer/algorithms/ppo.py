@@ -125,10 +125,12 @@ def policy_and_values(
     temperature: float,
     *,
     with_plain: bool = False,
+    completion_width: int | None = None,
 ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
     """((log-probs of the targets at `temperature`, and with `with_plain` at temperature 1),
     entropy at `temperature`, values [B, T]): one policy forward whose LM head runs chunk by chunk
-    (no [B, T, V] logits), with the value head on its hidden states or the separate critic's."""
+    (no [B, T, V] logits), with the value head on its hidden states or the separate critic's.
+    With ``completion_width`` the LM head runs only where completion tokens are predicted."""
     critic = models.heads[VALUE]
     hidden_bte, _ = models.policy.hidden_states(batch["input_ids"], batch["attention_mask"])
     if isinstance(critic, SeparateCritic):
@@ -143,6 +145,7 @@ def policy_and_values(
         batch["targets"],
         temperatures=(temperature, 1.0) if with_plain else (temperature,),
         entropy_temperature=temperature,
+        completion_width=completion_width,
     )
     return logps, entropy_bt, values_bt
 
@@ -246,7 +249,7 @@ class PpoSource(RolloutBatchSource):
         sampler_logp = out.arrays["sampler_logp"]
         batch = self._columns(dict(out.arrays), sft=False)
         if self._old is None:
-            self._old = self.ctx.forward(_old_logp_and_values(p.temperature))
+            self._old = self.ctx.forward(_old_logp_and_values(p.temperature, p.max_new_tokens))
         old_logp, old_values = self._old(batch)
         # The sampler against the learner (always logged); rollout correction when it is on.
         c = p.rollout_correction
@@ -261,7 +264,7 @@ class PpoSource(RolloutBatchSource):
         values = jnp.asarray(old_values, jnp.float32) * mask
         kl = jnp.zeros_like(mask)
         if p.needs_reference:
-            ref_logp = self.ctx.reference_logprobs(batch, p.temperature)
+            ref_logp = self.ctx.reference_logprobs(batch, p.temperature, p.max_new_tokens)
             kl = jnp.asarray(old_logp - ref_logp) * mask
             if p.use_kl_loss:
                 batch["ref_logp"] = np.asarray(ref_logp, np.float32)
@@ -309,9 +312,11 @@ class PpoSource(RolloutBatchSource):
         return batch
 
 
-def _old_logp_and_values(temperature: float):
+def _old_logp_and_values(temperature: float, completion_width: int):
     def fn(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        (logp_bt,), _, values_bt = policy_and_values(models, batch, temperature)
+        (logp_bt,), _, values_bt = policy_and_values(
+            models, batch, temperature, completion_width=completion_width
+        )
         return logp_bt, values_bt
 
     return fn
@@ -323,7 +328,11 @@ def _old_logp_and_values(temperature: float):
 def make_loss(p: PpoSpec) -> LossFn:
     def loss(models: Models, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
         (logp_bt, *plain), entropy_bt, values_bt = policy_and_values(
-            models, batch, p.temperature, with_plain="sft" in batch
+            models,
+            batch,
+            p.temperature,
+            with_plain="sft" in batch,
+            completion_width=p.max_new_tokens,
         )
         mask_bt = batch["completion_mask"]
         num_tokens = batch["tokens_per_row"].mean() * mask_bt.shape[0]

@@ -92,6 +92,7 @@ def sample(
     *,
     greedy: bool = False,
     chunk_rows: int | None = None,
+    prompt_group: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Completions [R, N], their mask (generated tokens up to the first EOS, inclusive) and the
     sampler's log-probs of them (``sampling_logprobs``: the distribution each was drawn from)."""
@@ -109,6 +110,7 @@ def sample(
         prompt_mask=prompt_mask_rp,
         pad_id=pad_id,
         chunk_rows=chunk_rows,
+        prompt_group=prompt_group,
     )
     tokens = to_host(out.tokens)
     mask = cut_at_eos(tokens, to_host(out.mask), eos_id)
@@ -178,6 +180,9 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int | None = None
     chunk_rows: int | None = None  # generationBatchSize: rows the sampler holds at a time
+    # numGenerations: a rollout's rows are runs of this many samples of one prompt, which the
+    # sampler prefills once (``sampling.generate``'s prompt_group)
+    prompt_group: int = 1
 
     @classmethod
     def of(cls, block: Any) -> SamplingSettings:
@@ -187,6 +192,7 @@ class SamplingSettings:
             top_p=block.top_p,
             top_k=getattr(block, "top_k", None),
             chunk_rows=getattr(block, "generation_batch_size", None),
+            prompt_group=getattr(block, "num_generations", 1),
         )
 
 
@@ -259,9 +265,15 @@ class RolloutEngine:
         return prompt_ids, prompt_mask
 
     def generate(
-        self, model: Any, rows: Sequence[Prompt], seed: int, greedy: bool = False
+        self,
+        model: Any,
+        rows: Sequence[Prompt],
+        seed: int,
+        greedy: bool = False,
+        prompt_group: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-        """Completions [R, N], their mask, their decoded texts and the sampler's log-probs."""
+        """Completions [R, N], their mask, their decoded texts and the sampler's log-probs.
+        ``prompt_group``: the rows are runs of that many copies of one prompt."""
         prompt_ids, prompt_mask = self.prompt_block(rows)
         try:
             tokens, mask, logps = sample(
@@ -274,6 +286,7 @@ class RolloutEngine:
                 seed,
                 greedy=greedy,
                 chunk_rows=self.settings.chunk_rows,
+                prompt_group=prompt_group,
             )
         except ValueError as err:
             if not str(err).startswith("chunk_rows"):
@@ -301,7 +314,9 @@ class RolloutEngine:
 
     def rollout(self, model: Any, rows: Sequence[Prompt], seed: int) -> Rollout:
         started = time.perf_counter()
-        tokens, mask, completions, logps = self.generate(model, rows, seed)
+        tokens, mask, completions, logps = self.generate(
+            model, rows, seed, prompt_group=self.settings.prompt_group
+        )
         seconds = time.perf_counter() - started
         total, each = self.score(rows, completions)
         self.last = ([p.text for p in rows], completions, total)  # for the completion log

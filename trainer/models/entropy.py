@@ -20,8 +20,10 @@ import jax.numpy as jnp
 
 from posttrain.trainer.models.logprobs import (
     chunk_tokens_for,
+    full_width,
     map_token_chunks,
     picked_logprobs,
+    scored_window,
     vocab_of,
 )
 
@@ -45,15 +47,20 @@ def chunked_logprobs_and_entropy(
     temperatures: Sequence[float],
     entropy_temperature: float,
     chunk_tokens: int | None = None,
+    completion_width: int | None = None,
 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
     """(log p(targets) at each of ``temperatures``, entropy at ``entropy_temperature``), each
     float32 [B, T], from final hidden states [B, T, E] with one LM-head pass per chunk of tokens.
 
     ``head`` maps hidden [N, E] to logits [N, V]. ``chunk_tokens`` defaults to
     ``chunk_tokens_for(V)``; when the B * T tokens fit in one chunk, the logits are computed once
-    for the whole batch, as the unchunked maths would. Only the log-probs carry gradients.
+    for the whole batch, as the unchunked maths would. Only the log-probs carry gradients. With
+    ``completion_width`` only the positions of ``scored_window`` run the head; the others are 0.
     """
-    B, T, E = hidden_bte.shape
+    T = hidden_bte.shape[1]
+    window = scored_window(T, completion_width)
+    hidden_bwe, targets_bw = hidden_bte[:, window], targets_bt[:, window]
+    B, W, E = hidden_bwe.shape
     temperatures = tuple(temperatures)
 
     def stats(h_ne: jax.Array, t_n: jax.Array) -> tuple[jax.Array, ...]:
@@ -64,9 +71,9 @@ def chunked_logprobs_and_entropy(
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for(vocab_of(head, hidden_bte))
     outputs = map_token_chunks(
-        stats, hidden_bte.reshape(B * T, E), targets_bt.reshape(B * T), chunk_tokens
+        stats, hidden_bwe.reshape(B * W, E), targets_bw.reshape(B * W), chunk_tokens
     )
-    *logps, entropy = (o.reshape(B, T) for o in outputs)
+    *logps, entropy = (full_width(o.reshape(B, W), window, T) for o in outputs)
     return tuple(logps), entropy
 
 

@@ -17,6 +17,24 @@ import jax.numpy as jnp
 CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk; a whole batch that fits runs unchunked
 
 
+def scored_window(length: int, completion_width: int | None) -> slice:
+    """The positions of a [prompt | completion] row whose targets can be completion tokens.
+
+    A rollout row ends with its ``completion_width`` completion tokens; they are the targets of
+    positions ``length - width - 1 .. length - 2`` (verl takes the same ``logits[:, -W - 1 : -1]``).
+    Only those need the LM head: the prompt's positions are masked out of every RL loss. ``None``
+    (or a width that leaves no prompt) keeps every position."""
+    if completion_width is None or completion_width + 1 >= length:
+        return slice(0, length)
+    return slice(length - completion_width - 1, length - 1)
+
+
+def full_width(x_bw: jax.Array, window: slice, length: int) -> jax.Array:
+    """Per-position values on ``window`` -> [B, length], 0 at the positions outside it."""
+    start, stop, _ = window.indices(length)
+    return jnp.pad(x_bw, ((0, 0), (start, length - stop)))
+
+
 def chunk_tokens_for(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Tokens per chunk so that one chunk's float32 logits take at most ``chunk_bytes``."""
     return max(1, chunk_bytes // (4 * vocab))
@@ -46,23 +64,28 @@ def chunked_logprobs(
     *,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
+    completion_width: int | None = None,
 ) -> jax.Array:
     """log p(targets[b, t]) as float32 [B, T] from final hidden states [B, T, E].
 
     ``head`` maps hidden [N, E] to logits [N, V] (the model's LM head with its soft-capping).
     ``chunk_tokens`` defaults to ``chunk_tokens_for(V)``; when the B * T tokens fit in one chunk
-    the logits are computed once, as the unchunked maths would.
+    the logits are computed once, as the unchunked maths would. With ``completion_width`` only
+    the positions of ``scored_window`` run the head; the others are 0.
     """
-    B, T, E = hidden_bte.shape
+    T = hidden_bte.shape[1]
+    window = scored_window(T, completion_width)
+    hidden_bwe, targets_bw = hidden_bte[:, window], targets_bt[:, window]
+    B, W, E = hidden_bwe.shape
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for(vocab_of(head, hidden_bte))
     (logp_n,) = map_token_chunks(
         lambda h_ne, t_n: (picked_logprobs(head(h_ne), t_n, temperature),),
-        hidden_bte.reshape(B * T, E),
-        targets_bt.reshape(B * T),
+        hidden_bwe.reshape(B * W, E),
+        targets_bw.reshape(B * W),
         chunk_tokens,
     )
-    return logp_n.reshape(B, T)
+    return full_width(logp_n.reshape(B, W), window, T)
 
 
 def map_token_chunks(

@@ -278,6 +278,24 @@ def _left_pad(prompt_ids: Any, prompt_mask: Any, pad_id: int) -> tuple[np.ndarra
     return ids, mask
 
 
+def prefill_group(prompt_group: int, batch: int, rows: int, chunk: int, dp: int) -> int:
+    """How many rows share one prefill: ``prompt_group`` when the layout allows it (no chunking,
+    no padding rows, the batch made of whole runs that split evenly over ``dp`` devices), else 1."""
+    if prompt_group < 1:
+        raise ValueError(f"prompt_group must be >= 1, got {prompt_group}")
+    if batch % prompt_group or chunk != rows or rows != batch or (rows // prompt_group) % dp:
+        return 1
+    return prompt_group
+
+
+def _check_prompt_runs(ids: np.ndarray, mask: np.ndarray, group: int) -> None:
+    """Rows said to share a prompt that do not would be sampled from the wrong prompt."""
+    for x in (ids, mask):
+        runs = x.reshape(len(x) // group, group, -1)
+        if not (runs == runs[:, :1]).all():
+            raise ValueError(f"prompt_group {group}: the rows are not runs of one prompt")
+
+
 def _put_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
     """A host array onto the mesh with its rows sharded (each process supplies its own rows of the
     same full array, so this also works across hosts)."""
@@ -312,6 +330,7 @@ def generate(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     chunk_rows: int | None = None,
+    prompt_group: int = 1,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens for a batch of prompts.
 
@@ -326,6 +345,10 @@ def generate(
     the mesh the model's weights are sharded on, if any. chunk_rows: generate this many rows at
     a time (a multiple of the mesh's data x fsdp), so the KV cache holds one chunk; default: all.
     The returned arrays are sharded like the rows (``np.asarray`` gathers them).
+    prompt_group: the rows come in runs of this many copies of one prompt (GRPO's G samples of a
+    prompt): each run's prompt is prefilled once and its KV cache copied to the run's rows, which
+    then draw their own tokens. Used when the rows are not chunked and the runs split evenly over
+    the mesh's data-parallel devices; otherwise every row is prefilled.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -343,6 +366,9 @@ def generate(
         mesh = None
     batch, length = ids.shape
     rows, chunk = row_layout(batch, data_parallel_size(mesh), chunk_rows)
+    group = prefill_group(prompt_group, batch, rows, chunk, data_parallel_size(mesh))
+    if group > 1:
+        _check_prompt_runs(ids, mask, group)
     prompt_len = bucket(length, MIN_PROMPT_BUCKET)
     new_len = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     # Padding rows copy the last prompt (a valid, left-padded one); their draws use row indices
@@ -368,6 +394,7 @@ def generate(
         new_len=new_len,
         mesh=mesh,
         chunk_rows=None if chunk == rows else chunk,
+        prompt_group=group,
         **_options(temperature, top_k, top_p, model.config.vocab_size),
     )
     n = max_new_tokens
@@ -402,6 +429,7 @@ def lower_generate(
     chunk_rows: int | None = None,
     *,
     eos_count: int = 1,
+    prompt_group: int = 1,
 ) -> jax.stages.Lowered:
     """The rollout program ``generate`` runs, lowered ahead of time (for ``posttrain plan``).
 
@@ -409,7 +437,8 @@ def lower_generate(
     ``jax.ShapeDtypeStruct`` leaves); state_shardings: the weights' shardings as trained. rows
     prompts of ``prompt_len`` tokens and ``max_new_tokens`` new ones (both rounded up to the
     sampler's buckets, as ``generate`` does), their rows sharded over the mesh's batch axes,
-    ``chunk_rows`` at a time. ``.compile().memory_analysis()`` gives the per-device memory.
+    ``chunk_rows`` at a time, runs of ``prompt_group`` rows prefilled once (as ``generate``).
+    ``.compile().memory_analysis()`` gives the per-device memory.
     """
     from flax import nnx
 
@@ -421,6 +450,7 @@ def lower_generate(
         new_len=bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET),
         mesh=mesh,
         chunk_rows=None if chunk == padded else chunk,
+        prompt_group=prefill_group(prompt_group, rows, padded, chunk, dp),
         **_options(temperature, top_k, top_p, vocab),
     )
 
@@ -446,7 +476,16 @@ def lower_generate(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("new_len", "greedy", "top_k", "use_top_p", "mesh", "chunk_rows")
+    jax.jit,
+    static_argnames=(
+        "new_len",
+        "greedy",
+        "top_k",
+        "use_top_p",
+        "mesh",
+        "chunk_rows",
+        "prompt_group",
+    ),
 )
 def _generate_jit(
     model,
@@ -465,6 +504,7 @@ def _generate_jit(
     use_top_p,
     mesh=None,
     chunk_rows=None,
+    prompt_group=1,
 ):
     rows = ids.shape[0]
     chunk = rows if chunk_rows is None else chunk_rows
@@ -489,7 +529,7 @@ def _generate_jit(
         mesh=mesh,
     )
     if chunk == rows:
-        return run(ids, mask, row_index)
+        return run(ids, mask, row_index, prompt_group=prompt_group)
     # One chunk after the other (lax.map is a scan): the KV cache and logits exist for one chunk.
     n_chunks = rows // chunk
     chunks = [_to_chunks(x, n_chunks, dp, mesh) for x in (ids, mask, row_index)]
@@ -514,11 +554,12 @@ def _generate_chunk(
     top_k,
     use_top_p,
     mesh,
+    prompt_group=1,
 ):
-    """Prefill and decode loop for one chunk of rows; ``row_index`` [B]: their global indices."""
+    """Prefill and decode loop for one chunk of rows; ``row_index`` [B]: their global indices.
+    ``prompt_group`` > 1: runs of that many rows share a prompt, prefilled once per run."""
     batch, prompt_len = ids.shape
     pin = functools.partial(_constrain_rows, mesh=mesh)
-    cache = pin(model.init_cache(batch, prompt_len + new_len))
     # Row r's draws come from key(seed, r), whatever chunk or device the row is on.
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_index)
     sample = functools.partial(
@@ -544,7 +585,13 @@ def _generate_chunk(
         return token, tokens, logps, sample_logps, valid, done | jnp.isin(token, eos)
 
     # Always through __call__, so qwix's LoRA/quantization interception applies.
-    logits, cache = model(ids, mask, cache=cache, last_only=True)
+    g = prompt_group
+    cache = pin(model.init_cache(batch // g, prompt_len + new_len))
+    logits, cache = model(ids[::g], mask[::g], cache=cache, last_only=True)
+    if g > 1:  # every row of a run continues from its prompt's cache and last logits
+        cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0) if x.ndim else x, cache)
+        logits = jnp.repeat(logits, g, axis=0)
+    cache = pin(cache)
     token, logp, sample_logp = sample(pin(logits[:, 0]), step_keys(0))
     outputs = pin(
         (
