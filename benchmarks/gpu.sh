@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# SFT MFU and decode bandwidth on one NVIDIA H100/H200 (issue #12). NOT RUN YET: prepared for a
-# session that is lent a GPU. Needs JAX with CUDA, flax, optax and this repo importable:
+# SFT MFU, decode bandwidth and a GRPO step on one NVIDIA H100/H200 (issues #12, #27). NOT RUN YET:
+# prepared for a session that is lent a GPU. Needs JAX with CUDA, flax, optax and this repo
+# importable:
 #
-#   benchmarks/gpu.sh                      # both parts, ~5 minutes with compilation
+#   benchmarks/gpu.sh                      # all parts (~5 min SFT + decode; GRPO: a few more?)
 #   BATCH=4 REMAT=full benchmarks/gpu.sh   # knobs: BATCH, SEQ, REMAT, DECODE_BATCH, NEW_TOKENS
+#   PARTS=grpo GRPO_ARGS="--prompts 8" benchmarks/gpu.sh   # PARTS: "sft" (SFT and decode), "grpo"
 #
 # SFT: the Llama-3.2-1B shape (random weights) at sequence SEQ (2048), float32 master weights and
 # AdamW state, bfloat16 compute (the loss casts the params), attention "auto" (cuDNN for bf16 on a
@@ -11,14 +13,23 @@
 # second over the chip's dense bf16 peak. Decode: batch DECODE_BATCH (64) x NEW_TOKENS (512) new
 # tokens after 64-token prompts, bf16 weights and cache, greedy; achieved HBM bandwidth = bytes
 # read per step (weights + the KV cache so far) x steps / time, against the chip's HBM peak.
-# Prints one JSON line last.
+# Prints one JSON line last. The model config and the chip peaks come from gpu_grpo.py.
+#
+# GRPO (benchmarks/gpu_grpo.py, its own process so it gets the whole GPU; its docstring has the
+# details): the same shape through the trainer's own loop, 16 prompts x G = 8, 256 prompt + 512
+# new tokens, beta 0.04, bf16 compute / float32 master weights, remat full; 2 warm-up steps then
+# medians of 3 of the step, the rollout, the update; update MFU (6 x params x tokens / update
+# time) and the rollout's tokens/s and HBM bandwidth. Prints its own JSON line last.
+# GRPO_ARGS passes its flags (--prompts, --generations, --prompt-tokens, --new-tokens, --remat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+PARTS=${PARTS:-sft grpo}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+if [[ " $PARTS " == *" sft "* ]]; then
 BATCH=${BATCH:-8} SEQ=${SEQ:-2048} REMAT=${REMAT:-full} DECODE_BATCH=${DECODE_BATCH:-64} \
-NEW_TOKENS=${NEW_TOKENS:-512} exec "$PYTHON" -P - <<'EOF'
-import json, os, statistics, subprocess, time
+NEW_TOKENS=${NEW_TOKENS:-512} "$PYTHON" -P - <<'EOF'
+import json, os, statistics, subprocess, sys, time
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +39,18 @@ from flax import nnx
 
 from posttrain.trainer.algorithms import sft
 from posttrain.trainer.algorithms.base import Models
-from posttrain.trainer.models import ModelConfig, RopeConfig, create_model, set_remat
+from posttrain.trainer.models import create_model, set_remat
 from posttrain.trainer.sampling import generate
+
+sys.path.append(os.path.join(os.getcwd(), "benchmarks"))
+from gpu_grpo import chip_peaks, llama_1b_config  # the 1B shape and the peaks, shared with GRPO
 
 env = {k: int(os.environ[k]) for k in ("BATCH", "SEQ", "DECODE_BATCH", "NEW_TOKENS")}
 REMAT = os.environ["REMAT"]
-# Dense bf16 peak FLOP/s and HBM bytes/s by device name (NVIDIA datasheets, SXM parts).
-CHIPS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12)}
 name = jax.devices()[0].device_kind
-peak_flops, peak_bw = next((v for k, v in CHIPS.items() if k in name), CHIPS["H100"])
+_, peak_flops, peak_bw = chip_peaks(name)
 
-config = ModelConfig(  # meta-llama/Llama-3.2-1B
-    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-    num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
-    rope=RopeConfig(theta=500000.0), tie_word_embeddings=True,
-)
+config = llama_1b_config()  # meta-llama/Llama-3.2-1B
 B, T = env["BATCH"], env["SEQ"]
 
 
@@ -110,3 +118,8 @@ out.update(decode_batch=DB, new_tokens=N, decode_tokens_per_s=DB * N / decode_s,
            decode_roofline_tokens_per_s=DB * peak_bw / bytes_per_step)
 print(json.dumps(out))
 EOF
+fi
+if [[ " $PARTS " == *" grpo "* ]]; then
+  # shellcheck disable=SC2086  # GRPO_ARGS is a list of flags
+  "$PYTHON" -P benchmarks/gpu_grpo.py ${GRPO_ARGS:-}
+fi

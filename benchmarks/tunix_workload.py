@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -216,18 +217,20 @@ def decode_time() -> tuple[float, float]:
     return median_call_time(call)
 
 
-def _grpo_folder(root: str) -> str:
-    """A Hugging Face folder for the GRPO workload: config.json and weights of the 4-layer model,
-    and a word-level tokenizer whose tokens are the ids written out ("0" ... "8191", "0" padding)
-    plus an EOS past the model's vocabulary, so sampling never ends a completion early."""
+def _grpo_folder(root: str, config: Any = None, dtype: Any = None) -> str:
+    """A Hugging Face folder for a GRPO workload: config.json and random weights of ``config``
+    (default: the 4-layer model), written in ``dtype`` (default: the params' own), and a word-level
+    tokenizer whose tokens are the ids written out ("0" ... str(vocab - 1), "0" padding) plus an
+    EOS past the model's vocabulary, so sampling never ends a completion early."""
     import tokenizers
     from flax import nnx
 
     from posttrain.trainer.models import create_model, save_pretrained
 
-    config = model_config(GRPO_LAYERS)
-    save_pretrained(create_model(config, rngs=nnx.Rngs(0)), root)
-    vocab = {str(i): i for i in range(VOCAB)} | {"<eos>": VOCAB}
+    config = model_config(GRPO_LAYERS) if config is None else config
+    save_pretrained(create_model(config, rngs=nnx.Rngs(0)), root, dtype=dtype)
+    vocab_size = config.vocab_size
+    vocab = {str(i): i for i in range(vocab_size)} | {"<eos>": vocab_size}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
@@ -238,26 +241,85 @@ def _grpo_folder(root: str) -> str:
     return root
 
 
-def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, Any]]:
-    """The trainer's own loop (``loop.train``) on the GRPO workload: step ends recorded where the
-    loop's jitted update returns (blocking on it). Also returns what the step did, to check both
-    sides do the same work."""
-    import tempfile
-
-    import jax
-
-    from posttrain.api import parse_job
-    from posttrain.trainer import loop
-
-    root = tempfile.mkdtemp(prefix="grpo-workload-")
-    model_dir = _grpo_folder(f"{root}/model")
+def _grpo_inputs(root: str, prompts: list[str]) -> tuple[str, str]:
+    """``root``/prompts.jsonl (one ``{"prompt": text}`` a line) and ``root``/rewards.py, which
+    serves ``grpo_reward``: (the data path, the reward's ``file:function`` for the job)."""
     with open(f"{root}/prompts.jsonl", "w") as f:
-        for text in grpo_prompts():
+        for text in prompts:
             f.write(json.dumps({"prompt": text}) + "\n")
     with open(f"{root}/rewards.py", "w") as f:
         here = os.path.dirname(os.path.abspath(__file__))
         f.write(f"import sys\nsys.path.insert(0, {here!r})\n")
         f.write("from tunix_workload import grpo_reward\n")
+    return f"{root}/prompts.jsonl", f"{root}/rewards.py:grpo_reward"
+
+
+@dataclass
+class LoopTimes:
+    """What ``train_timed`` recorded: one entry per optimizer step in each list."""
+
+    ends: list[tuple[float, float]] = field(default_factory=list)  # (wall, CPU) clocks at its end
+    updates: list[tuple[float, float]] = field(default_factory=list)  # (wall, CPU) s in the update
+    generated_tokens: list[int] = field(default_factory=list)  # completion_mask.sum(), -1: none
+    batch_tokens: list[int] = field(default_factory=list)  # input_ids.size: rows x padded length
+    parameters: int = 0  # the trained weights
+    parameter_bytes: int = 0  # as stored (float32 master weights: 4 a parameter)
+
+
+def train_timed(job: Any, output_dir: str, *, checkpoints: bool = True) -> tuple[Any, LoopTimes]:
+    """The trainer's own loop (``loop.train``) on ``job``, with ``loop.build_run`` wrapped so that
+    each call of the jitted update is timed (blocking on its result; the step ends there).
+    ``checkpoints=False`` skips the loop's checkpoint saves (a benchmark's final one of a large
+    model is gigabytes of writing nobody reads). Returns (the loop's RunResult, the times)."""
+    import jax
+
+    from posttrain.trainer import loop
+
+    times = LoopTimes()
+    build_run, save = loop.build_run, loop._save
+
+    def timed_run(job: Any, **kw: Any) -> Any:
+        run = build_run(job, **kw)
+        step = run.train_step
+        leaves = jax.tree.leaves(run.params)
+        times.parameters = sum(int(x.size) for x in leaves)
+        times.parameter_bytes = sum(int(x.size) * x.dtype.itemsize for x in leaves)
+
+        def train_step(params, frozen, opt_state, batch, *rest):
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = step(params, frozen, opt_state, batch, *rest)
+            jax.block_until_ready(out)
+            times.ends.append((time.perf_counter(), time.process_time()))
+            times.updates.append((times.ends[-1][0] - wall, times.ends[-1][1] - cpu))
+            mask = np.asarray(batch["completion_mask"]) if "completion_mask" in batch else None
+            times.generated_tokens.append(int(mask.sum()) if mask is not None else -1)
+            times.batch_tokens.append(int(batch["input_ids"].size))
+            return out
+
+        run.train_step = train_step
+        return run
+
+    loop.build_run = timed_run
+    if not checkpoints:
+        loop._save = lambda *_a, **_k: None
+    try:
+        result = loop.train(job, output_dir, say=lambda _m: None, progress_bar=False)
+    finally:
+        loop.build_run, loop._save = build_run, save
+    return result, times
+
+
+def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, Any]]:
+    """The trainer's own loop (``train_timed``) on the GRPO workload: step ends recorded where the
+    loop's jitted update returns (blocking on it). Also returns what the step did, to check both
+    sides do the same work."""
+    import tempfile
+
+    from posttrain.api import parse_job
+
+    root = tempfile.mkdtemp(prefix="grpo-workload-")
+    model_dir = _grpo_folder(f"{root}/model")
+    data, reward = _grpo_inputs(root, grpo_prompts())
     steps = GRPO_WARMUP + GRPO_TIMED + 1
     job = parse_job(
         {
@@ -268,7 +330,7 @@ def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, An
                 "algorithm": "grpo",
                 "model": {"base": model_dir, "dtype": "float32"},
                 "data": {
-                    "train": f"{root}/prompts.jsonl",
+                    "train": data,
                     "maxPromptLength": GRPO_PROMPT_LEN,
                     "maxLength": GRPO_PROMPT_LEN + GRPO_NEW,
                     "shuffle": False,
@@ -278,7 +340,7 @@ def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, An
                     "beta": GRPO_BETA,
                     "maxNewTokens": GRPO_NEW,
                     "temperature": 1.0,
-                    "rewards": [{"function": f"{root}/rewards.py:grpo_reward"}],
+                    "rewards": [{"function": reward}],
                 },
                 "training": {
                     "steps": steps,
@@ -293,41 +355,15 @@ def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, An
             },
         }
     )
-    ends: list[tuple[float, float]] = []
-    updates: list[float] = []  # CPU seconds in the jitted update itself
-    work: dict[str, Any] = {}
-    build_run = loop.build_run
-
-    def timed_run(job: Any, **kw: Any) -> Any:
-        run = build_run(job, **kw)
-        step = run.train_step
-        work["parameters"] = sum(int(x.size) for x in jax.tree.leaves(run.params))
-
-        def train_step(params, frozen, opt_state, batch, *rest):
-            cpu = time.process_time()
-            out = step(params, frozen, opt_state, batch, *rest)
-            jax.block_until_ready(out)
-            ends.append((time.perf_counter(), time.process_time()))
-            updates.append(ends[-1][1] - cpu)
-            mask = np.asarray(batch["completion_mask"]) if "completion_mask" in batch else None
-            work.setdefault("generated_tokens", []).append(
-                int(mask.sum()) if mask is not None else -1
-            )
-            work["optimizer_steps"] = work.get("optimizer_steps", 0) + 1
-            return out
-
-        run.train_step = train_step
-        return run
-
-    loop.build_run = timed_run
-    try:
-        result = loop.train(job, f"{root}/out", say=lambda _m: None, progress_bar=False)
-    finally:
-        loop.build_run = build_run
+    result, times = train_timed(job, f"{root}/out")
     assert result.step == steps
-    wall, cpu = step_intervals(ends)
-    work["optimizer_steps_per_grpo_step"] = work.pop("optimizer_steps") / steps
-    work["update_cpu_s"] = statistics.median(updates[GRPO_WARMUP + 1 :])
+    wall, cpu = step_intervals(times.ends)
+    work: dict[str, Any] = {
+        "parameters": times.parameters,
+        "generated_tokens": times.generated_tokens,
+        "optimizer_steps_per_grpo_step": len(times.updates) / steps,
+        "update_cpu_s": statistics.median(u[1] for u in times.updates[GRPO_WARMUP + 1 :]),
+    }
     return wall, cpu, work
 
 
