@@ -86,43 +86,22 @@ def grpo_job(
     """The PostTrainJob: random prompts of ``shape``'s length over ids [1, vocab)."""
     import jax
 
-    from posttrain.api import parse_job
-
-    prompts, G, P, N = shape
+    prompts, _, P, _ = shape
     steps = WARMUP + TIMED + 1
     ids = np.random.default_rng(2).integers(1, vocab, size=(steps * prompts, P))
     data, reward = w._grpo_inputs(root, [" ".join(map(str, row)) for row in ids])
     gpu = jax.default_backend() == "gpu"
-    return parse_job(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "gpu-grpo"},
-            "spec": {
-                "algorithm": "grpo",
-                "model": {"base": model_dir, "dtype": "bfloat16", "paramDtype": "float32"},
-                "data": {"train": data, "maxPromptLength": P, "maxLength": P + N, "shuffle": False},
-                "grpo": {
-                    "numGenerations": G,
-                    "beta": BETA,
-                    "maxNewTokens": N,
-                    "temperature": 1.0,
-                    "rewards": [{"function": reward}],
-                },
-                "training": {
-                    "steps": steps,
-                    "batchSize": prompts,
-                    "learningRate": LEARNING_RATE,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "checkpoint": {"everySteps": 10**6},
-                    "remat": remat,
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "nvidia-h100", "gpusPerNode": 1}
-                if gpu
-                else {"accelerator": "cpu"},
-            },
-        }
+    return w.grpo_job(
+        "gpu-grpo",
+        {"base": model_dir, "dtype": "bfloat16", "paramDtype": "float32"},
+        data,
+        reward,
+        shape,
+        steps,
+        beta=BETA,
+        learning_rate=LEARNING_RATE,
+        training={"remat": remat},
+        resources={"accelerator": "nvidia-h100", "gpusPerNode": 1} if gpu else None,
     )
 
 

@@ -309,51 +309,74 @@ def train_timed(job: Any, output_dir: str, *, checkpoints: bool = True) -> tuple
     return result, times
 
 
+def grpo_job(
+    name: str,
+    model: dict[str, Any],
+    data: str,
+    reward: str,
+    shape: tuple[int, int, int, int],
+    steps: int,
+    *,
+    beta: float = GRPO_BETA,
+    learning_rate: float = LEARNING_RATE,
+    training: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+) -> Any:
+    """The GRPO benchmarks' PostTrainJob: ``shape`` = (prompts per step, G, prompt tokens, new
+    tokens), sampled at temperature 1, a constant learning rate, no checkpoint during the run and
+    no export; ``training`` adds to (or overrides) spec.training."""
+    from posttrain.api import parse_job
+
+    prompts, G, P, N = shape
+    return parse_job(
+        {
+            "apiVersion": "posttrain.dev/v1alpha1",
+            "kind": "PostTrainJob",
+            "metadata": {"name": name},
+            "spec": {
+                "algorithm": "grpo",
+                "model": model,
+                "data": {"train": data, "maxPromptLength": P, "maxLength": P + N, "shuffle": False},
+                "grpo": {
+                    "numGenerations": G,
+                    "beta": beta,
+                    "maxNewTokens": N,
+                    "temperature": 1.0,
+                    "rewards": [{"function": reward}],
+                },
+                "training": {
+                    "steps": steps,
+                    "batchSize": prompts,
+                    "learningRate": learning_rate,
+                    "schedule": {"name": "constant", "warmupSteps": 0},
+                    "checkpoint": {"everySteps": 10**6},
+                    **(training or {}),
+                },
+                "output": {"export": False},
+                "resources": resources or {"accelerator": "cpu"},
+            },
+        }
+    )
+
+
 def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, Any]]:
     """The trainer's own loop (``train_timed``) on the GRPO workload: step ends recorded where the
     loop's jitted update returns (blocking on it). Also returns what the step did, to check both
     sides do the same work."""
     import tempfile
 
-    from posttrain.api import parse_job
-
     root = tempfile.mkdtemp(prefix="grpo-workload-")
     model_dir = _grpo_folder(f"{root}/model")
     data, reward = _grpo_inputs(root, grpo_prompts())
     steps = GRPO_WARMUP + GRPO_TIMED + 1
-    job = parse_job(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "grpo-workload"},
-            "spec": {
-                "algorithm": "grpo",
-                "model": {"base": model_dir, "dtype": "float32"},
-                "data": {
-                    "train": data,
-                    "maxPromptLength": GRPO_PROMPT_LEN,
-                    "maxLength": GRPO_PROMPT_LEN + GRPO_NEW,
-                    "shuffle": False,
-                },
-                "grpo": {
-                    "numGenerations": GRPO_G,
-                    "beta": GRPO_BETA,
-                    "maxNewTokens": GRPO_NEW,
-                    "temperature": 1.0,
-                    "rewards": [{"function": reward}],
-                },
-                "training": {
-                    "steps": steps,
-                    "batchSize": GRPO_PROMPTS,
-                    "learningRate": LEARNING_RATE,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "checkpoint": {"everySteps": 10**6},
-                    **({} if scan is None else {"scanLayers": scan}),
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "cpu"},
-            },
-        }
+    job = grpo_job(
+        "grpo-workload",
+        {"base": model_dir, "dtype": "float32"},
+        data,
+        reward,
+        (GRPO_PROMPTS, GRPO_G, GRPO_PROMPT_LEN, GRPO_NEW),
+        steps,
+        training={} if scan is None else {"scanLayers": scan},
     )
     result, times = train_timed(job, f"{root}/out")
     assert result.step == steps
