@@ -52,10 +52,12 @@ def test_kernel_segment_ids_put_padding_in_segment_zero():
         ("auto", "tpu", 8, jnp.bfloat16, 256, False, None, "xla"),  # no mesh set for shard_map
         ("splash", "tpu", 8, jnp.bfloat16, 256, False, None, "splash"),
         ("splash", "cpu", 1, jnp.float32, 256, False, None, "splash"),
-        ("splash", "cpu", 1, jnp.float32, 100, False, None, "xla"),  # falls back
+        ("splash", "cpu", 1, jnp.float32, 100, False, None, "grouped"),  # falls back as "auto"
         ("auto", "gpu", 1, jnp.bfloat16, 256, False, None, "cudnn"),
         ("auto", "gpu", 1, jnp.float32, 256, False, None, "xla"),
-        ("auto", "cpu", 1, jnp.float32, 256, False, None, "xla"),
+        ("auto", "cpu", 1, jnp.float32, 256, False, None, "grouped"),  # its backward for XLA:CPU
+        ("auto", "cpu", 1, jnp.float32, 256, False, 50.0, "reference"),
+        ("grouped", "tpu", 1, jnp.bfloat16, 256, False, None, "grouped"),
         ("xla", "tpu", 1, jnp.bfloat16, 256, False, None, "xla"),
         ("reference", "tpu", 1, jnp.bfloat16, 256, False, None, "reference"),
     ],

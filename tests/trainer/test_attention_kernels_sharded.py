@@ -72,7 +72,7 @@ def _main() -> None:
     with jax.set_mesh(make_mesh(data=4, fsdp=1)):
         assert ak.current_mesh() is not None
         assert ak.choose_kernel("auto", backend="tpu", devices=4, **choose) == "splash"
-        assert ak.choose_kernel("auto", backend="cpu", devices=4, **choose) == "xla"
+        assert ak.choose_kernel("auto", backend="cpu", devices=4, **choose) == "grouped"
 
     # Record what the per-shard kernel sees, to check that the call really is split.
     seen: list[tuple[int, ...]] = []

@@ -1,11 +1,12 @@
 """Which attention kernel runs, and the Pallas splash-attention kernel for TPUs.
 
 ``choose_kernel`` turns a layer's ``implementation`` ("auto", "xla", "cudnn", "splash",
-"reference") into the kernel for this call:
+"grouped", "reference") into the kernel for this call:
 
 - "auto": splash on a TPU backend when the call is supported (below), cuDNN on a GPU for 16-bit
-  activations, else XLA (``jax.nn.dot_product_attention``); attention soft-capping (Gemma 2)
-  goes to splash when supported, else to the plain-XLA reference.
+  activations, ``grouped_attention`` (its backward written for XLA:CPU's layouts) on a CPU
+  backend, else XLA (``jax.nn.dot_product_attention``); attention soft-capping (Gemma 2) goes to
+  splash when supported, else to the plain-XLA reference.
 - "splash" forces splash where supported and falls back as "auto" does otherwise.
 
 Splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) takes structured masks,
@@ -47,7 +48,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from posttrain.trainer.models.sharding import logical_to_spec
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "grouped", "reference")
 SPLASH_BLOCK = 128  # the kernel's query and key tile, forward and backward (its default)
 
 
@@ -85,7 +86,7 @@ def choose_kernel(
     devices: int | None = None,
     mesh_in_scope: bool | None = None,
 ) -> str:
-    """ "splash", "cudnn", "xla" or "reference" for this call (see the module docstring).
+    """ "splash", "cudnn", "xla", "grouped" or "reference" for this call (see the module docstring).
     ``mesh_in_scope`` (default: ``current_mesh()`` is not None): a multi-device mesh is set, so
     splash can run per shard under ``shard_map``."""
     if implementation not in IMPLEMENTATIONS:
@@ -105,8 +106,10 @@ def choose_kernel(
             return "splash"
     if logit_cap is not None:  # jax.nn.dot_product_attention has no soft-capping
         return "reference"
-    if implementation in ("xla", "cudnn"):
+    if implementation in ("xla", "cudnn", "grouped"):
         return implementation
+    if backend == "cpu":
+        return "grouped"
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if backend == "gpu" and sixteen_bit else "xla"
 

@@ -25,6 +25,7 @@ from posttrain.trainer.models.attention_kernels import (
     splash_attention,
 )
 from posttrain.trainer.models.config import ModelConfig
+from posttrain.trainer.models.grouped_attention import grouped_attention
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -421,6 +422,8 @@ class Attention(nnx.Module):
                 sliding_window=self.sliding_window,
                 logit_cap=self.logit_cap,
             )
+        elif kernel == "grouped":
+            out = grouped_attention(q, k, v, mask_bts, self.scale)
         elif kernel == "reference":
             out = reference_attention(q, k, v, mask_bts, self.scale, self.logit_cap)
         else:
@@ -878,7 +881,8 @@ def _scan_layers(
 
 def set_attention(model: CausalLM, implementation: str) -> None:
     """Attention kernel of every layer: "auto", "xla", "cudnn" (``fused_attention``), "splash"
-    (Pallas, TPU) or "reference"; see ``attention_kernels.choose_kernel``."""
+    (Pallas, TPU), "grouped" (``grouped_attention``, for XLA:CPU) or "reference"; see
+    ``attention_kernels.choose_kernel``."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention {implementation!r} unknown; known: {', '.join(IMPLEMENTATIONS)}"
