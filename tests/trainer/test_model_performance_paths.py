@@ -117,7 +117,9 @@ def test_unknown_remat_policy_and_attention_are_named():
     model = create_model(builtin_config("tiny", vocab_size=64), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="checkpoint_dots.*known: none, full"):
         set_remat(model, "checkpoint_dots")
-    with pytest.raises(ValueError, match="flash.*known: auto, xla, cudnn, splash, grouped, reference"):
+    with pytest.raises(
+        ValueError, match="flash.*known: auto, xla, cudnn, splash, grouped, reference"
+    ):
         set_attention(model, "flash")
 
 
