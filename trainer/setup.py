@@ -231,8 +231,13 @@ class Run:
         )
 
 
-def build_run(job: PostTrainJob, *, abstract: Abstract | None = None) -> Run:
-    """Build the run for real, or with ``abstract`` from config.json files alone (see module)."""
+def build_run(
+    job: PostTrainJob, *, abstract: Abstract | None = None, frozen_models: bool = True
+) -> Run:
+    """Build the run for real, or with ``abstract`` from config.json files alone (see module).
+
+    ``frozen_models=False``: without the reference and teacher the algorithm declares (an async
+    rollout worker only samples and scores; the trainer computes every log-prob pass)."""
     spec, training = job.spec, job.spec.training
     module = algorithm_module(spec.algorithm)
     mesh = make_mesh(job, abstract.devices if abstract else None)
@@ -273,7 +278,11 @@ def build_run(job: PostTrainJob, *, abstract: Abstract | None = None) -> Run:
     if abstract:
         params, frozen = place.with_shardings(params, mesh), place.with_shardings(frozen, mesh)
 
-    extras = _frozen_models(declaration, spec, params, mesh, model_of, abstract is not None)
+    extras = (
+        _frozen_models(declaration, spec, params, mesh, model_of, abstract is not None)
+        if frozen_models
+        else {}
+    )
     teacher_graphdef = extras.pop("_teacher_graphdef", None)
     view = trainee_view(graphdef, teacher_graphdef)
 

@@ -369,3 +369,20 @@ def test_tis_in_the_loss_is_the_host_side_tis(tmp_path):
     )
     v3, _ = value(plain, {k: jnp.asarray(v) for k, v in batch.items()})
     assert abs(float(v3) - float(v1)) > 1e-6
+
+
+def test_a_worker_holds_no_reference_or_optimizer_state():
+    """A worker only samples and scores: the trainer's run keeps the KL reference (beta > 0),
+    the worker's the same policy leaves in the compute dtype and nothing frozen besides."""
+    from posttrain.trainer.async_rl.worker import worker_run
+    from posttrain.trainer.setup import build_run
+
+    m = quickstart(mode="async")
+    m["spec"]["grpo"].update(beta=0.04, sftWarmupSteps=0)  # a KL anchor needs no warm-up
+    job = parse_job(m)
+    trainer, worker = build_run(job), worker_run(job)
+    assert set(trainer.extras) == {"reference"} and trainer.opt_state is not None
+    assert worker.extras == {} and worker.opt_state is None
+    paths = lambda tree: [p for p, _ in jax.tree_util.tree_leaves_with_path(tree)]  # noqa: E731
+    assert paths(worker.params) == paths(trainer.params)
+    assert {x.dtype for x in jax.tree.leaves(worker.params)} == {jnp.dtype(job.spec.model.dtype)}

@@ -180,16 +180,26 @@ def sync(client: TrainerClient, held: HeldWeights, run: str, need: int, say: Cal
             return True
 
 
+def worker_run(job: Any) -> Any:
+    """The run a worker samples with: the trainer's ``build_run`` on ``rollout_job`` (the weights
+    in the compute dtype: nothing trains here), without the reference or teacher (the trainer
+    computes every log-prob pass) and without optimizer state."""
+    from posttrain.trainer.setup import build_run, rollout_job
+
+    run = build_run(rollout_job(job), frozen_models=False)
+    run.opt_state = None
+    return run
+
+
 def serve(job: Any, output_dir: str, *, say: Callable[[str], None] = print) -> int:
     """The worker's life: build the run, then sample for the trainer until it is done."""
     from posttrain.trainer.loop import make_context
-    from posttrain.trainer.setup import TrainState, build_run, rollout_job
+    from posttrain.trainer.setup import TrainState
 
     worker = int(os.environ.get(runtime.ROLLOUT_WORKER, "0"))
     address = os.environ.get(runtime.TRAINER_ADDRESS) or f"127.0.0.1:{runtime.ROLLOUT_PORT}"
     log = lambda msg: say(f"rollout worker {worker}: {msg}")  # noqa: E731
-    run = build_run(rollout_job(job))  # the weights in the compute dtype: nothing trains here
-    run.opt_state = None  # a worker never updates its weights: no optimizer state to hold
+    run = worker_run(job)
     state = TrainState(run.params, None)
     ctx = make_context(job, run, state, output_dir, log)
     algo = run.module.build(ctx)
