@@ -55,4 +55,8 @@ def test_quickstart_lifts_the_task_reward(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["reward_rise"] >= 0.15, final
-    assert final["eval_reward_after"] >= final["eval_reward_before"], final
+    # RL must not cost greedy accuracy beyond the eval's noise: one standard error of a
+    # 200-problem eval near 0.86 is 0.025 (the greedy answers are mostly right after the warm-up;
+    # RL sharpens sampling). Runs that differ only in float rounding gave 0.83 -> 0.875,
+    # 0.85 -> 0.87, 0.895 -> 0.92 and 0.865 -> 0.855 (docs/rl.md).
+    assert final["eval_reward_after"] >= final["eval_reward_before"] - 0.025, final

