@@ -24,7 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MASKED = float(jnp.finfo(jnp.float32).min)  # as reference_attention: finite, so no NaN rows
+# The masked score of every attention path: finite, so a row with no visible key gets uniform
+# (ignored) weights, not NaN.
+MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 def to_rows(x_bthd: jax.Array, kv_heads: int) -> jax.Array:
@@ -73,10 +75,6 @@ def grouped_attention(
     return _forward(q_bthd, k_bskd, v_bskd, mask_bts, scale)[0]
 
 
-def _fwd(q_bthd, k_bskd, v_bskd, mask_bts, scale):
-    return _forward(q_bthd, k_bskd, v_bskd, mask_bts, scale)
-
-
 def _bwd(scale, residuals, d_out_bthd):
     q_bkxd, k_bskd, v_bksd, probs, mask_bts = residuals
     B, K, X, S = probs.shape
@@ -102,4 +100,4 @@ def _bwd(scale, residuals, d_out_bthd):
     )
 
 
-grouped_attention.defvjp(_fwd, _bwd)
+grouped_attention.defvjp(_forward, _bwd)

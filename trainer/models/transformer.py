@@ -25,7 +25,12 @@ from posttrain.trainer.models.attention_kernels import (
     splash_attention,
 )
 from posttrain.trainer.models.config import ModelConfig
-from posttrain.trainer.models.grouped_attention import grouped_attention
+from posttrain.trainer.models.grouped_attention import (
+    MASKED,
+    from_rows,
+    grouped_attention,
+    to_rows,
+)
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -108,7 +113,7 @@ def reference_attention(
     scores = softcap(scores, logit_cap)
     # Most negative finite float, not -inf: a query whose window holds only padding then gets
     # uniform (ignored) weights instead of NaN, which would leak into valid positions via 0 * NaN.
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_bts[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd).reshape(B, T, H, D)
     if return_probs:  # float32, not the compute dtype: bf16 maps are too coarse to match
@@ -165,19 +170,18 @@ def cached_attention(
     (T = 1) the reshapes of q and the output are free. Returns [B, T, H, D], plus with
     ``return_probs`` the probabilities [B, H, T, S] float32 (query head h = kv head h // G).
     """
-    B, T, H, D = q_bthd.shape
+    B, T, H, _ = q_bthd.shape
     K = k_bkds.shape[1]
     G = H // K
-    q_bkxd = q_bthd.reshape(B, T, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, D)
+    q_bkxd = to_rows(q_bthd, K)
     k, v = k_bkds.astype(q_bkxd.dtype), v_bksd.astype(q_bkxd.dtype)  # no-ops unless they differ
     scores = jnp.einsum("bkxd,bkds->bkxs", q_bkxd, k, preferred_element_type=jnp.float32) * scale
     scores = softcap(scores, logit_cap).reshape(B, K, T, G, -1)
     # Most negative finite float, not -inf, as in reference_attention.
-    scores = jnp.where(mask_bts[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_bts[:, None, :, None], scores, MASKED)
     probs_bktgs = jax.nn.softmax(scores, axis=-1)
     probs_bkxs = probs_bktgs.reshape(B, K, T * G, -1).astype(v.dtype)
-    out = jnp.einsum("bkxs,bksd->bkxd", probs_bkxs, v).reshape(B, K, T, G, D)
-    out = out.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
+    out = from_rows(jnp.einsum("bkxs,bksd->bkxd", probs_bkxs, v), T)
     if return_probs:
         return out, probs_bktgs.transpose(0, 1, 3, 2, 4).reshape(B, H, T, -1)
     return out
