@@ -7,6 +7,7 @@ the loop runs with.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,22 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def mesh_in_scope(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """``fn`` traced with ``mesh`` in scope, for ``jax.jit(mesh_in_scope(fn, mesh))``: splash
+    attention then runs per shard under ``shard_map`` (``attention_kernels.current_mesh``)
+    instead of being gathered onto every device. Set inside the trace (``jax.set_mesh`` is not
+    allowed there), so the jitted function's cache does not depend on its caller's context."""
+    if mesh.size <= 1:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:

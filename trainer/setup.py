@@ -261,11 +261,12 @@ def build_run(
     declaration: Declaration = module.declare(spec, configs)
 
     def construct() -> Trainee:
-        from posttrain.trainer.models import set_remat, set_scan_layers
+        from posttrain.trainer.models import set_attention, set_remat, set_scan_layers
 
         policy = model_of(spec.model, config)
         set_remat(policy, training.remat)  # in the graphdef: the jitted step rematerialises
         set_scan_layers(policy, training.scan_layers)  # and scans the layers
+        set_attention(policy, training.attention)  # the reference shares the graphdef
         builder = HeadBuilder(config, nnx.Rngs(seed + 2), model_of)
         heads = declaration.heads(builder) if declaration.heads else {}
         return Trainee(policy, heads)
@@ -295,7 +296,10 @@ def build_run(
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     # Outputs keep the inputs' shardings, so the second step does not recompile for new layouts.
     train_step = jax.jit(
-        make_train_step(view, declaration.loss, tx, schedule(training), num_micro=num_micro),
+        place.mesh_in_scope(
+            make_train_step(view, declaration.loss, tx, schedule(training), num_micro=num_micro),
+            mesh,
+        ),
         out_shardings=(shardings(params), shardings(opt_state), place.replicated(mesh)),
         donate_argnums=(0, 2),
     )
@@ -314,7 +318,7 @@ def build_run(
         num_micro=num_micro,
         view=view,
         train_step=train_step,
-        eval_step=jax.jit(make_eval_step(view, declaration.loss)),
+        eval_step=jax.jit(place.mesh_in_scope(make_eval_step(view, declaration.loss), mesh)),
     )
 
 
@@ -465,7 +469,7 @@ class LiveWeights:
 
             # Named after fn: compile logs (and the compile-count test) tell the forwards apart.
             forward.__name__ = forward.__qualname__ = f"forward_{getattr(fn, '__name__', 'fn')}"
-            run.forwards[id(fn)] = (fn, jax.jit(forward))
+            run.forwards[id(fn)] = (fn, jax.jit(place.mesh_in_scope(forward, run.mesh)))
         jitted = run.forwards[id(fn)][1]
 
         def call(batch: Mapping[str, np.ndarray]) -> Any:

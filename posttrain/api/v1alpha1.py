@@ -257,6 +257,16 @@ class TrainingSpec(Spec):
         "per-layer attention maps or hidden states (distillation), run the layers unrolled.",
     )
 
+    attention: Literal["auto", "xla", "cudnn", "splash", "grouped", "reference"] = Field(
+        "auto",
+        description="Attention kernel of the training and scoring forwards. auto: Pallas splash "
+        "attention on TPUs (per shard on multi-chip meshes) where the sequence length is a "
+        "multiple of 128, cuDNN's fused kernel on GPUs for bf16/fp16, grouped_attention on CPUs, "
+        "else XLA's. splash forces splash where it can run (on a CPU in Pallas interpret mode, "
+        "for tests), else as auto; reference is the plain-XLA maths. Generation's cached "
+        "attention is the same whatever this says.",
+    )
+
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSpec:
         mb = self.micro_batch_size

@@ -19,7 +19,9 @@ It is used only when:
 - there is no KV cache (training, scoring): cached attention is generation's, whose query slots
   start at the cache index and whose keys include slots never written;
 - the sequence length is a multiple of ``SPLASH_BLOCK`` (the kernel's tile);
-- "auto" only: one device, or a multi-device mesh set with ``jax.set_mesh`` (``current_mesh``).
+- "auto" only: one device, or a multi-device mesh in scope (``current_mesh``: ``jax.set_mesh``
+  outside a jit, ``jax.sharding.use_abstract_mesh`` inside one; the trainer's jitted steps trace
+  under their job's mesh, ``placement.mesh_in_scope``).
 
 Multi-chip meshes: the Pallas call has no SPMD partitioning rule, so left to XLA it would gather
 q, k and v onto every device. With a mesh set, ``splash_attention`` runs the kernel per shard
@@ -27,15 +29,15 @@ under ``jax.shard_map`` (``splash_specs``): the batch over the data-parallel axe
 that divide it, the query and kv heads over tensor when both divide by it (otherwise every
 shard runs all heads, replicated over tensor: grouped-query attention maps query head h to kv
 head h // (H / K), which holds per shard only when both are split alike), the sequence whole.
-The kernel is built per shard for its local head count. Without a mesh set (the trainer's
-jitted steps do not set one yet), "auto" keeps XLA on several devices and a forced "splash"
-runs unsharded, gathered by XLA.
+The kernel is built per shard for its local head count. Without a mesh in scope, "auto"
+keeps XLA on several devices and a forced "splash" runs unsharded, gathered by XLA.
 
 Not run on a TPU by this repository's tests: they run the same kernel in Pallas interpret mode on
 the CPU and compare it with ``reference_attention`` (``tests/trainer/test_attention_kernels.py``),
 also under ``shard_map`` on simulated 4-device CPU meshes (data=4, data=2 x tensor=2,
 fsdp=2 x tensor=2; outputs, gradients, heads split and replicated over tensor, and a whole
-model: ``tests/trainer/test_attention_kernels_sharded.py``).
+model: ``tests/trainer/test_attention_kernels_sharded.py``), and the trainer's SFT steps on
+such a mesh (``tests/trainer/test_splash_in_training.py``).
 """
 
 from __future__ import annotations
