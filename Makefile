@@ -39,6 +39,10 @@ test: lint ## lint, then the whole test suite (brings the local cluster up for t
 tools: ## build the pinned etcd, kube-*, jobset, kueue, kwok and helm binaries (cached in ~/.cache/posttrain)
 	hack/tools.sh build
 
+.PHONY: libtpu
+libtpu: ## libtpu (the TPU compiler) in ~/.cache/posttrain, for the test of plan's libtpu path
+	PYTHON=$(VENV)/bin/python hack/libtpu.sh
+
 .PHONY: tool-versions
 tool-versions: ## print the --version of every built binary
 	hack/tools.sh versions

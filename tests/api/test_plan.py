@@ -32,7 +32,7 @@ JOB = {
 }
 
 
-def _plan(tmp_path, model, resources, *, as_json=True, args=("--advice", "0"), **spec):
+def _plan(tmp_path, model, resources, *, as_json=True, args=("--advice", "0"), env=None, **spec):
     """Runs `posttrain plan` on JOB with ``model`` and ``resources``; without the advice on a job
     that does not fit (each change tried is a compile) unless ``args`` say otherwise."""
     job = json.loads(json.dumps(JOB))
@@ -42,7 +42,7 @@ def _plan(tmp_path, model, resources, *, as_json=True, args=("--advice", "0"), *
     path.write_text(yaml.safe_dump(job))
     cmd = [sys.executable, "-P", "-m", "posttrain.cli", "plan", str(path), *args]
     cmd += ["--json"] if as_json else []
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -623,13 +623,36 @@ def test_libtpus_refusal_over_hbm_gives_its_figure():
     assert P._temporaries(Refused()) == (int(50.74 * 2**30), True)
 
 
+def _libtpu() -> tuple[str, dict[str, str]] | None:
+    """(libtpu's version, the environment its processes need): installed in the virtualenv
+    (``.[tpu-plan]``), else the folder ``hack/libtpu.sh`` installs it into (CI runs it), put on
+    PYTHONPATH; None when neither has it."""
+    import importlib.metadata
+
+    if libtpu_version() is not None:
+        return libtpu_version(), dict(os.environ)
+    cache = os.environ.get("POSTTRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "posttrain"
+    )
+    folder = os.path.join(cache, f"libtpu-jax{importlib.metadata.version('jax')}")
+    found = [d for d in importlib.metadata.distributions(path=[folder]) if d.name == "libtpu"]
+    if not found:
+        return None
+    path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    return found[0].version, {**os.environ, "PYTHONPATH": path}
+
+
 @pytest.mark.skipif(
-    libtpu_version() is None,
-    reason="libtpu is not installed (pip install -e '.[tpu-plan]'): the TPU compiler's path",
+    _libtpu() is None,
+    reason="libtpu is not installed (hack/libtpu.sh, or pip install -e '.[tpu-plan]'): the "
+    "TPU compiler's path",
 )
 def test_libtpu_compiles_for_the_tpu_topology_on_this_host(tmp_path):
     """libtpu's compile-only devices for each generation's topologies (as MaxText's
     train_compile.py), and a plan whose figures are libtpu's."""
+    found = _libtpu()
+    assert found is not None
+    version, env = found
     check = """
 from posttrain.api import accelerators as acc
 from posttrain.commands import plan as P
@@ -641,13 +664,13 @@ for name, g in acc.TPU_GENERATIONS.items():
 print("ok")
 """
     done = subprocess.run(
-        [sys.executable, "-P", "-c", check], capture_output=True, text=True, timeout=300
+        [sys.executable, "-P", "-c", check], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.stdout.strip() == "ok", done.stderr[-3000:]
     rc, out, err = _plan(
-        tmp_path, {"base": "builtin:tiny"}, TINY_V5E, args=("--compiler", "libtpu")
+        tmp_path, {"base": "builtin:tiny"}, TINY_V5E, args=("--compiler", "libtpu"), env=env
     )
     assert rc == 0, err
     plan = json.loads(out)
-    assert plan["compiler"] == f"libtpu {libtpu_version()}" and plan["devices"] == 4
+    assert plan["compiler"] == f"libtpu {version}" and plan["devices"] == 4
     assert plan["activations"] > 0 and plan["fits"]
