@@ -562,24 +562,26 @@ def _compile_sampler(
 ) -> tuple[int, bool]:
     """XLA's temporaries per device of the sampler's program for the rollout ``shape`` with the
     policy ``state`` (abstract, with its shardings) on ``mesh``."""
+    from posttrain.trainer.models import attention_kernels
     from posttrain.trainer.sampling import sampler
 
     g = shape.sampling
-    lowered = sampler.lower_generate(
-        graphdef,
-        state,
-        jax_tree_shardings(state),
-        mesh,
-        shape.rows,
-        shape.prompt_len,
-        g.max_new_tokens,
-        temperature=g.temperature,
-        top_k=g.top_k,
-        top_p=None if g.top_p >= 1.0 else g.top_p,
-        chunk_rows=g.chunk_rows,
-        eos_count=max(1, len(config.eos_token_ids)),
-        prompt_group=g.prompt_group,
-    )
+    with attention_kernels.target_backend("tpu" if libtpu else None):  # the TPU's prefill kernel
+        lowered = sampler.lower_generate(
+            graphdef,
+            state,
+            jax_tree_shardings(state),
+            mesh,
+            shape.rows,
+            shape.prompt_len,
+            g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=None if g.top_p >= 1.0 else g.top_p,
+            chunk_rows=g.chunk_rows,
+            eos_count=max(1, len(config.eos_token_ids)),
+            prompt_group=g.prompt_group,
+        )
     return _temporaries(lowered, libtpu)
 
 
@@ -630,7 +632,7 @@ def plan_job(
     import jax
     from flax import nnx
 
-    from posttrain.trainer.models import ModelConfig
+    from posttrain.trainer.models import ModelConfig, attention_kernels
     from posttrain.trainer.sampling import sampler
     from posttrain.trainer.setup import Abstract, build_run
 
@@ -696,7 +698,10 @@ def plan_job(
         return plan
     started = time.perf_counter()
     libtpu = compiler.uses_libtpu(spec.resources)
-    activations, refused = _temporaries(run.lower_step(), libtpu)
+    # libtpu compiles the step as a TPU runs it: the TPU's attention kernels, traced on this host.
+    with attention_kernels.target_backend("tpu" if libtpu else None):
+        lowered_step = run.lower_step()
+    activations, refused = _temporaries(lowered_step, libtpu)
     plan = Plan(
         **{
             **plan.__dict__,

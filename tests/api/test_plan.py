@@ -674,3 +674,31 @@ print("ok")
     plan = json.loads(out)
     assert plan["compiler"] == f"libtpu {version}" and plan["devices"] == 4
     assert plan["activations"] > 0 and plan["fits"]
+
+
+@pytest.mark.skipif(_libtpu() is None, reason="libtpu is not installed (hack/libtpu.sh)")
+def test_libtpu_plans_the_step_with_the_tpus_attention_kernel(tmp_path):
+    """For libtpu the step is traced as a TPU runs it: splash attention per shard (its Pallas
+    kernel compiled by libtpu, not interpreted), which keeps the [B, H, T, T] scores out of
+    memory, where the plain-XLA reference holds them for the backward pass."""
+    found = _libtpu()
+    assert found is not None
+    version, env = found
+    data = {"train": "gs://b/train.jsonl", "maxLength": 1024, "maxPromptLength": 32}
+    activations = {}
+    for attention in ("auto", "reference"):
+        rc, out, err = _plan(
+            tmp_path,
+            {"base": "builtin:tiny"},
+            TINY_V5E,
+            args=("--compiler", "libtpu", "--advice", "0"),
+            env=env,
+            data=data,
+            training={"steps": 1, "batchSize": 8, "attention": attention},
+        )
+        assert rc == 0, err
+        plan = json.loads(out)
+        assert plan["compiler"] == f"libtpu {version}", plan
+        activations[attention] = plan["activations"]
+    # 8 rows x 1024 tokens: the reference's float32 scores alone are 16 MiB per head and layer.
+    assert activations["auto"] < 0.5 * activations["reference"], activations

@@ -87,6 +87,21 @@ def test_auto_picks_splash_on_several_tpus_only_with_a_mesh_set():
     assert ak.current_mesh() is None  # none set here (and one device)
 
 
+def test_target_backend_chooses_for_another_backend_while_in_scope():
+    """``posttrain plan`` traces a TPU's step on a CPU host: the TPU's kernel, not the CPU's."""
+    args = dict(dtype=jnp.bfloat16, q_len=256, kv_len=256, cached=False, logit_cap=None, devices=1)
+    assert ak.current_backend() == jax.default_backend() == "cpu"
+    assert ak.choose_kernel("auto", **args) == "grouped"
+    with ak.target_backend("tpu"):
+        assert ak.current_backend() == "tpu"
+        assert ak.choose_kernel("auto", **args) == "splash"
+        with ak.target_backend(None):  # None: JAX's default again
+            assert ak.choose_kernel("auto", **args) == "grouped"
+    assert ak.choose_kernel("auto", **args) == "grouped"
+    with ak.target_backend("gpu"):
+        assert ak.choose_kernel("auto", **args) == "cudnn"
+
+
 def test_choose_kernel_refuses_unknown_names():
     with pytest.raises(ValueError, match="splash"):
         ak.choose_kernel(

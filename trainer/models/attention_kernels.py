@@ -9,6 +9,9 @@
   splash when supported, else to the plain-XLA reference.
 - "splash" forces splash where supported and falls back as "auto" does otherwise.
 
+The backend is JAX's default, or the one ``target_backend`` names while tracing: ``posttrain
+plan`` traces on its CPU host the step that libtpu compiles for a TPU.
+
 Splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) takes structured masks,
 not a [B, T, S] boolean array: the causal mask (``CausalMask``) or, on sliding-window layers,
 ``LocalMask`` with window (w - 1, 0), and ``SegmentIds`` that carry both packed segments and
@@ -42,7 +45,10 @@ such a mesh (``tests/trainer/test_splash_in_training.py``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +73,28 @@ def kernel_segment_ids(mask_bt: jax.Array, segment_ids_bt: jax.Array | None) -> 
 def splash_supported(q_len: int, kv_len: int, *, cached: bool) -> bool:
     """Whether splash attention can run this call (see the module docstring)."""
     return not cached and q_len == kv_len and q_len % SPLASH_BLOCK == 0
+
+
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "attention_target_backend", default=None
+)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str | None) -> Iterator[None]:
+    """Choose kernels for ``backend`` ("tpu", "gpu", "cpu"; None: JAX's default backend) while
+    tracing in this context: ``posttrain plan`` traces on a CPU host the step that libtpu
+    compiles for a TPU, which should hold the TPU's kernel (splash, not interpreted)."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def current_backend() -> str:
+    """The backend kernels are chosen for: ``target_backend``'s, else JAX's default."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
 
 
 def current_mesh() -> AbstractMesh | None:
@@ -97,7 +125,7 @@ def choose_kernel(
         )
     if implementation == "reference":
         return "reference"
-    backend = jax.default_backend() if backend is None else backend
+    backend = current_backend() if backend is None else backend
     devices = jax.device_count() if devices is None else devices
     mesh_in_scope = current_mesh() is not None if mesh_in_scope is None else mesh_in_scope
     splash_ok = splash_supported(q_len, kv_len, cached=cached)
@@ -202,7 +230,7 @@ def splash_attention(
     B, T, H, D = q_bthd.shape
     if not splash_supported(T, k_bskd.shape[1], cached=False):
         raise ValueError(f"splash attention needs T == S, a multiple of {SPLASH_BLOCK}; got {T}")
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    interpret = current_backend() != "tpu" if interpret is None else interpret
     local = functools.partial(
         _splash_local,
         scale=scale,

@@ -21,6 +21,7 @@ from flax import nnx
 from posttrain.trainer.models.attention_kernels import (
     IMPLEMENTATIONS,
     choose_kernel,
+    current_backend,
     kernel_segment_ids,
     splash_attention,
 )
@@ -136,7 +137,7 @@ def fused_attention(
     """
     kernel: Literal["xla", "cudnn"] = "cudnn" if implementation == "cudnn" else "xla"
     if implementation == "auto":
-        cudnn = jax.default_backend() == "gpu" and q_bthd.dtype in (jnp.bfloat16, jnp.float16)
+        cudnn = current_backend() == "gpu" and q_bthd.dtype in (jnp.bfloat16, jnp.float16)
         kernel = "cudnn" if cudnn else "xla"
     dtype = q_bthd.dtype  # the cache may hold another dtype; the kernel wants one
     return jax.nn.dot_product_attention(
@@ -441,7 +442,7 @@ class Attention(nnx.Module):
         XLA's kernel materialises the scores anyway, for decode steps (T = 1, measured faster),
         and where only the reference maths apply (soft-capping, attention maps)."""
         T = q_bthd.shape[1]
-        if T == 1 or return_probs or jax.default_backend() == "cpu":
+        if T == 1 or return_probs or current_backend() == "cpu":
             return None
         kernel = choose_kernel(
             self.implementation,
