@@ -15,7 +15,7 @@ import yaml
 
 from posttrain.api import parse_job
 from posttrain.api.v1alpha1 import PostTrainJob
-from posttrain.trainer.tasks import arithmetic
+from posttrain.trainer.tasks import arithmetic, preferences
 
 # A persistent XLA cache shared by these tests and the processes they start: the same tiny
 # steps compile once per machine instead of once per train() call (13 s -> 2 s per run).
@@ -76,6 +76,107 @@ def manifest(tmp_path: Path, **spec: Any) -> dict[str, Any]:
 
 def job(tmp_path: Path, **spec: Any) -> PostTrainJob:
     return parse_job(manifest(tmp_path, **spec))
+
+
+def write_pairs(folder: Path) -> tuple[str, str]:
+    """Preference pairs on the arithmetic task: 128 for training, the held-out ones for eval."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_path, test_path = str(folder / "train.jsonl"), str(folder / "test.jsonl")
+    preferences.write_jsonl(train_path, preferences.pairs("train", max_operand=19, held_out=16)[:128])  # fmt: skip
+    preferences.write_jsonl(test_path, preferences.pairs("test", max_operand=19, held_out=16))
+    return train_path, test_path
+
+
+def write_unpaired(folder: Path) -> tuple[str, str]:
+    """KTO's rows: each training pair as a desirable and an undesirable completion; eval pairs."""
+    train_pairs, test_path = write_pairs(folder / "pairs")
+    rows = [json.loads(line) for line in Path(train_pairs).read_text().splitlines()]
+    out = folder / "train.jsonl"
+    with out.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["prompt"], "completion": r["chosen"], "label": True}) + "\n")  # fmt: skip
+            f.write(json.dumps({"prompt": r["prompt"], "completion": r["rejected"], "label": False}) + "\n")  # fmt: skip
+    return str(out), test_path
+
+
+def preference_job(tmp_path: Path, algorithm: str, **spec: Any) -> PostTrainJob:
+    """A preference job (DPO, ORPO, SimPO, KTO, ...) on those pairs, 4 pairs per micro-batch."""
+    writer = write_unpaired if algorithm == "kto" else write_pairs
+    train_path, test_path = writer(tmp_path / "prefs")
+    data = {"train": train_path, "eval": test_path, **spec.pop("data", {})}
+    training = {"microBatchSize": 4, "evalEverySteps": 3, **spec.pop("training", {})}
+    return job(tmp_path, algorithm=algorithm, data=data, training=training, **spec)
+
+
+def run_training(job: PostTrainJob, out: Path, **kw: Any) -> tuple[Any, list[str]]:
+    """``train`` in this process, without a progress bar: (its result, what it said)."""
+    from posttrain.trainer.loop import train
+
+    said: list[str] = []
+    result = train(job, str(out), say=said.append, progress_bar=False, **kw)
+    return result, said
+
+
+PPO_REWARDS = """
+def digits(prompts, completions, answer, **columns):
+    # Dense and easy to learn: the share of digits in the completion.
+    assert len(answer) == len(completions)  # the data row's columns arrive aligned
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+def write_ppo_files(root: Path) -> Path:
+    """64 arithmetic prompts and ``my_rewards.py:digits`` (``PPO_REWARDS``) in ``root``."""
+    arithmetic.write_jsonl(str(root / "train.jsonl"), arithmetic.problems("train")[:64])
+    (root / "my_rewards.py").write_text(PPO_REWARDS)
+    return root
+
+
+def ppo_job(
+    files: Path,
+    *,
+    steps: int,
+    model: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    **ppo: Any,
+) -> PostTrainJob:
+    """A PPO job on ``write_ppo_files``' prompts rewarded by their digits: 16 prompts a step,
+    8 new tokens, two PPO epochs of two mini-batches; ``ppo`` and ``training`` override."""
+    block = {
+        "maxNewTokens": 8,
+        "klCoef": 0.05,
+        "numIterations": 2,
+        "numMiniBatches": 2,
+        "rewards": [{"function": f"{files}/my_rewards.py:digits"}],
+        **ppo,
+    }
+    return PostTrainJob.model_validate(
+        {
+            "apiVersion": "posttrain.dev/v1alpha1",
+            "kind": "PostTrainJob",
+            "metadata": {"name": "ppo-test"},
+            "spec": {
+                "algorithm": "ppo",
+                "model": {"base": "builtin:tiny", "dtype": "float32", **(model or {})},
+                "data": {
+                    "train": str(files / "train.jsonl"),
+                    "maxLength": 24,
+                    "maxPromptLength": 8,
+                },
+                "ppo": block,
+                "training": {
+                    "steps": steps,
+                    "batchSize": 16,
+                    "learningRate": 1e-2,
+                    "schedule": {"name": "constant", "warmupSteps": 0},
+                    "checkpoint": {"everySteps": 1000},
+                    **(training or {}),
+                },
+                "output": {"export": False},
+                "resources": {"accelerator": "cpu"},
+            },
+        }
+    )
 
 
 def write_recipe(tmp_path: Path, **spec: Any) -> str:

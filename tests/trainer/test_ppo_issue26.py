@@ -4,8 +4,9 @@ dual clip and reward whitening, end to end on the tiny built-in model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import textwrap
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,60 +17,22 @@ from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.algorithms import ppo
 from posttrain.trainer.algorithms.base import ModelConfigs
 from posttrain.trainer.loop import train
-from posttrain.trainer.tasks import arithmetic
 
-REWARDS = textwrap.dedent(
-    """
-    def digits(prompts, completions, **columns):
-        return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-    """
+_spec = importlib.util.spec_from_file_location(
+    "loop_jobs", os.path.join(os.path.dirname(__file__), "loop_jobs.py")
 )
+jobs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(jobs)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ppo26")
-    arithmetic.write_jsonl(str(root / "train.jsonl"), arithmetic.problems("train")[:64])
-    (root / "my_rewards.py").write_text(REWARDS)
-    return root
+    return jobs.write_ppo_files(tmp_path_factory.mktemp("ppo26"))
 
 
 def job(files: Path, steps: int = 6, weight_decay: float = 0.0, **ppo_block) -> PostTrainJob:
-    block = {
-        "maxNewTokens": 8,
-        "klCoef": 0.05,
-        "numIterations": 2,
-        "numMiniBatches": 2,
-        "rewards": [{"function": f"{files}/my_rewards.py:digits"}],
-        **ppo_block,
-    }
-    return PostTrainJob.model_validate(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "ppo26"},
-            "spec": {
-                "algorithm": "ppo",
-                "model": {"base": "builtin:tiny", "dtype": "float32"},
-                "data": {
-                    "train": str(files / "train.jsonl"),
-                    "maxLength": 24,
-                    "maxPromptLength": 8,
-                },
-                "ppo": block,
-                "training": {
-                    "steps": steps,
-                    "batchSize": 16,
-                    "learningRate": 1e-2,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "optimizer": {"weightDecay": weight_decay},
-                    "checkpoint": {"everySteps": 2},
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "cpu"},
-            },
-        }
-    )
+    training = {"optimizer": {"weightDecay": weight_decay}, "checkpoint": {"everySteps": 2}}
+    return jobs.ppo_job(files, steps=steps, training=training, **ppo_block)
 
 
 def steps_of(out: Path) -> dict[int, dict]:

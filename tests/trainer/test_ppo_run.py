@@ -3,9 +3,10 @@ real optimizer steps and orbax checkpoints. Shapes are tiny and fixed so each ru
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,12 @@ import pytest
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
 from posttrain.trainer.metrics import TIMING
-from posttrain.trainer.tasks import arithmetic
 
-REWARDS = textwrap.dedent(
-    """
-    def digits(prompts, completions, answer, **columns):
-        # Dense and easy to learn: the share of digits in the completion.
-        assert len(answer) == len(completions)  # the data row's columns arrive aligned
-        return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-    """
+_spec = importlib.util.spec_from_file_location(
+    "loop_jobs", os.path.join(os.path.dirname(__file__), "loop_jobs.py")
 )
+jobs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(jobs)
 
 METRICS = (
     "reward_mean", "value_loss", "explained_variance", "clip_fraction", "approx_kl", "entropy",
@@ -33,47 +30,11 @@ METRICS = (
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ppo")
-    arithmetic.write_jsonl(str(root / "train.jsonl"), arithmetic.problems("train")[:64])
-    (root / "my_rewards.py").write_text(REWARDS)
-    return root
+    return jobs.write_ppo_files(tmp_path_factory.mktemp("ppo"))
 
 
 def job(files: Path, steps: int = 12, model: dict | None = None, **ppo) -> PostTrainJob:
-    block = {
-        "maxNewTokens": 8,
-        "klCoef": 0.05,
-        "numIterations": 2,
-        "numMiniBatches": 2,
-        "rewards": [{"function": f"{files}/my_rewards.py:digits"}],
-        **ppo,
-    }
-    return PostTrainJob.model_validate(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "ppo-test"},
-            "spec": {
-                "algorithm": "ppo",
-                "model": {"base": "builtin:tiny", "dtype": "float32", **(model or {})},
-                "data": {
-                    "train": str(files / "train.jsonl"),
-                    "maxLength": 24,
-                    "maxPromptLength": 8,
-                },
-                "ppo": block,
-                "training": {
-                    "steps": steps,
-                    "batchSize": 16,
-                    "learningRate": 1e-2,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "checkpoint": {"everySteps": 1000},
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "cpu"},
-            },
-        }
-    )
+    return jobs.ppo_job(files, steps=steps, model=model, **ppo)
 
 
 def per_step(out: Path) -> dict[int, dict]:

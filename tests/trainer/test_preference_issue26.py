@@ -6,10 +6,8 @@ evaluated on held-out pairs with DPO's eval_preference_accuracy."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +17,8 @@ from posttrain.api.settings.dpo import DpoSpec
 from posttrain.trainer.algorithms import dpo, kto
 from posttrain.trainer.algorithms.base import ModelConfigs, Models
 from posttrain.trainer.data import preference
-from posttrain.trainer.loop import build_model, load_tokenizer, train
+from posttrain.trainer.loop import build_model, load_tokenizer
 from posttrain.trainer.models import make_mesh
-from posttrain.trainer.tasks import preferences
 
 _spec = importlib.util.spec_from_file_location(
     "loop_jobs", os.path.join(os.path.dirname(__file__), "loop_jobs.py")
@@ -29,39 +26,7 @@ _spec = importlib.util.spec_from_file_location(
 jobs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(jobs)
 jobs.enable_compile_cache()
-
-
-def write_pairs(folder: Path) -> tuple[str, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    train_path, test_path = str(folder / "train.jsonl"), str(folder / "test.jsonl")
-    preferences.write_jsonl(train_path, preferences.pairs("train", max_operand=19, held_out=16)[:128])  # fmt: skip
-    preferences.write_jsonl(test_path, preferences.pairs("test", max_operand=19, held_out=16))
-    return train_path, test_path
-
-
-def write_unpaired(folder: Path) -> tuple[str, str]:
-    train_pairs, test_path = write_pairs(folder / "pairs")
-    rows = [json.loads(line) for line in Path(train_pairs).read_text().splitlines()]
-    out = folder / "train.jsonl"
-    with out.open("w") as f:
-        for r in rows:
-            f.write(json.dumps({"prompt": r["prompt"], "completion": r["chosen"], "label": True}) + "\n")  # fmt: skip
-            f.write(json.dumps({"prompt": r["prompt"], "completion": r["rejected"], "label": False}) + "\n")  # fmt: skip
-    return str(out), test_path
-
-
-def preference_job(tmp_path: Path, algorithm: str, **spec):
-    writer = write_unpaired if algorithm == "kto" else write_pairs
-    train_path, test_path = writer(tmp_path / "prefs")
-    data = {"train": train_path, "eval": test_path, **spec.pop("data", {})}
-    training = {"microBatchSize": 4, "evalEverySteps": 3, **spec.pop("training", {})}
-    return jobs.job(tmp_path, algorithm=algorithm, data=data, training=training, **spec)
-
-
-def run(job, out: Path, **kw):
-    said: list[str] = []
-    result = train(job, str(out), say=said.append, progress_bar=False, **kw)
-    return result, said
+write_pairs, preference_job, run = jobs.write_pairs, jobs.preference_job, jobs.run_training
 
 
 TRL_NAMES = {
