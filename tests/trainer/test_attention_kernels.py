@@ -100,6 +100,7 @@ def test_target_backend_chooses_for_another_backend_while_in_scope():
     assert ak.choose_kernel("auto", **args) == "grouped"
     with ak.target_backend("gpu"):
         assert ak.choose_kernel("auto", **args) == "cudnn"
+        assert ak.choose_kernel("splash", **args) == "cudnn"  # no splash kernel on a GPU
 
 
 def test_choose_kernel_refuses_unknown_names():

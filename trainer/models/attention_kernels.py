@@ -7,7 +7,8 @@
   activations, ``grouped_attention`` (its backward written for XLA:CPU's layouts) on a CPU
   backend, else XLA (``jax.nn.dot_product_attention``); attention soft-capping (Gemma 2) goes to
   splash when supported, else to the plain-XLA reference.
-- "splash" forces splash where supported and falls back as "auto" does otherwise.
+- "splash" forces splash where supported (on a CPU in Pallas interpret mode, for tests; not on a
+  GPU, which has no such kernel) and falls back as "auto" does otherwise.
 
 The backend is JAX's default, or the one ``target_backend`` names while tracing: ``posttrain
 plan`` traces on its CPU host the step that libtpu compiles for a TPU.
@@ -129,7 +130,7 @@ def choose_kernel(
     devices = jax.device_count() if devices is None else devices
     mesh_in_scope = current_mesh() is not None if mesh_in_scope is None else mesh_in_scope
     splash_ok = splash_supported(q_len, kv_len, cached=cached)
-    if implementation == "splash" and splash_ok:
+    if implementation == "splash" and splash_ok and backend != "gpu":  # no GPU Mosaic kernel
         return "splash"
     if implementation == "auto" and backend == "tpu" and splash_ok:
         if devices == 1 or mesh_in_scope:
