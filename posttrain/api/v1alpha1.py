@@ -263,8 +263,8 @@ class TrainingSpec(Spec):
         "attention on TPUs (per shard on multi-chip meshes) where the sequence length is a "
         "multiple of 128, cuDNN's fused kernel on GPUs for bf16/fp16, grouped_attention on CPUs, "
         "else XLA's. splash forces splash where it can run (on a CPU in Pallas interpret mode, "
-        "for tests; never on a GPU), else as auto; reference is the plain-XLA maths. Generation's cached "
-        "attention is the same whatever this says.",
+        "for tests; never on a GPU), else as auto; reference is the plain-XLA maths. "
+        "Generation's cached attention is the same whatever this says.",
     )
 
     @model_validator(mode="after")
