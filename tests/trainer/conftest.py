@@ -1,9 +1,12 @@
-"""Shared trainer test fixtures: the reference-fixture folder and a local GCS emulator."""
+"""Shared trainer test fixtures: the reference-fixture folder, a local GCS emulator, and a runner
+of test files as scripts on simulated CPU devices."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,35 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 def fixtures_dir() -> Path:
     """tests/fixtures: tiny HF reference models (hf-reference/<name>) and a tokenizer (tokenizer/)."""
     return FIXTURES
+
+
+@pytest.fixture
+def run_on_cpu_devices():
+    """``run(script, marker, devices=4, timeout=300, env=None)``: runs ``script`` (a test file's
+    own ``__main__`` checks) in a fresh interpreter on ``devices`` simulated CPU devices, since
+    XLA_FLAGS must be set before JAX initialises, and asserts that it exited 0 and printed
+    ``marker``. ``env``: the environment to start from (default: this one)."""
+
+    def run(
+        script: str,
+        marker: str,
+        *,
+        devices: int = 4,
+        timeout: int = 300,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        env = dict(
+            os.environ if env is None else env,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            JAX_PLATFORMS="cpu",
+        )
+        proc = subprocess.run(
+            [sys.executable, "-P", script], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert marker in proc.stdout, proc.stdout[-3000:]
+
+    return run
 
 
 def _free_port() -> int:

@@ -7,20 +7,9 @@ runs this file as a script with --xla_force_host_platform_device_count=4.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
-
-def test_splash_under_shard_map_equals_the_reference_on_four_cpu_devices():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-P", __file__], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "sharded splash checks passed" in proc.stdout
+def test_splash_under_shard_map_equals_the_reference_on_four_cpu_devices(run_on_cpu_devices):
+    run_on_cpu_devices(__file__, "sharded splash checks passed")
 
 
 def _main() -> None:

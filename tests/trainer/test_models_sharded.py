@@ -6,23 +6,13 @@ runs this file as a script with --xla_force_host_platform_device_count=4.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 HF_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hf-reference"
 
 
-def test_sharded_equals_unsharded_on_four_cpu_devices():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "sharded checks passed" in proc.stdout
+def test_sharded_equals_unsharded_on_four_cpu_devices(run_on_cpu_devices):
+    run_on_cpu_devices(__file__, "sharded checks passed")
 
 
 def _main() -> None:

@@ -8,7 +8,6 @@ XLA_FLAGS must be set before JAX initialises, so the checks run in a fresh inter
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,17 +31,10 @@ def test_the_api_names_every_attention_kernel():
         TrainingSpec(attention="flash")
 
 
-def test_splash_runs_per_shard_in_the_training_step_on_four_cpu_devices():
-    env = dict(
-        jobs.subprocess_env(),
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
+def test_splash_runs_per_shard_in_the_training_step_on_four_cpu_devices(run_on_cpu_devices):
+    run_on_cpu_devices(
+        __file__, "splash training checks passed", timeout=600, env=jobs.subprocess_env()
     )
-    proc = subprocess.run(
-        [sys.executable, "-P", __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "splash training checks passed" in proc.stdout
 
 
 def _main() -> None:
