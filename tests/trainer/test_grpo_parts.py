@@ -107,8 +107,10 @@ def rollout_batch(tok, rng, R=4, P=8, N=6):
 
 def declared_loss(algorithm: str, **block) -> LossFn:
     """The loss ``algorithm`` declares for a job whose block holds ``block`` (its settings
-    type's defaults for the rest): what the loop and ``plan`` compile."""
-    block = {"rewards": [{"builtin": "length-penalty"}], **block}
+    type's defaults for the rest): what the loop and ``plan`` compile. The rows of these tests
+    are not runs of G completions of one prompt, so the shared prompt forward is off unless a
+    test turns it on (``test_shared_prompt_forward_*``)."""
+    block = {"rewards": [{"builtin": "length-penalty"}], "sharePromptForward": False, **block}
     job = parse_job(
         {
             "apiVersion": "posttrain.dev/v1alpha1",

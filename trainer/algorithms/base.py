@@ -46,6 +46,7 @@ from flax import nnx
 
 from posttrain.api.v1alpha1 import ModelSpec, PostTrainJob
 from posttrain.trainer.models.logprobs import chunked_logprobs
+from posttrain.trainer.models.shared_prefix import rollout_hidden
 
 if TYPE_CHECKING:
     from posttrain.trainer.models import CausalLM
@@ -63,6 +64,7 @@ def token_logprobs(
     segment_ids: jax.Array | None = None,
     temperature: float = 1.0,
     completion_width: int | None = None,
+    prompt_group: int = 1,
 ) -> jax.Array:
     """log p(targets[b, t] | input_ids[b, :t+1]) as float32 [B, T]: the one log-prob function.
 
@@ -72,9 +74,20 @@ def token_logprobs(
     over chunks of tokens from the final hidden states (``models/logprobs.py``), so no [B, T, V]
     float32 logits array is materialised for large batches or vocabularies. With
     ``completion_width`` (rollout rows) only the positions that predict the row's last that many
-    tokens run the LM head; the others are 0 (``logprobs.scored_window``).
+    tokens run the LM head; the others are 0 (``logprobs.scored_window``). ``prompt_group``
+    (rollout rows in runs of that many completions of one prompt, no ``segment_ids``): each
+    run's prompt runs through the model once (``models/shared_prefix.py``).
     """
-    hidden, _ = model.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # type: ignore[attr-defined]
+    if prompt_group > 1 and segment_ids is None:
+        hidden = rollout_hidden(
+            model,
+            input_ids,
+            attention_mask,
+            completion_width=completion_width,
+            prompt_group=prompt_group,
+        )
+    else:
+        hidden, _ = model.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # type: ignore[attr-defined]
     return chunked_logprobs(
         hidden,
         model.logits,  # type: ignore[attr-defined]
@@ -245,22 +258,49 @@ class Context:
         return self.weights
 
     def policy_logprobs(
-        self, batch: Batch, temperature: float = 1.0, completion_width: int | None = None
+        self,
+        batch: Batch,
+        temperature: float = 1.0,
+        completion_width: int | None = None,
+        prompt_group: int = 1,
     ) -> np.ndarray:
-        return self._logprobs(batch, temperature, completion_width, reference=False)
+        return self._logprobs(batch, temperature, completion_width, prompt_group, reference=False)
 
     def reference_logprobs(
-        self, batch: Batch, temperature: float = 1.0, completion_width: int | None = None
+        self,
+        batch: Batch,
+        temperature: float = 1.0,
+        completion_width: int | None = None,
+        prompt_group: int = 1,
     ) -> np.ndarray:
-        return self._logprobs(batch, temperature, completion_width, reference=True)
+        return self._logprobs(batch, temperature, completion_width, prompt_group, reference=True)
+
+    def pass_prompt_group(self, rows: int, group: int) -> int:
+        """``group`` if the no-gradient passes' chunks of ``micro_rows`` rows hold whole runs of
+        ``group`` rows of a ``rows``-row batch (``in_micro_batches`` pads a short last chunk with
+        copies of one row, which would break a run), else 1."""
+        chunk = self.micro_rows
+        if group > 1 and rows % group == 0 and (chunk is None or chunk >= rows):
+            return group
+        if group > 1 and chunk is not None and chunk % group == 0 and rows % chunk == 0:
+            return group
+        return 1
 
     def _logprobs(
-        self, batch: Batch, temperature: float, completion_width: int | None, *, reference: bool
+        self,
+        batch: Batch,
+        temperature: float,
+        completion_width: int | None,
+        prompt_group: int,
+        *,
+        reference: bool,
     ) -> np.ndarray:
-        key = (temperature, completion_width, reference)
+        rows = len(batch["input_ids"])
+        group = self.pass_prompt_group(rows, prompt_group)
+        key = (temperature, completion_width, group, reference)
         cache = self.__dict__.setdefault("_logprob_fns", {})
         if key not in cache:
-            cache[key] = self.forward(_logprob_fn(temperature, completion_width, reference))
+            cache[key] = self.forward(_logprob_fn(temperature, completion_width, group, reference))
         keys = ("input_ids", "attention_mask", "targets", "segment_ids")
         return np.asarray(cache[key]({k: batch[k] for k in keys if k in batch}), np.float32)
 
@@ -281,7 +321,9 @@ def in_micro_batches(call: Callable[[Batch], Any], batch: Batch, rows: int | Non
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
-def _logprob_fn(temperature: float, completion_width: int | None, reference: bool) -> ForwardFn:
+def _logprob_fn(
+    temperature: float, completion_width: int | None, prompt_group: int, reference: bool
+) -> ForwardFn:
     def fn(models: Models, b: Mapping[str, jax.Array]) -> jax.Array:
         model = models.reference if reference else models.policy
         if model is None:
@@ -294,6 +336,7 @@ def _logprob_fn(temperature: float, completion_width: int | None, reference: boo
             segment_ids=b.get("segment_ids"),
             temperature=temperature,
             completion_width=completion_width,
+            prompt_group=prompt_group,
         )
 
     fn.__name__ = "reference_logprobs" if reference else "policy_logprobs"

@@ -74,6 +74,7 @@ from posttrain.trainer.algorithms.rollout import (
 from posttrain.trainer.data.prompts import load_prompts
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 from posttrain.trainer.models.logprobs import scored_window
+from posttrain.trainer.models.shared_prefix import rollout_hidden
 
 OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
 
@@ -122,6 +123,7 @@ class RolloutSource(RolloutBatchSource):
         self._handed_out: float | None = None
         self._last_tokens = 0.0
         self.width = _completion_width(g, ctx.spec)  # the rows' completion part (scored_window)
+        self.prompt_group = rollout_prompt_group(g)  # the no-gradient passes' shared prompts
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         now = time.perf_counter()
@@ -183,25 +185,34 @@ class RolloutSource(RolloutBatchSource):
             raise AssertionError(f"completion tokens before the last {self.width} positions")
         if self.warmup:
             batch["sft"] = np.full(R, float(sft), np.float32)
+        group = 1 if sft else self._checked_group(batch)  # SFT rows are not groups
         needs_old = needs_old_logp(self.g)
         if needs_old and "old_logp" not in batch:
             batch["old_logp"] = (
                 np.zeros_like(batch["completion_mask"])  # unused: the loss takes the SFT branch
                 if sft
-                else self.ctx.policy_logprobs(batch, self.g.temperature, self.width)
+                else self.ctx.policy_logprobs(batch, self.g.temperature, self.width, group)
             )
         if not needs_old:
             batch.pop("old_logp", None)
         if self.correction.enabled and not is_in_loss(self.g):
             correct(batch, self.correction, sft=sft)
         if self.g.beta > 0 and not self.estimator.kl_in_reward and "ref_logp" not in batch:
-            batch["ref_logp"] = self.ctx.reference_logprobs(batch, self.g.temperature, self.width)
+            batch["ref_logp"] = self.ctx.reference_logprobs(
+                batch, self.g.temperature, self.width, group
+            )
         if self.estimator.kl_in_reward:
             batch.pop("ref_logp", None)  # the KL is in the advantages already
         if sft:  # rollout metrics do not exist yet: logged as null
             for name in self._metric_names():
                 batch[METRIC + name] = np.full(R, np.nan, np.float32)
         return batch
+
+    def _checked_group(self, batch: Mapping[str, np.ndarray]) -> int:
+        """``prompt_group``, after checking that the rollout rows are its runs."""
+        if self.prompt_group > 1:
+            check_prompt_runs(batch, self.prompt_group, self.width)
+        return self.prompt_group
 
     def _metric_names(self) -> list[str]:
         names = [*self.engine.metric_names(), "groups_with_equal_rewards", "truncated_fraction"]
@@ -317,8 +328,9 @@ class RolloutSource(RolloutBatchSource):
         it gets the per-token log pi_old - log pi_ref (k1, as verl and TRL put it in the reward)."""
         kl = None
         if self.estimator.kl_in_reward and self.g.beta > 0:
-            old = self.ctx.policy_logprobs(arrays, self.g.temperature, self.width)
-            ref = self.ctx.reference_logprobs(arrays, self.g.temperature, self.width)
+            group = self._checked_group(arrays)
+            old = self.ctx.policy_logprobs(arrays, self.g.temperature, self.width, group)
+            ref = self.ctx.reference_logprobs(arrays, self.g.temperature, self.width, group)
             arrays["old_logp"] = old  # the ratio's denominator when mu > 1: no second pass
             kl = (old - ref) * arrays["completion_mask"]
         inputs = parts.AdvantageInputs(
@@ -425,9 +437,12 @@ def make_loss(
     *,
     kl_in_reward: bool = False,
     completion_width: int | None = None,
+    prompt_group: int = 1,
 ) -> LossFn:
     """The step's loss. ``completion_width`` (the rows' completion part, ``_completion_width``):
-    only the positions that predict those tokens run the LM head (``scored_window``)."""
+    only the positions that predict those tokens run the LM head (``scored_window``).
+    ``prompt_group`` (``update_prompt_group``): the micro-batch's rows come in runs of that many
+    completions of one prompt, whose prompt runs through the model once."""
     objective = parts.objective(objective_name)
     eps, eps_high = g.epsilon, g.clip_high
     beta = 0.0 if kl_in_reward else g.beta  # in the reward, the advantages carry it
@@ -439,7 +454,13 @@ def make_loss(
         # One forward; log-probs and entropy chunk by chunk from its hidden states, never as
         # [B, T, V] logits. At the sampling temperature: the ratio and the KL must see the policy
         # that sampled, and the entropy is the sampling distribution's.
-        hidden_bte, _ = models.policy.hidden_states(batch["input_ids"], batch["attention_mask"])
+        hidden_bte = rollout_hidden(
+            models.policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            completion_width=completion_width,
+            prompt_group=prompt_group,
+        )
         (logp_bt, *plain), entropy_bt = chunked_logprobs_and_entropy(
             hidden_bte,
             models.policy.logits,
@@ -541,6 +562,40 @@ def columns(g: GrpoSpec, spec: Any, estimator: parts.Estimator) -> dict[str, Col
     return out
 
 
+def rollout_prompt_group(g: GrpoSpec) -> int:
+    """G where a rollout batch's rows may share their prompt's forward (``sharePromptForward``):
+    runs of G completions of one prompt, in order; 1 where they are not (multi-turn episodes,
+    whose turns differ per row) or it is off."""
+    if not g.share_prompt_forward or g.environment is not None:
+        return 1
+    return g.num_generations
+
+
+def update_prompt_group(g: GrpoSpec, training: Any) -> int:
+    """``rollout_prompt_group`` for the update's micro-batches, or 1 where they do not hold whole
+    groups in order (mini-batches permute rows, micro-batches take strided rows, SFT warm-up
+    rows are not groups) or the shared forward would cost memory the job counts on (it runs the
+    layers unrolled, without remat)."""
+    one_micro = training.micro_batch_size in (None, training.batch_size)
+    plain = training.remat == "none" and not training.scan_layers
+    if g.num_mini_batches > 1 or g.sft_warmup_steps or not (one_micro and plain):
+        return 1
+    return rollout_prompt_group(g)
+
+
+def check_prompt_runs(batch: Mapping[str, np.ndarray], group: int, width: int) -> None:
+    """The shared-prompt forward reads each run's first row for the whole run: the rows must
+    come in runs of ``group`` with equal prompt columns (ids and mask)."""
+    L = batch["input_ids"].shape[1]
+    for key in ("input_ids", "attention_mask"):
+        runs = np.asarray(batch[key])[:, : L - width].reshape(-1, group, L - width)
+        if not (runs == runs[:, :1]).all():
+            raise AssertionError(
+                f"rollout rows are not runs of {group} completions of one prompt; "
+                "sharePromptForward: false turns the shared prompt forward off"
+            )
+
+
 def _completion_width(g: GrpoSpec, spec: Any) -> int:
     """Tokens after the prompt: one completion, or an environment's turns and observations."""
     env, d = g.environment, spec.data
@@ -564,6 +619,7 @@ def family(objective: str = "grpo") -> tuple[Any, Any]:
                 objective,
                 kl_in_reward=estimator.kl_in_reward,
                 completion_width=_completion_width(g, spec),
+                prompt_group=update_prompt_group(g, spec.training),
             ),
             columns=columns(g, spec, estimator),
             reference=g.beta > 0,  # only the KL reads it

@@ -144,6 +144,20 @@ class GrpoSpec(RolloutSpec):
         ),
     )
 
+    share_prompt_forward: bool = Field(
+        True,
+        description=(
+            "Run each prompt once through the model for its G completions, in the reference and "
+            "old-policy log-prob passes and in the update, the completions attending to the "
+            "prompt's keys and values (the same maths as G copies; Prefix Grouper): the decoder "
+            "layers see B/G prompts + B completions instead of B of both. It applies where the "
+            "rows come as whole groups: no environment, numMiniBatches 1, no sftWarmupSteps; the "
+            "update also needs one micro-batch, remat none and unscanned layers, and no pass "
+            "applies it where the training attention is splash (TPUs), whose kernel keeps the "
+            "scores out of memory. false: every completion runs its own copy of the prompt."
+        ),
+    )
+
     def _check_environment(self) -> None:
         for i, reward in enumerate(self.rewards):
             if reward.display_name == ENVIRONMENT_REWARD:

@@ -1,0 +1,152 @@
+"""The shared prompt forward (``models/shared_prefix.py``, ``sharePromptForward``): each run of G
+rollout rows computes its prompt once, and gets the hidden states, log-probs, losses and gradients
+of G separate copies."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from posttrain.api.settings.grpo import GrpoSpec
+from posttrain.api.v1alpha1 import TrainingSpec
+from posttrain.trainer.algorithms import grpo, rollout
+from posttrain.trainer.algorithms.base import Context, Models, token_logprobs
+from posttrain.trainer.models import builtin_config, create_model, load_pretrained
+from posttrain.trainer.models.shared_prefix import shared_prefix_hidden
+from posttrain.trainer.tasks.chars import CharTokenizer
+from tests.trainer.test_grpo_parts import declared_loss
+
+G, P, N = 4, 8, 6  # completions per prompt, prompt width, completion width
+
+
+def group_rows(tok, rng, prompts=3):
+    """``prompts`` x G rollout rows: left-padded prompts of different lengths, each G times,
+    completions cut at an EOS at different places (right padding after it)."""
+    texts = [[tok.bos_token_id, *tok.encode(f"{7 * i + 3}+{i}=")] for i in range(prompts)]
+    rows = [t for t in texts for _ in range(G)]
+    completions = rng.integers(5, 60, (len(rows), N))
+    completions[np.arange(len(rows)), rng.integers(1, N, len(rows))] = tok.eos_token_id
+    valid = rollout.cut_at_eos(completions, np.ones_like(completions), tok.eos_token_id)
+    batch = rollout.rollout_arrays(rows, completions, valid, P, tok.pad_token_id)
+    batch["advantages"] = rng.normal(size=len(rows)).astype(np.float32)
+    batch["tokens_per_row"] = np.full(len(rows), batch["completion_mask"].sum() / len(rows), np.float32)  # fmt: skip
+    return batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = CharTokenizer()
+    return tok, create_model(builtin_config("tiny", vocab_size=tok.vocab_size))
+
+
+def _hidden_pair(model, batch):
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    plain, _ = model.hidden_states(ids, mask)
+    shared = shared_prefix_hidden(model, ids, mask, prefix_len=P, group=G)
+    real = np.asarray(batch["attention_mask"], bool)  # padding positions' outputs are unused
+    return np.asarray(plain)[real], np.asarray(shared)[real]
+
+
+def test_shared_prompt_hidden_states_equal_the_plain_forward(tiny):
+    tok, model = tiny
+    plain, shared = _hidden_pair(model, group_rows(tok, np.random.default_rng(0)))
+    np.testing.assert_allclose(shared, plain, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma2-softcap-active", "gemma3-text"])
+def test_shared_prompt_forward_on_sliding_window_and_softcapped_models(name):
+    # Gemma 2/3: sliding-window layers, attention soft-capping (2), the cached path's masks.
+    tok = CharTokenizer()
+    model = load_pretrained(f"tests/fixtures/hf-reference/{name}")
+    batch = group_rows(tok, np.random.default_rng(1))
+    batch["input_ids"] = batch["input_ids"] % model.config.vocab_size
+    plain, shared = _hidden_pair(model, batch)
+    np.testing.assert_allclose(shared, plain, atol=2e-4, rtol=1e-4)
+
+
+def test_grpo_loss_and_gradients_equal_with_and_without_the_shared_prompt(tiny):
+    tok, model = tiny
+    host = group_rows(tok, np.random.default_rng(2))
+    logp = np.asarray(
+        token_logprobs(model, host["input_ids"], host["attention_mask"], host["targets"])
+    )
+    host["old_logp"] = logp - 0.3 * host["completion_mask"]  # the ratio leaves 1 and clips
+    host["ref_logp"] = logp - 0.1
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    block = dict(numGenerations=G, maxNewTokens=N, beta=0.1)
+    shared_loss = declared_loss("grpo", sharePromptForward=True, **block)
+    plain_loss = declared_loss("grpo", sharePromptForward=False, **block)
+
+    def value_and_grads(loss):
+        (value, metrics), grads = nnx.value_and_grad(
+            lambda m: loss(Models(policy=m), batch), has_aux=True
+        )(model)
+        return float(value), metrics, jax.tree.leaves(grads)
+
+    v_shared, m_shared, g_shared = value_and_grads(shared_loss)
+    v_plain, m_plain, g_plain = value_and_grads(plain_loss)
+    assert v_shared == pytest.approx(v_plain, rel=1e-5, abs=1e-6)
+    assert float(m_shared["clip_fraction"]) == pytest.approx(float(m_plain["clip_fraction"]))
+    assert float(m_plain["clip_fraction"]) > 0  # the ratio really moved
+    assert sum(float(jnp.abs(g).sum()) for g in g_plain) > 0
+    for a, b in zip(g_shared, g_plain, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_log_probs_of_the_no_gradient_passes(tiny):
+    tok, model = tiny
+    host = group_rows(tok, np.random.default_rng(3))
+    args = (model, host["input_ids"], host["attention_mask"], host["targets"])
+    plain = np.asarray(token_logprobs(*args, completion_width=N))
+    shared = np.asarray(token_logprobs(*args, completion_width=N, prompt_group=G))
+    scored = host["completion_mask"] > 0
+    np.testing.assert_allclose(shared[scored], plain[scored], atol=1e-5)
+    assert (shared[:, : P - 1] == 0).all() and (shared[:, -1] == 0).all()  # no LM head there
+
+
+def test_rows_that_are_not_runs_of_one_prompt_are_refused(tiny):
+    tok, _ = tiny
+    batch = group_rows(tok, np.random.default_rng(4))
+    grpo.check_prompt_runs(batch, G, N)  # runs: fine
+    batch["input_ids"][1, P - 2] += 1  # the second row's prompt differs from its run's first
+    with pytest.raises(AssertionError, match="not runs of 4 completions.*sharePromptForward"):
+        grpo.check_prompt_runs(batch, G, N)
+    with pytest.raises(ValueError, match="not whole runs of group=5"):
+        shared_prefix_hidden(tiny[1], batch["input_ids"], batch["attention_mask"], prefix_len=P, group=5)  # fmt: skip
+
+
+def _settings(**block):
+    return GrpoSpec(rewards=[{"builtin": "length-penalty"}], num_generations=G, **block)
+
+
+@pytest.mark.parametrize(
+    ("block", "training", "want"),
+    [
+        ({}, {}, G),
+        ({"share_prompt_forward": False}, {}, 1),
+        ({"num_mini_batches": 2}, {}, 1),  # mini-batches permute rows
+        ({"sft_warmup_steps": 1, "beta": 0.0}, {}, 1),  # SFT rows are not groups
+        ({}, {"micro_batch_size": 1}, 1),  # micro-batches take strided rows
+        ({}, {"micro_batch_size": 2}, G),  # one micro-batch of the whole batch
+        ({}, {"remat": "full"}, 1),  # the shared path runs without remat
+        ({}, {"scan_layers": True}, 1),
+    ],
+)
+def test_the_update_shares_only_where_its_micro_batches_are_whole_groups(block, training, want):
+    spec = TrainingSpec(steps=3, batch_size=2, **training)
+    assert grpo.update_prompt_group(_settings(**block), spec) == want
+
+
+def test_the_no_gradient_passes_share_only_in_chunks_of_whole_groups():
+    def group(rows, micro_rows):
+        return Context(job=None, tokenizer=None, output_dir="", micro_rows=micro_rows).pass_prompt_group(rows, G)  # type: ignore[arg-type]  # fmt: skip
+
+    assert group(16, None) == G
+    assert group(16, 16) == G
+    assert group(16, 8) == G  # two chunks of two runs
+    assert group(16, 6) == 1  # chunks would split runs
+    assert group(12, 8) == 1  # the short last chunk is padded with copies of one row
+    assert group(14, None) == 1
