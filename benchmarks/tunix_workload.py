@@ -321,10 +321,11 @@ def grpo_job(
     learning_rate: float = LEARNING_RATE,
     training: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
+    grpo: dict[str, Any] | None = None,
 ) -> Any:
     """The GRPO benchmarks' PostTrainJob: ``shape`` = (prompts per step, G, prompt tokens, new
     tokens), sampled at temperature 1, a constant learning rate, no checkpoint during the run and
-    no export; ``training`` adds to (or overrides) spec.training."""
+    no export; ``training`` and ``grpo`` add to (or override) spec.training and spec.grpo."""
     from posttrain.api import parse_job
 
     prompts, G, P, N = shape
@@ -343,6 +344,7 @@ def grpo_job(
                     "maxNewTokens": N,
                     "temperature": 1.0,
                     "rewards": [{"function": reward}],
+                    **(grpo or {}),
                 },
                 "training": {
                     "steps": steps,
@@ -359,7 +361,9 @@ def grpo_job(
     )
 
 
-def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, Any]]:
+def grpo_step_time(
+    scan: bool | None = None, share_prompt: bool | None = None
+) -> tuple[float, float, dict[str, Any]]:
     """The trainer's own loop (``train_timed``) on the GRPO workload: step ends recorded where the
     loop's jitted update returns (blocking on it). Also returns what the step did, to check both
     sides do the same work."""
@@ -377,6 +381,7 @@ def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, An
         (GRPO_PROMPTS, GRPO_G, GRPO_PROMPT_LEN, GRPO_NEW),
         steps,
         training={} if scan is None else {"scanLayers": scan},
+        grpo={} if share_prompt is None else {"sharePromptForward": share_prompt},
     )
     result, times = train_timed(job, f"{root}/out")
     assert result.step == steps
@@ -390,7 +395,12 @@ def grpo_step_time(scan: bool | None = None) -> tuple[float, float, dict[str, An
     return wall, cpu, work
 
 
-def run(parts: tuple[str, ...], remat: str = "none", scan: bool | None = None) -> dict[str, float]:
+def run(
+    parts: tuple[str, ...],
+    remat: str = "none",
+    scan: bool | None = None,
+    share_prompt: bool | None = None,
+) -> dict[str, float]:
     out: dict[str, float] = {}
     if "sft_full" in parts:
         out |= results("sft_full_step", sft_step_time(lora=False, remat=remat, scan=bool(scan)))
@@ -399,7 +409,7 @@ def run(parts: tuple[str, ...], remat: str = "none", scan: bool | None = None) -
     if "decode" in parts:
         out |= results("decode_tokens_per_s", decode_time(), per=PROMPTS * NEW_TOKENS)
     if "grpo" in parts:
-        wall, cpu, work = grpo_step_time(scan)
+        wall, cpu, work = grpo_step_time(scan, share_prompt)
         out |= results("grpo_step", (wall, cpu))
         out |= {f"grpo_{k}": v for k, v in work.items()}  # type: ignore[misc]
     return out
@@ -415,10 +425,16 @@ def main() -> None:
         default=None,
         help="layers under lax.scan (SFT default: no; GRPO default: spec.training.scanLayers's)",
     )
+    parser.add_argument(
+        "--share-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GRPO: spec.grpo.sharePromptForward (default: the field's default, on)",
+    )
     args = parser.parse_args()
     import jax
 
-    result = run(tuple(args.only or PARTS), args.remat, args.scan)
+    result = run(tuple(args.only or PARTS), args.remat, args.scan, args.share_prompt)
     result["backend"] = jax.default_backend()  # type: ignore[assignment]
     print(json.dumps(result))
 
