@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -32,6 +33,14 @@ def split_micro(batch: Mapping[str, jax.Array], num_micro: int) -> dict[str, jax
         return x.reshape(B // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
 
     return {k: split(v) for k, v in batch.items()}
+
+
+def contiguous_micro_order(rows: int, num_micro: int) -> np.ndarray:
+    """The row order under which ``split_micro``'s micro-batch m holds the m-th contiguous block
+    of ``rows / num_micro`` rows (``order[j M + m] = m rows / M + j``): whole runs of rows (GRPO's
+    groups) stay together while each micro-batch still spreads over every device."""
+    per = rows // num_micro
+    return np.arange(rows).reshape(num_micro, per).T.reshape(-1)
 
 
 View = Callable[[Any, Any, Any], Models]  # (params, frozen, extras) -> Models

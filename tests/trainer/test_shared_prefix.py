@@ -4,6 +4,10 @@ of G separate copies."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +20,7 @@ from posttrain.trainer.algorithms import grpo, rollout
 from posttrain.trainer.algorithms.base import Context, Models, token_logprobs
 from posttrain.trainer.models import builtin_config, create_model, load_pretrained
 from posttrain.trainer.models.shared_prefix import shared_prefix_hidden
+from posttrain.trainer.tasks import arithmetic
 from posttrain.trainer.tasks.chars import CharTokenizer
 from tests.trainer.test_grpo_parts import declared_loss
 
@@ -129,7 +134,7 @@ def _settings(**block):
         ({"share_prompt_forward": False}, {}, 1),
         ({"num_mini_batches": 2}, {}, 1),  # mini-batches permute rows
         ({"sft_warmup_steps": 1, "beta": 0.0}, {}, 1),  # SFT rows are not groups
-        ({}, {"micro_batch_size": 1}, 1),  # micro-batches take strided rows
+        ({}, {"micro_batch_size": 1}, G),  # the rows reordered: contiguous_micro_order
         ({}, {"micro_batch_size": 2}, G),  # one micro-batch of the whole batch
         ({}, {"remat": "full"}, 1),  # the shared path runs without remat
         ({}, {"scan_layers": True}, 1),
@@ -150,3 +155,74 @@ def test_the_no_gradient_passes_share_only_in_chunks_of_whole_groups():
     assert group(16, 6) == 1  # chunks would split runs
     assert group(12, 8) == 1  # the short last chunk is padded with copies of one row
     assert group(14, None) == 1
+
+
+def test_the_micro_batch_order_hands_each_micro_batch_whole_groups():
+    from posttrain.trainer.loop_step import contiguous_micro_order, split_micro
+
+    rows, num_micro = 24, 3
+    order = contiguous_micro_order(rows, num_micro)
+    assert sorted(order.tolist()) == list(range(rows))  # a permutation
+    micro = np.asarray(split_micro({"row": jnp.asarray(order)}, num_micro)["row"])
+    np.testing.assert_array_equal(micro, np.arange(rows).reshape(num_micro, rows // num_micro))
+
+
+def _grpo_job(tmp: Path, share: bool):
+    jobs = _loop_jobs()
+    arithmetic.write_jsonl(str(tmp / "prompts.jsonl"), arithmetic.problems("train")[:32])
+    (tmp / "rewards.py").write_text(
+        "def digits(prompts, completions, **columns):\n"
+        "    return [sum(c.isdigit() for c in x) / max(len(x), 1) for x in completions]\n"
+    )
+    block = {
+        "numGenerations": G,
+        "beta": 0.04,  # the reference's log-probs
+        "numIterations": 2,  # the old policy's log-probs; step 2 trains on step 1's rollouts
+        "maxNewTokens": 8,
+        "rewards": [{"function": f"{tmp}/rewards.py:digits"}],
+        "sharePromptForward": share,
+    }
+    return jobs.job(
+        tmp,
+        algorithm="grpo",
+        training={
+            "steps": 2,
+            "batchSize": 4,
+            "microBatchSize": 2,
+            "learningRate": 1e-2,
+            "schedule": {"name": "constant", "warmupSteps": 0},
+        },
+        output={"export": False},
+        data={
+            "train": str(tmp / "prompts.jsonl"),
+            "eval": None,
+            "maxLength": 24,
+            "maxPromptLength": 8,
+        },  # fmt: skip
+        grpo=block,
+    )
+
+
+def _loop_jobs():
+    spec = importlib.util.spec_from_file_location(
+        "loop_jobs", os.path.join(os.path.dirname(__file__), "loop_jobs.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_grpo_run_with_micro_batches_trains_the_same_with_the_shared_prompt(tmp_path):
+    # Two micro-batches (the rows reordered into whole groups), old and reference log-probs:
+    # every pass that shares must give the run that does not share.
+    jobs = _loop_jobs()
+    runs = {}
+    for share in (True, False):
+        out = tmp_path / f"share-{share}"
+        out.mkdir()
+        jobs.run_training(_grpo_job(out, share), out / "run")
+        runs[share] = [m for m in jobs.metrics(out / "run") if "loss" in m]
+    for shared, plain in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "grad_norm", "kl", "clip_fraction", "reward_mean"):
+            assert shared[key] == pytest.approx(plain[key], rel=2e-3, abs=1e-5), (key, shared)
+    assert len(runs[True]) == 2 and runs[True][1]["kl"] > 0  # step 2 moved off the reference

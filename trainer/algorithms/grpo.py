@@ -72,6 +72,7 @@ from posttrain.trainer.algorithms.rollout import (
     mini_batch_order,
 )
 from posttrain.trainer.data.prompts import load_prompts
+from posttrain.trainer.loop_step import contiguous_micro_order
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 from posttrain.trainer.models.logprobs import scored_window
 from posttrain.trainer.models.shared_prefix import rollout_hidden
@@ -124,6 +125,7 @@ class RolloutSource(RolloutBatchSource):
         self._last_tokens = 0.0
         self.width = _completion_width(g, ctx.spec)  # the rows' completion part (scored_window)
         self.prompt_group = rollout_prompt_group(g)  # the no-gradient passes' shared prompts
+        self.update_group = update_prompt_group(g, ctx.spec.training)
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         now = time.perf_counter()
@@ -172,6 +174,17 @@ class RolloutSource(RolloutBatchSource):
             # The first step of a rollout batch runs on the weights that sampled it: its ratio's
             # denominator is the current forward itself (exactly 1), as with mu = 1.
             batch["on_policy"] = np.full(R, float(first), np.float32)
+        micro_rows = self.ctx.micro_rows or R
+        if self.update_group > 1 and micro_rows < R:
+            # The step takes strided rows per micro-batch (loop_step.split_micro); this order
+            # gives each micro-batch a contiguous block of whole groups instead. The loss is a
+            # mean over rows, so only which micro-batch computes a row changes.
+            num_micro = R // micro_rows
+            order = contiguous_micro_order(R, num_micro)
+            batch = {key: value[order] for key, value in batch.items()}
+            for m in range(num_micro):  # what split_micro will hand the loss
+                micro = {key: batch[key][m::num_micro] for key in ("input_ids", "attention_mask")}
+                check_prompt_runs(micro, self.update_group, self.width)
         return batch
 
     def _finish_batch(
@@ -572,13 +585,13 @@ def rollout_prompt_group(g: GrpoSpec) -> int:
 
 
 def update_prompt_group(g: GrpoSpec, training: Any) -> int:
-    """``rollout_prompt_group`` for the update's micro-batches, or 1 where they do not hold whole
-    groups in order (mini-batches permute rows, micro-batches take strided rows, SFT warm-up
-    rows are not groups) or the shared forward would cost memory the job counts on (it runs the
-    layers unrolled, without remat)."""
-    one_micro = training.micro_batch_size in (None, training.batch_size)
+    """``rollout_prompt_group`` for the update's micro-batches (the step batch's rows reordered
+    so that each holds whole groups: ``RolloutSource._step_columns``), or 1 where the step's rows
+    are not whole groups in order (mini-batches permute rows, SFT warm-up rows are not groups) or
+    the shared forward would cost memory the job counts on (it runs the layers unrolled, without
+    remat)."""
     plain = training.remat == "none" and not training.scan_layers
-    if g.num_mini_batches > 1 or g.sft_warmup_steps or not (one_micro and plain):
+    if g.num_mini_batches > 1 or g.sft_warmup_steps or not plain:
         return 1
     return rollout_prompt_group(g)
 
