@@ -78,6 +78,34 @@ def job(tmp_path: Path, **spec: Any) -> PostTrainJob:
     return parse_job(manifest(tmp_path, **spec))
 
 
+DIGIT_REWARD = (
+    "def digits(prompts, completions, **columns):\n"
+    "    return [sum(c.isdigit() for c in x) / max(len(x), 1) for x in completions]\n"
+)
+
+
+def grpo_job(
+    tmp: Path, prompts: int = 64, training: dict[str, Any] | None = None, **block: Any
+) -> PostTrainJob:
+    """A small GRPO job in ``tmp``: ``prompts`` arithmetic prompts of up to 8 tokens, G = 4
+    completions of up to 8 tokens rewarded for their share of digits, beta 0.04 (the reference's
+    log-probs); ``block`` adds to (or overrides) spec.grpo, ``training`` spec.training."""
+    arithmetic.write_jsonl(str(tmp / "prompts.jsonl"), arithmetic.problems("train")[:prompts])
+    (tmp / "rewards.py").write_text(DIGIT_REWARD)
+    data = {"train": str(tmp / "prompts.jsonl"), "eval": None, "maxLength": 24, "maxPromptLength": 8}  # fmt: skip
+    grpo = {
+        "numGenerations": 4,
+        "beta": 0.04,
+        "maxNewTokens": 8,
+        "rewards": [{"function": f"{tmp}/rewards.py:digits"}],
+        **block,
+    }
+    training = {"steps": 3, "batchSize": 4, "checkpoint": {"everySteps": 1000}, **(training or {})}
+    return job(
+        tmp, algorithm="grpo", training=training, output={"export": False}, data=data, grpo=grpo
+    )
+
+
 def write_pairs(folder: Path) -> tuple[str, str]:
     """Preference pairs on the arithmetic task: 128 for training, the held-out ones for eval."""
     folder.mkdir(parents=True, exist_ok=True)

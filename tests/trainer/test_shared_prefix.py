@@ -20,7 +20,6 @@ from posttrain.trainer.algorithms import grpo, rollout
 from posttrain.trainer.algorithms.base import Context, Models, token_logprobs
 from posttrain.trainer.models import builtin_config, create_model, load_pretrained
 from posttrain.trainer.models.shared_prefix import shared_prefix_hidden
-from posttrain.trainer.tasks import arithmetic
 from posttrain.trainer.tasks.chars import CharTokenizer
 from tests.trainer.test_grpo_parts import declared_loss
 
@@ -168,38 +167,10 @@ def test_the_micro_batch_order_hands_each_micro_batch_whole_groups():
 
 
 def _grpo_job(tmp: Path, share: bool):
-    jobs = _loop_jobs()
-    arithmetic.write_jsonl(str(tmp / "prompts.jsonl"), arithmetic.problems("train")[:32])
-    (tmp / "rewards.py").write_text(
-        "def digits(prompts, completions, **columns):\n"
-        "    return [sum(c.isdigit() for c in x) / max(len(x), 1) for x in completions]\n"
-    )
-    block = {
-        "numGenerations": G,
-        "beta": 0.04,  # the reference's log-probs
-        "numIterations": 2,  # the old policy's log-probs; step 2 trains on step 1's rollouts
-        "maxNewTokens": 8,
-        "rewards": [{"function": f"{tmp}/rewards.py:digits"}],
-        "sharePromptForward": share,
-    }
-    return jobs.job(
-        tmp,
-        algorithm="grpo",
-        training={
-            "steps": 2,
-            "batchSize": 4,
-            "microBatchSize": 2,
-            "learningRate": 1e-2,
-            "schedule": {"name": "constant", "warmupSteps": 0},
-        },
-        output={"export": False},
-        data={
-            "train": str(tmp / "prompts.jsonl"),
-            "eval": None,
-            "maxLength": 24,
-            "maxPromptLength": 8,
-        },  # fmt: skip
-        grpo=block,
+    # mu 2: the old policy's log-probs; step 2 trains on step 1's rollouts with moved weights
+    training = {"steps": 2, "microBatchSize": 2, "learningRate": 1e-2, "schedule": {"name": "constant", "warmupSteps": 0}}  # fmt: skip
+    return _loop_jobs().grpo_job(
+        tmp, prompts=32, training=training, numIterations=2, sharePromptForward=share
     )
 
 

@@ -11,7 +11,7 @@ Built on the generation path: the prompts fill a KV cache (``B / G`` rows), the 
 to the G rows of each run, and the completions run through it. So the attention is the cached
 path's (``cached_attention``, or XLA's/cuDNN's fused kernel for T > 1 off the CPU), whatever
 ``training.attention`` says, and the layers run unrolled without remat: callers use it only
-where that costs no memory the job counted on (``rl/prefix_sharing``'s rules).
+where that costs no memory the job counted on (``algorithms/grpo.update_prompt_group``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from posttrain.trainer.models.attention_kernels import choose_kernel
 
 
 def shared_prefix_hidden(
@@ -61,8 +63,6 @@ def shares_prompt(model: Any, length: int) -> bool:
     """Whether a forward over rows of ``length`` tokens may share prompts: not where the training
     attention would be splash (TPUs), whose kernel never holds the [T, S] scores that the cached
     path's attention does."""
-    from posttrain.trainer.models.attention_kernels import choose_kernel
-
     attention = model.model.layers[0].self_attn
     kernel = choose_kernel(
         attention.implementation,
