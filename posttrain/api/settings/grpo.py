@@ -152,9 +152,10 @@ class GrpoSpec(RolloutSpec):
             "prompt's keys and values (the same maths as G copies; Prefix Grouper): the decoder "
             "layers see B/G prompts + B completions instead of B of both. It applies where the "
             "rows come as whole groups: no environment, numMiniBatches 1, no sftWarmupSteps; the "
-            "update also needs one micro-batch, remat none and unscanned layers, and no pass "
-            "applies it where the training attention is splash (TPUs), whose kernel keeps the "
-            "scores out of memory. false: every completion runs its own copy of the prompt."
+            "update also needs remat none and unscanned layers (micro-batches are reordered to "
+            "hold whole groups), and no pass applies it where the training attention is splash "
+            "(TPUs), whose kernel keeps the scores out of memory. false: every completion runs "
+            "its own copy of the prompt."
         ),
     )
 
