@@ -279,12 +279,8 @@ class Context:
         """``group`` if the no-gradient passes' chunks of ``micro_rows`` rows hold whole runs of
         ``group`` rows of a ``rows``-row batch (``in_micro_batches`` pads a short last chunk with
         copies of one row, which would break a run), else 1."""
-        chunk = self.micro_rows
-        if group > 1 and rows % group == 0 and (chunk is None or chunk >= rows):
-            return group
-        if group > 1 and chunk is not None and chunk % group == 0 and rows % chunk == 0:
-            return group
-        return 1
+        chunk = rows if self.micro_rows is None else min(self.micro_rows, rows)
+        return group if group > 1 and chunk % group == 0 and rows % chunk == 0 else 1
 
     def _logprobs(
         self,
