@@ -4,6 +4,7 @@
 # test's processes only: JAX everywhere else keeps to the CPU without looking for a TPU).
 #
 #   hack/libtpu.sh          install if missing; print the folder
+#   hack/libtpu.sh --folder print the folder only (the test of plan's TPU path looks there)
 #
 # ${POSTTRAIN_CACHE:-~/.cache/posttrain}/libtpu-<jax version>/; the test finds it there.
 set -euo pipefail
@@ -21,6 +22,10 @@ print(m.version("jax"), pins[0].replace(" ", ""))
 PY
 )
 DIR="$CACHE_ROOT/libtpu-jax$JAX_VERSION"
+if [[ "${1:-}" == "--folder" ]]; then
+  echo "$DIR"
+  exit 0
+fi
 if ! ls "$DIR"/libtpu-*.dist-info >/dev/null 2>&1; then
   echo "installing $PIN into $DIR (a ~210 MB wheel)" >&2
   rm -rf "$DIR.partial"

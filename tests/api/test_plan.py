@@ -631,10 +631,11 @@ def _libtpu() -> tuple[str, dict[str, str]] | None:
 
     if libtpu_version() is not None:
         return libtpu_version(), dict(os.environ)
-    cache = os.environ.get("POSTTRAIN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "posttrain"
-    )
-    folder = os.path.join(cache, f"libtpu-jax{importlib.metadata.version('jax')}")
+    script = Path(__file__).resolve().parents[2] / "hack" / "libtpu.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    folder = subprocess.run(
+        ["bash", str(script), "--folder"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     found = [d for d in importlib.metadata.distributions(path=[folder]) if d.name == "libtpu"]
     if not found:
         return None

@@ -261,7 +261,7 @@ def test_runs_of_one_prompt_are_prefilled_once(tiny):
         np.testing.assert_allclose(
             np.asarray(getattr(grouped, field)), np.asarray(getattr(every_row, field)), atol=1e-5
         )
-    with pytest.raises(ValueError, match="not runs of one prompt"):
+    with pytest.raises(ValueError, match="not runs of 4 copies of one prompt; prompt_group=1"):
         generate(tiny, prompts * 4, **kwargs, prompt_group=4)
     # The compiled rollout does fewer FLOPs: the prefill runs on 3 rows instead of 12.
     graphdef, state = nnx.split(tiny)

@@ -116,7 +116,7 @@ def test_rows_that_are_not_runs_of_one_prompt_are_refused(tiny):
     batch = group_rows(tok, np.random.default_rng(4))
     grpo.check_prompt_runs(batch, G, N)  # runs: fine
     batch["input_ids"][1, P - 2] += 1  # the second row's prompt differs from its run's first
-    with pytest.raises(AssertionError, match="not runs of 4 completions.*sharePromptForward"):
+    with pytest.raises(ValueError, match="not runs of 4 copies of one prompt; sharePromptForward"):
         grpo.check_prompt_runs(batch, G, N)
     with pytest.raises(ValueError, match="not whole runs of group=5"):
         shared_prefix_hidden(tiny[1], batch["input_ids"], batch["attention_mask"], prefix_len=P, group=5)  # fmt: skip

@@ -73,9 +73,9 @@ from posttrain.trainer.algorithms.rollout import (
 )
 from posttrain.trainer.data.prompts import load_prompts
 from posttrain.trainer.loop_step import contiguous_micro_order
+from posttrain.trainer.models import shared_prefix
 from posttrain.trainer.models.entropy import chunked_logprobs_and_entropy
 from posttrain.trainer.models.logprobs import scored_window
-from posttrain.trainer.models.shared_prefix import rollout_hidden
 
 OVERLONG = OVERLONG_REWARD  # the soft overlong penalty's name among the reward terms
 
@@ -467,7 +467,7 @@ def make_loss(
         # One forward; log-probs and entropy chunk by chunk from its hidden states, never as
         # [B, T, V] logits. At the sampling temperature: the ratio and the KL must see the policy
         # that sampled, and the entropy is the sampling distribution's.
-        hidden_bte = rollout_hidden(
+        hidden_bte = shared_prefix.rollout_hidden(
             models.policy,
             batch["input_ids"],
             batch["attention_mask"],
@@ -597,16 +597,13 @@ def update_prompt_group(g: GrpoSpec, training: Any) -> int:
 
 
 def check_prompt_runs(batch: Mapping[str, np.ndarray], group: int, width: int) -> None:
-    """The shared-prompt forward reads each run's first row for the whole run: the rows must
-    come in runs of ``group`` with equal prompt columns (ids and mask)."""
-    L = batch["input_ids"].shape[1]
-    for key in ("input_ids", "attention_mask"):
-        runs = np.asarray(batch[key])[:, : L - width].reshape(-1, group, L - width)
-        if not (runs == runs[:, :1]).all():
-            raise AssertionError(
-                f"rollout rows are not runs of {group} completions of one prompt; "
-                "sharePromptForward: false turns the shared prompt forward off"
-            )
+    """The shared prompt forward reads each run's first row for the whole run: the rollout rows
+    must come in runs of ``group`` with equal prompt columns (all but the last ``width``)."""
+    prompt = slice(0, batch["input_ids"].shape[1] - width)
+    columns = (np.asarray(batch[key])[:, prompt] for key in ("input_ids", "attention_mask"))
+    shared_prefix.check_prompt_runs(
+        columns, group, "sharePromptForward: false turns the shared prompt forward off"
+    )
 
 
 def _completion_width(g: GrpoSpec, spec: Any) -> int:

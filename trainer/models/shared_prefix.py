@@ -16,10 +16,12 @@ where that costs no memory the job counted on (``algorithms/grpo.update_prompt_g
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from posttrain.trainer.models.attention_kernels import choose_kernel
 
@@ -98,3 +100,14 @@ def rollout_hidden(
             )
     hidden, _ = model.hidden_states(input_ids, attention_mask)
     return hidden
+
+
+def check_prompt_runs(columns: Iterable[np.ndarray], group: int, remedy: str) -> None:
+    """On the host, before a shared pass: each run of ``group`` rows must hold equal ``columns``
+    (a prompt's ids and mask). A run that does not would be computed from its first row's
+    prompt, silently wrong, so it is refused with ``remedy`` (what turns the sharing off)."""
+    for x in columns:
+        x = np.asarray(x)
+        runs = x.reshape(len(x) // group, group, -1)
+        if not (runs == runs[:, :1]).all():
+            raise ValueError(f"the rows are not runs of {group} copies of one prompt; {remedy}")

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from posttrain.trainer.models import CausalLM
 from posttrain.trainer.models.sharding import LOGICAL_AXIS_RULES
+from posttrain.trainer.models.shared_prefix import check_prompt_runs
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 8
@@ -288,14 +289,6 @@ def prefill_group(prompt_group: int, batch: int, rows: int, chunk: int, dp: int)
     return prompt_group
 
 
-def _check_prompt_runs(ids: np.ndarray, mask: np.ndarray, group: int) -> None:
-    """Rows said to share a prompt that do not would be sampled from the wrong prompt."""
-    for x in (ids, mask):
-        runs = x.reshape(len(x) // group, group, -1)
-        if not (runs == runs[:, :1]).all():
-            raise ValueError(f"prompt_group {group}: the rows are not runs of one prompt")
-
-
 def _put_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
     """A host array onto the mesh with its rows sharded (each process supplies its own rows of the
     same full array, so this also works across hosts)."""
@@ -368,7 +361,7 @@ def generate(
     rows, chunk = row_layout(batch, data_parallel_size(mesh), chunk_rows)
     group = prefill_group(prompt_group, batch, rows, chunk, data_parallel_size(mesh))
     if group > 1:
-        _check_prompt_runs(ids, mask, group)
+        check_prompt_runs((ids, mask), group, "prompt_group=1 samples every row's own prompt")
     prompt_len = bucket(length, MIN_PROMPT_BUCKET)
     new_len = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     # Padding rows copy the last prompt (a valid, left-padded one); their draws use row indices
