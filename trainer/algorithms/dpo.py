@@ -278,7 +278,7 @@ def build(ctx: Context) -> Algorithm:
     if dpo.precompute_reference_log_probs:
         # Now, before the loop restores a checkpoint: the policy holds the initial weights.
         score = reference_scorer(ctx, micro, average, initial_policy=True)
-        everything = pairs.pairs + (held_out or [])
+        everything = pairs.cursor.items + (held_out or [])
         table = score_pairs(everything, score, rows=micro, seq_len=d.max_length, pad_id=pad_id)
         ctx.log(
             f"dpo: reference log-probs of {len(table)} distinct pairs precomputed; no reference "

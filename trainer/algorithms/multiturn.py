@@ -47,7 +47,7 @@ from posttrain.api.settings.environment import EnvironmentSpec, SandboxSpec
 from posttrain.api.settings.grpo import ENVIRONMENT_REWARD
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms.rollout import Rollout, SamplingSettings, group_seed, sample
-from posttrain.trainer.data.prompts import prompt_order
+from posttrain.trainer.data.order import EpochStream
 from posttrain.trainer.data.readers import BadRow, read_rows
 from posttrain.trainer.data.text import pad_id_of, prepend_bos, render_chat
 from posttrain.trainer.environments import CheckedEnvironment, EnvironmentFailure, load_environment
@@ -279,16 +279,13 @@ class MultiTurnEngine:
                 f"prompts of up to {self.prompt_len} tokens exceed spec.data.maxLength "
                 f"({d.max_length}); lower maxNewTokens or maxPromptLength, or raise maxLength"
             )
-        self._orders: dict[int, np.ndarray] = {}
+        self._stream = EpochStream(self.rows, self.seed, self.shuffle)
         self._samples_written = 0
 
     # ------------------------------------------------------------------ the engine interface
 
     def prompt(self, k: int) -> EpisodeRow:
-        epoch, i = divmod(k, len(self.rows))
-        if epoch not in self._orders:
-            self._orders = {epoch: prompt_order(len(self.rows), self.seed, epoch, self.shuffle)}
-        return self.rows[int(self._orders[epoch][i])]
+        return self._stream[k]
 
     def rollout(self, model: Any, rows: Sequence[EpisodeRow], seed: int) -> MultiTurnRollout:
         generation = [0.0]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
+from posttrain.trainer.data.order import EpochCursor
 from posttrain.trainer.data.readers import BadRow, Row, read_rows
 from posttrain.trainer.data.sft import ROLES, TokenizerLike
 
@@ -225,33 +226,14 @@ class PreferenceSource:
         seed: int,
         shuffle: bool = True,
     ):
-        self.pairs = list(pairs)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.pad_id = pad_id
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.index = 0
-        self._order = self._order_for(0)
-
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.pairs))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-
-    def _next_pair(self) -> Pair:
-        if self.index >= len(self._order):
-            self.epoch += 1
-            self.index = 0
-            self._order = self._order_for(self.epoch)
-        pair = self.pairs[self._order[self.index]]
-        self.index += 1
-        return pair
+        self.cursor = EpochCursor(pairs, seed=seed, shuffle=shuffle)
 
     def next_pairs(self) -> list[Pair]:
         """The next global batch's pairs, in order (what ``next_batch`` collates)."""
-        return [self._next_pair() for _ in range(self.batch_size)]
+        return self.cursor.take(self.batch_size)
 
     def collate(self, pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
         batch = collate(pairs, self.seq_len, self.pad_id)
@@ -262,12 +244,10 @@ class PreferenceSource:
         return self.collate(self.next_pairs())
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.cursor.state()
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
-        self._order = self._order_for(self.epoch)
+        self.cursor.restore(state)
 
 
 def fixed_batches(

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from posttrain.api.v1alpha1 import DataSpec
+from posttrain.trainer.data.order import EpochStream
 from posttrain.trainer.data.readers import BadRow, read_rows
 from posttrain.trainer.data.text import keep_last, prepend_bos
 
@@ -91,21 +90,5 @@ def load_prompts(
     return prompts
 
 
-def prompt_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-
-
-class PromptStream:
+class PromptStream(EpochStream[Prompt]):
     """Prompt k of the run (k counts over epochs): a seeded permutation per epoch."""
-
-    def __init__(self, prompts: list[Prompt], seed: int, shuffle: bool):
-        self.prompts = prompts
-        self.seed = seed
-        self.shuffle = shuffle
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __getitem__(self, k: int) -> Prompt:
-        epoch, i = divmod(k, len(self.prompts))
-        if epoch not in self._orders:
-            self._orders = {epoch: prompt_order(len(self.prompts), self.seed, epoch, self.shuffle)}
-        return self.prompts[int(self._orders[epoch][i])]

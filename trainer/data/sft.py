@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
+from posttrain.trainer.data.order import EpochCursor
 from posttrain.trainer.data.readers import BadRow, Row, read_rows
 from posttrain.trainer.data.text import keep_last, prepend_bos, template_name
 
@@ -272,45 +273,23 @@ class SftSource:
         shuffle: bool = True,
         packing: bool = False,
     ):
-        self.examples = list(examples)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.pad_id = pad_id
-        self.seed = seed
-        self.shuffle = shuffle
         self.packing = packing
-        self.epoch = 0
-        self.index = 0
-        self._rows = self._rows_for(0)
-
-    def _rows_for(self, epoch: int) -> list[Example]:
-        order = np.arange(len(self.examples))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        rows = [self.examples[i] for i in order]
-        return pack(rows, self.seq_len) if self.packing else rows
-
-    def _next_row(self) -> Example:
-        if self.index >= len(self._rows):
-            self.epoch += 1
-            self.index = 0
-            self._rows = self._rows_for(self.epoch)
-        row = self._rows[self.index]
-        self.index += 1
-        return row
+        arrange = (lambda rows: pack(rows, seq_len)) if packing else None
+        self.cursor = EpochCursor(examples, seed=seed, shuffle=shuffle, arrange=arrange)
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         del step  # the order is positional; the loop restores the position on resume
-        rows = [self._next_row() for _ in range(self.batch_size)]
+        rows = self.cursor.take(self.batch_size)
         return collate(rows, self.seq_len, self.pad_id, segment_ids=self.packing)
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.cursor.state()
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
-        self._rows = self._rows_for(self.epoch)
+        self.cursor.restore(state)
 
 
 def fixed_batches(

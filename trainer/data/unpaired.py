@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
+from posttrain.trainer.data.order import EpochCursor
 from posttrain.trainer.data.preference import (
     Pair,
     _chat_completion,
@@ -167,39 +168,18 @@ class UnpairedSource:
         seed: int,
         shuffle: bool = True,
     ):
-        self.examples = list(examples)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.pad_id = pad_id
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.index = 0
-        self._order = self._order_for(0)
-
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.examples))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-
-    def _next_example(self) -> Example:
-        if self.index >= len(self._order):
-            self.epoch += 1
-            self.index = 0
-            self._order = self._order_for(self.epoch)
-        example = self.examples[self._order[self.index]]
-        self.index += 1
-        return example
+        self.cursor = EpochCursor(examples, seed=seed, shuffle=shuffle)
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         del step  # the order is positional; the loop restores the position on resume
-        rows = [self._next_example() for _ in range(self.batch_size)]
+        rows = self.cursor.take(self.batch_size)
         return collate_unpaired(rows, self.seq_len, self.pad_id)
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.cursor.state()
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
-        self._order = self._order_for(self.epoch)
+        self.cursor.restore(state)
