@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from posttrain.api import parse_job
+from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.tasks import arithmetic, preferences
 
@@ -215,6 +216,55 @@ def write_recipe(tmp_path: Path, **spec: Any) -> str:
 
 def metrics(output: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def per_step(output: Path) -> dict[int, dict[str, Any]]:
+    """The step records (the final summary line shares the last step number; merged in)."""
+    steps: dict[int, dict[str, Any]] = {}
+    for record in metrics(output):
+        steps.setdefault(record["step"], {}).update(record)
+    return steps
+
+
+def rl_manifest(
+    files: Path,
+    algorithm: str,
+    *,
+    steps: int = 12,
+    batch_size: int = 4,
+    reward: str = "digits",
+    name: str = "rl-test",
+    **block: Any,
+) -> dict[str, Any]:
+    """A GRPO-family job on a test's ``files``: ``train.jsonl`` (arithmetic prompts of up to 8
+    tokens) and ``my_rewards.py`` (its reward functions, ``reward`` the one used); completions of
+    up to 8 tokens, a constant learning rate of 1e-2. ``block`` adds to (or overrides) the
+    algorithm's block (spec.grpo, spec.dapo, ...)."""
+    settings = {
+        "maxNewTokens": 8,
+        "rewards": [{"function": f"{files}/my_rewards.py:{reward}"}],
+        **block,
+    }
+    return {
+        "apiVersion": "posttrain.dev/v1alpha1",
+        "kind": "PostTrainJob",
+        "metadata": {"name": name},
+        "spec": {
+            "algorithm": algorithm,
+            "model": {"base": "builtin:tiny", "dtype": "float32"},
+            "data": {"train": str(files / "train.jsonl"), "maxLength": 24, "maxPromptLength": 8},
+            REGISTRY[algorithm].block: settings,
+            "training": {
+                "steps": steps,
+                "batchSize": batch_size,
+                "learningRate": 1e-2,
+                "schedule": {"name": "constant", "warmupSteps": 0},
+                "checkpoint": {"everySteps": 1000},
+            },
+            "output": {"export": False},
+            "resources": {"accelerator": "cpu"},
+        },
+    }
 
 
 def losses(output: Path) -> dict[int, float]:

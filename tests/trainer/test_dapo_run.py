@@ -3,18 +3,21 @@ optimizer steps and orbax checkpoints), and a resume in the middle of dynamic sa
 
 from __future__ import annotations
 
-import json
+import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
 from posttrain.trainer.metrics import TIMING
 from posttrain.trainer.tasks import arithmetic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loop_jobs, as the loop tests do
+import loop_jobs as jobs  # noqa: E402
+from loop_jobs import per_step  # noqa: E402
 
 REWARDS = textwrap.dedent(
     """
@@ -38,46 +41,10 @@ def files(tmp_path_factory) -> Path:
 
 
 def job(files: Path, algorithm: str, steps: int, reward: str = "digits", **grpo) -> PostTrainJob:
-    block = {
-        "numGenerations": 8,
-        "maxNewTokens": 8,
-        "rewards": [{"function": f"{files}/my_rewards.py:{reward}"}],
-        **grpo,
-    }
+    block = {"numGenerations": 8, **grpo}
     return PostTrainJob.model_validate(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "dapo-test"},
-            "spec": {
-                "algorithm": algorithm,
-                "model": {"base": "builtin:tiny", "dtype": "float32"},
-                "data": {
-                    "train": str(files / "train.jsonl"),
-                    "maxLength": 24,
-                    "maxPromptLength": 8,
-                },
-                REGISTRY[algorithm].block: block,  # spec.dapo, spec.drGrpo
-                "training": {
-                    "steps": steps,
-                    "batchSize": 4,
-                    "learningRate": 1e-2,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "checkpoint": {"everySteps": 1000},
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "cpu"},
-            },
-        }
+        jobs.rl_manifest(files, algorithm, steps=steps, reward=reward, name="dapo-test", **block)
     )
-
-
-def per_step(out: Path) -> dict[int, dict]:
-    steps: dict[int, dict] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        steps.setdefault(m["step"], {}).update(m)
-    return steps
 
 
 def rise(steps: dict[int, dict], key: str) -> float:

@@ -3,19 +3,22 @@ optimizer steps and orbax checkpoints. Shapes are tiny and fixed so each run com
 
 from __future__ import annotations
 
-import json
+import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.loop import train
 from posttrain.trainer.metrics import TIMING
 from posttrain.trainer.rewards import RewardError
 from posttrain.trainer.tasks import arithmetic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loop_jobs, as the loop tests do
+import loop_jobs as jobs  # noqa: E402
+from loop_jobs import per_step  # noqa: E402
 
 REWARDS = textwrap.dedent(
     """
@@ -39,51 +42,10 @@ def files(tmp_path_factory) -> Path:
 
 
 def job(files: Path, algorithm: str = "grpo", steps: int = 12, **grpo) -> PostTrainJob:
-    block = {
-        "numGenerations": 8,
-        "beta": 0.0,
-        "maxNewTokens": 8,
-        "rewards": [{"function": f"{files}/my_rewards.py:digits"}],
-        **grpo,
-    }
+    block = {"numGenerations": 8, "beta": 0.0, **grpo}
     return PostTrainJob.model_validate(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "grpo-test"},
-            "spec": {
-                "algorithm": algorithm,
-                "model": {"base": "builtin:tiny", "dtype": "float32"},
-                "data": {
-                    "train": str(files / "train.jsonl"),
-                    "maxLength": 24,
-                    "maxPromptLength": 8,
-                },
-                REGISTRY[algorithm].block: block,  # spec.grpo, spec.gspoToken, ...
-                "training": {
-                    "steps": steps,
-                    "batchSize": 4,
-                    "learningRate": 1e-2,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "checkpoint": {"everySteps": 1000},
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "cpu"},
-            },
-        }
+        jobs.rl_manifest(files, algorithm, steps=steps, name="grpo-test", **block)
     )
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def per_step(out: Path) -> dict[int, dict]:
-    """The step records (the final summary line shares the last step number; merged in)."""
-    steps: dict[int, dict] = {}
-    for m in metrics(out):
-        steps.setdefault(m["step"], {}).update(m)
-    return steps
 
 
 def test_grpo_reward_rises_with_a_user_reward_from_a_file(files, tmp_path):

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 import yaml
 
-from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.tasks import arithmetic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loop_jobs, as the loop tests do
+import loop_jobs as jobs  # noqa: E402
+from loop_jobs import per_step  # noqa: E402
 
 REWARDS = textwrap.dedent(
     """
@@ -46,39 +49,8 @@ def files(tmp_path_factory) -> Path:
 
 
 def manifest(files: Path, algorithm: str, steps: int, reward: str = "digits", **block) -> dict:
-    return {
-        "apiVersion": "posttrain.dev/v1alpha1",
-        "kind": "PostTrainJob",
-        "metadata": {"name": "rl23"},
-        "spec": {
-            "algorithm": algorithm,
-            "model": {"base": "builtin:tiny", "dtype": "float32"},
-            "data": {"train": str(files / "train.jsonl"), "maxLength": 24, "maxPromptLength": 8},
-            REGISTRY[algorithm].block: {
-                "numGenerations": 8,
-                "maxNewTokens": 8,
-                "rewards": [{"function": f"{files}/my_rewards.py:{reward}"}],
-                **block,
-            },
-            "training": {
-                "steps": steps,
-                "batchSize": 4,
-                "learningRate": 1e-2,
-                "schedule": {"name": "constant", "warmupSteps": 0},
-                "checkpoint": {"everySteps": 1000},
-            },
-            "output": {"export": False},
-            "resources": {"accelerator": "cpu"},
-        },
-    }
-
-
-def per_step(out: Path) -> dict[int, dict]:
-    steps: dict[int, dict] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        steps.setdefault(m["step"], {}).update(m)
-    return steps
+    block = {"numGenerations": 8, **block}
+    return jobs.rl_manifest(files, algorithm, steps=steps, reward=reward, name="rl23", **block)
 
 
 def test_dapo_default_mini_batches_make_its_clipping_act(files, tmp_path):

@@ -4,18 +4,21 @@ each end to end on the tiny built-in model with the KL in the reward (real sampl
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from posttrain.api.algorithms import REGISTRY
 from posttrain.api.v1alpha1 import PostTrainJob
 from posttrain.trainer.algorithms import reinforce_plus_plus_loss as rpp
 from posttrain.trainer.algorithms import rloo_loss
 from posttrain.trainer.loop import train
 from posttrain.trainer.tasks import arithmetic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loop_jobs, as the loop tests do
+import loop_jobs as jobs  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -85,37 +88,7 @@ def files(tmp_path_factory) -> Path:
 
 
 def job(files: Path, algorithm: str, **block) -> PostTrainJob:
-    settings = {
-        "maxNewTokens": 8,
-        "rewards": [{"function": f"{files}/my_rewards.py:digits"}],
-        **block,
-    }
-    return PostTrainJob.model_validate(
-        {
-            "apiVersion": "posttrain.dev/v1alpha1",
-            "kind": "PostTrainJob",
-            "metadata": {"name": "rl-test"},
-            "spec": {
-                "algorithm": algorithm,
-                "model": {"base": "builtin:tiny", "dtype": "float32"},
-                "data": {
-                    "train": str(files / "train.jsonl"),
-                    "maxLength": 24,
-                    "maxPromptLength": 8,
-                },
-                REGISTRY[algorithm].block: settings,
-                "training": {
-                    "steps": 12,
-                    "batchSize": 8,
-                    "learningRate": 1e-2,
-                    "schedule": {"name": "constant", "warmupSteps": 0},
-                    "checkpoint": {"everySteps": 1000},
-                },
-                "output": {"export": False},
-                "resources": {"accelerator": "cpu"},
-            },
-        }
-    )
+    return PostTrainJob.model_validate(jobs.rl_manifest(files, algorithm, batch_size=8, **block))
 
 
 @pytest.mark.parametrize(
