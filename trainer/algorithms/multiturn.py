@@ -48,6 +48,7 @@ from posttrain.api.settings.grpo import ENVIRONMENT_REWARD
 from posttrain.trainer import rewards as rw
 from posttrain.trainer.algorithms.rollout import Rollout, SamplingSettings, group_seed, sample
 from posttrain.trainer.data.order import EpochStream
+from posttrain.trainer.data.prompts import check_same_columns
 from posttrain.trainer.data.readers import BadRow, read_rows
 from posttrain.trainer.data.text import pad_id_of, prepend_bos, render_chat
 from posttrain.trainer.environments import CheckedEnvironment, EnvironmentFailure, load_environment
@@ -110,13 +111,7 @@ def load_rows(path: str, data: Any, *, completion: bool = False) -> list[Episode
                 raise
     if not out:
         raise ValueError(f"spec.data: {path}: no usable rows")
-    keys = set(out[0].columns)
-    for r in out:
-        if set(r.columns) != keys:
-            raise ValueError(
-                f"spec.data: {path}: rows have different columns ({sorted(keys)} vs "
-                f"{sorted(r.columns)}); reward functions need the same columns in every row"
-            )
+    check_same_columns(path, [r.columns for r in out])
     return out
 
 

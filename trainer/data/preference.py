@@ -32,7 +32,7 @@ import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochCursor
-from posttrain.trainer.data.readers import BadRow, Row, read_rows
+from posttrain.trainer.data.readers import BadRow, Row, load_rows
 from posttrain.trainer.data.sft import ROLES, TokenizerLike
 
 
@@ -51,17 +51,7 @@ class LoadReport:
 
 def load_pairs(path: str, tokenizer: TokenizerLike, data: DataSpec) -> LoadReport:
     """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
-    pairs: list[Pair] = []
-    skipped: list[BadRow] = []
-    for row in read_rows(path, data.format):
-        try:
-            pairs.append(_pair(row, tokenizer, data))
-        except BadRow as bad:
-            if not data.skip_bad_rows:
-                raise BadRow(
-                    bad.where, f"{bad.reason} (set spec.data.skipBadRows to skip such rows)"
-                ) from None
-            skipped.append(bad)
+    pairs, skipped = load_rows(path, data, lambda row: _pair(row, tokenizer, data))
     if not pairs:
         raise ValueError(f"spec.data: {path}: no usable preference rows ({len(skipped)} skipped)")
     return LoadReport(pairs, skipped)

@@ -13,7 +13,7 @@ from typing import Any
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochStream
-from posttrain.trainer.data.readers import BadRow, read_rows
+from posttrain.trainer.data.readers import BadRow, Row, load_rows
 from posttrain.trainer.data.text import keep_last, prepend_bos
 
 
@@ -66,28 +66,28 @@ def encode_prompt(
 def load_prompts(
     path: str, tokenizer: Any, data: DataSpec, *, completion: bool = False
 ) -> list[Prompt]:
-    prompts: list[Prompt] = []
-    for row in read_rows(path, data.format):
-        try:
-            if isinstance(row.value, BadRow):
-                raise row.value
-            prompts.append(
-                encode_prompt(row.value, row.where, tokenizer, data, completion=completion)
-            )
-        except BadRow:
-            if not data.skip_bad_rows:
-                raise
+
+    def prompt(row: Row) -> Prompt:
+        if isinstance(row.value, BadRow):
+            raise row.value
+        return encode_prompt(row.value, row.where, tokenizer, data, completion=completion)
+
+    prompts, _ = load_rows(path, data, prompt)
     if not prompts:
         raise ValueError(f"spec.data: {path}: no usable prompts")
-    # Every row must carry the same columns: reward functions get them as aligned lists.
-    keys = set(prompts[0].columns)
-    for p in prompts:
-        if set(p.columns) != keys:
+    check_same_columns(path, [p.columns for p in prompts])
+    return prompts
+
+
+def check_same_columns(path: str, columns: list[Mapping[str, Any]]) -> None:
+    """Every row must carry the same columns: reward functions get them as aligned lists."""
+    keys = set(columns[0])
+    for row in columns:
+        if set(row) != keys:
             raise ValueError(
                 f"spec.data: {path}: rows have different columns ({sorted(keys)} vs "
-                f"{sorted(p.columns)}); reward functions need the same columns in every row"
+                f"{sorted(row)}); reward functions need the same columns in every row"
             )
-    return prompts
 
 
 class PromptStream(EpochStream[Prompt]):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from posttrain.trainer import storage
 
@@ -40,6 +40,27 @@ def file_format(path: str, declared: str = "auto") -> str:
         f"spec.data: cannot tell the format of {path!r} from its extension; "
         "use .jsonl/.json or .parquet, or set spec.data.format"
     )
+
+
+T = TypeVar("T")
+
+
+def load_rows(path: str, data: Any, make: Callable[[Row], T]) -> tuple[list[T], list[BadRow]]:
+    """``make`` of every row of ``path`` (in ``data.format``), and the rows skipped. A row that
+    cannot be read or made (``make`` raises ``BadRow``) stops the load with its file and line,
+    unless ``data.skip_bad_rows`` (spec.data.skipBadRows) skips it."""
+    made: list[T] = []
+    skipped: list[BadRow] = []
+    for row in read_rows(path, data.format):
+        try:
+            made.append(make(row))
+        except BadRow as bad:
+            if not data.skip_bad_rows:
+                raise BadRow(
+                    bad.where, f"{bad.reason} (set spec.data.skipBadRows to skip such rows)"
+                ) from None
+            skipped.append(bad)
+    return made, skipped
 
 
 def read_rows(path: str, declared_format: str = "auto") -> Iterator[Row]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochCursor
-from posttrain.trainer.data.readers import BadRow, Row, read_rows
+from posttrain.trainer.data.readers import BadRow, Row, load_rows
 from posttrain.trainer.data.text import keep_last, prepend_bos, template_name
 
 
@@ -163,25 +163,18 @@ def load_examples(
     path: str, tokenizer: TokenizerLike, data: DataSpec, *, completion_only: bool = True
 ) -> LoadReport:
     """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
+    made, skipped = load_rows(
+        path, data, lambda row: (row.where, _example(row, tokenizer, data, completion_only))
+    )
     examples: list[Example] = []
-    skipped: list[BadRow] = []
-    for row in read_rows(path, data.format):
-        try:
-            example = _example(row, tokenizer, data, completion_only)
-        except BadRow as bad:
-            if not data.skip_bad_rows:
-                raise BadRow(
-                    bad.where, f"{bad.reason} (set spec.data.skipBadRows to skip such rows)"
-                ) from None
-            skipped.append(bad)
-            continue
+    for where, example in made:
         if any(
             example.loss[1:]
         ):  # a row whose trained tokens were all truncated away teaches nothing
             examples.append(example)
         else:
             skipped.append(
-                BadRow(row.where, f"no completion tokens left within maxLength {data.max_length}")
+                BadRow(where, f"no completion tokens left within maxLength {data.max_length}")
             )
     if not examples:
         raise ValueError(f"spec.data: {path}: no usable rows ({len(skipped)} skipped)")

@@ -43,7 +43,7 @@ from posttrain.trainer.data.preference import (
     _with_bos,
     collate,
 )
-from posttrain.trainer.data.readers import BadRow, Row, read_rows
+from posttrain.trainer.data.readers import BadRow, Row, load_rows
 from posttrain.trainer.data.sft import TokenizerLike
 
 LABEL_FIELD = "label"  # TRL's column name
@@ -66,17 +66,9 @@ def load_examples(
     path: str, tokenizer: TokenizerLike, data: DataSpec, *, label_field: str = LABEL_FIELD
 ) -> LoadReport:
     """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
-    examples: list[Example] = []
-    skipped: list[BadRow] = []
-    for row in read_rows(path, data.format):
-        try:
-            examples.append(_example(row, tokenizer, data, label_field))
-        except BadRow as bad:
-            if not data.skip_bad_rows:
-                raise BadRow(
-                    bad.where, f"{bad.reason} (set spec.data.skipBadRows to skip such rows)"
-                ) from None
-            skipped.append(bad)
+    examples, skipped = load_rows(
+        path, data, lambda row: _example(row, tokenizer, data, label_field)
+    )
     if not examples:
         raise ValueError(f"spec.data: {path}: no usable unpaired rows ({len(skipped)} skipped)")
     return LoadReport(examples, skipped)
