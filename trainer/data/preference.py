@@ -33,7 +33,7 @@ import numpy as np
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochCursor
 from posttrain.trainer.data.readers import BadRow, Row, load_rows
-from posttrain.trainer.data.sft import ROLES, TokenizerLike
+from posttrain.trainer.data.sft import TokenizerLike, checked_messages
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _pair(row: Row, tokenizer: TokenizerLike, data: DataSpec) -> Pair:
                 where, f"missing field {name!r} (has: {', '.join(sorted(value)) or 'nothing'})"
             )
     if data.messages_field in value:
-        history = _messages(value[data.messages_field], data.messages_field, where)
+        history = checked_messages(value[data.messages_field], data.messages_field, where)
         prompt_text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
         prompt = _with_bos(tokenizer, tokenizer.encode(prompt_text))
         chosen, rejected = (
@@ -110,22 +110,6 @@ def _text(row: Mapping[str, Any], name: str, where: str, *, may_be_empty: bool =
     return value
 
 
-def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise BadRow(where, f"field {name!r} must be a non-empty list of messages")
-    for i, m in enumerate(value):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("content"), str)
-            or m.get("role") not in ROLES
-        ):
-            raise BadRow(
-                where,
-                f"{name}[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}, got {m!r}",
-            )
-    return value
-
-
 def _chat_completion(
     tokenizer: TokenizerLike,
     history: list[dict[str, str]],
@@ -138,9 +122,9 @@ def _chat_completion(
     if isinstance(answer, str):
         turns = [{"role": "assistant", "content": answer}]
     elif isinstance(answer, dict):
-        turns = _messages([answer], name, where)
+        turns = checked_messages([answer], name, where)
     else:
-        turns = _messages(answer, name, where)
+        turns = checked_messages(answer, name, where)
     if not any(t["content"] for t in turns):
         raise BadRow(where, f"field {name!r} is empty")
     full = tokenizer.apply_chat_template([*history, *turns])

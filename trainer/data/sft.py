@@ -103,17 +103,11 @@ def prompt_completion_example(
     return Example(tuple(tokens), tuple(loss))
 
 
-def messages_example(
-    row: Mapping[str, Any],
-    where: str,
-    tokenizer: TokenizerLike,
-    data: DataSpec,
-    completion_only: bool,
-) -> Example:
-    messages = row.get(data.messages_field)
-    if not isinstance(messages, list) or not messages:
-        raise BadRow(where, f"field {data.messages_field!r} must be a non-empty list of messages")
-    for i, m in enumerate(messages):
+def checked_messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
+    """``value`` (field ``name`` of the row at ``where``) as chat messages, or ``BadRow``."""
+    if not isinstance(value, list) or not value:
+        raise BadRow(where, f"field {name!r} must be a non-empty list of messages")
+    for i, m in enumerate(value):
         if (
             not isinstance(m, dict)
             or not isinstance(m.get("content"), str)
@@ -121,8 +115,19 @@ def messages_example(
         ):
             raise BadRow(
                 where,
-                f"{data.messages_field}[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}, got {m!r}",
+                f"{name}[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}, got {m!r}",
             )
+    return value
+
+
+def messages_example(
+    row: Mapping[str, Any],
+    where: str,
+    tokenizer: TokenizerLike,
+    data: DataSpec,
+    completion_only: bool,
+) -> Example:
+    messages = checked_messages(row.get(data.messages_field), data.messages_field, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow(where, f"{data.messages_field} has no assistant message to train on")
     # Render prefixes so each message's text is the difference of two renders (the template's own

@@ -38,13 +38,12 @@ from posttrain.trainer.data.order import EpochCursor
 from posttrain.trainer.data.preference import (
     Pair,
     _chat_completion,
-    _messages,
     _text,
     _with_bos,
     collate,
 )
 from posttrain.trainer.data.readers import BadRow, Row, load_rows
-from posttrain.trainer.data.sft import TokenizerLike
+from posttrain.trainer.data.sft import TokenizerLike, checked_messages
 
 LABEL_FIELD = "label"  # TRL's column name
 
@@ -88,7 +87,7 @@ def _example(row: Row, tokenizer: TokenizerLike, data: DataSpec, label_field: st
         raise BadRow(where, f"field {label_field!r} must be true or false, got {label!r}")
     name = data.completion_field
     if data.messages_field in value:
-        history = _messages(value[data.messages_field], data.messages_field, where)
+        history = checked_messages(value[data.messages_field], data.messages_field, where)
         prompt_text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
         prompt = _with_bos(tokenizer, tokenizer.encode(prompt_text))
         completion = _chat_completion(tokenizer, history, prompt_text, value[name], name, where)
