@@ -71,6 +71,47 @@ def test_shared_prompt_forward_on_sliding_window_and_softcapped_models(name):
     np.testing.assert_allclose(shared, plain, atol=2e-4, rtol=1e-4)
 
 
+def test_the_gpu_path_attends_through_the_fused_kernel_with_the_same_results(tiny, monkeypatch):
+    """On a GPU the shared prompt's prefill and the completions' attention through the cache go
+    through ``fused_attention`` (cuDNN for 16-bit activations, XLA's kernel for float32), not
+    ``cached_attention``. Here XLA's kernel, which runs on the CPU, stands in for the GPU's: the
+    backend is reported as "gpu", and the hidden states and the GRPO gradients must still be the
+    plain forward's."""
+    from posttrain.trainer.models import attention_kernels, transformer
+
+    tok, model = tiny
+    monkeypatch.setattr(attention_kernels, "current_backend", lambda: "gpu")
+    monkeypatch.setattr(transformer, "current_backend", lambda: "gpu")
+    kernels: list[str] = []
+    fused = transformer.fused_attention
+
+    def counted(*args):
+        kernels.append(args[-1])
+        return fused(*args)
+
+    monkeypatch.setattr(transformer, "fused_attention", counted)
+    host = group_rows(tok, np.random.default_rng(5))
+    plain, shared = _hidden_pair(model, host)
+    np.testing.assert_allclose(shared, plain, atol=2e-5, rtol=1e-5)
+    layers = len(model.model.layers)
+    assert kernels == ["xla"] * (3 * layers), kernels  # plain, prefill, completions: all fused
+
+    logp = np.asarray(
+        token_logprobs(model, host["input_ids"], host["attention_mask"], host["targets"])
+    )
+    host["old_logp"] = logp - 0.3 * host["completion_mask"]
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    block = dict(numGenerations=G, maxNewTokens=N, beta=0.0)
+    grads = {}
+    for share in (True, False):
+        loss = declared_loss("grpo", sharePromptForward=share, **block)
+        grads[share] = jax.tree.leaves(
+            nnx.grad(lambda m, loss=loss: loss(Models(policy=m), batch)[0])(model)
+        )
+    for a, b in zip(grads[True], grads[False], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_grpo_loss_and_gradients_equal_with_and_without_the_shared_prompt(tiny):
     tok, model = tiny
     host = group_rows(tok, np.random.default_rng(2))
