@@ -71,17 +71,29 @@ def test_shared_prompt_forward_on_sliding_window_and_softcapped_models(name):
     np.testing.assert_allclose(shared, plain, atol=2e-4, rtol=1e-4)
 
 
-def test_the_gpu_path_attends_through_the_fused_kernel_with_the_same_results(tiny, monkeypatch):
+@pytest.fixture
+def reported_gpu(monkeypatch):
+    """The backend reported as "gpu" for the kernel choices; programs traced meanwhile are
+    dropped afterwards, so no later test reuses one built with the GPU's kernels."""
+    from posttrain.trainer.models import attention_kernels, transformer
+
+    monkeypatch.setattr(attention_kernels, "current_backend", lambda: "gpu")
+    monkeypatch.setattr(transformer, "current_backend", lambda: "gpu")
+    yield
+    jax.clear_caches()
+
+
+def test_the_gpu_path_attends_through_the_fused_kernel_with_the_same_results(
+    tiny, monkeypatch, reported_gpu
+):
     """On a GPU the shared prompt's prefill and the completions' attention through the cache go
     through ``fused_attention`` (cuDNN for 16-bit activations, XLA's kernel for float32), not
     ``cached_attention``. Here XLA's kernel, which runs on the CPU, stands in for the GPU's: the
     backend is reported as "gpu", and the hidden states and the GRPO gradients must still be the
     plain forward's."""
-    from posttrain.trainer.models import attention_kernels, transformer
+    from posttrain.trainer.models import transformer
 
     tok, model = tiny
-    monkeypatch.setattr(attention_kernels, "current_backend", lambda: "gpu")
-    monkeypatch.setattr(transformer, "current_backend", lambda: "gpu")
     kernels: list[str] = []
     fused = transformer.fused_attention
 
