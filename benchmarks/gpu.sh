@@ -6,6 +6,8 @@
 #   benchmarks/gpu.sh                      # all parts (~5 min SFT + decode; GRPO: a few more?)
 #   BATCH=4 REMAT=full benchmarks/gpu.sh   # knobs: BATCH, SEQ, REMAT, DECODE_BATCH, NEW_TOKENS
 #   PARTS=grpo GRPO_ARGS="--prompts 8" benchmarks/gpu.sh   # PARTS: "sft" (SFT and decode), "grpo"
+#   SMALL=1 BATCH=2 SEQ=32 DECODE_BATCH=2 NEW_TOKENS=8 GRPO_ARGS=--small benchmarks/gpu.sh
+#                                          # a tiny model: the CPU smoke test (tests/trainer/test_gpu_script.py)
 #
 # SFT: the Llama-3.2-1B shape (random weights) at sequence SEQ (2048), float32 master weights and
 # AdamW state, bfloat16 compute (the loss casts the params), attention "auto" (cuDNN for bf16 on a
@@ -43,14 +45,14 @@ from posttrain.trainer.models import create_model, set_remat
 from posttrain.trainer.sampling import generate
 
 sys.path.append(os.path.join(os.getcwd(), "benchmarks"))
-from gpu_grpo import chip_peaks, llama_1b_config  # the 1B shape and the peaks, shared with GRPO
+from gpu_grpo import chip_peaks, llama_1b_config, small_config  # shapes and peaks, shared with GRPO
 
 env = {k: int(os.environ[k]) for k in ("BATCH", "SEQ", "DECODE_BATCH", "NEW_TOKENS")}
 REMAT = os.environ["REMAT"]
 name = jax.devices()[0].device_kind
 _, peak_flops, peak_bw = chip_peaks(name)
 
-config = llama_1b_config()  # meta-llama/Llama-3.2-1B
+config = small_config() if os.environ.get("SMALL") == "1" else llama_1b_config()  # Llama-3.2-1B
 B, T = env["BATCH"], env["SEQ"]
 
 
