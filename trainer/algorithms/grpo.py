@@ -700,8 +700,8 @@ def _multiturn(ctx: Context, name: str, rewards: list[rw.Reward], warmup: bool) 
     from posttrain.trainer.algorithms import multiturn as mt
 
     spec, g = ctx.spec, ctx.spec.settings
-    rows = mt.load_rows(spec.data.train, spec.data, completion=warmup)
-    eval_rows = mt.load_rows(spec.data.eval, spec.data) if spec.data.eval else None
+    rows = mt.load_episode_rows(spec.data.train, spec.data, completion=warmup)
+    eval_rows = mt.load_episode_rows(spec.data.eval, spec.data) if spec.data.eval else None
     engine = mt.MultiTurnEngine(
         ctx, name, SamplingSettings.of(g), g.environment, rows, rewards, eval_rows
     )

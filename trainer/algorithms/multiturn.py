@@ -81,7 +81,7 @@ class EpisodeRow:
     turns: tuple[str, ...] = ()  # the SFT warm-up's scripted model turns (completionField)
 
 
-def load_rows(path: str, data: Any, *, completion: bool = False) -> list[EpisodeRow]:
+def load_episode_rows(path: str, data: Any, *, completion: bool = False) -> list[EpisodeRow]:
     """The data rows as dicts. With ``completion`` (the SFT warm-up), data.completionField holds
     the model's turns: a list of strings (one per turn) or one string (the first turn)."""
     out: list[EpisodeRow] = []
@@ -566,6 +566,6 @@ __all__ = [
     "MultiTurnEngine",
     "MultiTurnRollout",
     "build_tools",
-    "load_rows",
+    "load_episode_rows",
     "tool_schema",
 ]
