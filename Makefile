@@ -31,7 +31,7 @@ lint: ## ruff (lint + format check) and mypy over the whole posttrain namespace
 
 .PHONY: test
 test: lint ## lint, then the whole test suite (brings the local cluster up for the cluster tests)
-	$(PYTHON) -P -m pytest
+	$(PYTHON) -P -m pytest --durations=20  # the slowest, for the suite's time budget
 
 # ---- local Kubernetes (hack/, docs/development.md) ----
 

@@ -46,10 +46,33 @@ def tiny():
     return tok, create_model(builtin_config("tiny", vocab_size=tok.vocab_size))
 
 
+def loss_and_grads(loss, model, batch):
+    """(loss, metrics, gradient leaves) of a declared loss, jitted: op by op, the backward pass
+    of even the tiny model takes tens of seconds."""
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params, batch):
+        def of(params):
+            return loss(Models(policy=nnx.merge(graphdef, params)), batch)
+
+        return jax.value_and_grad(of, has_aux=True)(params)
+
+    (value, metrics), grads = run(params, batch)
+    return float(value), metrics, jax.tree.leaves(grads)
+
+
 def _hidden_pair(model, batch):
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    plain, _ = model.hidden_states(ids, mask)
-    shared = shared_prefix_hidden(model, ids, mask, prefix_len=P, group=G)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def both(params, ids, mask):
+        model = nnx.merge(graphdef, params)
+        plain, _ = model.hidden_states(ids, mask)
+        return plain, shared_prefix_hidden(model, ids, mask, prefix_len=P, group=G)
+
+    plain, shared = both(params, ids, mask)
     real = np.asarray(batch["attention_mask"], bool)  # padding positions' outputs are unused
     return np.asarray(plain)[real], np.asarray(shared)[real]
 
@@ -117,9 +140,7 @@ def test_the_gpu_path_attends_through_the_fused_kernel_with_the_same_results(
     grads = {}
     for share in (True, False):
         loss = declared_loss("grpo", sharePromptForward=share, **block)
-        grads[share] = jax.tree.leaves(
-            nnx.grad(lambda m, loss=loss: loss(Models(policy=m), batch)[0])(model)
-        )
+        grads[share] = loss_and_grads(loss, model, batch)[2]
     for a, b in zip(grads[True], grads[False], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
@@ -137,14 +158,8 @@ def test_grpo_loss_and_gradients_equal_with_and_without_the_shared_prompt(tiny):
     shared_loss = declared_loss("grpo", sharePromptForward=True, **block)
     plain_loss = declared_loss("grpo", sharePromptForward=False, **block)
 
-    def value_and_grads(loss):
-        (value, metrics), grads = nnx.value_and_grad(
-            lambda m: loss(Models(policy=m), batch), has_aux=True
-        )(model)
-        return float(value), metrics, jax.tree.leaves(grads)
-
-    v_shared, m_shared, g_shared = value_and_grads(shared_loss)
-    v_plain, m_plain, g_plain = value_and_grads(plain_loss)
+    v_shared, m_shared, g_shared = loss_and_grads(shared_loss, model, batch)
+    v_plain, m_plain, g_plain = loss_and_grads(plain_loss, model, batch)
     assert v_shared == pytest.approx(v_plain, rel=1e-5, abs=1e-6)
     assert float(m_shared["clip_fraction"]) == pytest.approx(float(m_plain["clip_fraction"]))
     assert float(m_plain["clip_fraction"]) > 0  # the ratio really moved
