@@ -633,9 +633,12 @@ def _libtpu() -> tuple[str, dict[str, str]] | None:
         return libtpu_version(), dict(os.environ)
     script = Path(__file__).resolve().parents[2] / "hack" / "libtpu.sh"
     env = {**os.environ, "PYTHON": sys.executable}
-    folder = subprocess.run(
-        ["bash", str(script), "--folder"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    asked = subprocess.run(
+        ["bash", str(script), "--folder"], env=env, capture_output=True, text=True
+    )
+    if asked.returncode != 0:  # e.g. this jax pins no libtpu
+        return None
+    folder = asked.stdout.strip()
     found = [d for d in importlib.metadata.distributions(path=[folder]) if d.name == "libtpu"]
     if not found:
         return None
