@@ -32,7 +32,7 @@ import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochCursor
-from posttrain.trainer.data.readers import BadRow, Row, load_rows
+from posttrain.trainer.data.readers import BadRow, load_rows
 from posttrain.trainer.data.sft import TokenizerLike, checked_messages
 
 
@@ -51,16 +51,15 @@ class LoadReport:
 
 def load_pairs(path: str, tokenizer: TokenizerLike, data: DataSpec) -> LoadReport:
     """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
-    pairs, skipped = load_rows(path, data, lambda row: _pair(row, tokenizer, data))
+    pairs, skipped = load_rows(
+        path, data, lambda value, where: _pair(value, where, tokenizer, data)
+    )
     if not pairs:
         raise ValueError(f"spec.data: {path}: no usable preference rows ({len(skipped)} skipped)")
     return LoadReport(pairs, skipped)
 
 
-def _pair(row: Row, tokenizer: TokenizerLike, data: DataSpec) -> Pair:
-    if isinstance(row.value, BadRow):
-        raise row.value
-    value, where = row.value, row.where
+def _pair(value: Mapping[str, Any], where: str, tokenizer: TokenizerLike, data: DataSpec) -> Pair:
     for name in (data.chosen_field, data.rejected_field):
         if name not in value:
             raise BadRow(

@@ -13,7 +13,7 @@ from typing import Any
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochStream
-from posttrain.trainer.data.readers import BadRow, Row, load_rows
+from posttrain.trainer.data.readers import BadRow, load_rows
 from posttrain.trainer.data.text import keep_last, prepend_bos
 
 
@@ -66,13 +66,11 @@ def encode_prompt(
 def load_prompts(
     path: str, tokenizer: Any, data: DataSpec, *, completion: bool = False
 ) -> list[Prompt]:
-
-    def prompt(row: Row) -> Prompt:
-        if isinstance(row.value, BadRow):
-            raise row.value
-        return encode_prompt(row.value, row.where, tokenizer, data, completion=completion)
-
-    prompts, _ = load_rows(path, data, prompt)
+    prompts, _ = load_rows(
+        path,
+        data,
+        lambda value, where: encode_prompt(value, where, tokenizer, data, completion=completion),
+    )
     if not prompts:
         raise ValueError(f"spec.data: {path}: no usable prompts")
     check_same_columns(path, [p.columns for p in prompts])

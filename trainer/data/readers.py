@@ -45,15 +45,19 @@ def file_format(path: str, declared: str = "auto") -> str:
 T = TypeVar("T")
 
 
-def load_rows(path: str, data: Any, make: Callable[[Row], T]) -> tuple[list[T], list[BadRow]]:
-    """``make`` of every row of ``path`` (in ``data.format``), and the rows skipped. A row that
-    cannot be read or made (``make`` raises ``BadRow``) stops the load with its file and line,
-    unless ``data.skip_bad_rows`` (spec.data.skipBadRows) skips it."""
+def load_rows(
+    path: str, data: Any, make: Callable[[dict[str, Any], str], T]
+) -> tuple[list[T], list[BadRow]]:
+    """``make(row, where)`` of every row of ``path`` (in ``data.format``), and the rows skipped.
+    A row that cannot be read or made (``make`` raises ``BadRow``) stops the load with its file
+    and line, unless ``data.skip_bad_rows`` (spec.data.skipBadRows) skips it."""
     made: list[T] = []
     skipped: list[BadRow] = []
     for row in read_rows(path, data.format):
         try:
-            made.append(make(row))
+            if isinstance(row.value, BadRow):
+                raise row.value
+            made.append(make(row.value, row.where))
         except BadRow as bad:
             if not data.skip_bad_rows:
                 raise BadRow(

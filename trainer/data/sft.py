@@ -31,7 +31,7 @@ import numpy as np
 
 from posttrain.api.v1alpha1 import DataSpec
 from posttrain.trainer.data.order import EpochCursor
-from posttrain.trainer.data.readers import BadRow, Row, load_rows
+from posttrain.trainer.data.readers import BadRow, load_rows
 from posttrain.trainer.data.text import keep_last, prepend_bos, template_name
 
 
@@ -169,13 +169,14 @@ def load_examples(
 ) -> LoadReport:
     """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
     made, skipped = load_rows(
-        path, data, lambda row: (row.where, _example(row, tokenizer, data, completion_only))
+        path,
+        data,
+        lambda value, where: (where, _example(value, where, tokenizer, data, completion_only)),
     )
     examples: list[Example] = []
     for where, example in made:
-        if any(
-            example.loss[1:]
-        ):  # a row whose trained tokens were all truncated away teaches nothing
+        # A row whose trained tokens were all truncated away teaches nothing.
+        if any(example.loss[1:]):
             examples.append(example)
         else:
             skipped.append(
@@ -186,17 +187,21 @@ def load_examples(
     return LoadReport(examples, skipped)
 
 
-def _example(row: Row, tokenizer: TokenizerLike, data: DataSpec, completion_only: bool) -> Example:
-    if isinstance(row.value, BadRow):
-        raise row.value
-    if data.messages_field in row.value:
-        return messages_example(row.value, row.where, tokenizer, data, completion_only)
-    if data.prompt_field in row.value or data.completion_field in row.value:
-        return prompt_completion_example(row.value, row.where, tokenizer, data, completion_only)
+def _example(
+    value: Mapping[str, Any],
+    where: str,
+    tokenizer: TokenizerLike,
+    data: DataSpec,
+    completion_only: bool,
+) -> Example:
+    if data.messages_field in value:
+        return messages_example(value, where, tokenizer, data, completion_only)
+    if data.prompt_field in value or data.completion_field in value:
+        return prompt_completion_example(value, where, tokenizer, data, completion_only)
     raise BadRow(
-        row.where,
+        where,
         f"row has neither {data.messages_field!r} nor {data.prompt_field!r}/{data.completion_field!r} "
-        f"(has: {', '.join(sorted(row.value)) or 'nothing'})",
+        f"(has: {', '.join(sorted(value)) or 'nothing'})",
     )
 
 

@@ -42,7 +42,7 @@ from posttrain.trainer.data.preference import (
     _with_bos,
     collate,
 )
-from posttrain.trainer.data.readers import BadRow, Row, load_rows
+from posttrain.trainer.data.readers import BadRow, load_rows
 from posttrain.trainer.data.sft import TokenizerLike, checked_messages
 
 LABEL_FIELD = "label"  # TRL's column name
@@ -66,17 +66,16 @@ def load_examples(
 ) -> LoadReport:
     """Tokenise every row; a bad row stops with its file and line unless skipBadRows is set."""
     examples, skipped = load_rows(
-        path, data, lambda row: _example(row, tokenizer, data, label_field)
+        path, data, lambda value, where: _example(value, where, tokenizer, data, label_field)
     )
     if not examples:
         raise ValueError(f"spec.data: {path}: no usable unpaired rows ({len(skipped)} skipped)")
     return LoadReport(examples, skipped)
 
 
-def _example(row: Row, tokenizer: TokenizerLike, data: DataSpec, label_field: str) -> Example:
-    if isinstance(row.value, BadRow):
-        raise row.value
-    value, where = row.value, row.where
+def _example(
+    value: Mapping[str, Any], where: str, tokenizer: TokenizerLike, data: DataSpec, label_field: str
+) -> Example:
     for name in (data.completion_field, label_field):
         if name not in value:
             raise BadRow(
